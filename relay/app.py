@@ -1,0 +1,217 @@
+"""The daemon's lifecycle: start-up, main loop, reload, shutdown.
+
+start: open and recover the spool, load the delivery index, bind the listener,
+start the scheduler. SIGTERM/SIGINT: stop accepting, let sessions and deliveries in
+flight finish (bounded), exit; a second signal stops at once. SIGHUP: reload the
+configuration (a bad one is refused and the running one kept). SIGUSR1: re-read
+the queue after `sysmail-relay queue retry|delete`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import logs
+from .delivery import Scheduler, UpstreamFactory
+from .errors import ConfigError, RelayError, SpoolError
+from .listener import Listener
+from .metrics import Metrics
+from .outbox import LocalOutbox
+from .settings import LOCAL_SERVER, Settings, load_settings, warnings
+from .spool import Envelope, Spool
+from .upstream import Upstream
+
+log = logging.getLogger("relay.app")
+
+SHUTDOWN_GRACE = 10.0
+PID_FILE = "relay.pid"
+
+
+def make_upstream(settings: Settings) -> Upstream:
+    if settings.system_account.server == LOCAL_SERVER:
+        return LocalOutbox(settings.outbox)
+    raise ConfigError([f"system_account.server = {settings.system_account.server!r}: delivery "
+                       "through SMTP servers is not available in this version; use \"local\""])
+
+
+def check_connect(settings: Settings, emit: Callable[[str], None]) -> bool:
+    """`check --connect`: try the delivery path step by step, one line per step."""
+    if settings.system_account.server == LOCAL_SERVER:
+        started = time.monotonic()
+        try:
+            outbox = LocalOutbox(settings.outbox)
+            outbox.ensure()
+            probe = settings.outbox / "tmp" / f".check-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            emit(f"outbox   FAILED  {settings.outbox}: {e.strerror}")
+            return False
+        emit(f"outbox   ok      {settings.outbox} is writable "
+             f"({(time.monotonic() - started) * 1000:.1f} ms)")
+        return True
+    make_upstream(settings)
+    return False
+
+
+class Relay:
+    def __init__(self, settings: Settings, config_file: Path | None = None,
+                 upstreams: UpstreamFactory = make_upstream) -> None:
+        self.settings = settings
+        self.config_file = config_file
+        self.make_upstream = upstreams
+        self.metrics = Metrics()
+        self.spool = Spool(settings.spool_dir)
+        self.scheduler: Scheduler | None = None
+        self.listener: Listener | None = None
+        self._run_task: asyncio.Task[None] | None = None
+
+    @property
+    def pid_file(self) -> Path:
+        return self.settings.state_dir / PID_FILE
+
+    async def start(self, listen_socket: socket.socket | None = None) -> None:
+        """Raises SpoolError or ConfigError when the relay cannot start."""
+        self.make_upstream(self.settings)  # refuse an unusable server before binding anything
+        await asyncio.to_thread(self._prepare_state)
+        recovery = await asyncio.to_thread(self.spool.recover, self.settings.queue.max_crashes)
+        if recovery.requeued or recovery.removed_incoming or recovery.crashed_out:
+            log.warning("spool recovered: %d put back in the queue, %d unfinished receptions "
+                        "removed, %d dead after repeated interruptions",
+                        len(recovery.requeued), recovery.removed_incoming,
+                        len(recovery.crashed_out))
+        for warning in warnings(self.settings):
+            log.warning("%s", warning)
+        for queue_id, reason in recovery.quarantined:
+            log.error("%s: moved to quarantine: %s", queue_id, reason)
+        self.scheduler = Scheduler(self.spool, self.settings, self.metrics, self.make_upstream)
+        await self.scheduler.load()
+        self.listener = Listener(self.settings, self.spool, self.metrics, self._queued)
+        await self.listener.start(listen_socket)
+        self._run_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        self.pid_file.write_text(f"{os.getpid()}\n")
+        counts = self.scheduler.counts()
+        log.info("sysmail-relay started: account %s <%s> via %s; queue %d waiting, %d dead",
+                 "active" if self.settings.system_account.active else "INACTIVE (mail is held)",
+                 self.settings.system_account.address, self.settings.system_account.server,
+                 counts["queued"] + counts["deferred"] + counts["held"], counts["dead"])
+
+    def _prepare_state(self) -> None:
+        try:
+            self.settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise SpoolError(f"cannot create state_dir {self.settings.state_dir}: {e.strerror}; "
+                             "create it for the relay's user or set state_dir") from None
+        self.spool.open()
+        if self.settings.system_account.server == LOCAL_SERVER:
+            try:
+                LocalOutbox(self.settings.outbox).ensure()
+            except OSError as e:
+                raise SpoolError(f"cannot create the outbox {self.settings.outbox}: "
+                                 f"{e.strerror}") from None
+
+    def _queued(self, env: Envelope) -> None:
+        assert self.scheduler is not None
+        self.scheduler.add(env)
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        log.info("stopping: no new connections; finishing what is in flight (up to %.0f s)",
+                 grace)
+        if self.listener is not None:
+            self.listener.stop_accepting()
+            await self.listener.drain(grace)
+        if self.scheduler is not None:
+            await self.scheduler.stop(grace)
+        if self._run_task is not None:
+            self._run_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._run_task
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        log.info("stopped")
+
+    def reload(self) -> bool:
+        """Apply a new configuration; keep the running one if it is invalid."""
+        try:
+            new = load_settings(self.config_file)
+            if new.state_dir != self.settings.state_dir:
+                raise ConfigError([f"state_dir cannot change while running "
+                                   f"({self.settings.state_dir} -> {new.state_dir}); restart"])
+            self.make_upstream(new)
+        except ConfigError as e:
+            self.metrics.config_reloads.labels("error").inc()
+            log.error("configuration reload refused, the running configuration stays: %s",
+                      "; ".join(e.problems))
+            return False
+        old_listen = self.settings.listener
+        self.settings = new
+        logs.configure(new.log)
+        assert self.listener is not None and self.scheduler is not None
+        self.listener.settings = new
+        if (old_listen.host, old_listen.port) != (new.listener.host, new.listener.port):
+            log.warning("listener.host/port changed: restart the relay to listen on %s:%d",
+                        new.listener.host, new.listener.port)
+        self.scheduler.reconfigure(new)
+        self.metrics.config_reloads.labels("ok").inc()
+        log.info("configuration reloaded: account %s <%s> via %s",
+                 "active" if new.system_account.active else "INACTIVE (mail is held)",
+                 new.system_account.address, new.system_account.server)
+        return True
+
+    async def rescan(self) -> None:
+        assert self.scheduler is not None
+        await self.scheduler.rescan()
+
+
+async def serve(settings: Settings, config_file: Path | None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the exit code."""
+    relay = Relay(settings, config_file)
+    try:
+        await relay.start()
+    except (SpoolError, ConfigError, OSError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_stop() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second stop signal: exiting now")
+            os._exit(1)
+        stop.set()
+
+    handlers = {
+        signal.SIGTERM: on_stop,
+        signal.SIGINT: on_stop,
+        signal.SIGHUP: relay.reload,
+        signal.SIGUSR1: lambda: loop.create_task(relay.rescan()),
+    }
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+    try:
+        await stop.wait()
+        await relay.stop()
+    finally:
+        for sig in handlers:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def run(settings: Settings, config_file: Path | None) -> int:
+    logs.configure(settings.log)
+    try:
+        return asyncio.run(serve(settings, config_file))
+    except RelayError as e:
+        log.error("%s", e)
+        return 1

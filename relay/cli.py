@@ -1,0 +1,199 @@
+"""The command line: parses arguments and calls the functions that do the work.
+
+Exit codes: 0 success, 1 operational failure, 2 bad usage or invalid configuration.
+`sendmail` (and `sysmail-sendmail`) exits with sysexits(3) codes, as sendmail does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import app, queue_admin, status, submit
+from .errors import ConfigError, RelayError
+from .settings import Settings, config_path, load_settings, warnings
+from .spool import Spool
+
+OK, FAILED, USAGE = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
+    path = config_path(getattr(args, "config", None), os.environ)
+    return load_settings(path), path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings, path = _settings(args)
+    return app.run(settings, path)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings, path = _settings(args)
+    print(f"configuration OK ({path or 'built-in default'})")
+    print(status.render(status.collect(settings)).split("\nQueue")[0])
+    for warning in warnings(settings):
+        print(f"warning: {warning}")
+    if args.connect:
+        ok = app.check_connect(settings, print)
+        return OK if ok else FAILED
+    return OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings, _ = _settings(args)
+    report = status.collect(settings)
+    print(json.dumps(report, indent=2) if args.json else status.render(report))
+    return OK
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    settings, _ = _settings(args)
+    reply = submit.send_test(settings, args.to)
+    print(f"listener: {reply}")
+    queue_id = submit.queue_id_of(reply)
+    if queue_id is None or args.wait <= 0:
+        return OK
+    outcome, text = submit.wait_for_outcome(settings, queue_id, args.wait)
+    print(f"{queue_id}: {outcome}: {text}")
+    return OK if outcome == "delivered" else FAILED
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    settings, _ = _settings(args)
+    spool = Spool(settings.spool_dir)
+    if args.action == "list":
+        rows = queue_admin.entries(spool)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print("the queue is empty")
+        for row in [] if args.json else rows:
+            print(_queue_line(row))
+        return OK
+    if args.action == "show":
+        print(json.dumps(queue_admin.show(spool, args.id), indent=2, ensure_ascii=False))
+        return OK
+    if args.action == "retry":
+        if args.all:
+            print(f"{queue_admin.retry_all(spool)} messages due now")
+        elif args.id:
+            place = queue_admin.retry(spool, args.id)
+            print(f"{args.id}: due now" + (" (back from the dead letters)" if place == "dead"
+                                          else ""))
+        else:
+            print("queue retry: name a queue ID or --all", file=sys.stderr)
+            return USAGE
+    elif args.action == "delete":
+        queue_admin.delete(spool, args.id)
+        print(f"{args.id}: deleted")
+    if not queue_admin.notify_daemon(settings):
+        print("(the daemon is not running: the change applies when it starts)")
+    return OK
+
+
+def _queue_line(row: dict[str, object]) -> str:
+    if row["state"] == "damaged":
+        return f"{row['id']}  damaged  {row['reason']}"
+    rcpts = ",".join(row["recipients"])  # type: ignore[arg-type]
+    reply = f"  ({row['last_reply']})" if row["last_reply"] else ""
+    return (f"{row['id']}  {row['state']:<8} {row['age']:>7}s {row['size']:>9}B  "
+            f"attempts={row['attempts']}  to={rcpts}{reply}")
+
+
+def cmd_sendmail(args: argparse.Namespace) -> int:
+    return _sendmail(getattr(args, "config", None), args.sendmail_args)
+
+
+def _sendmail(config: Path | None, argv: Sequence[str]) -> int:
+    try:
+        options = submit.parse_sendmail_args(list(argv))
+    except ValueError as e:
+        print(f"sendmail: {e}", file=sys.stderr)
+        return submit.EX_USAGE
+    try:
+        settings = load_settings(config_path(config, os.environ))
+    except ConfigError as e:
+        print(f"sendmail: {e}", file=sys.stderr)
+        return submit.EX_CONFIG
+    code, text = submit.sendmail(settings, options, sys.stdin.buffer.read())
+    if code != submit.EX_OK:
+        print(f"sendmail: {text}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, metavar="PATH", default=argparse.SUPPRESS,
+                        help="TOML configuration (default: $RELAY_CONFIG, else "
+                             "/etc/sysmail-relay/relay.toml if it exists, else built-in)")
+    parser = argparse.ArgumentParser(
+        prog="sysmail-relay", parents=[common],
+        description="SMTP relay for the system mail account: applications hand mail to a local "
+                    "listener; the relay makes the system address the sender, keeps each message "
+                    "on disk and forwards it to the real server.",
+        epilog="Exit codes: 0 success, 1 operational failure, 2 bad usage or configuration.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int],
+                text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        p.set_defaults(func=func)
+        return p
+
+    command("serve", cmd_serve, "run the daemon (SIGTERM stops, SIGHUP reloads the "
+                                "configuration, SIGUSR1 re-reads the queue)")
+    p = command("check", cmd_check, "validate the configuration and show what it means")
+    p.add_argument("--connect", action="store_true",
+                   help="also open the upstream session step by step and print each step")
+    p = command("status", cmd_status, "show the system e-mail account details and queue counts")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = command("send-test", cmd_send_test, "send a test notification through the running relay")
+    p.add_argument("--to", required=True, metavar="ADDR", help="recipient of the test message")
+    p.add_argument("--wait", type=float, default=30, metavar="SECONDS",
+                   help="wait this long for the delivery result (0: do not wait; default 30)")
+    p = command("queue", cmd_queue, "inspect and act on the spool, dead letters included")
+    qsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = qsub.add_parser("list", parents=[common], help="list waiting, sending and dead messages")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = qsub.add_parser("show", parents=[common], help="show one message's envelope and history")
+    q.add_argument("id", metavar="ID")
+    q = qsub.add_parser("retry", parents=[common],
+                        help="make a message (or --all waiting messages) due now; a dead letter "
+                             "comes back with its failed recipients")
+    q.add_argument("id", nargs="?", metavar="ID")
+    q.add_argument("--all", action="store_true", help="every waiting message")
+    q = qsub.add_parser("delete", parents=[common], help="remove a message for good")
+    q.add_argument("id", metavar="ID")
+    p = command("sendmail", cmd_sendmail,
+                "sendmail-compatible submission: message on stdin "
+                "([-t] [-i] [-f ADDR] [-F NAME] [RCPT...]; also installed as sysmail-sendmail)")
+    p.add_argument("sendmail_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "sendmail":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "sendmail":  # sendmail's own options are not ours to parse
+        args.sendmail_args = [*extra, *args.sendmail_args]
+    try:
+        code: int = args.func(args)
+    except ConfigError as e:
+        print(f"sysmail-relay: {e}", file=sys.stderr)
+        return USAGE
+    except RelayError as e:
+        print(f"sysmail-relay: {e}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt:
+        return FAILED
+    return code
+
+
+def sendmail_main() -> int:
+    return _sendmail(None, sys.argv[1:])

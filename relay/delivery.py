@@ -1,0 +1,273 @@
+"""The delivery scheduler: drains the spool through the upstream.
+
+An in-memory index (queue id -> when it is due) is built from the spool's
+envelopes at start-up and kept current as messages arrive and attempts end. At
+most `pool_size` deliveries run at once. 4xx, timeouts, connection and
+authentication failures defer the message with exponential backoff
+(`queue.retry_initial` doubling up to `queue.retry_max`); a 5xx fails that
+recipient; a message older than `queue.max_age` becomes a dead letter with the
+last reply as its reason. While the system account is inactive nothing is sent
+(state `held`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import heapq
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
+from .metrics import Metrics
+from .settings import Settings
+from .spool import Envelope, Spool
+from .upstream import Outcome, Outgoing, Upstream
+
+log = logging.getLogger("relay.delivery")
+
+UpstreamFactory = Callable[[Settings], Upstream]
+_LOCAL_POOL = 4
+
+
+class Scheduler:
+    def __init__(self, spool: Spool, settings: Settings, metrics: Metrics,
+                 make_upstream: UpstreamFactory) -> None:
+        self.spool = spool
+        self.settings = settings
+        self.metrics = metrics
+        self._make_upstream = make_upstream
+        self.upstream = make_upstream(settings)
+        self._due: dict[str, float] = {}
+        self._age: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self.dead = 0
+        gauges = metrics.queue_messages
+        gauges.labels("queued").set_function(lambda: self.counts()["queued"])
+        gauges.labels("deferred").set_function(lambda: self.counts()["deferred"])
+        gauges.labels("held").set_function(lambda: self.counts()["held"])
+        gauges.labels("dead").set_function(lambda: self.dead)
+        metrics.queue_oldest_seconds.set_function(self.oldest_age)
+
+    # --- the index ------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read every waiting envelope (not the messages) into the index."""
+        entries = await asyncio.to_thread(lambda: list(self.spool.scan("queue")))
+        for queue_id, env in entries:
+            if isinstance(env, DamagedEntry):
+                await asyncio.to_thread(self.spool.quarantine, queue_id, "queue", str(env))
+                log.error("%s: moved to quarantine: %s", queue_id, env)
+                continue
+            self.add(env)
+        self.dead = await asyncio.to_thread(self.spool.count, "dead")
+
+    async def rescan(self) -> None:
+        """Re-read queue/ after the command line retried or deleted entries."""
+        entries = await asyncio.to_thread(lambda: list(self.spool.scan("queue")))
+        present = {queue_id for queue_id, _ in entries}
+        for queue_id in [q for q in self._due if q not in present and q not in self._inflight]:
+            self._forget(queue_id)
+        for _, env in entries:
+            if isinstance(env, Envelope) and self._due.get(env.id) != env.next_attempt:
+                self.add(env)
+        self.dead = await asyncio.to_thread(self.spool.count, "dead")
+        log.info("queue re-read: %d waiting, %d dead", len(self._due), self.dead)
+
+    def add(self, env: Envelope) -> None:
+        self._due[env.id] = env.next_attempt
+        self._age[env.id] = env.age_base
+        heapq.heappush(self._heap, (env.next_attempt, env.id))
+        self._wake.set()
+
+    def _forget(self, queue_id: str) -> None:
+        self._due.pop(queue_id, None)
+        self._age.pop(queue_id, None)
+
+    @property
+    def held(self) -> bool:
+        return not self.settings.system_account.active
+
+    def counts(self) -> dict[str, int]:
+        now = time.time()
+        waiting = [t for q, t in self._due.items() if q not in self._inflight]
+        if self.held:
+            return {"queued": 0, "deferred": 0, "held": len(waiting), "dead": self.dead,
+                    "active": len(self._inflight)}
+        deferred = sum(1 for t in waiting if t > now)
+        return {"queued": len(waiting) - deferred, "deferred": deferred, "held": 0,
+                "dead": self.dead, "active": len(self._inflight)}
+
+    def oldest_age(self) -> float:
+        return time.time() - min(self._age.values()) if self._age else 0.0
+
+    # --- running --------------------------------------------------------------------
+
+    @property
+    def _capacity(self) -> int:
+        server = self.settings.active_server
+        return server.pool_size if server is not None else _LOCAL_POOL
+
+    async def run(self) -> None:
+        while not self._stopping:
+            delay = self._dispatch()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _dispatch(self) -> float | None:
+        """Start what is due; return how long until the next entry is due."""
+        if self.held:
+            return None
+        now = time.time()
+        while self._heap and len(self._inflight) < self._capacity:
+            due, queue_id = self._heap[0]
+            if self._due.get(queue_id) != due or queue_id in self._inflight:
+                heapq.heappop(self._heap)  # stale: rescheduled, delivered or running
+                continue
+            if due > now:
+                return due - now
+            heapq.heappop(self._heap)
+            task = asyncio.create_task(self._deliver(queue_id), name=f"deliver-{queue_id}")
+            self._inflight[queue_id] = task
+            self._idle.clear()
+            task.add_done_callback(functools.partial(self._forget_task, queue_id))
+        return None if not self._heap else max(0.0, self._heap[0][0] - now)
+
+    def _forget_task(self, queue_id: str, _task: asyncio.Task[None]) -> None:
+        self._done(queue_id)
+
+    def _done(self, queue_id: str) -> None:
+        self._inflight.pop(queue_id, None)
+        if queue_id in self._due:  # deferred: its new time may have been popped while running
+            heapq.heappush(self._heap, (self._due[queue_id], queue_id))
+        if not self._inflight:
+            self._idle.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def reconfigure(self, settings: Settings) -> None:
+        old = self.upstream
+        self.settings = settings
+        self.upstream = self._make_upstream(settings)
+        asyncio.get_running_loop().create_task(old.close())
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Start nothing new; let deliveries in flight finish for `grace` seconds, then cancel."""
+        self._stopping = True
+        self._wake.set()
+        if self._inflight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                for task in list(self._inflight.values()):
+                    task.cancel()
+                await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        await self.upstream.close()
+
+    # --- one delivery -----------------------------------------------------------------
+
+    async def _deliver(self, queue_id: str) -> None:
+        try:
+            env = await asyncio.to_thread(self.spool.claim, queue_id)
+        except DamagedEntry as e:
+            await asyncio.to_thread(self.spool.quarantine, queue_id, "active", str(e))
+            log.error("%s: moved to quarantine: %s", queue_id, e)
+            self._forget(queue_id)
+            return
+        if env is None:  # deleted or taken by `queue retry|delete`
+            self._forget(queue_id)
+            return
+        try:
+            outcomes = await self._attempt(env)
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.to_thread(self.spool.release, env))
+            raise
+        await self._settle(env, outcomes)
+
+    async def _attempt(self, env: Envelope) -> list[Outcome]:
+        server = self.settings.system_account.server
+        pending = env.pending
+        message = Outgoing(env, self.spool.message_path(env.id), env.mail_from or "", pending)
+        started = time.monotonic()
+        try:
+            outcomes = await self.upstream.deliver(message)
+        except DeliveryFailure as failure:
+            outcomes = [Outcome(r.address, failure.reply, failure) for r in pending]
+        except Exception as e:  # a bug must never lose a message: defer it
+            log.exception("%s: delivery raised an unexpected error", env.id)
+            bug = TemporaryFailure(f"internal error in the relay: {e!r}")
+            outcomes = [Outcome(r.address, bug.reply, bug) for r in pending]
+        self.metrics.delivery_seconds.labels(server).observe(time.monotonic() - started)
+        return outcomes
+
+    async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
+        server = self.settings.system_account.server
+        by_address = {o.recipient: o for o in outcomes}
+        deferred: list[Outcome] = []
+        for rcpt in env.pending:
+            outcome = by_address.get(rcpt.address)
+            if outcome is None:
+                outcome = Outcome(rcpt.address, "no answer for this recipient",
+                                  TemporaryFailure("no answer for this recipient"))
+            rcpt.reply = outcome.reply
+            if outcome.failure is None:
+                rcpt.state = "delivered"
+                result = "ok"
+                log.info("%s: to=<%s> server=%s status=sent (%s)", env.id, rcpt.address, server,
+                         outcome.reply)
+            elif isinstance(outcome.failure, PermanentFailure):
+                rcpt.state = "failed"
+                result = "failed"
+                log.warning("%s: to=<%s> server=%s status=failed (%s)", env.id, rcpt.address,
+                            server, outcome.reply)
+            else:
+                deferred.append(outcome)
+                result = "deferred"
+            if not isinstance(outcome.failure, Held):
+                self.metrics.deliveries.labels(server, result).inc()
+        env.last_reply = (deferred or outcomes or [Outcome("", "")])[0].reply
+        now = time.time()
+        if not env.pending:
+            failed = [r for r in env.recipients if r.state == "failed"]
+            if failed:
+                env.dead_reason = "; ".join(f"<{r.address}>: {r.reply}" for r in failed)
+                await self._bury(env)
+            else:
+                await asyncio.to_thread(self.spool.finish, env.id)
+                self._forget(env.id)
+            return
+        if now - env.age_base > self.settings.queue.max_age:
+            env.dead_reason = (f"not delivered within queue.max_age "
+                               f"({self.settings.queue.max_age:.0f} s); last reply: "
+                               f"{env.last_reply}")
+            await self._bury(env)
+            return
+        env.attempts += 1
+        env.next_attempt = now + self.backoff(env.attempts)
+        log.info("%s: server=%s status=deferred attempt=%d retry_in=%.0fs (%s)", env.id, server,
+                 env.attempts, env.next_attempt - now, env.last_reply)
+        await asyncio.to_thread(self.spool.release, env)
+        self.add(env)
+
+    async def _bury(self, env: Envelope) -> None:
+        await asyncio.to_thread(self.spool.release, env, "active", "dead")
+        self._forget(env.id)
+        self.dead += 1
+        log.error("%s: dead letter: %s", env.id, env.dead_reason)
+
+    def backoff(self, attempts: int) -> float:
+        q = self.settings.queue
+        delay: float = min(q.retry_max, q.retry_initial * 2.0 ** min(attempts - 1, 30))
+        return delay * random.uniform(0.9, 1.1)

@@ -1,0 +1,248 @@
+"""The listener: applications hand their mail to it over SMTP, unauthenticated.
+
+aiosmtpd's protocol, served by `loop.create_server` in the daemon's own loop.
+Connections are accepted only from `listener.allowed_networks` (554 otherwise)
+and up to `listener.max_connections` (421 beyond). SIZE, recipients per message
+and idle time are bounded. A message is rewritten (relay.rewrite), written to the
+spool, and only when the spool has fsynced it does the client get 250; if the
+write fails the client gets 451 4.3.0 and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from .errors import SpoolError
+from .metrics import Metrics
+from .rewrite import header_value, received_header, rewrite_message
+from .settings import Settings
+from .spool import Envelope as SpoolEnvelope
+from .spool import Recipient, Spool, new_queue_id
+
+log = logging.getLogger("relay.listener")
+
+_ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"\\\x00-\x1f\x7f]+@[^\s@<>()\[\],;:\"\\\x00-\x1f\x7f]+$")
+_KEPT_MAIL_OPTIONS = ("BODY=8BITMIME", "SMTPUTF8")
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with the relay's connection policy and clearer replies."""
+
+    def __init__(self, listener: Listener, **kwargs: Any) -> None:
+        self._listener = listener
+        self._refused = False
+        super().__init__(listener.handler, **kwargs)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and not self._refused:  # not the STARTTLS re-entry
+            refusal = self._listener.admit(self, transport.get_extra_info("peername"))
+            if refusal:
+                self._refused = True
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(refusal.encode() + b"\r\n")
+                transport.close()
+                return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self._listener.forget(self)
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        return False if self._refused else super().eof_received()
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            await super().push(self._listener.better_reply(status))
+        else:
+            await super().push(status)
+
+
+class IntakeHandler:
+    """aiosmtpd hooks: check the envelope, rewrite, spool, then 250."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        if address != "<>" and not _ADDRESS.match(address):
+            return f"553 5.1.7 Sender address {address!r} is not of the form local-part@domain"
+        envelope.mail_from = address  # "<>" for the null sender: aiosmtpd needs it non-empty
+        envelope.mail_options.extend(o for o in mail_options if o in _KEPT_MAIL_OPTIONS)
+        return "250 2.1.0 Sender OK (the system address will be the sender)"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        limit = self.listener.settings.listener.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            self.listener.metrics.messages_rejected.labels("recipients").inc()
+            return f"452 4.5.3 Too many recipients: at most {limit} per message, send the rest " \
+                   "in another transaction"
+        if not _ADDRESS.match(address):
+            return f"553 5.1.3 Recipient address {address!r} is not of the form local-part@domain"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return await self.listener.receive(session, envelope)
+
+
+class Listener:
+    def __init__(self, settings: Settings, spool: Spool, metrics: Metrics,
+                 on_queued: Callable[[SpoolEnvelope], None]) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.metrics = metrics
+        self.on_queued = on_queued
+        self.handler = IntakeHandler(self)
+        self.hostname = settings.listener.hostname or socket.gethostname()
+        self._sessions: set[RelaySMTP] = set()
+        self._server: asyncio.Server | None = None
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.settings.listener
+        if sock is not None:
+            self._server = await loop.create_server(self._protocol, sock=sock)
+        else:
+            self._server = await loop.create_server(self._protocol, cfg.host, cfg.port,
+                                                    reuse_address=True)
+        bound = self._server.sockets[0].getsockname()
+        self.address = (bound[0], bound[1])
+        log.info("listening on %s port %d", *self.address)
+
+    def _protocol(self) -> RelaySMTP:
+        cfg = self.settings.listener
+        return RelaySMTP(
+            self, data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True,
+            decode_data=False, hostname=self.hostname, ident="sysmail-relay ESMTP",
+            timeout=cfg.idle_timeout, auth_require_tls=True,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"], loop=asyncio.get_running_loop(),
+        )
+
+    # --- connection policy -------------------------------------------------------------
+
+    def admit(self, session: RelaySMTP, peer: Any) -> str | None:
+        """None to admit, else the reply that refuses the connection."""
+        host = peer[0] if isinstance(peer, tuple) else None
+        try:
+            ip = ipaddress.ip_address(host) if host else None
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        cfg = self.settings.listener
+        if ip is None or not any(ip in net for net in cfg.allowed_networks):
+            self.metrics.messages_rejected.labels("network").inc()
+            log.warning("refused connection from %s: not in listener.allowed_networks", host)
+            return (f"554 5.7.1 {self.hostname} does not relay for {host}: "
+                    "the address is not in listener.allowed_networks")
+        if len(self._sessions) >= cfg.max_connections:
+            self.metrics.messages_rejected.labels("connections").inc()
+            log.warning("refused connection from %s: listener.max_connections (%d) reached",
+                        host, cfg.max_connections)
+            return "421 4.7.0 Too many connections, try again later"
+        self._sessions.add(session)
+        self.metrics.smtp_sessions.set(len(self._sessions))
+        return None
+
+    def forget(self, session: RelaySMTP) -> None:
+        self._sessions.discard(session)
+        self.metrics.smtp_sessions.set(len(self._sessions))
+
+    def better_reply(self, status: str) -> str:
+        """Give aiosmtpd's stock replies enhanced status codes and a reason."""
+        limit = self.settings.listener.max_message_size
+        if status.startswith("552 Error"):
+            self.metrics.messages_rejected.labels("size").inc()
+            return f"552 5.3.4 Message too big: this relay accepts at most {limit} bytes"
+        if status.startswith("500 Line too long"):
+            self.metrics.messages_rejected.labels("line_length").inc()
+            return "500 5.5.2 Line too long: RFC 5321 allows at most 1000 octets per line"
+        if status.startswith("538 "):
+            return "502 5.5.1 AUTH not offered: this relay takes mail without authentication"
+        return _STOCK.get(status, status)
+
+    # --- one message -------------------------------------------------------------------
+
+    async def receive(self, session: Session, envelope: Envelope) -> str:
+        qid = new_queue_id()
+        account = self.settings.system_account
+        data: bytes = envelope.original_content or b""
+        peer_ip = str(session.peer[0]) if isinstance(session.peer, tuple) else "unknown"
+        now = datetime.now(UTC).astimezone()
+        domain = account.address.rpartition("@")[2] if account.address else self.hostname
+        received = received_header(
+            helo=session.host_name, peer_ip=peer_ip, by_host=self.hostname, queue_id=qid,
+            recipients=envelope.rcpt_tos, when=now,
+            with_protocol="UTF8SMTP" if envelope.smtp_utf8 else
+            ("ESMTP" if session.extended_smtp else "SMTP"))
+        body = rewrite_message(
+            data, system_address=account.address or "", received=received,
+            from_header=account.from_header if account.address else "keep",
+            message_id=f"<{qid}@{domain}>", date=format_datetime(now))
+        env = SpoolEnvelope(
+            id=qid, sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",
+            mail_from=account.address,
+            recipients=[Recipient(a) for a in envelope.rcpt_tos],
+            mail_options=list(envelope.mail_options), size=len(body), client=peer_ip,
+            subject=header_value(data, "Subject"))
+        try:
+            await asyncio.to_thread(self.spool.store, env, body)
+        except SpoolError as e:
+            self.metrics.messages_rejected.labels("spool").inc()
+            log.error("%s: not queued, client told to retry (451): %s", qid, e)
+            return "451 4.3.0 Could not queue the message on disk; try again later"
+        self.metrics.messages_received.inc()
+        log.info("%s: queued from=<%s> client=%s size=%d nrcpt=%d", qid, env.sender, peer_ip,
+                 env.size, len(env.recipients))
+        self.on_queued(env)
+        return f"250 2.0.0 OK queued as {qid}"
+
+    # --- stopping ----------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, grace: float) -> None:
+        """Close idle sessions now; let transactions in flight finish for `grace` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._sessions:
+            final = loop.time() >= deadline
+            for session in list(self._sessions):
+                in_transaction = session.envelope is not None and session.envelope.mail_from
+                if session.transport is not None and (final or not in_transaction):
+                    assert isinstance(session.transport, asyncio.WriteTransport)
+                    session.transport.write(b"421 4.3.2 The relay is shutting down\r\n")
+                    session.transport.close()
+            if final:
+                break
+            await asyncio.sleep(0.05)  # shutdown only: wait for transactions to complete
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+_STOCK = {
+    "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
+    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
+    "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+}

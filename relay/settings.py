@@ -1,0 +1,454 @@
+"""The configuration: one TOML file, `RELAY_` environment variables and secret files.
+
+Loaded once at start-up (and again at SIGHUP), validated as a whole, and passed
+down. `load_settings()` is the only entry point; it raises `ConfigError` with one
+line per mistake, each naming the key path, the bad value (never a secret's) and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/sysmail-relay/relay.toml")
+LOCAL_SERVER = "local"
+DEFAULT_ADDRESS = "relay@localhost"
+"""The built-in server: writes each message into the Maildir `<state_dir>/outbox`."""
+
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)?\s*$")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+               "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+_ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+def parse_duration(value: object) -> float:
+    """'30s', '15m', '5d', '1.5h' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '30s', '15m', '5d'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    else:
+        raise ValueError(f"expected a duration such as '30s', '15m', '5d', not {value!r}")
+    if seconds <= 0:
+        raise ValueError("a duration must be greater than 0")
+    return seconds
+
+
+def _check_address(value: str) -> str:
+    if not _ADDRESS.match(value):
+        raise ValueError(f"{value!r} is not an e-mail address of the form local-part@domain")
+    return value
+
+
+def _between(low: int, high: int, unit: str = "") -> AfterValidator:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}{unit}")
+        return value
+
+    return AfterValidator(check)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Address = Annotated[str, AfterValidator(_check_address)]
+Timeout = Annotated[int, _between(1, 120, " seconds")]
+Port = Annotated[int, _between(1, 65535)]
+Encryption = Literal["none", "tls", "starttls"]
+
+
+class RateLimit(BaseModel):
+    """'30/min': at most `count` messages per `seconds`."""
+
+    model_config = ConfigDict(frozen=True)
+    count: int
+    seconds: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: object) -> object:
+        if isinstance(value, str):
+            m = _RATE.match(value)
+            if not m or int(m.group(1)) < 1:
+                raise ValueError(f"expected messages per interval such as '30/min', not {value!r}")
+            return {"count": int(m.group(1)), "seconds": _RATE_UNITS[m.group(2)]}
+        return value
+
+    def __str__(self) -> str:
+        unit = {1: "s", 60: "min", 3600: "h", 86400: "day"}[self.seconds]
+        return f"{self.count}/{unit}"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Secret(_Section):
+    """A section with `password` or `password_file` (a Docker/Kubernetes/systemd secret)."""
+
+    password: SecretStr | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _read_password_file(self) -> _Secret:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set either password or password_file, not both")
+        if self.password_file is not None:
+            object.__setattr__(self, "password", SecretStr(read_secret_file(self.password_file)))
+        if self.password is None:
+            raise ValueError("a password is required: set password_file (or password)")
+        return self
+
+    def secret(self) -> str:
+        assert self.password is not None
+        return self.password.get_secret_value()
+
+
+def read_secret_file(path: Path) -> str:
+    """Read a secret file; a relative path is looked up in $CREDENTIALS_DIRECTORY (systemd)."""
+    if not path.is_absolute() and (creds := os.environ.get("CREDENTIALS_DIRECTORY")):
+        path = Path(creds) / path
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as e:
+        raise ValueError(f"cannot read secret file {path}: {e.strerror}") from None
+
+
+def _loopback() -> list[IPv4Network | IPv6Network]:
+    return [IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")]
+
+
+class ListenerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 2525
+    allowed_networks: list[IPv4Network | IPv6Network] = Field(default_factory=_loopback)
+    max_message_size: Annotated[int, Field(ge=1024)] = 26_214_400
+    max_recipients: Annotated[int, Field(ge=1)] = 100
+    max_connections: Annotated[int, Field(ge=1)] = 500
+    idle_timeout: Annotated[int, Field(ge=10, le=3600)] = 300
+    hostname: str | None = None
+
+
+class SystemAccountSettings(_Section):
+    active: bool = True
+    address: Address | None = None
+    server: str = LOCAL_SERVER
+    from_header: Literal["rewrite", "keep"] = "rewrite"
+
+
+class AuthSettings(_Secret):
+    method: Literal["PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5"]
+    username: str
+
+
+class PopBeforeSmtpSettings(_Secret):
+    host: str
+    port: Port | None = None
+    encryption: Encryption = "none"
+    apop: bool = False
+    username: str
+    timeout: Timeout = 10
+    wait: Annotated[int, _between(0, 10, " seconds")] = 0
+    window: Annotated[int, Field(ge=1, le=86400)] = 60
+
+    @model_validator(mode="after")
+    def _default_port(self) -> PopBeforeSmtpSettings:
+        if self.port is None:
+            object.__setattr__(self, "port", 995 if self.encryption == "tls" else 110)
+        return self
+
+
+class ServerOAuthSettings(_Section):
+    client: str
+    username: str | None = None
+
+
+class ServerSettings(_Section):
+    host: str | None = None
+    port: Port | None = None
+    encryption: Encryption | None = None
+    timeout: Timeout = 10
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    rate_limit: RateLimit | None = None
+    max_recipients_per_day: Annotated[int, Field(ge=1)] | None = None
+    pool_size: Annotated[int, Field(ge=1, le=20)] = 2
+    auth: AuthSettings | None = None
+    pop_before_smtp: PopBeforeSmtpSettings | None = None
+    oauth: ServerOAuthSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_authentication(cls, data: object) -> object:
+        if isinstance(data, Mapping):
+            chosen = [k for k in ("auth", "pop_before_smtp", "oauth") if data.get(k) is not None]
+            if len(chosen) > 1:
+                raise ValueError(f"{' and '.join(chosen)} cannot be combined on one server: "
+                                 "choose one way to authenticate")
+        return data
+
+    @model_validator(mode="after")
+    def _transport(self) -> ServerSettings:
+        if self.oauth is None and self.host is None:
+            raise ValueError("host is required (the outgoing e-mail server name)")
+        if self.oauth is None:
+            by_port: dict[int, Encryption] = {465: "tls", 587: "starttls"}
+            self._fill_transport(self.host, by_port.get(self.port or 25, "none"))
+        return self
+
+    def _fill_transport(self, host: str | None, encryption: Encryption) -> None:
+        enc = self.encryption or encryption
+        object.__setattr__(self, "host", self.host or host)
+        object.__setattr__(self, "encryption", enc)
+        if self.port is None:
+            object.__setattr__(self, "port", {"none": 25, "tls": 465, "starttls": 587}[enc])
+
+
+_PROVIDER_SERVERS: dict[str, tuple[str, Encryption]] = {
+    "google": ("smtp.gmail.com", "tls"),
+    "microsoft": ("smtp.office365.com", "starttls"),
+}
+
+
+class OAuthClientSettings(_Section):
+    provider: Literal["google", "microsoft", "generic"]
+    client_id: str
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    grant: Literal["authorization_code", "client_credentials"] = "authorization_code"
+    tenant: str = "organizations"
+    authorize_url: str | None = None
+    token_url: str | None = None
+    device_url: str | None = None
+    revocation_url: str | None = None
+    scopes: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> OAuthClientSettings:
+        if self.client_secret is not None and self.client_secret_file is not None:
+            raise ValueError("set either client_secret or client_secret_file, not both")
+        if self.client_secret_file is not None:
+            secret = SecretStr(read_secret_file(self.client_secret_file))
+            object.__setattr__(self, "client_secret", secret)
+        if self.provider == "generic" and not (self.authorize_url or self.token_url):
+            raise ValueError("a generic provider needs token_url (and authorize_url to sign in)")
+        if self.grant == "client_credentials" and self.provider == "google":
+            raise ValueError("google does not offer client_credentials for SMTP: use "
+                             "grant = \"authorization_code\"")
+        if self.grant == "client_credentials" and self.client_secret is None:
+            raise ValueError("client_credentials needs client_secret_file (or client_secret)")
+        return self
+
+
+class QueueSettings(_Section):
+    max_age: Duration = 5 * 86400
+    retry_initial: Duration = 30
+    retry_max: Duration = 15 * 60
+    max_crashes: Annotated[int, Field(ge=1, le=100)] = 5
+    notify: Address | None = None
+
+    @model_validator(mode="after")
+    def _order(self) -> QueueSettings:
+        if self.retry_max < self.retry_initial:
+            raise ValueError("retry_max must not be shorter than retry_initial")
+        return self
+
+
+class AdminSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8525
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    allow_changes: bool = False
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """The whole configuration (DESIGN.md, "Configuration")."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    state_dir: Path = Field(default_factory=lambda: default_state_dir(os.environ))
+    listener: ListenerSettings = ListenerSettings()
+    system_account: SystemAccountSettings = SystemAccountSettings()
+    servers: dict[str, ServerSettings] = Field(default_factory=dict)
+    oauth_clients: dict[str, OAuthClientSettings] = Field(default_factory=dict)
+    queue: QueueSettings = QueueSettings()
+    admin: AdminSettings = AdminSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init kwargs; the environment overrides it.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        account = self.system_account
+        if account.address is None and account.server == LOCAL_SERVER:
+            object.__setattr__(account, "address", DEFAULT_ADDRESS)
+        if account.active and not account.address:
+            raise ValueError("system_account.address is required when the account is active "
+                             f"and sends through servers.{account.server}")
+        if LOCAL_SERVER in self.servers:
+            raise ValueError(f"servers.{LOCAL_SERVER} is the built-in outbox; choose another name")
+        if account.server != LOCAL_SERVER and account.server not in self.servers:
+            known = ", ".join([LOCAL_SERVER, *sorted(self.servers)])
+            raise ValueError(f"system_account.server = {account.server!r} names no server; "
+                             f"defined: {known}")
+        for name, server in self.servers.items():
+            if server.oauth is None:
+                continue
+            client = self.oauth_clients.get(server.oauth.client)
+            if client is None:
+                raise ValueError(f"servers.{name}.oauth.client = {server.oauth.client!r} names "
+                                 "no [oauth_clients] entry")
+            provider: tuple[str | None, Encryption] = _PROVIDER_SERVERS.get(
+                client.provider, (None, "starttls"))
+            host, enc = provider
+            if host is None and server.host is None:
+                raise ValueError(f"servers.{name}.host is required with a generic OAuth provider")
+            server._fill_transport(host, enc)
+        if self.admin.token is not None and self.admin.token_file is not None:
+            raise ValueError("admin: set either token or token_file, not both")
+        return self
+
+    @property
+    def active_server(self) -> ServerSettings | None:
+        """The server that sends; None for the built-in outbox."""
+        return self.servers.get(self.system_account.server)
+
+    @property
+    def outbox(self) -> Path:
+        return self.state_dir / "outbox"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/sysmail-relay, else ~/.local/state/..."""
+    if systemd := env.get("STATE_DIRECTORY"):
+        return Path(systemd.split(":")[0])
+    if xdg := env.get("XDG_STATE_HOME"):
+        return Path(xdg) / "sysmail-relay"
+    return Path.home() / ".local" / "state" / "sysmail-relay"
+
+
+def config_path(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
+    """--config, else $RELAY_CONFIG, else /etc/sysmail-relay/relay.toml if it exists, else None."""
+    if explicit is not None:
+        return explicit
+    if from_env := env.get("RELAY_CONFIG"):
+        return Path(from_env)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+
+
+def load_settings(path: Path | None, overrides: Path | None = None) -> Settings:
+    """Read, merge and validate the configuration. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "the built-in default"
+    for file in (path, overrides):
+        if file is not None and (file is path or file.exists()):
+            _merge(data, _read_toml(file))
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors()], source) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file; pass --config PATH or set RELAY_CONFIG"]) \
+            from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+
+
+def _merge(into: dict[str, Any], other: Mapping[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+_SECRET_WORDS = ("password", "secret", "token")
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    """One line per mistake: key path, the bad value unless it is a secret, what is allowed."""
+    loc = [str(part) for part in err["loc"] if not _is_type_tag(part)]
+    key = ".".join(loc) or "(top level)"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key; check the spelling against docs/configuration.md"
+    if kind == "missing":
+        return f"{key}: required, but not set"
+    secret = any(word in key for word in _SECRET_WORDS)
+    value = err.get("input")
+    repeated = isinstance(value, str) and repr(value) in msg
+    hidden = secret or repeated or isinstance(value, dict | list)
+    shown = "" if hidden else f" (got {value!r})"
+    return f"{key}: {msg}{shown}"
+
+
+def _is_type_tag(part: object) -> bool:
+    # pydantic puts union member names such as 'IPv4Network' or 'function-after[...]' in locs
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part)
+
+
+def warnings(settings: Settings) -> list[str]:
+    """What is valid but unwise; printed by `check` and logged at start."""
+    found: list[str] = []
+    for name, server in settings.servers.items():
+        if not server.tls_verify:
+            found.append(f"servers.{name}.tls_verify = false: the server's certificate is not "
+                         "checked, so anyone on the path can read the mail and the password")
+        if server.encryption == "none" and (server.auth or server.pop_before_smtp):
+            found.append(f"servers.{name}: the password is sent without encryption "
+                         "(encryption = \"none\")")
+    return found

@@ -1,0 +1,278 @@
+"""The spool: every accepted message on disk until the upstream has it.
+
+One directory per message, holding `message` (the bytes to send) and
+`envelope.json` (sender, recipients and their states, attempts). Where the
+directory sits is its state:
+
+    incoming/ID    being written; removed at start-up (the client never got 250)
+    queue/ID       waiting for delivery (queued, deferred or held)
+    active/ID      claimed by a delivery; put back at start-up (a crash), counted
+    edit/ID        claimed by `queue retry`; put back at start-up
+    dead/ID        dead letter, with the reason in the envelope
+    quarantine/ID  damaged entries moved aside, never deleted
+    trash/ID       delivered, being removed
+
+A message is written into incoming/, its files and directory fsynced, then renamed
+into queue/ and queue/ fsynced: only then does the client get 250. A delivery
+claims an entry by renaming it into active/, so two workers (or the daemon and
+the command line) never hold the same entry. Nothing is removed before the
+upstream has accepted it. Every method here blocks: call it from a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import DamagedEntry, SpoolError
+
+RecipientState = Literal["pending", "delivered", "failed"]
+Place = Literal["queue", "active", "dead", "edit"]
+_DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash")
+MESSAGE = "message"
+ENVELOPE = "envelope.json"
+
+
+@dataclass
+class Recipient:
+    address: str
+    state: RecipientState = "pending"
+    reply: str | None = None
+    options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Envelope:
+    id: str
+    sender: str
+    """The client's MAIL FROM, before the rewrite ('' for the null sender)."""
+    recipients: list[Recipient]
+    mail_from: str | None = None
+    """The system address the message goes out with; None until the account has one."""
+    mail_options: list[str] = field(default_factory=list)
+    received_at: float = field(default_factory=time.time)
+    age_base: float = 0.0
+    """Age for queue.max_age counts from here: receipt, or the last manual retry."""
+    size: int = 0
+    client: str = ""
+    subject: str | None = None
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str | None = None
+    crashes: int = 0
+    dead_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.age_base:
+            self.age_base = self.received_at
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == "pending"]
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Envelope:
+        data: dict[str, Any] = json.loads(raw)
+        data["recipients"] = [Recipient(**r) for r in data["recipients"]]
+        env = cls(**data)
+        if not env.id or not env.recipients:
+            raise ValueError("no id or no recipients")
+        return env
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival time, unique without coordination: 13 hex digits of µs + 8 random."""
+    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(4).upper()}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Recovery:
+    """What start-up found: entries put back, dead after too many crashes, removed, quarantined."""
+
+    requeued: list[str] = field(default_factory=list)
+    crashed_out: list[str] = field(default_factory=list)
+    removed_incoming: int = 0
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _dir(self, place: str) -> Path:
+        return self.root / place
+
+    def open(self) -> None:
+        """Create the directories and prove we can write there. Raises SpoolError."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for name in _DIRS:
+                (self.root / name).mkdir(exist_ok=True, mode=0o700)
+            probe = self._dir("incoming") / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise SpoolError(
+                f"the spool directory {self.root} is not usable: {e.strerror}; "
+                "make it writable by the relay's user or set state_dir"
+            ) from None
+
+    # --- accepting -------------------------------------------------------------------
+
+    def store(self, envelope: Envelope, data: bytes) -> None:
+        """Make the message durable in queue/. Raises SpoolError (nothing is left behind)."""
+        tmp = self._dir("incoming") / envelope.id
+        try:
+            tmp.mkdir(mode=0o700)
+            _write_file(tmp / MESSAGE, data)
+            _write_file(tmp / ENVELOPE, envelope.to_json())
+            _fsync_dir(tmp)
+            os.rename(tmp, self._dir("queue") / envelope.id)
+            _fsync_dir(self._dir("queue"))
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SpoolError(f"cannot write the message to the spool: {e.strerror}") from e
+
+    # --- delivering ------------------------------------------------------------------
+
+    def claim(self, queue_id: str, src: Place = "queue", dst: Place = "active") -> Envelope | None:
+        """Take an entry by renaming it; None if someone else took or deleted it."""
+        try:
+            os.rename(self._dir(src) / queue_id, self._dir(dst) / queue_id)
+        except FileNotFoundError:
+            return None
+        return self.read(queue_id, dst)
+
+    def message_path(self, queue_id: str, place: Place = "active") -> Path:
+        return self._dir(place) / queue_id / MESSAGE
+
+    def read(self, queue_id: str, place: Place) -> Envelope:
+        path = self._dir(place) / queue_id / ENVELOPE
+        try:
+            env = Envelope.from_json(path.read_bytes())
+        except FileNotFoundError:
+            if (self._dir(place) / queue_id).is_dir():
+                raise DamagedEntry(f"{path}: the envelope is missing") from None
+            raise
+        except (ValueError, TypeError, KeyError) as e:
+            raise DamagedEntry(f"{path}: the envelope cannot be read ({e})") from None
+        except OSError as e:
+            raise DamagedEntry(f"{path}: {e.strerror}") from None
+        if not (self._dir(place) / queue_id / MESSAGE).is_file():
+            raise DamagedEntry(f"{path.parent}: the message file is missing")
+        return env
+
+    def update(self, envelope: Envelope, place: Place = "active") -> None:
+        """Replace the envelope atomically (per-recipient states, attempts)."""
+        entry = self._dir(place) / envelope.id
+        tmp = entry / (ENVELOPE + ".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        _write_file(tmp, envelope.to_json())
+        os.replace(tmp, entry / ENVELOPE)
+
+    def release(self, envelope: Envelope, src: Place = "active", dst: Place = "queue") -> None:
+        """Save the envelope and move the entry on (back to queue/, or into dead/)."""
+        self.update(envelope, src)
+        os.rename(self._dir(src) / envelope.id, self._dir(dst) / envelope.id)
+        _fsync_dir(self._dir(dst))
+
+    def finish(self, queue_id: str, place: Place = "active") -> None:
+        """The upstream has the message: remove it."""
+        trash = self._dir("trash") / queue_id
+        os.rename(self._dir(place) / queue_id, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def quarantine(self, queue_id: str, place: str, reason: str) -> None:
+        src = self._dir(place) / queue_id
+        dst = self._dir("quarantine") / queue_id
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(src, dst)
+            (dst / "REASON").write_text(reason + "\n")
+
+    # --- looking ---------------------------------------------------------------------
+
+    def ids(self, place: Place) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self._dir(place)) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def scan(self, place: Place) -> Iterator[tuple[str, Envelope | DamagedEntry]]:
+        """Every entry in a place, or the DamagedEntry explaining why it cannot be read."""
+        for queue_id in self.ids(place):
+            try:
+                yield queue_id, self.read(queue_id, place)
+            except DamagedEntry as e:
+                yield queue_id, e
+            except FileNotFoundError:
+                continue  # claimed or removed while we looked
+
+    def find(self, queue_id: str) -> tuple[Place, Envelope] | None:
+        places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
+        for place in places:
+            if (self._dir(place) / queue_id).is_dir():
+                return place, self.read(queue_id, place)
+        return None
+
+    def count(self, place: Place) -> int:
+        return len(self.ids(place))
+
+    # --- start-up ----------------------------------------------------------------------
+
+    def recover(self, max_crashes: int) -> Recovery:
+        """Put the spool in order after any stop, kill -9 included."""
+        report = Recovery()
+        for name in os.listdir(self._dir("incoming")):
+            shutil.rmtree(self._dir("incoming") / name, ignore_errors=True)
+            report.removed_incoming += 1
+        for name in os.listdir(self._dir("trash")):
+            shutil.rmtree(self._dir("trash") / name, ignore_errors=True)
+        places: tuple[Place, ...] = ("edit", "active")
+        for place in places:
+            for queue_id, env in list(self.scan(place)):
+                if isinstance(env, DamagedEntry):
+                    self.quarantine(queue_id, place, str(env))
+                    report.quarantined.append((queue_id, str(env)))
+                    continue
+                if place == "active":
+                    env.crashes += 1
+                if env.crashes >= max_crashes:
+                    env.dead_reason = (f"delivery was interrupted {env.crashes} times "
+                                       "(the relay stopped or crashed while sending it)")
+                    self.release(env, place, "dead")
+                    report.crashed_out.append(queue_id)
+                else:
+                    self.release(env, place, "queue")
+                    report.requeued.append(queue_id)
+        return report

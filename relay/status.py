@@ -1,0 +1,129 @@
+"""The "System e-mail account details": what `status`, `/status` and the admin page show.
+
+Read from the configuration and the spool on disk, so it answers whether or not
+the daemon runs. Never contains a password, secret or token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .settings import LOCAL_SERVER, Settings
+from .spool import Envelope, Spool
+
+
+def daemon_pid(settings: Settings) -> int | None:
+    """The running daemon's pid from its pid file, or None."""
+    try:
+        pid = int((settings.state_dir / "relay.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def authentication(settings: Settings) -> str:
+    server = settings.active_server
+    if server is None:
+        return "(Unused)"
+    if server.auth is not None:
+        return f"SMTP authentication {server.auth.method} as {server.auth.username}"
+    if server.pop_before_smtp is not None:
+        pop = server.pop_before_smtp
+        how = "APOP" if pop.apop else "USER/PASS"
+        return f"POP before SMTP ({how} as {pop.username} at {pop.host}:{pop.port})"
+    if server.oauth is not None:
+        return f"OAuth 2.0 (XOAUTH2), client {server.oauth.client}"
+    return "(Unused)"
+
+
+def queue_counts(spool: Spool, held: bool, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    counts = {"queued": 0, "deferred": 0, "held": 0, "active": spool.count("active"),
+              "dead": spool.count("dead"), "damaged": 0}
+    oldest: float | None = None
+    for _, env in spool.scan("queue"):
+        if not isinstance(env, Envelope):
+            counts["damaged"] += 1
+            continue
+        state = "held" if held else ("deferred" if env.next_attempt > now else "queued")
+        counts[state] += 1
+        oldest = env.age_base if oldest is None else min(oldest, env.age_base)
+    return {**counts, "oldest_seconds": round(now - oldest, 1) if oldest else 0.0}
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    account = settings.system_account
+    server = settings.active_server
+    details: dict[str, Any] = {
+        "system_email_account": "Active" if account.active else "Inactive",
+        "system_email_address": account.address,
+        "email_server": account.server,
+        "from_header": account.from_header,
+        "authentication": authentication(settings),
+    }
+    if server is None:
+        details.update(outgoing_server=f"built-in outbox {settings.outbox}", port=None,
+                       encryption=None, timeout=None)
+    else:
+        details.update(outgoing_server=server.host, port=server.port,
+                       encryption=server.encryption, timeout=server.timeout,
+                       tls_verify=server.tls_verify)
+    pid = daemon_pid(settings)
+    spool = Spool(settings.spool_dir)
+    return {
+        "account": details,
+        "queue": queue_counts(spool, held=not account.active)
+        if Path(settings.spool_dir, "queue").is_dir() else None,
+        "daemon": {"running": pid is not None, "pid": pid},
+        "state_dir": str(settings.state_dir),
+    }
+
+
+_LABELS = [
+    ("system_email_account", "System e-mail account"),
+    ("system_email_address", "System e-mail address"),
+    ("email_server", "E-mail server to be used"),
+    ("outgoing_server", "Outgoing e-mail server name (SMTP)"),
+    ("port", "Outgoing e-mail server port number"),
+    ("encryption", "Encryption"),
+    ("timeout", "Time-out Period"),
+    ("authentication", "Authentication"),
+    ("from_header", "From: header"),
+]
+_ENCRYPTION = {"none": "Disable", "tls": "Use TLS", "starttls": "Use STARTTLS"}
+
+
+def render(status: dict[str, Any]) -> str:
+    account = status["account"]
+    lines = ["System e-mail account details"]
+    for key, label in _LABELS:
+        value = account.get(key)
+        if value is None:
+            continue
+        if key == "encryption":
+            value = _ENCRYPTION[value] + ("" if account.get("tls_verify", True)
+                                          else " (certificate NOT verified: tls_verify = false)")
+        if key == "timeout":
+            value = f"{value} seconds"
+        if key == "email_server" and value == LOCAL_SERVER:
+            value = "local (built-in outbox)"
+        lines.append(f"  {label:<36} {value}")
+    queue = status["queue"]
+    lines.append("Queue")
+    if queue is None:
+        lines.append("  (no spool yet: the relay has not run with this state_dir)")
+    else:
+        lines.append("  " + "  ".join(f"{k} {queue[k]}" for k in
+                                      ("queued", "deferred", "held", "active", "dead")))
+        if queue["damaged"]:
+            lines.append(f"  {queue['damaged']} damaged entries (the daemon quarantines them)")
+        if queue["oldest_seconds"]:
+            lines.append(f"  oldest waiting message: {queue['oldest_seconds']:.0f} s")
+    daemon = status["daemon"]
+    running = f"running, pid {daemon['pid']}" if daemon["running"] else "not running"
+    lines.append(f"Daemon: {running} (state_dir {status['state_dir']})")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Fixtures shared by the tests: a relay in this process on a port the test picks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import logs
+from relay.app import Relay
+from relay.delivery import UpstreamFactory
+from relay.settings import LogSettings
+
+from .support import RelayFactory, settings_for
+
+pytest_plugins = ["tests.peers.fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No RELAY_* variable from the caller's shell may change what a test configures."""
+    for name in list(os.environ):
+        if name.startswith("RELAY_") or name in ("STATE_DIRECTORY", "CREDENTIALS_DIRECTORY"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+async def relay_factory(state_dir: Path) -> AsyncIterator[RelayFactory]:
+    """Start relays in the test's event loop; all are stopped at the end."""
+    logs.configure(LogSettings(level="debug"))
+    started: list[Relay] = []
+
+    async def start(upstreams: UpstreamFactory | None = None, **sections: Any) -> Relay:
+        settings = settings_for(state_dir, **sections)
+        relay = Relay(settings, upstreams=upstreams) if upstreams else Relay(settings)
+        await relay.start()
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        await relay.stop(grace=1)
+
+
+@pytest.fixture
+async def relay(relay_factory: RelayFactory) -> Relay:
+    return await relay_factory()

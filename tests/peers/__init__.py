@@ -1,0 +1,6 @@
+"""Real mail servers (Postfix, Dovecot, Cyrus SASL) as integration-test peers.
+
+Private instances on 127.0.0.1, on free ports, with all state in a temporary
+directory; see :mod:`tests.peers.fixtures` for the pytest fixtures and
+:class:`tests.peers.peers.MailPeers` for what a test gets.
+"""

@@ -1,0 +1,188 @@
+"""The scheduler: retries with backoff, per-recipient failures, dead letters, held mail."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from relay.app import Relay
+from relay.settings import Settings, load_settings
+
+from .support import (
+    RawSMTP,
+    RelayFactory,
+    ScriptedUpstream,
+    listener_port,
+    outbox_files,
+    wait_until,
+)
+
+MESSAGE = b"From: App <app@example.com>\r\nSubject: Alert\r\n\r\nDisk almost full.\r\n.\r\n"
+FAST_RETRY = {"retry_initial": "0.2s", "retry_max": "0.4s"}
+
+
+async def send(relay: Relay, *rcpts: str) -> str:
+    client = await RawSMTP.connect(listener_port(relay))
+    await client.cmd("EHLO app.example.com")
+    reply = await client.transaction(MESSAGE, rcpts=rcpts or ("user@example.com",))
+    await client.close()
+    assert reply.startswith("250"), reply
+    return reply.rsplit(" ", 1)[1]
+
+
+def scripted(upstream: ScriptedUpstream):  # type: ignore[no-untyped-def]
+    return lambda _settings: upstream
+
+
+def counter(relay: Relay, result: str, server: str = "local") -> float:
+    value: float = relay.metrics.deliveries.labels(server, result)._value.get()
+    return value
+
+
+async def test_temporary_failure_is_retried_then_delivered(relay_factory: RelayFactory) -> None:
+    upstream = ScriptedUpstream({"user@example.com": ["451 4.3.0 try again", "250 2.0.0 ok"]})
+    relay = await relay_factory(upstreams=scripted(upstream), queue=FAST_RETRY)
+    queue_id = await send(relay)
+    await wait_until(lambda: len(upstream.received) == 1)
+    await wait_until(lambda: relay.spool.find(queue_id) is None)
+    assert upstream.attempts["user@example.com"] == 2
+    assert counter(relay, "deferred") == 1 and counter(relay, "ok") == 1
+    assert upstream.received[0][0] == "relay@localhost"
+
+
+async def test_permanent_failure_fails_that_recipient_only(relay_factory: RelayFactory) -> None:
+    upstream = ScriptedUpstream({"gone@example.com": ["550 5.1.1 <gone@example.com>: no such "
+                                                      "user"]})
+    relay = await relay_factory(upstreams=scripted(upstream), queue=FAST_RETRY)
+    queue_id = await send(relay, "ok@example.com", "gone@example.com")
+    await wait_until(lambda: relay.spool.ids("dead") == [queue_id])
+    assert [r for _, r, _ in upstream.received] == [["ok@example.com"]]
+    dead = relay.spool.read(queue_id, "dead")
+    assert {r.address: r.state for r in dead.recipients} == {"ok@example.com": "delivered",
+                                                             "gone@example.com": "failed"}
+    assert dead.dead_reason == "<gone@example.com>: 550 5.1.1 <gone@example.com>: no such user"
+    assert counter(relay, "failed") == 1 and relay.scheduler.counts()["dead"] == 1  # type: ignore[union-attr]
+
+
+async def test_mixed_results_retry_only_the_deferred_recipient(
+        relay_factory: RelayFactory) -> None:
+    upstream = ScriptedUpstream({"slow@example.com": ["450 4.2.1 mailbox busy", "250 ok"]})
+    relay = await relay_factory(upstreams=scripted(upstream), queue=FAST_RETRY)
+    queue_id = await send(relay, "fast@example.com", "slow@example.com")
+    await wait_until(lambda: relay.spool.find(queue_id) is None)
+    assert [r for _, r, _ in upstream.received] == [["fast@example.com"], ["slow@example.com"]]
+    assert upstream.attempts == {"fast@example.com": 1, "slow@example.com": 2}
+
+
+async def test_message_older_than_max_age_becomes_a_dead_letter_with_the_last_reply(
+        relay_factory: RelayFactory) -> None:
+    upstream = ScriptedUpstream({"user@example.com": ["421 4.7.0 server busy"]})
+    relay = await relay_factory(upstreams=scripted(upstream),
+                                queue={**FAST_RETRY, "max_age": "0.3s"})
+    queue_id = await send(relay)
+    await wait_until(lambda: relay.spool.ids("dead") == [queue_id])
+    dead = relay.spool.read(queue_id, "dead")
+    assert dead.dead_reason is not None
+    assert "queue.max_age" in dead.dead_reason and "421 4.7.0 server busy" in dead.dead_reason
+    assert dead.attempts >= 2
+
+
+async def test_whole_message_failure_defers_every_recipient(relay_factory: RelayFactory) -> None:
+    from relay.errors import UpstreamUnreachable
+
+    upstream = ScriptedUpstream()
+    upstream.message_failure = UpstreamUnreachable("connection refused by smtp.example.com:587")
+    relay = await relay_factory(upstreams=scripted(upstream), queue=FAST_RETRY)
+    queue_id = await send(relay, "a@example.com", "b@example.com")
+    await wait_until(lambda: counter(relay, "deferred") >= 2)
+    upstream.message_failure = None
+    await wait_until(lambda: relay.spool.find(queue_id) is None)
+    assert sorted(r for _, rs, _ in upstream.received for r in rs) == ["a@example.com",
+                                                                       "b@example.com"]
+
+
+async def test_bug_in_the_upstream_code_defers_instead_of_losing(
+        relay_factory: RelayFactory) -> None:
+    upstream = ScriptedUpstream()
+    upstream.message_failure = ZeroDivisionError("oops")
+    relay = await relay_factory(upstreams=scripted(upstream), queue=FAST_RETRY)
+    queue_id = await send(relay)
+    await wait_until(lambda: relay.spool.ids("queue") == [queue_id])
+    assert "internal error" in (relay.spool.read(queue_id, "queue").last_reply or "")
+    upstream.message_failure = None
+    await wait_until(lambda: relay.spool.find(queue_id) is None)
+    assert len(upstream.received) == 1
+
+
+def test_backoff_doubles_up_to_retry_max(tmp_path: Path) -> None:
+    from relay.delivery import Scheduler
+    from relay.metrics import Metrics
+    from relay.spool import Spool
+
+    settings = Settings(state_dir=tmp_path, queue={"retry_initial": "30s", "retry_max": "15m"})
+    scheduler = Scheduler.__new__(Scheduler)
+    scheduler.settings = settings
+    delays = [scheduler.backoff(n) for n in range(1, 10)]
+    expected = [30, 60, 120, 240, 480, 900, 900, 900, 900]
+    for got, want in zip(delays, expected, strict=True):
+        assert want * 0.9 <= got <= want * 1.1
+    del Spool, Metrics
+
+
+async def test_inactive_account_holds_mail_until_activated(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    state = tmp_path / "state"
+    config.write_text(f'state_dir = "{state}"\n[listener]\nport = 0\n'
+                      '[system_account]\nactive = false\n')
+    relay = Relay(load_settings(config), config)
+    await relay.start()
+    try:
+        await send(relay)
+        await asyncio.sleep(0.3)
+        assert outbox_files(state) == []
+        assert relay.scheduler.counts()["held"] == 1  # type: ignore[union-attr]
+        config.write_text(config.read_text().replace("active = false", "active = true"))
+        assert relay.reload()
+        await wait_until(lambda: len(outbox_files(state)) == 1)
+        assert relay.scheduler.counts()["held"] == 0  # type: ignore[union-attr]
+    finally:
+        await relay.stop(grace=1)
+
+
+async def test_bad_configuration_on_reload_keeps_the_running_one(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'state_dir = "{tmp_path / "s"}"\n[listener]\nport = 0\n')
+    relay = Relay(load_settings(config), config)
+    await relay.start()
+    try:
+        config.write_text(config.read_text() + "[queue]\nmax_age = \"never\"\n")
+        assert not relay.reload()
+        assert relay.metrics.config_reloads.labels("error")._value.get() == 1
+        await send(relay)
+        await wait_until(lambda: len(outbox_files(tmp_path / "s")) == 1)
+    finally:
+        await relay.stop(grace=1)
+
+
+async def test_stop_puts_a_delivery_in_flight_back_without_counting_a_crash(
+        relay_factory: RelayFactory, state_dir: Path) -> None:
+    upstream = ScriptedUpstream()
+    upstream.gate = asyncio.Event()  # the upstream never answers
+    relay = await relay_factory(upstreams=scripted(upstream))
+    queue_id = await send(relay)
+    await wait_until(lambda: relay.spool.ids("active") == [queue_id])
+    await relay.stop(grace=0.2)
+    assert relay.spool.ids("queue") == [queue_id]
+    assert relay.spool.read(queue_id, "queue").crashes == 0
+
+
+async def test_messages_left_in_the_spool_are_delivered_at_the_next_start(
+        relay_factory: RelayFactory, state_dir: Path) -> None:
+    held = await relay_factory(system_account={"active": False})
+    ids = [await send(held) for _ in range(3)]
+    await held.stop(grace=1)
+    relay = await relay_factory()
+    await wait_until(lambda: len(outbox_files(state_dir)) == 3)
+    names = " ".join(p.name for p in outbox_files(state_dir))
+    assert all(queue_id in names for queue_id in ids)
+    assert relay.spool.ids("queue") == []

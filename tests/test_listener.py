@@ -1,0 +1,261 @@
+"""The listener over real sockets: what it accepts, what it refuses, and with which reply."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from pathlib import Path
+
+import pytest
+
+from relay.app import Relay
+
+from .support import RawSMTP, RelayFactory, listener_port, outbox_files, wait_until
+
+MESSAGE = (b"From: Billing App <billing@apps.example.com>\r\n"
+           b"To: user@example.com\r\n"
+           b"Subject: Invoice ready\r\n"
+           b"\r\n"
+           b"Your invoice is ready.\r\n")
+
+
+async def ehlo(relay: Relay) -> RawSMTP:
+    client = await RawSMTP.connect(listener_port(relay))
+    assert client.greeting.startswith("220 ")
+    assert (await client.cmd("EHLO app.example.com")).startswith("250")
+    return client
+
+
+def sent_files(relay: Relay, count: int = 1) -> list[bytes]:
+    files = outbox_files(relay.settings.state_dir)
+    assert len(files) == count, files
+    return [f.read_bytes() for f in files]
+
+
+async def test_smtplib_message_reaches_outbox_with_system_sender(relay: Relay) -> None:
+    port = listener_port(relay)
+
+    def send() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            return client.sendmail("billing@apps.example.com", ["user@example.com"], MESSAGE)
+
+    assert await asyncio.to_thread(send) == {}
+    await wait_until(lambda: len(outbox_files(relay.settings.state_dir)) == 1)
+    (data,) = sent_files(relay)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"Return-Path: <relay@localhost>\r\nDelivered-To: user@example.com\r\n")
+    assert b"\r\nFrom: Billing App <relay@localhost>\r\n" in head
+    assert b"\r\nReply-To: Billing App <billing@apps.example.com>\r\n" in head
+    assert b"Received: " in head and b"Message-ID: <" in head and b"\r\nDate: " in head
+    assert body == b"Your invoice is ready.\r\n"
+    assert relay.metrics.messages_received._value.get() == 1
+
+
+async def test_reply_250_names_the_queue_id(relay: Relay) -> None:
+    client = await ehlo(relay)
+    reply = await client.transaction(MESSAGE + b".\r\n")
+    assert reply.startswith("250 2.0.0 OK queued as ")
+    queue_id = reply.rsplit(" ", 1)[1]
+    await wait_until(lambda: len(outbox_files(relay.settings.state_dir)) == 1)
+    assert queue_id.encode() in outbox_files(relay.settings.state_dir)[0].name.encode()
+    await client.close()
+
+
+async def test_client_outside_allowed_networks_is_refused_at_connect(
+        relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(listener={"allowed_networks": ["192.0.2.0/24"]})
+    client = await RawSMTP.connect(listener_port(relay))
+    assert client.greeting.startswith("554 5.7.1 ")
+    assert "listener.allowed_networks" in client.greeting
+    assert await client.reply() == ""  # and the connection is closed
+    await client.close()
+
+
+async def test_no_auth_is_offered(relay: Relay) -> None:
+    client = await RawSMTP.connect(listener_port(relay))
+    features = await client.cmd("EHLO app.example.com")
+    assert "AUTH" not in features
+    assert "SIZE 26214400" in features and "8BITMIME" in features and "SMTPUTF8" in features
+    assert (await client.cmd("AUTH PLAIN AGFiYwBkZWY=")).startswith("502 5.5.1")
+    await client.close()
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("FOO bar", "500"),
+    ("MAIL", "501"),
+    ("MAIL FROM:<app@example.com> BODY=9BIT", "501"),
+    ("RCPT TO:<user@example.com>", "503 5.5.1"),
+    ("DATA", "503"),
+    ("MAIL FROM:<not an address>", "553"),
+])
+async def test_malformed_commands_get_an_error_and_the_session_goes_on(
+        relay: Relay, command: str, expected: str) -> None:
+    client = await ehlo(relay)
+    assert (await client.cmd(command)).startswith(expected)
+    assert (await client.cmd("NOOP")).startswith("250")
+    await client.close()
+
+
+@pytest.mark.parametrize("rcpt", ["<no-at-sign>", "<user@>", "<a b@example.com>"])
+async def test_invalid_recipient_is_refused_with_the_reason(relay: Relay, rcpt: str) -> None:
+    client = await ehlo(relay)
+    assert (await client.cmd("MAIL FROM:<app@example.com>")).startswith("250")
+    reply = await client.cmd(f"RCPT TO:{rcpt}")
+    assert reply.startswith(("553", "501")), reply
+    await client.close()
+
+
+async def test_null_sender_is_accepted_and_replaced(relay: Relay) -> None:
+    client = await ehlo(relay)
+    reply = await client.transaction(MESSAGE + b".\r\n", sender="")
+    assert reply.startswith("250"), reply
+    await wait_until(lambda: len(outbox_files(relay.settings.state_dir)) == 1)
+    assert sent_files(relay)[0].startswith(b"Return-Path: <relay@localhost>")
+    await client.close()
+
+
+async def test_too_many_recipients_get_452(relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(listener={"max_recipients": 2})
+    client = await ehlo(relay)
+    await client.cmd("MAIL FROM:<app@example.com>")
+    assert (await client.cmd("RCPT TO:<a@example.com>")).startswith("250")
+    assert (await client.cmd("RCPT TO:<b@example.com>")).startswith("250")
+    assert (await client.cmd("RCPT TO:<c@example.com>")).startswith("452 4.5.3")
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send(MESSAGE + b".\r\n")
+    assert (await client.reply()).startswith("250")
+    await wait_until(lambda: len(outbox_files(relay.settings.state_dir)) == 1)
+    assert sent_files(relay)[0].count(b"Delivered-To:") == 2
+    await client.close()
+
+
+async def test_declared_size_over_the_limit_is_refused_at_mail(
+        relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(listener={"max_message_size": 10_000})
+    client = await ehlo(relay)
+    reply = await client.cmd("MAIL FROM:<app@example.com> SIZE=10001")
+    assert reply.startswith("552 5.3.4") and "10000" in reply
+    assert (await client.cmd("MAIL FROM:<app@example.com> SIZE=9000")).startswith("250")
+    await client.close()
+
+
+async def test_actual_size_over_the_limit_is_refused_after_data_and_nothing_is_queued(
+        relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(listener={"max_message_size": 10_000})
+    client = await ehlo(relay)
+    body = MESSAGE + (b"x" * 70 + b"\r\n") * 200 + b".\r\n"
+    reply = await client.transaction(body)
+    assert reply.startswith("552 5.3.4"), reply
+    assert relay.spool.ids("queue") == [] and outbox_files(relay.settings.state_dir) == []
+    # the session is still usable for a message that fits
+    assert (await client.transaction(MESSAGE + b".\r\n")).startswith("250")
+    await client.close()
+
+
+async def test_max_connections_gives_421_to_the_next_client(relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(listener={"max_connections": 2})
+    first = await RawSMTP.connect(listener_port(relay))
+    second = await RawSMTP.connect(listener_port(relay))
+    third = await RawSMTP.connect(listener_port(relay))
+    assert first.greeting.startswith("220") and second.greeting.startswith("220")
+    assert third.greeting.startswith("421 4.7.0")
+    await first.close()
+    await wait_until(lambda: len(relay.listener._sessions) == 1)  # type: ignore[union-attr]
+    fourth = await RawSMTP.connect(listener_port(relay))
+    assert fourth.greeting.startswith("220")
+    for c in (second, third, fourth):
+        await c.close()
+
+
+@pytest.mark.parametrize("smuggle", [b"\n.\r\n", b"\r.\n", b"\n.\n", b"\r\n.\r", b"\r.\r\n"])
+async def test_smtp_smuggling_does_not_end_the_message(relay: Relay, smuggle: bytes) -> None:
+    client = await ehlo(relay)
+    smuggled = (b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+                b"From: ceo@example.com\r\n\r\nsmuggled\r\n")
+    body = MESSAGE + b"line before" + smuggle + smuggled + b".\r\n"
+    reply = await client.transaction(body)
+    assert reply.startswith("250"), reply
+    assert (await client.cmd("NOOP")).startswith("250")  # nothing left over in the stream
+    await wait_until(lambda: len(outbox_files(relay.settings.state_dir)) == 1)
+    await asyncio.sleep(0.2)
+    (data,) = sent_files(relay)
+    # RFC 5321 4.5.2: a line that starts with "." loses that dot (the client should have doubled it)
+    kept = smuggle.replace(b"\r\n.", b"\r\n")
+    assert data.endswith(b"line before" + kept + smuggled)
+    assert data.count(b"Return-Path:") == 1
+    await client.close()
+
+
+@pytest.mark.parametrize(("name", "body"), [
+    ("bare LF", b"line one\nline two\n"),
+    ("NUL bytes", b"before\x00after\r\n"),
+    ("8-bit without 8BITMIME", "Grüße aus Köln\r\n".encode()),
+    ("latin-1 8-bit", "café\r\n".encode("latin-1")),
+])
+async def test_unusual_bytes_are_kept_exactly(relay: Relay, name: str, body: bytes) -> None:
+    client = await ehlo(relay)
+    message = b"Subject: bytes\r\n\r\n" + body
+    suffix = b"" if message.endswith(b"\r\n") else b"\r\n"
+    assert (await client.transaction(message + suffix + b".\r\n")).startswith("250")
+    await wait_until(lambda: len(outbox_files(relay.settings.state_dir)) == 1)
+    (data,) = sent_files(relay)
+    assert data.endswith(b"\r\n\r\n" + body + suffix), name
+    await client.close()
+
+
+async def test_smtputf8_and_8bitmime_are_accepted_and_kept_for_the_upstream(relay: Relay) -> None:
+    client = await ehlo(relay)
+    message = "From: Jürgen <jürgen@example.com>\r\nSubject: Grüße\r\n\r\nHallo\r\n".encode()
+    reply = await client.transaction(message + b".\r\n", sender="jürgen@example.com",
+                                     rcpts=("empfänger@example.com",),
+                                     mail_params=" SMTPUTF8 BODY=8BITMIME")
+    assert reply.startswith("250"), reply
+    queue_id = reply.rsplit(" ", 1)[1]
+    await wait_until(lambda: len(outbox_files(relay.settings.state_dir)) == 1)
+    (data,) = sent_files(relay)
+    assert "Delivered-To: empfänger@example.com".encode() in data
+    assert "From: Jürgen <relay@localhost>".encode() in data
+    assert queue_id in outbox_files(relay.settings.state_dir)[0].name
+    await client.close()
+
+
+async def test_smtputf8_options_are_recorded_in_the_envelope(
+        relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(system_account={"active": False})
+    client = await ehlo(relay)
+    reply = await client.transaction(b"Subject: x\r\n\r\nx\r\n.\r\n", sender="jürgen@example.com",
+                                     mail_params=" SMTPUTF8 BODY=8BITMIME")
+    queue_id = reply.rsplit(" ", 1)[1]
+    env = relay.spool.read(queue_id, "queue")
+    assert set(env.mail_options) == {"SMTPUTF8", "BODY=8BITMIME"}
+    assert env.sender == "jürgen@example.com"
+    await client.close()
+
+
+async def test_disk_write_failure_gives_451_and_leaves_nothing(
+        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    def refuse(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("relay.spool._write_file", refuse)
+    client = await ehlo(relay)
+    reply = await client.transaction(MESSAGE + b".\r\n")
+    assert reply.startswith("451 4.3.0"), reply
+    assert os.listdir(relay.spool.root / "incoming") == [] and relay.spool.ids("queue") == []
+    assert relay.metrics.messages_rejected.labels("spool")._value.get() == 1
+    await client.close()
+
+
+async def test_idle_client_is_disconnected(relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(listener={"idle_timeout": 10})
+    relay.listener.settings = relay.settings  # type: ignore[union-attr]
+    client = await RawSMTP.connect(listener_port(relay))
+    # aiosmtpd's idle timer: the server closes the connection after the configured idle time
+    protocol = next(iter(relay.listener._sessions))  # type: ignore[union-attr]
+    protocol._timeout_duration = 0.2
+    protocol._reset_timeout()
+    assert await client.reply(wait=5) == ""
+    await client.close()

@@ -1,0 +1,152 @@
+"""The spool keeps every message until the upstream has it, whatever stops the relay."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.errors import DamagedEntry, SpoolError
+from relay.spool import Envelope, Recipient, Spool, new_queue_id
+
+
+def envelope(*rcpts: str) -> Envelope:
+    return Envelope(id=new_queue_id(), sender="app@example.com",
+                    recipients=[Recipient(r) for r in rcpts or ("a@example.com",)],
+                    mail_from="notify@example.com")
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.open()
+    return s
+
+
+def test_stored_message_is_in_the_queue_with_its_envelope(spool: Spool) -> None:
+    env = envelope("a@example.com", "b@example.com")
+    spool.store(env, b"Subject: hi\r\n\r\nbody\r\n")
+    assert spool.ids("queue") == [env.id]
+    assert spool.ids("incoming") == []
+    back = spool.read(env.id, "queue")
+    assert [r.address for r in back.recipients] == ["a@example.com", "b@example.com"]
+    stored = (spool.root / "queue" / env.id / "message").read_bytes()
+    assert stored == b"Subject: hi\r\n\r\nbody\r\n"
+
+
+def test_queue_ids_sort_by_arrival_and_are_unique() -> None:
+    spaced = []
+    for _ in range(5):
+        spaced.append(new_queue_id())
+        time.sleep(0.002)
+    assert spaced == sorted(spaced)
+    burst = [new_queue_id() for _ in range(1000)]
+    assert len(set(burst)) == 1000 and all(len(i) == 21 for i in burst)
+
+
+def test_claim_is_exclusive(spool: Spool) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    assert spool.claim(env.id) is not None
+    assert spool.claim(env.id) is None
+
+
+def test_release_keeps_recipient_states(spool: Spool) -> None:
+    env = envelope("a@example.com", "b@example.com")
+    spool.store(env, b"x\r\n")
+    claimed = spool.claim(env.id)
+    assert claimed is not None
+    claimed.recipients[0].state = "delivered"
+    claimed.attempts = 3
+    spool.release(claimed)
+    back = spool.read(env.id, "queue")
+    assert [r.state for r in back.recipients] == ["delivered", "pending"]
+    assert back.attempts == 3
+
+
+def test_finish_removes_the_entry(spool: Spool) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    spool.claim(env.id)
+    spool.finish(env.id)
+    assert spool.find(env.id) is None
+    assert list((spool.root / "trash").iterdir()) == []
+
+
+def test_failed_write_leaves_nothing_behind(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes | memoryview) -> int:
+        if len(data) > 100:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(SpoolError, match="No space left on device"):
+        spool.store(envelope(), b"x" * 1000)
+    assert spool.ids("queue") == [] and os.listdir(spool.root / "incoming") == []
+
+
+def test_recovery_puts_claimed_entries_back_and_counts_the_crash(spool: Spool) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    spool.claim(env.id)
+    report = spool.recover(max_crashes=5)
+    assert report.requeued == [env.id]
+    assert spool.read(env.id, "queue").crashes == 1
+
+
+def test_entry_that_keeps_crashing_the_worker_becomes_a_dead_letter(spool: Spool) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    for _ in range(3):
+        spool.claim(env.id)
+        report = spool.recover(max_crashes=3)
+    assert report.crashed_out == [env.id]
+    dead = spool.read(env.id, "dead")
+    assert dead.dead_reason is not None and "interrupted 3 times" in dead.dead_reason
+
+
+def test_recovery_removes_unfinished_receptions(spool: Spool) -> None:
+    (spool.root / "incoming" / "ABC").mkdir()
+    (spool.root / "incoming" / "ABC" / "message").write_bytes(b"half")
+    report = spool.recover(max_crashes=5)
+    assert report.removed_incoming == 1
+    assert os.listdir(spool.root / "incoming") == []
+
+
+def test_recovery_returns_entries_taken_by_the_command_line(spool: Spool) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    spool.claim(env.id, "queue", "edit")
+    spool.recover(max_crashes=5)
+    assert spool.read(env.id, "queue").crashes == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated envelope", "no envelope", "no message"])
+def test_damaged_entries_are_recognised_and_quarantined(spool: Spool, damage: str) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    entry = spool.root / "queue" / env.id
+    if damage == "truncated envelope":
+        (entry / "envelope.json").write_bytes((entry / "envelope.json").read_bytes()[:20])
+    elif damage == "no envelope":
+        (entry / "envelope.json").unlink()
+    else:
+        (entry / "message").unlink()
+    with pytest.raises(DamagedEntry):
+        spool.read(env.id, "queue")
+    os.rename(entry, spool.root / "active" / env.id)  # as if a delivery had claimed it
+    report = spool.recover(max_crashes=5)
+    assert [q for q, _ in report.quarantined] == [env.id]
+    assert (spool.root / "quarantine" / env.id / "REASON").read_text().strip()
+
+
+def test_unwritable_spool_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SpoolError, match=r"not usable.*set state_dir"):
+        Spool(blocker / "spool").open()
