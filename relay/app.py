@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from .listener import Listener
 from .metrics import Metrics
 from .outbox import LocalOutbox
 from .settings import LOCAL_SERVER, Settings, load_settings, warnings
+from .smtp_client import SmtpUpstream, probe
 from .spool import Envelope, Spool
 from .upstream import Upstream
 
@@ -35,11 +37,16 @@ SHUTDOWN_GRACE = 10.0
 PID_FILE = "relay.pid"
 
 
-def make_upstream(settings: Settings) -> Upstream:
-    if settings.system_account.server == LOCAL_SERVER:
+def make_upstream(settings: Settings, metrics: Metrics | None = None) -> Upstream:
+    name = settings.system_account.server
+    server = settings.active_server
+    if server is None:
         return LocalOutbox(settings.outbox)
-    raise ConfigError([f"system_account.server = {settings.system_account.server!r}: delivery "
-                       "through SMTP servers is not available in this version; use \"local\""])
+    return SmtpUpstream(name, server, metrics or Metrics(), local_hostname(settings))
+
+
+def local_hostname(settings: Settings) -> str:
+    return settings.listener.hostname or socket.gethostname()
 
 
 def check_connect(settings: Settings, emit: Callable[[str], None]) -> bool:
@@ -49,26 +56,29 @@ def check_connect(settings: Settings, emit: Callable[[str], None]) -> bool:
         try:
             outbox = LocalOutbox(settings.outbox)
             outbox.ensure()
-            probe = settings.outbox / "tmp" / f".check-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            scratch = settings.outbox / "tmp" / f".check-{os.getpid()}"
+            scratch.write_bytes(b"")
+            scratch.unlink()
         except OSError as e:
             emit(f"outbox   FAILED  {settings.outbox}: {e.strerror}")
             return False
         emit(f"outbox   ok      {settings.outbox} is writable "
              f"({(time.monotonic() - started) * 1000:.1f} ms)")
         return True
-    make_upstream(settings)
-    return False
+    server = settings.active_server
+    assert server is not None
+    return asyncio.run(probe(settings.system_account.server, server, local_hostname(settings),
+                             emit))
 
 
 class Relay:
     def __init__(self, settings: Settings, config_file: Path | None = None,
-                 upstreams: UpstreamFactory = make_upstream) -> None:
+                 upstreams: UpstreamFactory | None = None) -> None:
         self.settings = settings
         self.config_file = config_file
-        self.make_upstream = upstreams
         self.metrics = Metrics()
+        self.make_upstream: UpstreamFactory = upstreams or functools.partial(
+            make_upstream, metrics=self.metrics)
         self.spool = Spool(settings.spool_dir)
         self.scheduler: Scheduler | None = None
         self.listener: Listener | None = None
@@ -80,7 +90,6 @@ class Relay:
 
     async def start(self, listen_socket: socket.socket | None = None) -> None:
         """Raises SpoolError or ConfigError when the relay cannot start."""
-        self.make_upstream(self.settings)  # refuse an unusable server before binding anything
         await asyncio.to_thread(self._prepare_state)
         recovery = await asyncio.to_thread(self.spool.recover, self.settings.queue.max_crashes)
         if recovery.requeued or recovery.removed_incoming or recovery.crashed_out:
@@ -145,7 +154,6 @@ class Relay:
             if new.state_dir != self.settings.state_dir:
                 raise ConfigError([f"state_dir cannot change while running "
                                    f"({self.settings.state_dir} -> {new.state_dir}); restart"])
-            self.make_upstream(new)
         except ConfigError as e:
             self.metrics.config_reloads.labels("error").inc()
             log.error("configuration reload refused, the running configuration stays: %s",

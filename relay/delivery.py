@@ -128,6 +128,9 @@ class Scheduler:
         if self.held:
             return None
         now = time.time()
+        paused = self.upstream.not_before()
+        if paused > now:  # rate limit or authentication pause: the queue waits
+            return paused - now
         while self._heap and len(self._inflight) < self._capacity:
             due, queue_id = self._heap[0]
             if self._due.get(queue_id) != due or queue_id in self._inflight:
@@ -254,8 +257,13 @@ class Scheduler:
                                f"{env.last_reply}")
             await self._bury(env)
             return
-        env.attempts += 1
-        env.next_attempt = now + self.backoff(env.attempts)
+        waits = [o.failure.retry_at for o in deferred if isinstance(o.failure, Held)
+                 and o.failure.retry_at]
+        if waits and len(waits) == len(deferred):  # held on purpose: not an attempt
+            env.next_attempt = max(waits)
+        else:
+            env.attempts += 1
+            env.next_attempt = now + self.backoff(env.attempts)
         log.info("%s: server=%s status=deferred attempt=%d retry_in=%.0fs (%s)", env.id, server,
                  env.attempts, env.next_attempt - now, env.last_reply)
         await asyncio.to_thread(self.spool.release, env)

@@ -52,10 +52,12 @@ class DeliveryFailure(RelayError):
     for the log, `queue show`, `status` and the dead letter.
     """
 
-    def __init__(self, reply: str, *, code: int | None = None, stage: str | None = None) -> None:
+    def __init__(self, reply: str, *, code: int | None = None, stage: str | None = None,
+                 retry_at: float | None = None) -> None:
         self.reply = reply
         self.code = code
         self.stage = stage
+        self.retry_at = retry_at
         super().__init__(reply)
 
 

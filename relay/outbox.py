@@ -69,3 +69,6 @@ class LocalOutbox:
 
     async def close(self) -> None:
         return None
+
+    def not_before(self) -> float:
+        return 0.0

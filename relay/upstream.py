@@ -8,11 +8,22 @@ whole message failed (connection, timeout, authentication, DATA refused).
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import DeliveryFailure
+import aiosmtplib
+
+from .errors import (
+    AuthenticationFailure,
+    DeliveryFailure,
+    PermanentFailure,
+    SaslError,
+    TemporaryFailure,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .spool import Envelope, Recipient
 
 
@@ -45,3 +56,88 @@ class Upstream(Protocol):
     async def close(self) -> None:
         """Close idle sessions; called on reload and shutdown."""
         ...
+
+    def not_before(self) -> float:
+        """Epoch seconds before which nothing should be tried (rate limit, auth backoff); 0."""
+        ...
+
+
+# --- one place that turns what the server or the network did into our failures ---------
+
+_HINTS: list[tuple[str, str]] = [
+    ("5.7.30", "Exchange Online: basic authentication for SMTP is turned off for this tenant; "
+               "use OAuth (servers.NAME.oauth) or ask the tenant admin"),
+    ("5.7.139", "Exchange Online: SMTP AUTH is disabled for this mailbox or tenant "
+                "(SmtpClientAuthenticationDisabled); enable it or use OAuth"),
+    ("SendAsDenied", "the account may not send as this address: system_account.address must "
+                     "be the authenticated account's own address (or one it may send as)"),
+    ("5.7.57", "the server wants authentication before accepting mail: configure "
+               "servers.NAME.auth"),
+    ("Must issue a STARTTLS", "the server requires encryption: set encryption = \"starttls\""),
+    ("5.7.8 Username and Password not accepted",
+     "Gmail refused the password: use an app password or OAuth (servers.NAME.oauth)"),
+    ("5.7.0 Authentication Required", "the server requires SMTP authentication: configure "
+                                      "servers.NAME.auth"),
+    ("5.7.1 Client does not have permissions",
+     "the account may not send as this address: check system_account.address"),
+]
+_TOO_MANY = ("4.7.0 Too many", "4.5.3", "4.7.28", "4.3.2 Too many", "too many", "rate limit",
+             "Rate limit", "4.7.500")
+
+
+def explain(reply: str) -> str:
+    """The server's reply, with what it means when it is a known provider reply."""
+    for marker, hint in _HINTS:
+        if marker in reply:
+            return f"{reply} -- {hint}"
+    return reply
+
+
+def slow_down_requested(reply: str) -> bool:
+    """A 4xx that asks the client to send less (rate limits, too many connections)."""
+    return reply.startswith("4") and any(marker in reply for marker in _TOO_MANY)
+
+
+def classify(error: BaseException, *, server: str, stage: str, timeout: float) -> DeliveryFailure:
+    """Turn any aiosmtplib, TLS or socket error into TemporaryFailure or PermanentFailure."""
+    if isinstance(error, DeliveryFailure):
+        return error
+    if isinstance(error, SaslError):
+        return AuthenticationFailure(f"{server}: {error}", stage=stage)
+    if isinstance(error, aiosmtplib.SMTPAuthenticationError):
+        return AuthenticationFailure(
+            f"{server} refused the login: {explain(_reply(error))}", code=error.code, stage=stage)
+    if isinstance(error, aiosmtplib.SMTPResponseException):
+        reply = explain(_reply(error))
+        text = f"{server} answered {reply} to {stage}"
+        kind = PermanentFailure if 500 <= error.code < 600 else TemporaryFailure
+        return kind(text, code=error.code, stage=stage)
+    if isinstance(error, aiosmtplib.SMTPConnectTimeoutError):
+        return UpstreamTimeout(f"timeout after {timeout:g} s connecting to {server}", stage=stage)
+    if isinstance(error, TimeoutError):
+        return UpstreamTimeout(f"timeout after {timeout:g} s waiting for the reply to {stage} "
+                               f"from {server}", stage=stage)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return TemporaryFailure(
+            f"the TLS certificate of {server} is not trusted: {error.verify_message}; add its "
+            "CA with ca_file, or check that host is the name in the certificate", stage=stage)
+    if isinstance(error, ssl.SSLError):
+        return TemporaryFailure(f"TLS with {server} failed: {error.reason or error}", stage=stage)
+    if isinstance(error, aiosmtplib.SMTPConnectError | aiosmtplib.SMTPServerDisconnected
+                  | ConnectionError):
+        return UpstreamUnreachable(f"{server}: {_strip_prefix(str(error))} (during {stage})",
+                                   stage=stage)
+    if isinstance(error, OSError):
+        return UpstreamUnreachable(f"{server}: {error.strerror or error} (during {stage})",
+                                   stage=stage)
+    if isinstance(error, aiosmtplib.SMTPException):
+        return TemporaryFailure(f"{server}: {error} (during {stage})", stage=stage)
+    raise error
+
+
+def _reply(error: aiosmtplib.SMTPResponseException) -> str:
+    return f"{error.code} {error.message}".strip()
+
+
+def _strip_prefix(text: str) -> str:
+    return text.removeprefix("Error connecting to ")

@@ -121,6 +121,9 @@ class ScriptedUpstream:
     async def close(self) -> None:
         return None
 
+    def not_before(self) -> float:
+        return 0.0
+
 
 def free_port() -> int:
     """A port that was free a moment ago (for daemons that must keep theirs across restarts)."""

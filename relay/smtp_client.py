@@ -1,0 +1,444 @@
+"""Delivery to a real SMTP server over aiosmtplib.
+
+`Session` is one connection, opened step by step (connect, EHLO, STARTTLS,
+authentication) with the server's timeout on every step; `check --connect` runs
+the same steps and prints them. `SmtpUpstream` keeps a small pool of sessions per
+server and sends many messages over each (one transaction per message, RSET after
+a failed one), reconnects when the server closed an idle connection, and paces
+itself: the configured rate limits, a pause after repeated authentication
+failures (so the relay never locks the account), and a slow-down when the server
+says "too many". Every failure becomes a TemporaryFailure or PermanentFailure
+through `upstream.classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import aiosmtplib
+
+from . import digest_md5
+from .errors import AuthenticationFailure, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
+from .metrics import Metrics
+from .settings import ServerSettings
+from .upstream import Outcome, Outgoing, classify, explain, slow_down_requested
+
+log = logging.getLogger("relay.upstream")
+
+IDLE_CLOSE = 15.0
+"""Seconds an unused connection stays open for the next message."""
+AUTH_FAILURES_BEFORE_PAUSE = 3
+_DSN_MAIL = ("RET=", "ENVID=")
+T = TypeVar("T")
+Step = Callable[[str, float, str], None]
+
+
+def tls_context(server: ServerSettings) -> ssl.SSLContext:
+    """System trust (plus ca_file), the server's name checked, TLS 1.2 or newer."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if server.ca_file is not None:
+        context.load_verify_locations(cafile=str(server.ca_file))
+    if not server.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class RateLimited(Held):
+    """Sending now would exceed a limit; try again at `retry_at`."""
+
+    def __init__(self, reply: str, retry_at: float) -> None:
+        super().__init__(reply, stage="rate limit", retry_at=retry_at)
+
+
+class Session:
+    """One connection to the server, opened, encrypted and authenticated."""
+
+    def __init__(self, name: str, server: ServerSettings, hostname: str,
+                 on_step: Step | None = None) -> None:
+        assert server.host is not None and server.port is not None
+        self.name = name
+        self.server = server
+        self.label = f"{name} ({server.host}:{server.port})"
+        self.stage = "connect"
+        self.on_step = on_step
+        self.context = tls_context(server) if server.encryption != "none" else None
+        self.client = aiosmtplib.SMTP(
+            hostname=server.host, port=server.port, timeout=server.timeout,
+            use_tls=server.encryption == "tls", start_tls=False, tls_context=self.context,
+            local_hostname=hostname)
+        self.last_used = time.monotonic()
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    async def _step(self, stage: str, action: Awaitable[T],
+                    describe: Callable[[T], str] = str) -> T:
+        self.stage = stage
+        started = time.monotonic()
+        try:
+            result = await action
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            failure = classify(e, server=self.label, stage=stage, timeout=self.server.timeout)
+            if self.on_step:
+                self.on_step(stage, time.monotonic() - started, f"FAILED: {failure.reply}")
+            raise failure from None
+        if self.on_step:
+            self.on_step(stage, time.monotonic() - started, describe(result))
+        return result
+
+    async def open(self) -> None:
+        await self._step("connect", self.client.connect(), _reply)
+        if self.server.encryption == "tls":
+            self._report_certificate()
+        await self._step("EHLO", self.client.ehlo(), _first_line)
+        if self.server.encryption == "starttls":
+            if not self.client.supports_extension("starttls"):
+                raise TemporaryFailure(
+                    f"{self.label} does not offer STARTTLS, which encryption = \"starttls\" "
+                    "requires; nothing is sent unencrypted. Fix the server, or choose "
+                    "encryption = \"tls\" or \"none\"", stage="STARTTLS")
+            await self._step("STARTTLS", self.client.starttls(tls_context=self.context), _reply)
+            self._report_certificate()
+            await self._step("EHLO", self.client.ehlo(), _first_line)
+        if self.server.auth is not None:
+            await self._authenticate()
+
+    def _report_certificate(self) -> None:
+        if self.on_step is None:
+            return
+        cert = self.client.get_transport_info("peercert") or {}
+        version = self.client.get_transport_info("ssl_object")
+        protocol = version.version() if version is not None else "TLS"
+        if not cert:
+            self.on_step("certificate", 0.0, f"{protocol}; not verified (tls_verify = false)")
+            return
+        subject = _name(cert.get("subject", ()))
+        issuer = _name(cert.get("issuer", ()))
+        expires = cert.get("notAfter", "?")
+        self.on_step("certificate", 0.0,
+                     f"{protocol}; subject {subject}; issuer {issuer}; expires {expires}")
+
+    async def _authenticate(self) -> None:
+        auth = self.server.auth
+        assert auth is not None
+        offered = [m.upper() for m in self.client.server_auth_methods]
+        if auth.method not in offered:
+            raise AuthenticationFailure(
+                f"{self.label} does not offer AUTH {auth.method}; it offers "
+                f"{', '.join(offered) or 'no authentication'}"
+                + ("" if offered or self.server.encryption != "none"
+                   else " (many servers offer AUTH only after STARTTLS)"),
+                stage=f"AUTH {auth.method}")
+        methods: dict[str, Callable[[str, str], Awaitable[aiosmtplib.SMTPResponse]]] = {
+            "PLAIN": self.client.auth_plain,
+            "LOGIN": self.client.auth_login,
+            "CRAM-MD5": self.client.auth_crammd5,
+            "DIGEST-MD5": lambda user, password: digest_md5.authenticate(
+                self.client, user, password, host=self.server.host or ""),
+        }
+        login = methods[auth.method](auth.username, auth.secret())
+        await self._step(f"AUTH {auth.method}", login, _reply)
+
+    async def transaction(self, message: Outgoing, data: bytes) -> list[Outcome]:
+        """One message with all its recipients: per-recipient outcomes, or raise for all."""
+        self.last_used = time.monotonic()
+        mail_options, utf8 = self._mail_options(message, data)
+        await self._step("MAIL FROM", self.client.mail(
+            message.mail_from, options=mail_options, encoding="utf-8" if utf8 else "ascii"))
+        outcomes: list[Outcome] = []
+        accepted: list[str] = []
+        dsn = self.client.supports_extension("dsn")
+        for rcpt in message.recipients:
+            options = rcpt.options if dsn else []
+            try:
+                reply = await self._step("RCPT TO", self.client.rcpt(
+                    rcpt.address, options=options, encoding="utf-8" if utf8 else "ascii"))
+            except (TemporaryFailure, PermanentFailure) as failure:
+                if failure.code is None:  # the connection broke, not a refusal
+                    raise
+                outcomes.append(Outcome(rcpt.address, failure.reply, failure))
+                continue
+            accepted.append(rcpt.address)
+            outcomes.append(Outcome(rcpt.address, _reply(reply)))
+        if not accepted:
+            await self.reset()
+            return outcomes
+        try:
+            reply = await self._step("DATA", self.client.data(data))
+        except DeliveryFailure as failure:
+            if failure.code is not None:  # the server answered: the connection is still good
+                await self.reset()
+                if _eight_bit_refusal(failure, data, self.client):
+                    failure.reply += (" (the message has 8-bit content and the server does "
+                                      "not offer 8BITMIME)")
+            raise
+        done = _reply(reply)
+        return [o if o.failure else Outcome(o.recipient, done) for o in outcomes]
+
+    def _mail_options(self, message: Outgoing, data: bytes) -> tuple[list[str], bool]:
+        env = message.envelope
+        client = self.client
+        options: list[str] = []
+        addresses_ascii = message.mail_from.isascii() and all(
+            r.address.isascii() for r in message.recipients)
+        utf8 = not addresses_ascii or "SMTPUTF8" in env.mail_options
+        if utf8 and client.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+        elif not addresses_ascii:
+            raise PermanentFailure(
+                f"the message needs SMTPUTF8 (non-ASCII addresses), which {self.label} does "
+                "not offer", stage="MAIL FROM")
+        elif utf8 and not data.split(b"\r\n\r\n", 1)[0].isascii():
+            raise PermanentFailure(
+                f"the message has UTF-8 headers (SMTPUTF8), which {self.label} does not "
+                "offer", stage="MAIL FROM")
+        else:
+            utf8 = False
+        if not data.isascii() and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        limit = client.esmtp_extensions.get("size", "")
+        if limit.isdigit() and int(limit) and len(data) > int(limit):
+            raise PermanentFailure(
+                f"the message is {len(data)} bytes; {self.label} accepts at most {limit} "
+                "(its SIZE)", stage="MAIL FROM")
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(data)}")
+        dsn = [o for o in env.mail_options if o.startswith(_DSN_MAIL)]
+        if client.supports_extension("dsn"):
+            options.extend(dsn)
+        elif dsn or any(r.options for r in message.recipients):
+            log.info("%s: %s does not offer DSN: delivery status notification requests "
+                     "dropped", env.id, self.label)
+        return options, utf8
+
+    async def reset(self) -> None:
+        with contextlib.suppress(DeliveryFailure):
+            await self._step("RSET", self.client.rset())
+
+    @property
+    def connected(self) -> bool:
+        return self.client.is_connected
+
+    async def quit(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.quit(), 2)
+        self.client.close()
+
+
+def _reply(response: aiosmtplib.SMTPResponse) -> str:
+    return f"{response.code} {response.message}".replace("\n", " / ")
+
+
+def _first_line(response: aiosmtplib.SMTPResponse) -> str:
+    return f"{response.code} {response.message.splitlines()[0] if response.message else ''}" \
+        + f" ({len(response.message.splitlines()) - 1} extensions)"
+
+
+def _name(rdns: object) -> str:
+    parts = [f"{k}={v}" for rdn in rdns for k, v in rdn]  # type: ignore[attr-defined]
+    return ", ".join(parts) or "?"
+
+
+def _eight_bit_refusal(failure: DeliveryFailure, data: bytes, client: aiosmtplib.SMTP) -> bool:
+    return (isinstance(failure, PermanentFailure) and not data.isascii()
+            and not client.supports_extension("8bitmime"))
+
+
+class SmtpUpstream:
+    """A pool of sessions to one server, with pacing. Implements `Upstream`."""
+
+    def __init__(self, name: str, server: ServerSettings, metrics: Metrics,
+                 hostname: str) -> None:
+        self.name = name
+        self.server = server
+        self.metrics = metrics
+        self.hostname = hostname
+        self._slots = asyncio.Semaphore(server.pool_size)
+        self._idle: list[Session] = []
+        self._open = 0
+        self._auth_failures = 0
+        self._paused_until = 0.0
+        self._slowdown = 0.0
+        self._sent: collections.deque[float] = collections.deque()
+        self._rcpts: collections.deque[tuple[float, int]] = collections.deque()
+
+    # --- pacing ------------------------------------------------------------------------
+
+    def not_before(self) -> float:
+        return max(self._paused_until, self._rate_ready_at(1))
+
+    def _rate_ready_at(self, recipients: int) -> float:
+        now = time.time()
+        ready = 0.0
+        limit = self.server.rate_limit
+        if limit is not None:
+            while self._sent and self._sent[0] <= now - limit.seconds:
+                self._sent.popleft()
+            if len(self._sent) >= limit.count:
+                ready = self._sent[-limit.count] + limit.seconds
+        quota = self.server.max_recipients_per_day
+        if quota is not None:
+            while self._rcpts and self._rcpts[0][0] <= now - 86400:
+                self._rcpts.popleft()
+            used = sum(n for _, n in self._rcpts)
+            if used + recipients > quota and self._rcpts:
+                freed, i = used, 0
+                while freed + recipients > quota and i < len(self._rcpts):
+                    freed -= self._rcpts[i][1]
+                    i += 1
+                ready = max(ready, self._rcpts[i - 1][0] + 86400)
+        return ready
+
+    def _check_pace(self, message: Outgoing) -> None:
+        now = time.time()
+        if self._paused_until > now:
+            raise RateLimited(f"not trying {self.name} before "
+                              f"{_clock(self._paused_until)}: {self._pause_reason}",
+                              self._paused_until)
+        ready = self._rate_ready_at(len(message.recipients))
+        if ready > now:
+            raise RateLimited(f"{self.name}: rate_limit or max_recipients_per_day reached; "
+                              f"next message at {_clock(ready)}", ready)
+
+    _pause_reason = ""
+
+    def _pause(self, seconds: float, reason: str) -> None:
+        self._paused_until = time.time() + seconds
+        self._pause_reason = reason
+        log.warning("not sending to %s for %.0f s: %s", self.name, seconds, reason)
+
+    # --- sessions ----------------------------------------------------------------------
+
+    async def _new_session(self) -> Session:
+        session = Session(self.name, self.server, self.hostname)
+        method = self.server.auth.method if self.server.auth else "none"
+        try:
+            await session.open()
+        except AuthenticationFailure as failure:
+            await session.quit()
+            self.metrics.auth_failures.labels(self.name, method).inc()
+            self._auth_failures += 1
+            if self._auth_failures >= AUTH_FAILURES_BEFORE_PAUSE:
+                excess = self._auth_failures - AUTH_FAILURES_BEFORE_PAUSE
+                seconds = min(3600.0, 60.0 * 2**excess)
+                self._pause(seconds, f"{self._auth_failures} authentication failures in a row "
+                                     "(pausing so the account is not locked); last: "
+                                     f"{failure.reply}")
+            raise
+        except BaseException:
+            await session.quit()
+            raise
+        self._auth_failures = 0
+        self._open += 1
+        self.metrics.upstream_sessions.labels(self.name).set(self._open)
+        return session
+
+    def _take_idle(self) -> Session | None:
+        while self._idle:
+            session = self._idle.pop()
+            if session.idle_handle is not None:
+                session.idle_handle.cancel()
+            if session.connected:
+                return session
+            self._closed(session)
+        return None
+
+    def _give_back(self, session: Session) -> None:
+        if not session.connected:
+            self._closed(session)
+            return
+        session.idle_handle = asyncio.get_running_loop().call_later(
+            IDLE_CLOSE, lambda: asyncio.ensure_future(self._expire(session)))
+        self._idle.append(session)
+
+    async def _expire(self, session: Session) -> None:
+        if session in self._idle:
+            self._idle.remove(session)
+            await session.quit()
+            self._closed(session)
+
+    def _closed(self, session: Session) -> None:
+        session.client.close()
+        self._open = max(0, self._open - 1)
+        self.metrics.upstream_sessions.labels(self.name).set(self._open)
+
+    # --- delivering --------------------------------------------------------------------
+
+    async def deliver(self, message: Outgoing) -> list[Outcome]:
+        self._check_pace(message)
+        data = await asyncio.to_thread(message.path.read_bytes)
+        async with self._slots:
+            self._check_pace(message)
+            session = self._take_idle()
+            reused = session is not None
+            if session is None:
+                session = await self._new_session()
+            try:
+                try:
+                    outcomes = await session.transaction(message, data)
+                except TemporaryFailure as failure:
+                    stale = reused and failure.code in (None, 421) and session.stage == "MAIL FROM"
+                    if not stale:
+                        raise
+                    # the server closed the pooled connection while it was idle: open a new one
+                    self._closed(session)
+                    session = await self._new_session()
+                    outcomes = await session.transaction(message, data)
+            except DeliveryFailure as failure:
+                self._closed(session)
+                self._after(failure.reply)
+                raise
+            self._give_back(session)
+        self._sent.append(time.time())
+        self._rcpts.append((time.time(), len(message.recipients)))
+        for outcome in outcomes:
+            self._after(outcome.reply)
+        return outcomes
+
+    def _after(self, reply: str) -> None:
+        if slow_down_requested(reply):
+            self._slowdown = min(900.0, max(30.0, self._slowdown * 2))
+            self._pause(self._slowdown, f"the server asked to slow down: {explain(reply)}")
+        elif reply.startswith("2"):
+            self._slowdown = 0.0
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for session in idle:
+            if session.idle_handle is not None:
+                session.idle_handle.cancel()
+            await session.quit()
+            self._closed(session)
+
+
+def _clock(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%SZ")
+
+
+async def probe(name: str, server: ServerSettings, hostname: str,
+                emit: Callable[[str], None]) -> bool:
+    """`check --connect`: open a session step by step, print each step, QUIT."""
+
+    def step(stage: str, seconds: float, answer: str) -> None:
+        emit(f"{stage:<16} {seconds * 1000:7.1f} ms  {explain(answer)}")
+
+    session = Session(name, server, hostname, on_step=step)
+    try:
+        await session.open()
+    except DeliveryFailure:
+        await session.quit()
+        return False
+    started = time.monotonic()
+    await session.quit()
+    step("QUIT", time.monotonic() - started, "closed")
+    return True
