@@ -23,8 +23,10 @@ Choices RFC 2831 leaves to the client, as made here:
 - charset: when the server offers `charset=utf-8`, the response says so and
   carries UTF-8. For the hash, each of username, realm and password is converted
   to ISO-8859-1 when all its characters fit (section 2.1.2.1; each string on its
-  own, as Cyrus SASL does), else hashed as UTF-8. Without `charset`, everything
-  is ISO-8859-1, and a credential that does not fit is refused.
+  own, as Cyrus SASL does), else hashed as UTF-8. Dovecot does not fold: it
+  hashes the UTF-8 bytes. So when folding changed a credential and the server
+  refuses, `authenticate` tries once more without folding. Without `charset`,
+  everything is ISO-8859-1, and a credential that does not fit is refused.
 - digest-uri: `smtp/<host>`, host being the server's name as configured.
 """
 
@@ -83,8 +85,10 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _hash_bytes(value: str, utf8: bool) -> bytes:
+def _hash_bytes(value: str, utf8: bool, fold: bool = True) -> bytes:
     """The octets RFC 2831 hashes for a username, realm or password."""
+    if utf8 and not fold:
+        return value.encode("utf-8")
     try:
         return value.encode("iso-8859-1")
     except UnicodeEncodeError:
@@ -110,8 +114,13 @@ def build_response(
     authzid: str | None = None,
     cnonce: str | None = None,
     realm: str | None = None,
+    fold: bool = True,
 ) -> tuple[bytes, str]:
-    """Return the digest-response to send (not base64-encoded) and the rspauth to expect."""
+    """Return the digest-response to send (not base64-encoded) and the rspauth to expect.
+
+    `fold=False` hashes UTF-8 credentials as UTF-8 even where ISO-8859-1 would do
+    (what Dovecot expects).
+    """
     qops = [q.strip().lower() for q in challenge.get("qop", "auth").split(",")]
     if "auth" not in qops:
         raise SaslError(
@@ -131,7 +140,7 @@ def build_response(
     digest_uri = f"{service}/{host}"
 
     secret = hashlib.md5(
-        b":".join(_hash_bytes(v, utf8) for v in (username, realm or "", password))
+        b":".join(_hash_bytes(v, utf8, fold) for v in (username, realm or "", password))
     ).digest()
     a1 = secret + f":{nonce}:{cnonce}".encode()
     if authzid:
@@ -189,8 +198,32 @@ async def _cancel(client: aiosmtplib.SMTP) -> None:
         await client.execute_command(b"*")
 
 
+def _folding_matters(username: str, password: str) -> bool:
+    """True when RFC 2831's ISO-8859-1 folding changes the bytes of a credential."""
+    def folds(value: str) -> bool:
+        try:
+            return not value.isascii() and bool(value.encode("iso-8859-1"))
+        except UnicodeEncodeError:
+            return False
+
+    return folds(username) or folds(password)
+
+
 async def authenticate(
     client: aiosmtplib.SMTP, username: str, password: str, *, host: str
+) -> aiosmtplib.SMTPResponse:
+    """Log in with AUTH DIGEST-MD5; see `_exchange`. With non-ASCII credentials that
+    ISO-8859-1 can hold, a refused RFC 2831 login is tried once more as Dovecot hashes."""
+    try:
+        return await _exchange(client, username, password, host=host, fold=True)
+    except aiosmtplib.SMTPAuthenticationError as refused:
+        if refused.code != 535 or not _folding_matters(username, password):
+            raise
+        return await _exchange(client, username, password, host=host, fold=False)
+
+
+async def _exchange(
+    client: aiosmtplib.SMTP, username: str, password: str, *, host: str, fold: bool
 ) -> aiosmtplib.SMTPResponse:
     """Log in with AUTH DIGEST-MD5 on a connected client (after STARTTLS, if any).
 
@@ -207,7 +240,7 @@ async def authenticate(
     try:
         challenge = parse_challenge(_decode_payload(reply.message))
         response, expected = build_response(
-            challenge, username=username, password=password, host=host
+            challenge, username=username, password=password, host=host, fold=fold
         )
     except SaslError:
         await _cancel(client)

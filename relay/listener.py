@@ -15,12 +15,12 @@ import ipaddress
 import logging
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from .errors import SpoolError
 from .metrics import Metrics
@@ -33,6 +33,31 @@ log = logging.getLogger("relay.listener")
 
 _ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"\\\x00-\x1f\x7f]+@[^\s@<>()\[\],;:\"\\\x00-\x1f\x7f]+$")
 _KEPT_MAIL_OPTIONS = ("BODY=8BITMIME", "SMTPUTF8")
+_DSN = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}
+_DSN_VALUE = {
+    "RET": re.compile(r"^(FULL|HDRS)$", re.I),
+    "ENVID": re.compile(r"^[\x21-\x7e]{1,100}$"),
+    "NOTIFY": re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I),
+    "ORCPT": re.compile(r"^[A-Za-z0-9-]+;[\x21-\x7e]{1,500}$"),
+}
+
+
+def dsn_parameters(raw: str | None, command: str) -> list[str] | None:
+    """The DSN parameters (RFC 3461) of a raw MAIL or RCPT argument, case kept; None if bad.
+
+    aiosmtpd upper-cases parameters and refuses the ones it does not know, so the
+    relay reads these from the command line as the client wrote it.
+    """
+    if not raw or ">" not in raw:
+        return []
+    found: list[str] = []
+    for param in raw.rsplit(">", 1)[1].split():
+        key, _, value = param.partition("=")
+        if key.upper() in _DSN[command]:
+            if not _DSN_VALUE[key.upper()].match(value):
+                return None
+            found.append(f"{key.upper()}={value}")
+    return found
 
 
 class RelaySMTP(SMTP):
@@ -42,6 +67,25 @@ class RelaySMTP(SMTP):
         self._listener = listener
         self._refused = False
         super().__init__(listener.handler, **kwargs)
+
+    _raw_arg: str | None = None
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._raw_arg = arg
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._raw_arg = arg
+        await super().smtp_RCPT(arg)
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        found = super()._getparams(params)
+        if found is not None:  # DSN parameters are the handler's to check and keep
+            for key in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                found.pop(key, None)
+        return found
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None and not self._refused:  # not the STARTTLS re-entry
@@ -76,12 +120,21 @@ class IntakeHandler:
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-DSN", responses[-1]]
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if address != "<>" and not _ADDRESS.match(address):
             return f"553 5.1.7 Sender address {address!r} is not of the form local-part@domain"
+        dsn = dsn_parameters(getattr(server, "_raw_arg", None), "MAIL")
+        if dsn is None:
+            return "501 5.5.4 Invalid RET or ENVID parameter (RFC 3461)"
         envelope.mail_from = address  # "<>" for the null sender: aiosmtpd needs it non-empty
         envelope.mail_options.extend(o for o in mail_options if o in _KEPT_MAIL_OPTIONS)
+        envelope.mail_options.extend(dsn)
         return "250 2.1.0 Sender OK (the system address will be the sender)"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
@@ -93,7 +146,11 @@ class IntakeHandler:
                    "in another transaction"
         if not _ADDRESS.match(address):
             return f"553 5.1.3 Recipient address {address!r} is not of the form local-part@domain"
+        dsn = dsn_parameters(getattr(server, "_raw_arg", None), "RCPT")
+        if dsn is None:
+            return "501 5.5.4 Invalid NOTIFY or ORCPT parameter (RFC 3461)"
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.append(" ".join(dsn))  # one entry per recipient
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -198,7 +255,8 @@ class Listener:
         env = SpoolEnvelope(
             id=qid, sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             mail_from=account.address,
-            recipients=[Recipient(a) for a in envelope.rcpt_tos],
+            recipients=[Recipient(a, options=o.split()) for a, o in
+                        zip(envelope.rcpt_tos, envelope.rcpt_options, strict=True)],
             mail_options=list(envelope.mail_options), size=len(body), client=peer_ip,
             subject=header_value(data, "Subject"))
         try:

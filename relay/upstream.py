@@ -8,6 +8,7 @@ whole message failed (connection, timeout, authentication, DATA refused).
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,15 @@ def classify(error: BaseException, *, server: str, stage: str, timeout: float) -
             "CA with ca_file, or check that host is the name in the certificate", stage=stage)
     if isinstance(error, ssl.SSLError):
         return TemporaryFailure(f"TLS with {server} failed: {error.reason or error}", stage=stage)
+    cause = error.__cause__
+    if isinstance(cause, ConnectionRefusedError):
+        return UpstreamUnreachable(f"{server} refused the connection: is the server running "
+                                   "and the port right?", stage=stage)
+    if isinstance(cause, socket.gaierror):
+        return UpstreamUnreachable(f"{server}: the host name does not resolve ({cause.strerror})",
+                                   stage=stage)
+    if isinstance(cause, ssl.SSLError):
+        return classify(cause, server=server, stage=stage, timeout=timeout)
     if isinstance(error, aiosmtplib.SMTPConnectError | aiosmtplib.SMTPServerDisconnected
                   | ConnectionError):
         return UpstreamUnreachable(f"{server}: {_strip_prefix(str(error))} (during {stage})",

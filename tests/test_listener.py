@@ -259,3 +259,31 @@ async def test_idle_client_is_disconnected(relay_factory: RelayFactory) -> None:
     protocol._reset_timeout()
     assert await client.reply(wait=5) == ""
     await client.close()
+
+
+async def test_dsn_parameters_are_kept_with_their_case_per_recipient(
+        relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(system_account={"active": False})
+    client = await RawSMTP.connect(listener_port(relay))
+    assert "250-DSN" in await client.cmd("EHLO app.example.com")
+    reply = await client.cmd("MAIL FROM:<app@example.com> RET=HDRS ENVID=Abc+2Bx")
+    assert reply.startswith("250")
+    assert (await client.cmd("RCPT TO:<a@example.com> NOTIFY=SUCCESS,FAILURE "
+                             "ORCPT=rfc822;A@Example.com")).startswith("250")
+    assert (await client.cmd("RCPT TO:<b@example.com>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send(b"Subject: dsn\r\n\r\nx\r\n.\r\n")
+    queue_id = (await client.reply()).rsplit(" ", 1)[1]
+    env = relay.spool.read(queue_id, "queue")
+    assert env.mail_options == ["RET=HDRS", "ENVID=Abc+2Bx"]
+    assert [r.options for r in env.recipients] == [
+        ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;A@Example.com"], []]
+    await client.close()
+
+
+@pytest.mark.parametrize("command", ["MAIL FROM:<app@example.com> RET=ALL",
+                                     "MAIL FROM:<app@example.com> ENVID=" + "x" * 101])
+async def test_invalid_dsn_parameters_are_refused(relay: Relay, command: str) -> None:
+    client = await ehlo(relay)
+    assert (await client.cmd(command)).startswith("501 5.5.4")
+    await client.close()

@@ -1,0 +1,194 @@
+"""The installed `sysmail-relay serve`, started with its own TOML file and state_dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procstat import tree_cpu_seconds
+from tests.peers.netutil import HOST, free_ports, wait_ports_closed, wait_ports_listening
+
+SYSTEM_ADDRESS = "notify@example.com"
+SINK_SERVER = "sink"
+UNAVAILABLE_MARKER = "not available in this version"
+_PENDING_DIRS = ("incoming", "queue", "active", "trash")
+
+CONFIG = """# sysmail-relay under benchmark (written by bench/run.py)
+state_dir = "{state_dir}"
+
+[listener]
+host = "{host}"
+port = {port}
+max_connections = 500
+
+[system_account]
+active = true
+address = "{address}"
+server = "{server}"
+
+[admin]
+host = "{host}"
+port = {admin_port}
+
+[log]
+level = "info"
+format = "text"
+"""
+
+SINK_SECTION = """
+[servers.{name}]
+host = "{host}"
+port = {port}
+encryption = "none"
+"""
+
+
+class RelayUnavailable(Exception):
+    """The relay refused to start because this configuration is not supported yet."""
+
+
+def relay_binary() -> str:
+    """`sysmail-relay` beside the running interpreter (the virtualenv), else on PATH."""
+    beside = Path(sys.executable).parent / "sysmail-relay"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("sysmail-relay")
+    if found is None:
+        raise FileNotFoundError("sysmail-relay is not installed in this Python environment")
+    return found
+
+
+@dataclass
+class RelayInstance:
+    directory: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "relay.log"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.directory / "state"
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.process.pid)
+
+    def pending(self) -> int:
+        """Messages received but not yet handed to the upstream (or the outbox)."""
+        spool = self.state_dir / "spool"
+        return sum(_count_entries(spool / name) for name in _PENDING_DIRS)
+
+    def failed(self) -> int:
+        return _count_entries(self.state_dir / "spool" / "dead")
+
+    def outbox_count(self) -> int:
+        return _count_entries(self.state_dir / "outbox" / "new")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        wait_ports_closed([self.port], timeout)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def write_config(directory: Path, port: int, sink_port: int | None) -> Path:
+    (admin_port,) = free_ports(1)
+    text = CONFIG.format(
+        state_dir=directory / "state",
+        host=HOST,
+        port=port,
+        address=SYSTEM_ADDRESS,
+        server="local" if sink_port is None else SINK_SERVER,
+        admin_port=admin_port,
+    )
+    if sink_port is not None:
+        text += SINK_SECTION.format(name=SINK_SERVER, host=HOST, port=sink_port)
+    path = directory / "relay.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def start_relay(directory: Path, sink_port: int | None = None,
+                timeout: float = 20.0) -> RelayInstance:
+    """Start `sysmail-relay serve` delivering into the local outbox, or into *sink_port*.
+
+    Raises RelayUnavailable when the relay says the configuration is not supported
+    yet, RuntimeError for any other failure to start.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    (port,) = free_ports(1)
+    config = write_config(directory, port, sink_port)
+    with (directory / "relay.log").open("ab") as log:
+        process = subprocess.Popen(
+            [relay_binary(), "serve", "--config", str(config)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_clean_env(),
+            start_new_session=True,  # Ctrl-C reaches the harness only; it stops the relay
+        )
+    relay = RelayInstance(directory, port, process)
+    try:
+        _wait_listening(relay, timeout)
+    except BaseException:
+        relay.stop()
+        raise
+    return relay
+
+
+def _wait_listening(relay: RelayInstance, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not relay.alive():
+            tail = relay.log_tail()
+            if UNAVAILABLE_MARKER in tail:
+                raise RelayUnavailable(_unavailable_line(tail))
+            raise RuntimeError(f"sysmail-relay exited with {relay.process.returncode} at "
+                               f"start:\n{tail}")
+        try:
+            wait_ports_listening([relay.port], 0.1)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sysmail-relay not listening on {relay.port} after "
+                                   f"{timeout:g} s:\n{relay.log_tail()}") from None
+
+
+def _unavailable_line(tail: str) -> str:
+    for line in tail.splitlines():
+        if UNAVAILABLE_MARKER in line:
+            return line.strip()
+    return tail.strip()
+
+
+def _clean_env() -> dict[str, str]:
+    """No RELAY_* or STATE_DIRECTORY from the caller may override the benchmark's file."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("RELAY_") and k != "STATE_DIRECTORY"}
+
+
+def _count_entries(directory: Path) -> int:
+    try:
+        with os.scandir(directory) as entries:
+            return sum(1 for _ in entries)
+    except FileNotFoundError:
+        return 0

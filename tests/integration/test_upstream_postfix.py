@@ -1,0 +1,316 @@
+"""The relay as an operator runs it, sending through real Postfix with Dovecot and Cyrus SASL.
+
+Each test writes a TOML file, starts `sysmail-relay serve`, hands it a message with
+smtplib, and reads the result where Postfix delivered it (a Maildir), in Postfix's
+log (which SASL mechanism was used) or in the relay's spool (deferred, dead).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import subprocess
+import time
+from collections.abc import Iterator
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.peers.peers import MailPeers
+from tests.support import Daemon, free_port, relay_command
+
+pytestmark = pytest.mark.integration
+
+SYSTEM = "notify@example.com"
+
+
+def message(tag: str, body: str = "Please approve request 42.\r\n") -> bytes:
+    return (f"From: Workflow <workflow@apps.example.com>\r\nTo: boss@example.com\r\n"
+            f"Subject: Approval {tag}\r\nMessage-ID: <{tag}@apps.example.com>\r\n\r\n"
+            f"{body}").encode()
+
+
+class Relay:
+    """A running `sysmail-relay serve` with one [servers.up] block."""
+
+    def __init__(self, tmp_path: Path, server: str, address: str = SYSTEM,
+                 extra: str = "") -> None:
+        self.state = tmp_path / "state"
+        self.config = tmp_path / "relay.toml"
+        port = free_port()
+        self.config.write_text(
+            f'state_dir = "{self.state}"\n[listener]\nport = {port}\n'
+            f'[system_account]\naddress = "{address}"\nserver = "up"\n'
+            f'[queue]\nretry_initial = "1s"\nretry_max = "2s"\n{extra}\n'
+            f"[servers.up]\n{server}\n")
+        self.daemon = Daemon(self.config, tmp_path / "relay.log", port)
+        self.daemon.start()
+
+    def send(self, data: bytes, rcpts: tuple[str, ...] = ("boss@example.com",)) -> str:
+        with smtplib.SMTP("127.0.0.1", self.daemon.port) as client:
+            client.ehlo("app.example.com")
+            client.mail("workflow@apps.example.com")
+            for rcpt in rcpts:
+                client.rcpt(rcpt)
+            code, text = client.data(data)
+        assert code == 250, text
+        return text.decode().rsplit(" ", 1)[1]
+
+    def envelope(self, queue_id: str) -> tuple[str, dict[str, Any]] | None:
+        for place in ("queue", "active", "dead"):
+            path = self.state / "spool" / place / queue_id / "envelope.json"
+            try:
+                return place, json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+        return None
+
+    def wait_envelope(self, queue_id: str, place: str, reply_contains: str,
+                      timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.envelope(queue_id)
+            if found and found[0] == place and reply_contains in (
+                    found[1].get("last_reply") or "") + (found[1].get("dead_reason") or ""):
+                return found[1]
+            time.sleep(0.1)
+        raise AssertionError(f"{queue_id} not {place} with {reply_contains!r}: {found}\n"
+                             + self.daemon.log_text())
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([relay_command(), "--config", str(self.config), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    def stop(self) -> None:
+        if self.daemon.proc is not None and self.daemon.proc.poll() is None:
+            self.daemon.stop(signal.SIGTERM)
+
+
+@pytest.fixture
+def relays(tmp_path: Path) -> Iterator[list[Relay]]:
+    started: list[Relay] = []
+    yield started
+    for relay in started:
+        relay.stop()
+
+
+def start(relays: list[Relay], tmp_path: Path, server: str, **kw: Any) -> Relay:
+    relay = Relay(tmp_path, server, **kw)
+    relays.append(relay)
+    return relay
+
+
+def auth_block(method: str, user: str, password: str) -> str:
+    return (f'[servers.up.auth]\nmethod = "{method}"\nusername = "{user}"\n'
+            f'password = "{password}"\n')
+
+
+def assert_relayed(peers: MailPeers, tag: str, sender: str = SYSTEM) -> None:
+    (delivered,) = peers.find_messages(f"<{tag}@apps.example.com>")
+    assert delivered["Return-Path"] == f"<{sender}>"
+    assert parseaddr(delivered["From"]) == ("Workflow", sender)
+    assert delivered["Reply-To"] == "Workflow <workflow@apps.example.com>"
+    assert delivered.get_content() == "Please approve request 42.\n"
+
+
+def test_plain_server_without_auth(clean_peers: MailPeers, tmp_path: Path,
+                                   relays: list[Relay]) -> None:
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {clean_peers.port("plain")}')
+    relay.send(message("plain-1"))
+    assert_relayed(clean_peers, "plain-1")
+
+
+@pytest.mark.parametrize("method", ["PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5"])
+def test_each_sasl_mechanism_through_dovecot(clean_peers: MailPeers, tmp_path: Path,
+                                             relays: list[Relay], method: str) -> None:
+    user = clean_peers.notify
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\n'
+                  f'port = {clean_peers.port("dovecot_auth")}\n'
+                  + auth_block(method, user.username, user.password))
+    tag = f"dovecot-{method.lower()}"
+    relay.send(message(tag))
+    assert_relayed(clean_peers, tag)
+    assert clean_peers.sasl_method_of(f"<{tag}@apps.example.com>") == method
+
+
+@pytest.mark.parametrize("method", ["PLAIN", "CRAM-MD5", "DIGEST-MD5"])
+def test_each_sasl_mechanism_through_cyrus(clean_peers: MailPeers, tmp_path: Path,
+                                           relays: list[Relay], method: str) -> None:
+    user = clean_peers.cyrus_user
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\n'
+                  f'port = {clean_peers.port("cyrus_auth")}\n'
+                  + auth_block(method, user.username, user.password))
+    tag = f"cyrus-{method.lower()}"
+    relay.send(message(tag))
+    assert_relayed(clean_peers, tag)
+    assert clean_peers.sasl_method_of(f"<{tag}@apps.example.com>") == method
+
+
+def test_utf8_username_and_password_with_digest_md5(clean_peers: MailPeers, tmp_path: Path,
+                                                    relays: list[Relay]) -> None:
+    user = clean_peers.unicode_user
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\n'
+                  f'port = {clean_peers.port("dovecot_auth")}\n'
+                  + auth_block("DIGEST-MD5", user.username, user.password))
+    relay.send(message("unicode-digest"))
+    assert_relayed(clean_peers, "unicode-digest")
+
+
+def test_starttls_then_auth_with_the_company_ca(clean_peers: MailPeers, tmp_path: Path,
+                                                relays: list[Relay]) -> None:
+    user = clean_peers.notify
+    relay = start(relays, tmp_path, f'host = "localhost"\n'
+                  f'port = {clean_peers.port("starttls_auth")}\nencryption = "starttls"\n'
+                  f'ca_file = "{clean_peers.ca_file}"\n'
+                  + auth_block("PLAIN", user.username, user.password))
+    relay.send(message("starttls"))
+    assert_relayed(clean_peers, "starttls")
+    (delivered,) = clean_peers.find_messages("<starttls@apps.example.com>")
+    received = " ".join(delivered.get_all("Received", []))
+    assert "TLSv1.3" in received or "TLSv1.2" in received
+
+
+def test_implicit_tls_then_auth(clean_peers: MailPeers, tmp_path: Path,
+                                relays: list[Relay]) -> None:
+    user = clean_peers.notify
+    relay = start(relays, tmp_path, f'host = "localhost"\nport = {clean_peers.port("tls_auth")}\n'
+                  f'encryption = "tls"\nca_file = "{clean_peers.ca_file}"\n'
+                  + auth_block("LOGIN", user.username, user.password))
+    relay.send(message("implicit-tls"))
+    assert_relayed(clean_peers, "implicit-tls")
+    assert clean_peers.sasl_method_of("<implicit-tls@apps.example.com>") == "LOGIN"
+
+
+def test_wrong_password_is_deferred_and_never_shown(clean_peers: MailPeers, tmp_path: Path,
+                                                    relays: list[Relay]) -> None:
+    secret = "Wr0ng-Passw0rd-Marker"
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\n'
+                  f'port = {clean_peers.port("dovecot_auth")}\n'
+                  + auth_block("PLAIN", clean_peers.notify.username, secret))
+    queue_id = relay.send(message("wrong-password"))
+    env = relay.wait_envelope(queue_id, "queue", "535")
+    assert "refused the login" in env["last_reply"]
+    status = relay.cli("status")
+    shown = relay.cli("queue", "show", queue_id)
+    for text in (relay.daemon.log_text(), status.stdout, shown.stdout, env["last_reply"]):
+        assert secret not in text
+    assert "refused the login" in relay.daemon.log_text()
+
+
+def test_starttls_required_but_not_offered_is_deferred_never_sent_in_clear(
+        clean_peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {clean_peers.port("plain")}\n'
+                  'encryption = "starttls"')
+    queue_id = relay.send(message("no-starttls"))
+    env = relay.wait_envelope(queue_id, "queue", "does not offer STARTTLS")
+    assert env["attempts"] >= 1
+    assert clean_peers.maildir_messages() == []
+
+
+@pytest.mark.parametrize(("listener", "ca", "expected"), [
+    ("starttls_untrusted", "ca_file", "not trusted"),
+    ("starttls_wrongname", "ca_file", "not trusted"),
+])
+def test_bad_certificates_are_refused(clean_peers: MailPeers, tmp_path: Path,
+                                      relays: list[Relay], listener: str, ca: str,
+                                      expected: str) -> None:
+    relay = start(relays, tmp_path, f'host = "localhost"\nport = {clean_peers.port(listener)}\n'
+                  f'encryption = "starttls"\nca_file = "{clean_peers.ca_file}"')
+    queue_id = relay.send(message(listener))
+    relay.wait_envelope(queue_id, "queue", expected)
+    assert clean_peers.maildir_messages() == []
+
+
+def test_tls_verify_false_sends_to_a_wrong_name_and_warns(
+        clean_peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    relay = start(relays, tmp_path, f'host = "localhost"\n'
+                  f'port = {clean_peers.port("starttls_wrongname")}\n'
+                  'encryption = "starttls"\ntls_verify = false')
+    relay.send(message("no-verify"))
+    assert_relayed(clean_peers, "no-verify")
+    assert "tls_verify = false" in relay.daemon.log_text()
+    assert "NOT verified" in relay.cli("status").stdout
+
+
+def test_5xx_recipient_is_dead_lettered_and_the_others_delivered(
+        clean_peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {clean_peers.port("plain")}')
+    queue_id = relay.send(message("mixed"), rcpts=("boss@example.com", "reject-x@example.com"))
+    env = relay.wait_envelope(queue_id, "dead", "550 5.1.1")
+    states = {r["address"]: r["state"] for r in env["recipients"]}
+    assert states == {"boss@example.com": "delivered", "reject-x@example.com": "failed"}
+    assert_relayed(clean_peers, "mixed")
+
+
+def test_4xx_recipient_is_retried(clean_peers: MailPeers, tmp_path: Path,
+                                  relays: list[Relay]) -> None:
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {clean_peers.port("plain")}')
+    queue_id = relay.send(message("tempfail"), rcpts=("tempfail-x@example.com",))
+    env = relay.wait_envelope(queue_id, "queue", "450 4.2.1")
+    deadline = time.monotonic() + 20
+    while env["attempts"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = relay.envelope(queue_id)
+        env = found[1] if found else env
+    assert env["attempts"] >= 2
+
+
+@pytest.mark.parametrize(("sender", "place", "reply"), [
+    ("data451-notify@example.com", "queue", "451"),
+    ("data554-notify@example.com", "dead", "554"),
+])
+def test_refusal_after_data(clean_peers: MailPeers, tmp_path: Path, relays: list[Relay],
+                            sender: str, place: str, reply: str) -> None:
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {clean_peers.port("plain")}',
+                  address=sender)
+    queue_id = relay.send(message(f"after-data-{reply}"))
+    env = relay.wait_envelope(queue_id, place, reply)
+    assert "DATA" in (env.get("last_reply") or "")
+    assert clean_peers.maildir_messages() == []
+
+
+def test_message_larger_than_the_servers_size_fails_at_once(
+        clean_peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {clean_peers.port("plain")}')
+    body = ("x" * 998 + "\r\n") * 11_000  # about 11 MB; Postfix here takes 10 MB
+    queue_id = relay.send(message("too-big", body))
+    env = relay.wait_envelope(queue_id, "dead", "SIZE")
+    assert env["attempts"] == 0
+
+
+def test_server_down_then_up_nothing_lost(clean_peers: MailPeers, tmp_path: Path,
+                                          relays: list[Relay]) -> None:
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {free_port()}')
+    queue_id = relay.send(message("down-up"))
+    relay.wait_envelope(queue_id, "queue", "refused")
+    relay.config.write_text(relay.config.read_text().replace(
+        "[servers.up]\n", "[servers.up]\n").rsplit("port = ", 1)[0]
+        + f"port = {clean_peers.port('plain')}\n")
+    relay.daemon.send_signal(signal.SIGHUP)
+    assert_relayed(clean_peers, "down-up")
+
+
+def test_check_connect_prints_each_step_and_no_password(clean_peers: MailPeers,
+                                                         tmp_path: Path) -> None:
+    user = clean_peers.notify
+    config = tmp_path / "relay.toml"
+    server = (f'host = "localhost"\nport = {clean_peers.port("starttls_auth")}\n'
+              f'encryption = "starttls"\nca_file = "{clean_peers.ca_file}"\n')
+    config.write_text(f'state_dir = "{tmp_path}"\n[system_account]\naddress = "{SYSTEM}"\n'
+                      f'server = "up"\n[servers.up]\n{server}'
+                      + auth_block("CRAM-MD5", user.username, user.password))
+    result = subprocess.run([relay_command(), "check", "--connect", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [line.split()[0] for line in result.stdout.splitlines() if " ms " in line]
+    assert steps == ["connect", "EHLO", "STARTTLS", "certificate", "EHLO", "AUTH", "QUIT"]
+    assert "235" in result.stdout and user.password not in result.stdout
+    bad = config.read_text().replace(user.password, "not-the-password")
+    config.write_text(bad)
+    failed = subprocess.run([relay_command(), "check", "--connect", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1
+    assert "FAILED" in failed.stdout and "not-the-password" not in failed.stdout
