@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procstat import tree_cpu_seconds
+from bench.procstat import tree_cpu_seconds, tree_names
 from bench.relay_instance import SYSTEM_ADDRESS
 from tests.peers.netutil import HOST, free_ports
 from tests.peers.postfix import Postfix
@@ -95,6 +95,10 @@ class NullClient:
         """Master plus every process it started (smtpd, cleanup, qmgr, smtp, ...)."""
         pid = self.master_pid()
         return 0.0 if pid is None else tree_cpu_seconds(pid)
+
+    def process_names(self) -> dict[str, int]:
+        pid = self.master_pid()
+        return {} if pid is None else tree_names(pid)
 
     def pending(self) -> int:
         return sum(_count_files(self.queue_dir / name) for name in _PENDING_QUEUES)

@@ -75,3 +75,20 @@ def tree_names(root: int) -> dict[str, int]:
     for st in process_tree(root):
         counts[st.name] = counts.get(st.name, 0) + 1
     return counts
+
+
+def processes_mentioning(text: str) -> list[ProcStat]:
+    """Processes whose command line or MAIL_CONFIG mentions *text* (leftover check)."""
+    found: list[ProcStat] = []
+    for st in all_processes():
+        if st.pid == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{st.pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{st.pid}/environ").read_bytes()
+        except OSError:
+            continue
+        mail_config = [v for v in environ.split(b"\0") if v.startswith(b"MAIL_CONFIG=")]
+        if text.encode() in cmdline or any(text.encode() in v for v in mail_config):
+            found.append(st)
+    return found

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procstat import tree_cpu_seconds
+from bench.procstat import tree_cpu_seconds, tree_names
 from tests.peers.netutil import HOST, free_ports, wait_ports_closed, wait_ports_listening
 
 SYSTEM_ADDRESS = "notify@example.com"
@@ -80,6 +80,9 @@ class RelayInstance:
 
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.process.pid)
+
+    def process_names(self) -> dict[str, int]:
+        return tree_names(self.process.pid)
 
     def pending(self) -> int:
         """Messages received but not yet handed to the upstream (or the outbox)."""

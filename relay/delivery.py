@@ -195,9 +195,16 @@ class Scheduler:
         try:
             outcomes = await self._attempt(env)
         except asyncio.CancelledError:
-            await asyncio.shield(asyncio.to_thread(self.spool.release, env))
+            await asyncio.shield(asyncio.to_thread(self.spool.put_back, env.id))
             raise
-        await self._settle(env, outcomes)
+        try:
+            await self._settle(env, outcomes)
+        except OSError as e:  # the spool cannot record the result (disk full, I/O error)
+            log.error("%s: cannot record the delivery result in the spool (%s); the message "
+                      "goes back to the queue as it was and is tried again", env.id, e)
+            await asyncio.to_thread(self.spool.put_back, env.id)
+            env.attempts += 1
+            self._due[env.id] = time.time() + self.backoff(env.attempts)
 
     async def _attempt(self, env: Envelope) -> list[Outcome]:
         server = self.settings.system_account.server

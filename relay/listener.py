@@ -63,6 +63,10 @@ def dsn_parameters(raw: str | None, command: str) -> list[str] | None:
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with the relay's connection policy and clearer replies."""
 
+    line_length_limit = 65536
+    """Longer than RFC 5321's 1000 octets: applications do send long lines (unwrapped
+    HTML), and refusing them would lose their notifications. Bounded all the same."""
+
     def __init__(self, listener: Listener, **kwargs: Any) -> None:
         self._listener = listener
         self._refused = False
@@ -229,7 +233,8 @@ class Listener:
             return f"552 5.3.4 Message too big: this relay accepts at most {limit} bytes"
         if status.startswith("500 Line too long"):
             self.metrics.messages_rejected.labels("line_length").inc()
-            return "500 5.5.2 Line too long: RFC 5321 allows at most 1000 octets per line"
+            return (f"500 5.5.2 Line too long: this relay accepts lines of up to "
+                    f"{RelaySMTP.line_length_limit} octets")
         if status.startswith("538 "):
             return "502 5.5.1 AUTH not offered: this relay takes mail without authentication"
         return _STOCK.get(status, status)

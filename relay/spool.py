@@ -207,6 +207,11 @@ class Spool:
         os.rename(self._dir(src) / envelope.id, self._dir(dst) / envelope.id)
         _fsync_dir(self._dir(dst))
 
+    def put_back(self, queue_id: str, src: Place = "active") -> None:
+        """Return a claimed entry to the queue unchanged: a rename, which needs no free space."""
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self._dir(src) / queue_id, self._dir("queue") / queue_id)
+
     def finish(self, queue_id: str, place: Place = "active") -> None:
         """The upstream has the message: remove it."""
         trash = self._dir("trash") / queue_id

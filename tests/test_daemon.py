@@ -253,3 +253,23 @@ def test_help_is_useful_for_every_command() -> None:
     bad = subprocess.run([relay_command(), "frobnicate"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 2
+
+
+def test_json_logs_carry_the_queue_id(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port, '[log]\nformat = "json"\nlevel = "info"')
+    daemon = Daemon(config, tmp_path / "relay.log", port)
+    daemon.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail("a@apps.example.com", ["b@example.com"], MESSAGE % (b"j", b"j"))
+        wait_for(lambda: len(outbox(tmp_path)) == 1)
+        wait_for(lambda: "status=sent" in daemon.log_text())
+    finally:
+        daemon.stop()
+    entries = [json.loads(line) for line in daemon.log_text().splitlines()]
+    about_message = [e for e in entries if "queue_id" in e]
+    assert {e["level"] for e in entries} <= {"info", "warning"}
+    assert len(about_message) >= 2  # queued, sent
+    assert len({e["queue_id"] for e in about_message}) == 1
+    assert all(e["message"].startswith(e["queue_id"] + ": ") for e in about_message)

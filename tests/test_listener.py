@@ -287,3 +287,40 @@ async def test_invalid_dsn_parameters_are_refused(relay: Relay, command: str) ->
     client = await ehlo(relay)
     assert (await client.cmd(command)).startswith("501 5.5.4")
     await client.close()
+
+
+async def test_long_lines_are_accepted_up_to_64_kib(relay: Relay) -> None:
+    client = await ehlo(relay)
+    long_line = b"<p>" + b"y" * 5000 + b"</p>"
+    assert (await client.transaction(b"Subject: html\r\n\r\n" + long_line + b"\r\n.\r\n")
+            ).startswith("250")
+    huge = await client.transaction(b"Subject: html\r\n\r\n" + b"z" * 70000 + b"\r\n.\r\n")
+    assert huge.startswith("500 5.5.2") and "65536" in huge
+    await wait_until(lambda: len(outbox_files(relay.settings.state_dir)) == 1)
+    assert sent_files(relay)[0].endswith(long_line + b"\r\n")
+    await client.close()
+
+
+async def test_stop_refuses_new_clients_and_lets_a_transaction_in_flight_finish(
+        relay_factory: RelayFactory) -> None:
+    relay = await relay_factory()
+    port = listener_port(relay)
+    client = await ehlo(relay)
+    idle = await ehlo(relay)
+    assert (await client.cmd("MAIL FROM:<app@example.com>")).startswith("250")
+    assert (await client.cmd("RCPT TO:<user@example.com>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send(b"Subject: in flight\r\n\r\npart one\r\n")
+    stopping = asyncio.create_task(relay.stop(grace=5))
+    await asyncio.sleep(0.2)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    assert (await idle.reply()).startswith("421 4.3.2")  # idle sessions are told and closed
+    await client.send(b"part two\r\n.\r\n")
+    assert (await client.reply()).startswith("250")
+    await stopping
+    delivered = [p.read_bytes() for p in outbox_files(relay.settings.state_dir)]
+    queued = relay.spool.ids("queue")
+    assert len(delivered) + len(queued) == 1
+    await client.close()
+    await idle.close()

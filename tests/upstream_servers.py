@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,8 @@ class Script:
     mails: list[tuple[str, list[str]]] = field(default_factory=list)
     rcpts: list[tuple[str, list[str]]] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
+    encrypted: list[bool] = field(default_factory=list)
+    """For each MAIL: was the connection encrypted (STARTTLS or implicit TLS)?"""
     rsets: int = 0
     in_data: int = 0
     logins: list[str] = field(default_factory=list)
@@ -107,7 +110,7 @@ class Script:
             asyncio.get_running_loop().call_soon(_close, server)
         return reply
 
-    async def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                            mechanism: str, auth_data: Any) -> AuthResult:
         assert isinstance(auth_data, LoginPassword)
         self.logins.append(auth_data.login.decode())
@@ -153,6 +156,8 @@ class RecordingSMTP(SMTP):  # type: ignore[misc]
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.script.lines.append(f"MAIL {arg}")
+        assert self.transport is not None
+        self.script.encrypted.append(self.transport.get_extra_info("sslcontext") is not None)
         await super().smtp_MAIL(self._strip(arg, _DSN_MAIL))
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -181,7 +186,8 @@ class Servers:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
 
-    async def smtp(self, script: Script, port: int = 0, **kwargs: Any) -> int:
+    async def smtp(self, script: Script, port: int = 0, implicit_tls: ssl.SSLContext | None = None,
+                   **kwargs: Any) -> int:
         """aiosmtpd serving `script`; kwargs go to SMTP (enable_SMTPUTF8, tls_context...)."""
         loop = asyncio.get_running_loop()
         kwargs.setdefault("hostname", "upstream.test")
@@ -195,7 +201,7 @@ class Servers:
             self._smtp.append(protocol)
             return protocol
 
-        server = await loop.create_server(factory, "127.0.0.1", port)
+        server = await loop.create_server(factory, "127.0.0.1", port, ssl=implicit_tls)
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 

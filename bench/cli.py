@@ -1,0 +1,268 @@
+"""`bench/run.py`: run scenarios A and B interleaved, print one table, save the results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import machine, report
+from bench.load import smtp_source_command
+from bench.procstat import process_tree, processes_mentioning
+from bench.relay_instance import RelayUnavailable
+from bench.scenarios import (
+    POSTFIX,
+    RELAY,
+    Measurement,
+    Status,
+    System,
+    acceptance,
+    end_to_end,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+KIB = 1024
+SIZES = (1 * KIB, 100 * KIB)
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    sessions: int
+    accept_messages: dict[int, int]
+    latency_messages: dict[int, int]
+    relay_messages: dict[int, int]
+    scenarios: tuple[str, ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        return list(SIZES)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.quick:
+        accept, latency, relay = {KIB: 600, 100 * KIB: 200}, {KIB: 400, 100 * KIB: 200}, \
+            {KIB: 600, 100 * KIB: 200}
+    else:
+        accept, latency, relay = {KIB: 3000, 100 * KIB: 1000}, {KIB: 2000, 100 * KIB: 800}, \
+            {KIB: 3000, 100 * KIB: 1000}
+
+    def scaled(counts: dict[int, int]) -> dict[int, int]:
+        return {size: max(20, round(n * args.scale)) for size, n in counts.items()}
+
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    return Plan(rounds, args.sessions, scaled(accept), scaled(latency), scaled(relay),
+                tuple(args.only or ("A", "B")))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="sysmail-relay benchmark: A) acceptance into the local outbox, "
+                    "B) end to end into smtp-sink, side by side with a Postfix null client.")
+    p.add_argument("--quick", action="store_true",
+                   help="1 round with fewer messages (under a minute)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds (default 3, --quick 1)")
+    p.add_argument("--sessions", type=int, default=20, help="concurrent client sessions")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every message count (e.g. 0.5 or 2)")
+    p.add_argument("--only", choices=("A", "B"), action="append",
+                   help="run only this scenario (repeatable)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
+                   help="directory for <UTC timestamp>.json and .txt (default bench/results)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory (configs, logs, queues) for inspection")
+    args = p.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    return args
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@dataclass(frozen=True)
+class Job:
+    scenario: str
+    system: System
+    size: int
+    round: int
+    messages: int
+
+    def placeholder(self, status: Status, detail: str) -> Measurement:
+        return Measurement(self.scenario, self.system, self.size, self.round, self.messages,
+                           status=status, detail=detail)
+
+
+class Runner:
+    """Runs the plan round by round; remembers when the relay cannot do scenario B."""
+
+    def __init__(self, plan: Plan, work: Path) -> None:
+        self.plan = plan
+        self.work = work
+        self.measurements: list[Measurement] = []
+        self.relay_unavailable: str | None = None
+
+    def jobs(self) -> list[Job]:
+        plan, jobs = self.plan, []
+        for round_ in range(1, plan.rounds + 1):
+            for size in plan.sizes:
+                if "A" in plan.scenarios:
+                    jobs.append(Job("A", RELAY, size, round_, plan.accept_messages[size]))
+                if "B" in plan.scenarios:
+                    jobs += [Job("B", system, size, round_, plan.relay_messages[size])
+                             for system in _order(round_)]
+        return jobs
+
+    def run(self) -> None:
+        for job in self.jobs():
+            directory = Path(tempfile.mkdtemp(prefix=f"r{job.round}-", dir=self.work))
+            started = time.monotonic()
+            try:
+                result = self._measure(job, directory)
+            except RelayUnavailable as e:
+                self.relay_unavailable = str(e)
+                result = job.placeholder("not available", str(e))
+            except (RuntimeError, TimeoutError, OSError) as e:
+                result = job.placeholder("error", f"{type(e).__name__}: {e}")
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+            result.extra["wall_seconds"] = round(time.monotonic() - started, 2)
+            self.measurements.append(result)
+            print(progress_line(result, self.plan.rounds), flush=True)
+
+    def _measure(self, job: Job, directory: Path) -> Measurement:
+        if job.scenario == "A":
+            return acceptance(directory, job.size, job.messages,
+                              self.plan.latency_messages[job.size], self.plan.sessions,
+                              job.round)
+        if job.system == RELAY and self.relay_unavailable is not None:
+            return job.placeholder("not available", self.relay_unavailable)
+        return end_to_end(directory, job.system, job.size, job.messages, self.plan.sessions,
+                          job.round)
+
+
+def _order(round_: int) -> tuple[System, System]:
+    """Alternate which system goes first, so drift over the run hits both alike."""
+    return (RELAY, POSTFIX) if round_ % 2 else (POSTFIX, RELAY)
+
+
+def progress_line(m: Measurement, rounds: int) -> str:
+    head = (f"round {m.round}/{rounds}  {m.scenario}  {report.size_label(m.size):>7}  "
+            f"{m.system:<13}")
+    if m.status != "ok":
+        return f"{head}  {m.status}: {m.detail.splitlines()[0] if m.detail else ''}"
+    figures = ", ".join(f"{key} {report.number(value)}" for key, value in m.figures.items())
+    return f"{head}  {figures}  ({m.extra.get('wall_seconds', 0):.1f} s)"
+
+
+def describe_load(plan: Plan) -> list[str]:
+    a = ", ".join(f"{plan.accept_messages[s]} at {report.size_label(s)}" for s in plan.sizes)
+    lat = ", ".join(f"{plan.latency_messages[s]} at {report.size_label(s)}" for s in plan.sizes)
+    b = ", ".join(f"{plan.relay_messages[s]} at {report.size_label(s)}" for s in plan.sizes)
+    example = " ".join(Path(x).name if i == 0 else x for i, x in
+                       enumerate(smtp_source_command(0, 0, 0, plan.sessions)))
+    return [
+        f"load: {plan.sessions} concurrent client sessions, one message per connection "
+        f"({example.replace(':0', ':PORT')} with -m N -l SIZE)",
+        f"A  sysmail-relay -> local outbox (Maildir). smtp-source: {a} messages; "
+        f"latency ('.' sent to 250 read, asyncio client): {lat} messages",
+        f"B  smtp-source -> system under test -> smtp-sink. {b} messages; end-to-end "
+        "= first connect until the sink counted all; CPU = the whole process tree "
+        "until its queue is empty",
+        "cells: median (min-max) over rounds; ratio = relay median / postfix median",
+    ]
+
+
+def render(plan: Plan, meta: dict[str, Any], rows: list[report.Row],
+           measurements: list[Measurement]) -> str:
+    lines = [
+        f"sysmail-relay benchmark {meta['started']}  ({plan.rounds} round(s), "
+        f"{'quick' if meta['quick'] else 'full'}, took {meta['duration_s']:.0f} s"
+        f"{', INTERRUPTED' if meta['interrupted'] else ''})",
+        f"machine: {machine.summary_line(meta['machine'])}",
+        *describe_load(plan),
+        "",
+        report.table(rows),
+    ]
+    notes = _notes(measurements)
+    if notes:
+        lines += ["", "notes:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(measurements: list[Measurement]) -> list[str]:
+    seen: set[str] = set()
+    notes: list[str] = []
+    for m in measurements:
+        if m.status == "ok" or not m.detail:
+            continue
+        note = f"- {m.scenario} {m.system} {report.size_label(m.size)}: {m.status}: " \
+               f"{m.detail.strip().splitlines()[0]}"
+        if note not in seen:
+            seen.add(note)
+            notes.append(note)
+    return notes
+
+
+def write_results(out: Path, stamp: str, document: dict[str, Any], text: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, text_path = out / f"{stamp}.json", out / f"{stamp}.txt"
+    json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    text_path.write_text(text, encoding="utf-8")
+    return [json_path, text_path]
+
+
+def leftovers(work: Path) -> list[str]:
+    """Anything still running that this run started: it should be nothing."""
+    mine = process_tree(os.getpid())[1:]
+    return [f"{st.pid} {st.name}" for st in [*mine, *processes_mentioning(str(work))]]
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    plan = make_plan(args)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    started = datetime.now(UTC)
+    work = Path(tempfile.mkdtemp(prefix="sysmail-bench-"))
+    runner = Runner(plan, work)
+    interrupted = False
+    begin = time.monotonic()
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: everything started has been stopped; writing what was measured")
+    finally:
+        described = machine.describe(work, ROOT)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    meta = {"started": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
+            "duration_s": time.monotonic() - begin, "interrupted": interrupted,
+            "machine": described, "argv": list(argv), "work_dir": str(work)}
+    rows = report.summarize(runner.measurements, plan.sizes)
+    text = render(plan, meta, rows, runner.measurements)
+    print()
+    print(text, end="")
+    document = {**meta, "plan": asdict(plan), "load": describe_load(plan),
+                "relay_b_unavailable": runner.relay_unavailable,
+                "summary": [row.as_dict() for row in rows],
+                "measurements": [asdict(m) for m in runner.measurements]}
+    for path in write_results(args.out, started.strftime("%Y%m%dT%H%M%SZ"), document, text):
+        print(f"wrote {path}")
+    left = leftovers(work)
+    if left:
+        print(f"WARNING: still running after the benchmark: {', '.join(left)}")
+    return 130 if interrupted else 0

@@ -1,0 +1,112 @@
+"""Turn measurements into one table: median and range per system, and their ratio."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bench.scenarios import POSTFIX, RELAY, Measurement, System
+
+Better = Literal["higher", "lower"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    scenario: str
+    key: str
+    label: str
+    better: Better
+
+
+FIGURES = (
+    Figure("A", "accepted_per_s", "accepted msg/s (smtp-source)", "higher"),
+    Figure("A", "cpu_ms_per_msg", "relay CPU ms/msg", "lower"),
+    Figure("A", "latency_p50_ms", "'.' to 250, p50 ms", "lower"),
+    Figure("A", "latency_p99_ms", "'.' to 250, p99 ms", "lower"),
+    Figure("B", "end_to_end_per_s", "end-to-end msg/s", "higher"),
+    Figure("B", "cpu_ms_per_msg", "CPU ms/msg, whole instance", "lower"),
+    Figure("B", "accepted_per_s", "client finished, msg/s", "higher"),
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    median: float | None = None
+    low: float | None = None
+    high: float | None = None
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: Figure
+    size: int
+    relay: Cell
+    postfix: Cell
+    ratio: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.figure.scenario, "figure": self.figure.key,
+            "label": self.figure.label, "better": self.figure.better, "size": self.size,
+            "sysmail-relay": vars(self.relay), "postfix": vars(self.postfix),
+            "ratio_relay_to_postfix": self.ratio,
+        }
+
+
+def size_label(size: int) -> str:
+    return f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B"
+
+
+def number(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def summarize(measurements: list[Measurement], sizes: list[int]) -> list[Row]:
+    rows: list[Row] = []
+    for figure in FIGURES:
+        for size in sizes:
+            relay = _cell(measurements, figure, size, RELAY)
+            postfix = _cell(measurements, figure, size, POSTFIX)
+            ratio = (relay.median / postfix.median
+                     if relay.median is not None and postfix.median else None)
+            rows.append(Row(figure, size, relay, postfix, ratio))
+    return rows
+
+
+def _cell(measurements: list[Measurement], figure: Figure, size: int, system: System) -> Cell:
+    runs = [m for m in measurements
+            if m.scenario == figure.scenario and m.size == size and m.system == system]
+    if not runs:
+        return Cell("-")
+    values = [m.figures[figure.key] for m in runs if m.status == "ok" and figure.key in m.figures]
+    if not values:
+        statuses = sorted({m.status for m in runs})
+        return Cell(", ".join(statuses))
+    median, low, high = statistics.median(values), min(values), max(values)
+    text = number(median) if len(values) == 1 else \
+        f"{number(median)} ({number(low)}-{number(high)})"
+    failed = len(runs) - len(values)
+    if failed:
+        text += f" [{failed} failed]"
+    return Cell(text, median, low, high, len(values))
+
+
+def table(rows: list[Row]) -> str:
+    header = ("", "figure", "size", "sysmail-relay", "postfix", "relay/postfix")
+    lines = [header]
+    for row in rows:
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x ({row.figure.better} is better)"
+        lines.append((row.figure.scenario, row.figure.label, size_label(row.size),
+                      row.relay.text, row.postfix.text, ratio))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+           for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)

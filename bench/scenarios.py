@@ -1,0 +1,190 @@
+"""One measurement each: scenario A (acceptance into the outbox) and B (end to end).
+
+Every function starts what it measures in a fresh directory, measures once, and
+stops everything it started before returning, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
+
+from bench import load
+from bench.nullclient import start_null_client
+from bench.relay_instance import RelayInstance, start_relay
+from bench.sink import CountingSink
+
+System = Literal["sysmail-relay", "postfix"]
+RELAY: Final = "sysmail-relay"
+POSTFIX: Final = "postfix"
+Status = Literal["ok", "error", "not available"]
+POLL = 0.005  # seconds between looks at the sink counter and the queues
+
+
+@dataclass
+class Measurement:
+    scenario: str
+    system: System
+    size: int
+    round: int
+    messages: int
+    figures: dict[str, float] = field(default_factory=dict)
+    status: Status = "ok"
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Instance(Protocol):
+    """What scenario B needs from the system under test."""
+
+    @property
+    def port(self) -> int: ...
+
+    def cpu_seconds(self) -> float: ...
+
+    def pending(self) -> int: ...
+
+    def failed(self) -> int: ...
+
+    def stop(self) -> None: ...
+
+    def log_tail(self, lines: int = 20) -> str: ...
+
+    def process_names(self) -> dict[str, int]: ...
+
+
+class MeasurementError(Exception):
+    pass
+
+
+def time_limit(messages: int) -> float:
+    """Seconds one pass may take before it is given up: generous, but bounded."""
+    return 30.0 + messages / 40.0
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise MeasurementError(f"{what}: not reached after {timeout:.0f} s")
+        time.sleep(POLL)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (no interpolation: p99 is a latency that happened)."""
+    ordered = sorted(values)
+    rank = min(max(1, math.ceil(fraction * len(ordered))), len(ordered))
+    return ordered[rank - 1]
+
+
+# --- scenario A: the relay's listener, into the local outbox ----------------------------
+
+def acceptance(workdir: Path, size: int, messages: int, latency_messages: int,
+               sessions: int, round_: int) -> Measurement:
+    result = Measurement("A", RELAY, size, round_, messages)
+    relay = start_relay(workdir)
+    try:
+        _throughput_into_outbox(relay, result, size, messages, sessions)
+        _latency(relay, result, size, latency_messages, sessions)
+    except MeasurementError as e:
+        result.status, result.detail = "error", f"{e}\n{relay.log_tail(5)}"
+    finally:
+        relay.stop()
+    return result
+
+
+def _throughput_into_outbox(relay: RelayInstance, result: Measurement, size: int,
+                            messages: int, sessions: int) -> None:
+    cpu0, started = relay.cpu_seconds(), time.perf_counter()
+    code, output = load.finish(load.start_smtp_source(relay.port, messages, size, sessions),
+                               time_limit(messages))
+    elapsed = time.perf_counter() - started
+    if code != 0:
+        raise MeasurementError(f"smtp-source exited with {code}: {output.strip()[-500:]}")
+    wait_for(lambda: relay.pending() == 0 and relay.outbox_count() >= messages,
+             time_limit(messages), f"{messages} messages in the outbox")
+    cpu = relay.cpu_seconds() - cpu0
+    result.figures["accepted_per_s"] = messages / elapsed
+    result.figures["cpu_ms_per_msg"] = cpu * 1000 / messages
+    result.extra["smtp_source_seconds"] = elapsed
+    result.extra["dead"] = relay.failed()
+
+
+def _latency(relay: RelayInstance, result: Measurement, size: int, messages: int,
+             sessions: int) -> None:
+    try:
+        lat = load.measure_latency(relay.port, messages, size, sessions, time_limit(messages))
+    except TimeoutError:
+        raise MeasurementError("latency pass: time limit reached") from None
+    if not lat.latencies:
+        raise MeasurementError(f"latency pass: nothing accepted: {lat.errors[:3]}")
+    ms = [s * 1000 for s in lat.latencies]
+    result.figures["latency_p50_ms"] = statistics.median(ms)
+    result.figures["latency_p99_ms"] = percentile(ms, 0.99)
+    result.extra.update(
+        latency_messages=len(ms), latency_max_ms=max(ms), latency_errors=lat.errors[:5],
+        latency_client_per_s=len(ms) / lat.seconds,
+        latency_client_cpu_ms_per_msg=lat.client_cpu_seconds * 1000 / len(ms))
+
+
+# --- scenario B: end to end into smtp-sink, the relay or a Postfix null client ------------
+
+def end_to_end(workdir: Path, system: System, size: int, messages: int, sessions: int,
+               round_: int) -> Measurement:
+    """Raises RelayUnavailable when the relay cannot deliver to SMTP servers yet."""
+    result = Measurement("B", system, size, round_, messages)
+    sink = CountingSink(workdir / "sink.log")
+    try:
+        instance = _start(system, workdir, sink.port)
+        try:
+            _relay_through(instance, sink, result, size, messages, sessions)
+        except MeasurementError as e:
+            result.status, result.detail = "error", f"{e}\n{instance.log_tail(5)}"
+        finally:
+            instance.stop()
+    finally:
+        sink.stop()
+    return result
+
+
+def _start(system: System, workdir: Path, sink_port: int) -> Instance:
+    if system == RELAY:
+        return start_relay(workdir / "relay", sink_port)
+    return start_null_client(workdir / "postfix", sink_port)
+
+
+def _relay_through(instance: Instance, sink: CountingSink, result: Measurement, size: int,
+                   messages: int, sessions: int) -> None:
+    limit = time_limit(messages)
+    cpu0, started = instance.cpu_seconds(), time.perf_counter()
+    source = load.start_smtp_source(instance.port, messages, size, sessions)
+    client_done: float | None = None
+    deadline = time.monotonic() + limit
+    while sink.received() < messages:
+        if client_done is None and source.poll() is not None:
+            client_done = time.perf_counter() - started
+            if source.returncode != 0:
+                break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(POLL)
+    at_sink = time.perf_counter() - started
+    code, output = load.finish(source, limit)
+    if code != 0:
+        raise MeasurementError(f"smtp-source exited with {code}: {output.strip()[-500:]}")
+    if sink.received() < messages:
+        raise MeasurementError(f"the sink received {sink.received()} of {messages} "
+                               f"in {limit:.0f} s")
+    client_done = client_done or time.perf_counter() - started
+    wait_for(lambda: instance.pending() == 0, limit, "an empty queue after delivery")
+    cpu = instance.cpu_seconds() - cpu0
+    result.figures["end_to_end_per_s"] = messages / at_sink
+    result.figures["cpu_ms_per_msg"] = cpu * 1000 / messages
+    result.figures["accepted_per_s"] = messages / client_done
+    result.extra.update(seconds_to_sink=at_sink, smtp_source_seconds=client_done,
+                        failed=instance.failed(), processes=instance.process_names())
