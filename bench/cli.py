@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -197,10 +198,21 @@ def render(plan: Plan, meta: dict[str, Any], rows: list[report.Row],
         "",
         report.table(rows),
     ]
+    lines.append(_background_line(measurements))
     notes = _notes(measurements)
     if notes:
         lines += ["", "notes:", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _background_line(measurements: list[Measurement]) -> str:
+    values = [float(m.extra["background_cores"]) for m in measurements
+              if "background_cores" in m.extra]
+    if not values:
+        return ""
+    return (f"\nbackground: other processes on the machine used a median of "
+            f"{statistics.median(values):.2f} and at most {max(values):.2f} cores during the "
+            "measurements (0 = the machine was ours alone)")
 
 
 def _notes(measurements: list[Measurement]) -> list[str]:

@@ -10,9 +10,11 @@ asyncio streams: no SMTP library between the clock and the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tests.peers.netutil import HOST
@@ -28,11 +30,19 @@ def smtp_source_command(port: int, messages: int, size: int, sessions: int) -> l
             "-l", str(size), "-f", SENDER, "-t", RECIPIENT, f"{HOST}:{port}"]
 
 
-def start_smtp_source(port: int, messages: int, size: int,
-                      sessions: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(smtp_source_command(port, messages, size, sessions),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+@contextlib.contextmanager
+def smtp_source(port: int, messages: int, size: int,
+                sessions: int) -> Iterator[subprocess.Popen[bytes]]:
+    """smtp-source running in the background; killed on leaving if it is still running."""
+    process = subprocess.Popen(smtp_source_command(port, messages, size, sessions),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def finish(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:

@@ -92,3 +92,26 @@ def processes_mentioning(text: str) -> list[ProcStat]:
         if text.encode() in cmdline or any(text.encode() in v for v in mail_config):
             found.append(st)
     return found
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat, first line)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICKS_PER_SECOND
+
+
+def own_cpu_seconds() -> float:
+    """This process and its reaped children (smtp-source runs end before it is read)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def kernel_threads_cpu_seconds() -> float:
+    """CPU of kernel threads (children of kthreadd): writeback, journal, softirq work.
+
+    Charged to no process, so not part of any system's figure; the I/O of a
+    queue on disk shows up here.
+    """
+    ticks = sum(st.ticks_self for st in all_processes() if st.pid == 2 or st.ppid == 2)
+    return ticks / _TICKS_PER_SECOND

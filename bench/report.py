@@ -27,6 +27,7 @@ FIGURES = (
     Figure("B", "end_to_end_per_s", "end-to-end msg/s", "higher"),
     Figure("B", "cpu_ms_per_msg", "CPU ms/msg, whole instance", "lower"),
     Figure("B", "accepted_per_s", "client finished, msg/s", "higher"),
+    Figure("B", "kernel_threads_ms_per_msg", "kernel threads ms/msg (uncharged I/O)", "lower"),
 )
 
 
@@ -76,7 +77,8 @@ def summarize(measurements: list[Measurement], sizes: list[int]) -> list[Row]:
             postfix = _cell(measurements, figure, size, POSTFIX)
             ratio = (relay.median / postfix.median
                      if relay.median is not None and postfix.median else None)
-            rows.append(Row(figure, size, relay, postfix, ratio))
+            if relay.count or postfix.count or relay.text != "-" or postfix.text != "-":
+                rows.append(Row(figure, size, relay, postfix, ratio))
     return rows
 
 

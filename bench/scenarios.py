@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,11 @@ from typing import Any, Final, Literal, Protocol
 
 from bench import load
 from bench.nullclient import start_null_client
+from bench.procstat import (
+    kernel_threads_cpu_seconds,
+    machine_busy_seconds,
+    own_cpu_seconds,
+)
 from bench.relay_instance import RelayInstance, start_relay
 from bench.sink import CountingSink
 
@@ -23,7 +29,8 @@ System = Literal["sysmail-relay", "postfix"]
 RELAY: Final = "sysmail-relay"
 POSTFIX: Final = "postfix"
 Status = Literal["ok", "error", "not available"]
-POLL = 0.005  # seconds between looks at the sink counter and the queues
+SINK_POLL = 0.005  # seconds between looks at the sink's counter: the end-to-end clock
+DRAIN_POLL = 0.02  # seconds between looks at a queue (scanning it costs the harness CPU)
 
 
 @dataclass
@@ -72,7 +79,36 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     while not condition():
         if time.monotonic() > deadline:
             raise MeasurementError(f"{what}: not reached after {timeout:.0f} s")
-        time.sleep(POLL)
+        time.sleep(DRAIN_POLL)
+
+
+class Background:
+    """What else the machine did during a measurement, in cores (0.1 = 10 % of one core).
+
+    `kernel`: kernel threads (writeback, journal), charged to no process, much of
+    it the I/O of the queue under test. `others`: everything busy minus the
+    kernel threads and what the measurement itself used (the system under test,
+    the sink, this harness and its clients); other people's test suites on a
+    shared machine show up here, not in the figures.
+    """
+
+    def __init__(self, *measured: Callable[[], float]) -> None:
+        self._measured = measured
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float, float]:
+        ours = own_cpu_seconds() + sum(f() for f in self._measured)
+        return time.monotonic(), machine_busy_seconds(), kernel_threads_cpu_seconds(), ours
+
+    def record(self, result: Measurement) -> None:
+        now, busy, kernel, ours = self._sample()
+        t0, busy0, kernel0, ours0 = self._start
+        wall = max(now - t0, 1e-6)
+        kernel_delta = kernel - kernel0
+        others = max(0.0, (busy - busy0) - kernel_delta - (ours - ours0))
+        result.extra["kernel_threads_cores"] = kernel_delta / wall
+        result.extra["kernel_threads_cpu_s"] = kernel_delta
+        result.extra["background_cores"] = others / wall
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -89,8 +125,10 @@ def acceptance(workdir: Path, size: int, messages: int, latency_messages: int,
     result = Measurement("A", RELAY, size, round_, messages)
     relay = start_relay(workdir)
     try:
+        background = Background(relay.cpu_seconds)
         _throughput_into_outbox(relay, result, size, messages, sessions)
         _latency(relay, result, size, latency_messages, sessions)
+        background.record(result)
     except MeasurementError as e:
         result.status, result.detail = "error", f"{e}\n{relay.log_tail(5)}"
     finally:
@@ -101,8 +139,8 @@ def acceptance(workdir: Path, size: int, messages: int, latency_messages: int,
 def _throughput_into_outbox(relay: RelayInstance, result: Measurement, size: int,
                             messages: int, sessions: int) -> None:
     cpu0, started = relay.cpu_seconds(), time.perf_counter()
-    code, output = load.finish(load.start_smtp_source(relay.port, messages, size, sessions),
-                               time_limit(messages))
+    with load.smtp_source(relay.port, messages, size, sessions) as source:
+        code, output = load.finish(source, time_limit(messages))
     elapsed = time.perf_counter() - started
     if code != 0:
         raise MeasurementError(f"smtp-source exited with {code}: {output.strip()[-500:]}")
@@ -158,33 +196,43 @@ def _start(system: System, workdir: Path, sink_port: int) -> Instance:
     return start_null_client(workdir / "postfix", sink_port)
 
 
-def _relay_through(instance: Instance, sink: CountingSink, result: Measurement, size: int,
-                   messages: int, sessions: int) -> None:
-    limit = time_limit(messages)
-    cpu0, started = instance.cpu_seconds(), time.perf_counter()
-    source = load.start_smtp_source(instance.port, messages, size, sessions)
+def _wait_for_sink(sink: CountingSink, source: subprocess.Popen[bytes], messages: int,
+                   started: float, limit: float) -> float | None:
+    """Poll until the sink has *messages*; returns when smtp-source finished, if it did."""
     client_done: float | None = None
     deadline = time.monotonic() + limit
-    while sink.received() < messages:
+    while sink.received() < messages and time.monotonic() < deadline:
         if client_done is None and source.poll() is not None:
             client_done = time.perf_counter() - started
             if source.returncode != 0:
                 break
-        if time.monotonic() > deadline:
-            break
-        time.sleep(POLL)
-    at_sink = time.perf_counter() - started
-    code, output = load.finish(source, limit)
+        time.sleep(SINK_POLL)
+    return client_done
+
+
+def _relay_through(instance: Instance, sink: CountingSink, result: Measurement, size: int,
+                   messages: int, sessions: int) -> None:
+    limit = time_limit(messages)
+    background = Background(instance.cpu_seconds, sink.cpu_seconds)
+    cpu0, started = instance.cpu_seconds(), time.perf_counter()
+    with load.smtp_source(instance.port, messages, size, sessions) as source:
+        client_done = _wait_for_sink(sink, source, messages, started, limit)
+        at_sink = time.perf_counter() - started
+        code, output = load.finish(source, limit)
+        if client_done is None:  # the sink had everything before smtp-source exited
+            client_done = time.perf_counter() - started
     if code != 0:
         raise MeasurementError(f"smtp-source exited with {code}: {output.strip()[-500:]}")
     if sink.received() < messages:
         raise MeasurementError(f"the sink received {sink.received()} of {messages} "
                                f"in {limit:.0f} s")
-    client_done = client_done or time.perf_counter() - started
     wait_for(lambda: instance.pending() == 0, limit, "an empty queue after delivery")
     cpu = instance.cpu_seconds() - cpu0
+    background.record(result)
     result.figures["end_to_end_per_s"] = messages / at_sink
     result.figures["cpu_ms_per_msg"] = cpu * 1000 / messages
     result.figures["accepted_per_s"] = messages / client_done
+    result.figures["kernel_threads_ms_per_msg"] = \
+        float(result.extra["kernel_threads_cpu_s"]) * 1000 / messages
     result.extra.update(seconds_to_sink=at_sink, smtp_source_seconds=client_done,
                         failed=instance.failed(), processes=instance.process_names())

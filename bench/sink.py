@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from bench.procstat import tree_cpu_seconds
 from tests.peers import smtp_sink
 
 _COUNTER = re.compile(rb"mesg=(\d+)")
@@ -29,6 +30,9 @@ class CountingSink:
     @property
     def port(self) -> int:
         return self._sink.port
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self._sink.process.pid)
 
     def received(self) -> int:
         """Messages received so far (a "." seen), as smtp-sink counts them."""

@@ -25,8 +25,15 @@ from typing import TypeVar
 
 import aiosmtplib
 
-from . import digest_md5
-from .errors import AuthenticationFailure, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
+from . import digest_md5, pop3
+from .errors import (
+    AuthenticationFailure,
+    DeliveryFailure,
+    Held,
+    PermanentFailure,
+    Pop3Error,
+    TemporaryFailure,
+)
 from .metrics import Metrics
 from .settings import ServerSettings
 from .upstream import Outcome, Outgoing, classify, explain, slow_down_requested
@@ -39,6 +46,35 @@ AUTH_FAILURES_BEFORE_PAUSE = 3
 _DSN_MAIL = ("RET=", "ENVID=")
 T = TypeVar("T")
 Step = Callable[[str, float, str], None]
+
+
+async def pop_before_smtp(name: str, server: ServerSettings,
+                          on_step: Step | None = None) -> str:
+    """Log in to the server's POP3 account so that it lets this address send.
+
+    Raises AuthenticationFailure (the POP server refused the login) or
+    TemporaryFailure (unreachable, timeout, TLS), with the POP server's answer.
+    """
+    pop = server.pop_before_smtp
+    assert pop is not None and pop.port is not None
+    where = f"{name}: POP before SMTP at {pop.host}:{pop.port}"
+    context = tls_context(server) if pop.encryption != "none" else None
+
+    def step(stage: str, seconds: float, answer: str) -> None:
+        if on_step is not None:
+            on_step(f"POP {stage}", seconds, answer)
+
+    try:
+        return await pop3.pop_login(
+            pop.host, pop.port, encryption=pop.encryption, ssl_context=context,
+            timeout=pop.timeout, username=pop.username, password=pop.secret(), apop=pop.apop,
+            on_step=step)
+    except Pop3Error as e:
+        if on_step is not None:
+            on_step(f"POP {e.stage or 'login'}", 0.0, f"FAILED: {e.reply}")
+        refused = e.stage in ("USER", "PASS", "APOP") and not isinstance(e, TimeoutError)
+        kind = AuthenticationFailure if refused else TemporaryFailure
+        raise kind(f"{where}: {e.reply}", stage=f"POP {e.stage or 'login'}") from None
 
 
 def tls_context(server: ServerSettings) -> ssl.SSLContext:
@@ -271,6 +307,8 @@ class SmtpUpstream:
         self._slowdown = 0.0
         self._sent: collections.deque[float] = collections.deque()
         self._rcpts: collections.deque[tuple[float, int]] = collections.deque()
+        self._pop_lock = asyncio.Lock()
+        self._pop_at = 0.0  # monotonic time of the last successful POP login
 
     # --- pacing ------------------------------------------------------------------------
 
@@ -317,6 +355,31 @@ class SmtpUpstream:
         self._pause_reason = reason
         log.warning("not sending to %s for %.0f s: %s", self.name, seconds, reason)
 
+    # --- POP before SMTP ----------------------------------------------------------------
+
+    async def _ensure_pop_login(self) -> None:
+        """A POP login younger than `window` before every transaction; one at a time."""
+        pop = self.server.pop_before_smtp
+        if pop is None:
+            return
+        async with self._pop_lock:  # concurrent deliveries share one login
+            if time.monotonic() - self._pop_at < pop.window:
+                return
+            try:
+                answer = await pop_before_smtp(self.name, self.server)
+            except DeliveryFailure as failure:
+                self.metrics.pop_before_smtp.labels(self.name, "failed").inc()
+                if isinstance(failure, AuthenticationFailure):
+                    self._auth_failed("POP", failure)
+                raise
+            logged_in = time.monotonic()
+            self._auth_failures = 0
+            self.metrics.pop_before_smtp.labels(self.name, "ok").inc()
+            log.info("%s: POP before SMTP login to %s ok (%s)", self.name, pop.host, answer)
+            if pop.wait:
+                await asyncio.sleep(pop.wait)
+            self._pop_at = logged_in
+
     # --- sessions ----------------------------------------------------------------------
 
     async def _new_session(self) -> Session:
@@ -326,14 +389,7 @@ class SmtpUpstream:
             await session.open()
         except AuthenticationFailure as failure:
             await session.quit()
-            self.metrics.auth_failures.labels(self.name, method).inc()
-            self._auth_failures += 1
-            if self._auth_failures >= AUTH_FAILURES_BEFORE_PAUSE:
-                excess = self._auth_failures - AUTH_FAILURES_BEFORE_PAUSE
-                seconds = min(3600.0, 60.0 * 2**excess)
-                self._pause(seconds, f"{self._auth_failures} authentication failures in a row "
-                                     "(pausing so the account is not locked); last: "
-                                     f"{failure.reply}")
+            self._auth_failed(method, failure)
             raise
         except BaseException:
             await session.quit()
@@ -342,6 +398,15 @@ class SmtpUpstream:
         self._open += 1
         self.metrics.upstream_sessions.labels(self.name).set(self._open)
         return session
+
+    def _auth_failed(self, method: str, failure: DeliveryFailure) -> None:
+        self.metrics.auth_failures.labels(self.name, method).inc()
+        self._auth_failures += 1
+        if self._auth_failures >= AUTH_FAILURES_BEFORE_PAUSE:
+            excess = self._auth_failures - AUTH_FAILURES_BEFORE_PAUSE
+            self._pause(min(3600.0, 60.0 * 2**excess),
+                        f"{self._auth_failures} authentication failures in a row (pausing so "
+                        f"the account is not locked); last: {failure.reply}")
 
     def _take_idle(self) -> Session | None:
         while self._idle:
@@ -379,37 +444,50 @@ class SmtpUpstream:
         data = await asyncio.to_thread(message.path.read_bytes)
         async with self._slots:
             self._check_pace(message)
-            session = self._take_idle()
-            reused = session is not None
-            if session is None:
-                session = await self._new_session()
+            await self._ensure_pop_login()
             try:
-                try:
-                    outcomes = await session.transaction(message, data)
-                except TemporaryFailure as failure:
-                    stale = reused and failure.code in (None, 421) and session.stage == "MAIL FROM"
-                    if not stale:
-                        raise
-                    # the server closed the pooled connection while it was idle: open a new one
-                    self._closed(session)
-                    session = await self._new_session()
-                    outcomes = await session.transaction(message, data)
+                outcomes = await self._send(message, data)
             except DeliveryFailure as failure:
-                self._closed(session)
-                self._after(failure.reply)
+                self._after(failure.code, failure.reply)
                 raise
-            self._give_back(session)
         self._sent.append(time.time())
         self._rcpts.append((time.time(), len(message.recipients)))
         for outcome in outcomes:
-            self._after(outcome.reply)
+            self._after(outcome.failure.code if outcome.failure else 250, outcome.reply)
         return outcomes
 
-    def _after(self, reply: str) -> None:
-        if slow_down_requested(reply):
+    async def _send(self, message: Outgoing, data: bytes) -> list[Outcome]:
+        """One transaction on a pooled session, or on a new one when the pooled one went stale."""
+        session = self._take_idle()
+        if session is not None:
+            try:
+                return await self._transaction(session, message, data)
+            except TemporaryFailure as failure:
+                stale = failure.code in (None, 421) and session.stage == "MAIL FROM"
+                if not stale:
+                    raise
+                # the server closed the pooled connection while it was idle: open a new one
+        return await self._transaction(await self._new_session(), message, data)
+
+    async def _transaction(self, session: Session, message: Outgoing,
+                           data: bytes) -> list[Outcome]:
+        """Run it; keep the session when it is still good (the server answered), else close."""
+        try:
+            outcomes = await session.transaction(message, data)
+        except DeliveryFailure as failure:
+            if failure.code is not None and failure.code != 421 and session.connected:
+                self._give_back(session)
+            else:
+                self._closed(session)
+            raise
+        self._give_back(session)
+        return outcomes
+
+    def _after(self, code: int | None, reply: str) -> None:
+        if code is not None and code // 100 == 4 and slow_down_requested(f"{code} {reply}"):
             self._slowdown = min(900.0, max(30.0, self._slowdown * 2))
             self._pause(self._slowdown, f"the server asked to slow down: {explain(reply)}")
-        elif reply.startswith("2"):
+        elif code is not None and code // 100 == 2:
             self._slowdown = 0.0
 
     async def close(self) -> None:
@@ -434,6 +512,10 @@ async def probe(name: str, server: ServerSettings, hostname: str,
 
     session = Session(name, server, hostname, on_step=step)
     try:
+        if server.pop_before_smtp is not None:
+            await pop_before_smtp(name, server, on_step=step)
+            if server.pop_before_smtp.wait:
+                await asyncio.sleep(server.pop_before_smtp.wait)
         await session.open()
     except DeliveryFailure:
         await session.quit()

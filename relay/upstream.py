@@ -82,8 +82,7 @@ _HINTS: list[tuple[str, str]] = [
     ("5.7.1 Client does not have permissions",
      "the account may not send as this address: check system_account.address"),
 ]
-_TOO_MANY = ("4.7.0 Too many", "4.5.3", "4.7.28", "4.3.2 Too many", "too many", "rate limit",
-             "Rate limit", "4.7.500")
+_TOO_MANY = ("too many", "4.5.3", "4.7.28", "rate limit", "4.7.500", "try again later, closing")
 
 
 def explain(reply: str) -> str:
@@ -96,7 +95,8 @@ def explain(reply: str) -> str:
 
 def slow_down_requested(reply: str) -> bool:
     """A 4xx that asks the client to send less (rate limits, too many connections)."""
-    return reply.startswith("4") and any(marker in reply for marker in _TOO_MANY)
+    text = reply.lower()
+    return reply.startswith("4") and any(marker in text for marker in _TOO_MANY)
 
 
 def classify(error: BaseException, *, server: str, stage: str, timeout: float) -> DeliveryFailure:
@@ -111,6 +111,11 @@ def classify(error: BaseException, *, server: str, stage: str, timeout: float) -
     if isinstance(error, aiosmtplib.SMTPResponseException):
         reply = explain(_reply(error))
         text = f"{server} answered {reply} to {stage}"
+        if _not_authorized(error, stage):
+            return TemporaryFailure(
+                f"{text} -- the server does not let this account send (5.7.x before DATA): "
+                "check the server's auth or pop_before_smtp settings; the message stays "
+                "queued", code=error.code, stage=stage)
         kind = PermanentFailure if 500 <= error.code < 600 else TemporaryFailure
         return kind(text, code=error.code, stage=stage)
     if isinstance(error, aiosmtplib.SMTPConnectTimeoutError):
@@ -143,6 +148,13 @@ def classify(error: BaseException, *, server: str, stage: str, timeout: float) -
     if isinstance(error, aiosmtplib.SMTPException):
         return TemporaryFailure(f"{server}: {error} (during {stage})", stage=stage)
     raise error
+
+
+def _not_authorized(error: aiosmtplib.SMTPResponseException, stage: str) -> bool:
+    """5.7.x at MAIL or RCPT: a refusal of our authorisation (relay denied, authentication
+    required), which a configuration fix cures. Deferred, not dead-lettered."""
+    return (500 <= error.code < 600 and stage in ("MAIL FROM", "RCPT TO")
+            and error.message.lstrip().startswith("5.7."))
 
 
 def _reply(error: aiosmtplib.SMTPResponseException) -> str:

@@ -14,7 +14,7 @@ import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -57,6 +57,8 @@ class Script:
     encrypted: list[bool] = field(default_factory=list)
     """For each MAIL: was the connection encrypted (STARTTLS or implicit TLS)?"""
     rsets: int = 0
+    data_started: int = 0
+    """Messages received up to the final dot (answered or not)."""
     in_data: int = 0
     logins: list[str] = field(default_factory=list)
 
@@ -89,6 +91,7 @@ class Script:
         return self._scripted(server, "RCPT", reply)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.data_started += 1
         self.in_data += 1
         try:
             if self.data_gate is not None:
@@ -126,7 +129,7 @@ class Script:
         for server in list(self.live):
             if server.transport is not None and not server.transport.is_closing():
                 if reply is not None:
-                    server.transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+                    cast(asyncio.WriteTransport, server.transport).write(reply.encode() + b"\r\n")
                 _close(server)
                 closed += 1
         return closed
@@ -137,7 +140,7 @@ def _close(server: SMTP) -> None:
         server.transport.close()
 
 
-class RecordingSMTP(SMTP):  # type: ignore[misc]
+class RecordingSMTP(SMTP):
     """aiosmtpd's SMTP that records raw MAIL/RCPT arguments and takes DSN parameters."""
 
     def __init__(self, script: Script, **kwargs: Any) -> None:
@@ -211,7 +214,7 @@ class Servers:
         async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
-            self._tasks.add(task)  # type: ignore[arg-type]
+            self._tasks.add(task)
             self._writers.append(writer)
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await handler(reader, writer)

@@ -7,114 +7,19 @@ log (which SASL mechanism was used) or in the relay's spool (deferred, dead).
 
 from __future__ import annotations
 
-import json
 import signal
-import smtplib
 import subprocess
 import time
-from collections.abc import Iterator
-from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.peers.peers import MailPeers
-from tests.support import Daemon, free_port, relay_command
+from tests.support import free_port, relay_command
+
+from .operator import SYSTEM, Relay, assert_relayed, auth_block, message, start
 
 pytestmark = pytest.mark.integration
-
-SYSTEM = "notify@example.com"
-
-
-def message(tag: str, body: str = "Please approve request 42.\r\n") -> bytes:
-    return (f"From: Workflow <workflow@apps.example.com>\r\nTo: boss@example.com\r\n"
-            f"Subject: Approval {tag}\r\nMessage-ID: <{tag}@apps.example.com>\r\n\r\n"
-            f"{body}").encode()
-
-
-class Relay:
-    """A running `sysmail-relay serve` with one [servers.up] block."""
-
-    def __init__(self, tmp_path: Path, server: str, address: str = SYSTEM,
-                 extra: str = "") -> None:
-        self.state = tmp_path / "state"
-        self.config = tmp_path / "relay.toml"
-        port = free_port()
-        self.config.write_text(
-            f'state_dir = "{self.state}"\n[listener]\nport = {port}\n'
-            f'[system_account]\naddress = "{address}"\nserver = "up"\n'
-            f'[queue]\nretry_initial = "1s"\nretry_max = "2s"\n{extra}\n'
-            f"[servers.up]\n{server}\n")
-        self.daemon = Daemon(self.config, tmp_path / "relay.log", port)
-        self.daemon.start()
-
-    def send(self, data: bytes, rcpts: tuple[str, ...] = ("boss@example.com",)) -> str:
-        with smtplib.SMTP("127.0.0.1", self.daemon.port) as client:
-            client.ehlo("app.example.com")
-            client.mail("workflow@apps.example.com")
-            for rcpt in rcpts:
-                client.rcpt(rcpt)
-            code, text = client.data(data)
-        assert code == 250, text
-        return text.decode().rsplit(" ", 1)[1]
-
-    def envelope(self, queue_id: str) -> tuple[str, dict[str, Any]] | None:
-        for place in ("queue", "active", "dead"):
-            path = self.state / "spool" / place / queue_id / "envelope.json"
-            try:
-                return place, json.loads(path.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue
-        return None
-
-    def wait_envelope(self, queue_id: str, place: str, reply_contains: str,
-                      timeout: float = 20) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.envelope(queue_id)
-            if found and found[0] == place and reply_contains in (
-                    found[1].get("last_reply") or "") + (found[1].get("dead_reason") or ""):
-                return found[1]
-            time.sleep(0.1)
-        raise AssertionError(f"{queue_id} not {place} with {reply_contains!r}: {found}\n"
-                             + self.daemon.log_text())
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([relay_command(), "--config", str(self.config), *args],
-                              capture_output=True, text=True, timeout=60)
-
-    def stop(self) -> None:
-        if self.daemon.proc is not None and self.daemon.proc.poll() is None:
-            self.daemon.stop(signal.SIGTERM)
-
-
-@pytest.fixture
-def relays(tmp_path: Path) -> Iterator[list[Relay]]:
-    started: list[Relay] = []
-    yield started
-    for relay in started:
-        relay.stop()
-
-
-def start(relays: list[Relay], tmp_path: Path, server: str, **kw: Any) -> Relay:
-    relay = Relay(tmp_path, server, **kw)
-    relays.append(relay)
-    return relay
-
-
-def auth_block(method: str, user: str, password: str) -> str:
-    return (f'[servers.up.auth]\nmethod = "{method}"\nusername = "{user}"\n'
-            f'password = "{password}"\n')
-
-
-def assert_relayed(peers: MailPeers, tag: str, sender: str = SYSTEM) -> None:
-    (delivered,) = peers.find_messages(f"<{tag}@apps.example.com>")
-    assert delivered["Return-Path"] == f"<{sender}>"
-    assert parseaddr(delivered["From"]) == ("Workflow", sender)
-    assert delivered["Reply-To"] == "Workflow <workflow@apps.example.com>"
-    assert delivered.get_content() == "Please approve request 42.\n"
-
 
 def test_plain_server_without_auth(clean_peers: MailPeers, tmp_path: Path,
                                    relays: list[Relay]) -> None:
