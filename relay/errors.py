@@ -14,6 +14,7 @@
     ├── Pop3Error                           the POP3 server refused or broke the dialogue
     │   └── Pop3Timeout (TimeoutError)
     ├── SaslError                           a SASL exchange went wrong on the client side
+    ├── OAuthError                          sign-in, token refresh or the token store failed
     └── SubmitError                         `send-test` / `sendmail` could not hand over a message
 
 Every message names the cause and what to do about it; none contains a secret.
@@ -100,6 +101,10 @@ class Pop3Timeout(Pop3Error, TimeoutError):
 
 class SaslError(RelayError):
     """A SASL exchange went wrong on the client side (for example a wrong rspauth)."""
+
+
+class OAuthError(RelayError):
+    """Signing in, refreshing a token or using the token store failed; says what to do."""
 
 
 class SubmitError(RelayError):
