@@ -1,0 +1,27 @@
+"""Every example in conf/ is a valid configuration (secret files are supplied for the test)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from relay.settings import load_settings
+
+CONF = Path(__file__).parent.parent / "conf"
+
+
+@pytest.mark.parametrize("example", sorted(CONF.glob("*.toml")), ids=lambda p: p.name)
+def test_example_configuration_is_valid(example: Path, tmp_path: Path) -> None:
+    text = example.read_text()
+    for secret in set(re.findall(r'"(/run/secrets/[^"]+)"', text)):  # stand-ins for the secrets
+        stand_in = tmp_path / Path(secret).name
+        stand_in.write_text("example-secret\n")
+        text = text.replace(secret, str(stand_in))
+    copy = tmp_path / example.name
+    copy.write_text(text)
+    settings = load_settings(copy)
+    assert settings.system_account.address
+    if settings.system_account.server != "local":
+        assert settings.active_server is not None and settings.active_server.host
