@@ -215,8 +215,10 @@ class ServerSettings(_Section):
         if self.oauth is None and self.host is None:
             raise ValueError("host is required (the outgoing e-mail server name)")
         if self.oauth is None:
+            # A password never goes out unencrypted unless encryption = "none" is written.
+            plain: Encryption = "starttls" if self.auth is not None else "none"
             by_port: dict[int, Encryption] = {465: "tls", 587: "starttls"}
-            self._fill_transport(self.host, by_port.get(self.port or 25, "none"))
+            self._fill_transport(self.host, by_port.get(self.port or 25, plain))
         return self
 
     def _fill_transport(self, host: str | None, encryption: Encryption) -> None:

@@ -324,3 +324,18 @@ def test_check_command_exits_2_with_one_line_per_mistake(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "listener.foo: unknown key" in result.stderr
     assert "listener.port:" in result.stderr
+
+
+def test_auth_without_encryption_defaults_to_starttls(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, """
+[servers.s]
+host = "smtp.example.com"
+[servers.s.auth]
+method = "PLAIN"
+username = "u"
+password = "p"
+[servers.plain]
+host = "smtp.example.com"
+"""))
+    assert (settings.servers["s"].encryption, settings.servers["s"].port) == ("starttls", 587)
+    assert (settings.servers["plain"].encryption, settings.servers["plain"].port) == ("none", 25)

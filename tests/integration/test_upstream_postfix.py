@@ -33,7 +33,7 @@ def test_each_sasl_mechanism_through_dovecot(clean_peers: MailPeers, tmp_path: P
                                              relays: list[Relay], method: str) -> None:
     user = clean_peers.notify
     relay = start(relays, tmp_path, f'host = "127.0.0.1"\n'
-                  f'port = {clean_peers.port("dovecot_auth")}\n'
+                  f'port = {clean_peers.port("dovecot_auth")}\nencryption = "none"\n'
                   + auth_block(method, user.username, user.password))
     tag = f"dovecot-{method.lower()}"
     relay.send(message(tag))
@@ -46,7 +46,7 @@ def test_each_sasl_mechanism_through_cyrus(clean_peers: MailPeers, tmp_path: Pat
                                            relays: list[Relay], method: str) -> None:
     user = clean_peers.cyrus_user
     relay = start(relays, tmp_path, f'host = "127.0.0.1"\n'
-                  f'port = {clean_peers.port("cyrus_auth")}\n'
+                  f'port = {clean_peers.port("cyrus_auth")}\nencryption = "none"\n'
                   + auth_block(method, user.username, user.password))
     tag = f"cyrus-{method.lower()}"
     relay.send(message(tag))
@@ -58,7 +58,7 @@ def test_utf8_username_and_password_with_digest_md5(clean_peers: MailPeers, tmp_
                                                     relays: list[Relay]) -> None:
     user = clean_peers.unicode_user
     relay = start(relays, tmp_path, f'host = "127.0.0.1"\n'
-                  f'port = {clean_peers.port("dovecot_auth")}\n'
+                  f'port = {clean_peers.port("dovecot_auth")}\nencryption = "none"\n'
                   + auth_block("DIGEST-MD5", user.username, user.password))
     relay.send(message("unicode-digest"))
     assert_relayed(clean_peers, "unicode-digest")
@@ -93,7 +93,7 @@ def test_wrong_password_is_deferred_and_never_shown(clean_peers: MailPeers, tmp_
                                                     relays: list[Relay]) -> None:
     secret = "Wr0ng-Passw0rd-Marker"
     relay = start(relays, tmp_path, f'host = "127.0.0.1"\n'
-                  f'port = {clean_peers.port("dovecot_auth")}\n'
+                  f'port = {clean_peers.port("dovecot_auth")}\nencryption = "none"\n'
                   + auth_block("PLAIN", clean_peers.notify.username, secret))
     queue_id = relay.send(message("wrong-password"))
     env = relay.wait_envelope(queue_id, "queue", "535")
