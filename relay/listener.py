@@ -264,17 +264,24 @@ class Listener:
                         zip(envelope.rcpt_tos, envelope.rcpt_options, strict=True)],
             mail_options=list(envelope.mail_options), size=len(body), client=peer_ip,
             subject=header_value(data, "Subject"))
+        # Shielded: if the client goes away meanwhile, a message that reaches the disk is
+        # still handed to the scheduler (the client, without a 250, may send it again).
+        queued = asyncio.ensure_future(self._queue(env, body))
+        queued.add_done_callback(_retrieve)
         try:
-            await asyncio.to_thread(self.spool.store, env, body)
+            await asyncio.shield(queued)
         except SpoolError as e:
             self.metrics.messages_rejected.labels("spool").inc()
             log.error("%s: not queued, client told to retry (451): %s", qid, e)
             return "451 4.3.0 Could not queue the message on disk; try again later"
-        self.metrics.messages_received.inc()
-        log.info("%s: queued from=<%s> client=%s size=%d nrcpt=%d", qid, env.sender, peer_ip,
-                 env.size, len(env.recipients))
-        self.on_queued(env)
         return f"250 2.0.0 OK queued as {qid}"
+
+    async def _queue(self, env: SpoolEnvelope, body: bytes) -> None:
+        await self.spool.commit(env, body)
+        self.metrics.messages_received.inc()
+        log.info("%s: queued from=<%s> client=%s size=%d nrcpt=%d", env.id, env.sender,
+                 env.client, env.size, len(env.recipients))
+        self.on_queued(env)
 
     # --- stopping ----------------------------------------------------------------------
 
@@ -299,6 +306,12 @@ class Listener:
             await asyncio.sleep(0.05)  # shutdown only: wait for transactions to complete
         if self._server is not None:
             await self._server.wait_closed()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Read a shielded task's outcome, so a failure after the client left is not 'unretrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 
 _STOCK = {

@@ -21,11 +21,13 @@ upstream has accepted it. Every method here blocks: call it from a thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -104,15 +106,91 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, *, sync: bool = True) -> int | None:
+    """Create and write a file; fsync and close it, or (sync=False) return its open fd."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if not sync:
+            return fd
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+class _Staged:
+    """A message written into incoming/ whose files still need their fsync."""
+
+    __slots__ = ("dir", "envelope", "fds")
+
+    def __init__(self, envelope: Envelope, directory: Path) -> None:
+        self.envelope = envelope
+        self.dir = directory
+        self.fds: list[int] = []
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+class _GroupCommit:
+    """Makes concurrently received messages durable together.
+
+    One thread takes every message waiting, writes them all, fsyncs each file and
+    directory, renames them into queue/ and fsyncs queue/ once: the disk round trips
+    are shared, yet no message is acknowledged before its own files and its
+    directory entry are on disk. The thread ends when idle and starts again on demand.
+    """
+
+    IDLE = 2.0
+    MAX_BATCH = 64
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._cond = threading.Condition()
+        self._pending: list[tuple[Envelope, bytes, asyncio.AbstractEventLoop,
+                                  asyncio.Future[None]]] = []
+        self._running = False
+
+    async def store(self, envelope: Envelope, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            self._pending.append((envelope, data, loop, done))
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="spool-commit", daemon=True).start()
+            self._cond.notify()
+        await done
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending:
+                    self._cond.wait(self.IDLE)
+                if not self._pending:
+                    self._running = False
+                    return
+                batch = self._pending[:self.MAX_BATCH]
+                del self._pending[:self.MAX_BATCH]
+            errors = self.spool.store_batch([(env, data) for env, data, _, _ in batch])
+            for (_, _, loop, done), error in zip(batch, errors, strict=True):
+                loop.call_soon_threadsafe(_settle, done, error)
+
+
+def _settle(done: asyncio.Future[None], error: SpoolError | None) -> None:
+    if done.cancelled():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
 
 
 @dataclass
@@ -128,6 +206,7 @@ class Recovery:
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._committer = _GroupCommit(self)
 
     def _dir(self, place: str) -> Path:
         return self.root / place
@@ -151,17 +230,54 @@ class Spool:
 
     def store(self, envelope: Envelope, data: bytes) -> None:
         """Make the message durable in queue/. Raises SpoolError (nothing is left behind)."""
-        tmp = self._dir("incoming") / envelope.id
-        try:
-            tmp.mkdir(mode=0o700)
-            _write_file(tmp / MESSAGE, data)
-            _write_file(tmp / ENVELOPE, envelope.to_json())
-            _fsync_dir(tmp)
-            os.rename(tmp, self._dir("queue") / envelope.id)
-            _fsync_dir(self._dir("queue"))
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise SpoolError(f"cannot write the message to the spool: {e.strerror}") from e
+        (error,) = self.store_batch([(envelope, data)])
+        if error is not None:
+            raise error
+
+    async def commit(self, envelope: Envelope, data: bytes) -> None:
+        """`store` from the event loop, sharing disk round trips with concurrent messages."""
+        await self._committer.store(envelope, data)
+
+    def store_batch(self, items: list[tuple[Envelope, bytes]]) -> list[SpoolError | None]:
+        """Write, fsync, rename into queue/, fsync queue/ once; one result per message."""
+        errors: list[SpoolError | None] = [None] * len(items)
+        staged: list[tuple[int, _Staged]] = []
+        for i, (envelope, data) in enumerate(items):
+            entry = _Staged(envelope, self._dir("incoming") / envelope.id)
+            try:
+                entry.dir.mkdir(mode=0o700)
+                for name, content in ((MESSAGE, data), (ENVELOPE, envelope.to_json())):
+                    fd = _write_file(entry.dir / name, content, sync=False)
+                    assert fd is not None
+                    entry.fds.append(fd)
+                staged.append((i, entry))
+            except OSError as e:
+                errors[i] = self._discard(entry, e)
+        committed = []
+        for i, entry in staged:
+            try:
+                for fd in entry.fds:
+                    os.fsync(fd)
+                entry.close()
+                _fsync_dir(entry.dir)
+                os.rename(entry.dir, self._dir("queue") / entry.envelope.id)
+                committed.append(i)
+            except OSError as e:
+                errors[i] = self._discard(entry, e)
+        if committed:
+            try:
+                _fsync_dir(self._dir("queue"))
+            except OSError as e:
+                for i in committed:  # in queue/ but perhaps not durable: the client retries
+                    errors[i] = SpoolError(f"cannot sync the spool directory: {e.strerror}")
+        return errors
+
+    def _discard(self, entry: _Staged, error: OSError) -> SpoolError:
+        entry.close()
+        shutil.rmtree(entry.dir, ignore_errors=True)
+        failure = SpoolError(f"cannot write the message to the spool: {error.strerror}")
+        failure.__cause__ = error
+        return failure
 
     # --- delivering ------------------------------------------------------------------
 
