@@ -146,10 +146,11 @@ def relay_command() -> str:
 class Daemon:
     """`sysmail-relay serve --config FILE` as an operator runs it, as a child process."""
 
-    def __init__(self, config: Path, log: Path, port: int) -> None:
+    def __init__(self, config: Path, log: Path, port: int, host: str = "127.0.0.1") -> None:
         self.config = config
         self.log = log
         self.port = port
+        self.host = host
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20) -> None:
@@ -163,7 +164,7 @@ class Daemon:
                 raise AssertionError(f"serve exited with {self.proc.returncode}:\n"
                                      + self.log.read_text())
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((self.host, self.port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.05)
