@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the integration-test peers need (Postfix, Dovecot,
-# Cyrus SASL, swaks) without configuring or starting the system instances.
+# Cyrus SASL, swaks) without configuring or starting the system instances, and
+# chromium for the admin page's browser test (Playwright drives it headless).
 # Idempotent; run as root. The tests start private instances on 127.0.0.1.
 set -euo pipefail
 
@@ -22,6 +23,7 @@ PACKAGES=(
     libauthen-sasl-perl
     libdigest-hmac-perl
     ca-certificates
+    chromium
 )
 
 missing=()
@@ -73,7 +75,7 @@ stop_by_pidfile /var/spool/postfix/pid/master.pid
 stop_by_pidfile /run/dovecot/master.pid
 stop_by_pidfile /run/saslauthd/saslauthd.pid
 
-for bin in postfix postconf smtp-sink dovecot doveadm saslpasswd2 swaks; do
+for bin in postfix postconf smtp-sink dovecot doveadm saslpasswd2 swaks chromium; do
     command -v "$bin" >/dev/null || { echo "install-peers.sh: $bin missing" >&2; exit 1; }
 done
 echo "install-peers.sh: peers installed: $(postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /'), dovecot $(dovecot --version)"

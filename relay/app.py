@@ -20,13 +20,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import logs
+from . import logs, queue_admin
+from .admin import AdminServer
 from .delivery import Scheduler, UpstreamFactory
 from .errors import ConfigError, RelayError, SpoolError
 from .listener import Listener
 from .metrics import Metrics
+from .notify import Notifier
+from .oauth import Authorization, OAuth
 from .outbox import LocalOutbox
-from .settings import LOCAL_SERVER, Settings, load_settings, warnings
+from .settings import LOCAL_SERVER, OVERRIDES_FILE, Settings, load_settings, warnings
 from .smtp_client import SmtpUpstream, probe
 from .spool import Envelope, Spool
 from .upstream import Upstream
@@ -37,12 +40,16 @@ SHUTDOWN_GRACE = 10.0
 PID_FILE = "relay.pid"
 
 
-def make_upstream(settings: Settings, metrics: Metrics | None = None) -> Upstream:
+def make_upstream(settings: Settings, metrics: Metrics | None = None,
+                  oauth: OAuth | None = None) -> Upstream:
     name = settings.system_account.server
     server = settings.active_server
     if server is None:
         return LocalOutbox(settings.outbox)
-    return SmtpUpstream(name, server, metrics or Metrics(), local_hostname(settings))
+    metrics = metrics or Metrics()
+    if oauth is None and server.oauth is not None:
+        oauth = OAuth(settings, metrics)
+    return SmtpUpstream(name, server, metrics, local_hostname(settings), oauth=oauth)
 
 
 def local_hostname(settings: Settings) -> str:
@@ -68,7 +75,7 @@ def check_connect(settings: Settings, emit: Callable[[str], None]) -> bool:
     server = settings.active_server
     assert server is not None
     return asyncio.run(probe(settings.system_account.server, server, local_hostname(settings),
-                             emit))
+                             emit, oauth=OAuth(settings, Metrics())))
 
 
 class Relay:
@@ -77,19 +84,26 @@ class Relay:
         self.settings = settings
         self.config_file = config_file
         self.metrics = Metrics()
+        self.oauth = OAuth(settings, self.metrics)
+        self.oauth.on_granted.append(self._oauth_granted)
         self.make_upstream: UpstreamFactory = upstreams or functools.partial(
-            make_upstream, metrics=self.metrics)
+            make_upstream, metrics=self.metrics, oauth=self.oauth)
         self.spool = Spool(settings.spool_dir)
         self.scheduler: Scheduler | None = None
         self.listener: Listener | None = None
+        self.admin: AdminServer | None = None
+        self.notifier = Notifier(self.spool, lambda: self.settings, self._queued)
+        self.stopping = False
         self._run_task: asyncio.Task[None] | None = None
+        self._oauth_task: asyncio.Task[None] | None = None
 
     @property
     def pid_file(self) -> Path:
         return self.settings.state_dir / PID_FILE
 
     async def start(self, listen_socket: socket.socket | None = None) -> None:
-        """Raises SpoolError or ConfigError when the relay cannot start."""
+        """Raises SpoolError, ConfigError or OSError when the relay cannot start."""
+        self.admin = AdminServer(self)  # refuses a non-loopback admin.host without a token
         await asyncio.to_thread(self._prepare_state)
         recovery = await asyncio.to_thread(self.spool.recover, self.settings.queue.max_crashes)
         if recovery.requeued or recovery.removed_incoming or recovery.crashed_out:
@@ -102,10 +116,18 @@ class Relay:
         for queue_id, reason in recovery.quarantined:
             log.error("%s: moved to quarantine: %s", queue_id, reason)
         self.scheduler = Scheduler(self.spool, self.settings, self.metrics, self.make_upstream)
+        self.scheduler.on_dead = self.notifier.dead_letter
         await self.scheduler.load()
+        self.notifier.recovered(recovery.crashed_out)
         self.listener = Listener(self.settings, self.spool, self.metrics, self._queued)
         await self.listener.start(listen_socket)
+        try:
+            await self.admin.start()
+        except OSError:
+            self.listener.stop_accepting()
+            raise
         self._run_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        self._oauth_task = asyncio.create_task(self.oauth.run(), name="oauth-keep-alive")
         self.pid_file.write_text(f"{os.getpid()}\n")
         counts = self.scheduler.counts()
         log.info("sysmail-relay started: account %s <%s> via %s; queue %d waiting, %d dead",
@@ -134,15 +156,20 @@ class Relay:
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         log.info("stopping: no new connections; finishing what is in flight (up to %.0f s)",
                  grace)
+        self.stopping = True
         if self.listener is not None:
             self.listener.stop_accepting()
             await self.listener.drain(grace)
         if self.scheduler is not None:
             await self.scheduler.stop(grace)
-        if self._run_task is not None:
-            self._run_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._run_task
+        for task in (self._run_task, self._oauth_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.notifier.close()
+        if self.admin is not None:
+            await self.admin.stop()
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
         log.info("stopped")
@@ -150,7 +177,7 @@ class Relay:
     def reload(self) -> bool:
         """Apply a new configuration; keep the running one if it is invalid."""
         try:
-            new = load_settings(self.config_file)
+            new = load_settings(self.config_file, self.settings.state_dir / OVERRIDES_FILE)
             if new.state_dir != self.settings.state_dir:
                 raise ConfigError([f"state_dir cannot change while running "
                                    f"({self.settings.state_dir} -> {new.state_dir}); restart"])
@@ -159,7 +186,7 @@ class Relay:
             log.error("configuration reload refused, the running configuration stays: %s",
                       "; ".join(e.problems))
             return False
-        old_listen = self.settings.listener
+        old_listen, old_admin = self.settings.listener, self.settings.admin
         self.settings = new
         logs.configure(new.log)
         assert self.listener is not None and self.scheduler is not None
@@ -167,6 +194,10 @@ class Relay:
         if (old_listen.host, old_listen.port) != (new.listener.host, new.listener.port):
             log.warning("listener.host/port changed: restart the relay to listen on %s:%d",
                         new.listener.host, new.listener.port)
+        if (old_admin.host, old_admin.port) != (new.admin.host, new.admin.port):
+            log.warning("admin.host/port changed: restart the relay to serve the admin "
+                        "listener on %s:%d", new.admin.host, new.admin.port)
+        self.oauth.reconfigure(new)
         self.scheduler.reconfigure(new)
         self.metrics.config_reloads.labels("ok").inc()
         log.info("configuration reloaded: account %s <%s> via %s",
@@ -177,6 +208,20 @@ class Relay:
     async def rescan(self) -> None:
         assert self.scheduler is not None
         await self.scheduler.rescan()
+
+    def _oauth_granted(self, auth: Authorization) -> None:
+        """A new authorization (the admin page's sign-in): held mail is due now."""
+        asyncio.get_running_loop().create_task(self._release_held())
+
+    async def _release_held(self) -> None:
+        try:
+            count = await asyncio.to_thread(queue_admin.retry_all, self.spool)
+            await self.rescan()
+        except (OSError, RelayError) as e:
+            log.error("OAuth authorization granted, but the waiting mail could not be made "
+                      "due now (%s): it goes at its next retry", e)
+            return
+        log.info("OAuth authorization granted: %d waiting messages are due now", count)
 
 
 async def serve(settings: Settings, config_file: Path | None) -> int:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import app, queue_admin, status, submit
+from . import app, oauth_flow, queue_admin, status, submit
 from .errors import ConfigError, RelayError
 from .settings import Settings, config_path, load_settings, warnings
 from .spool import Spool
@@ -95,6 +95,19 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_oauth(args: argparse.Namespace) -> int:
+    settings, _ = _settings(args)
+    if args.action == "authorize":
+        print(oauth_flow.authorize(settings, args.client, device=args.device,
+                                   browser=not args.no_browser,
+                                   emit=lambda text: print(text, flush=True)))
+    elif args.action == "status":
+        print(oauth_flow.status(settings, args.json))
+    else:
+        print(oauth_flow.revoke(settings, args.client))
+    return OK
+
+
 def _queue_line(row: dict[str, object]) -> str:
     if row["state"] == "damaged":
         return f"{row['id']}  damaged  {row['reason']}"
@@ -168,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="every waiting message")
     q = qsub.add_parser("delete", parents=[common], help="remove a message for good")
     q.add_argument("id", metavar="ID")
+    p = command("oauth", cmd_oauth, "sign in with the OAuth provider, show or forget the "
+                                    "stored authorization")
+    osub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    o = osub.add_parser("authorize", parents=[common],
+                        help="sign in (prints the address to open; a browser opens when there "
+                             "is a display) and store the token; client_credentials: fetch one")
+    o.add_argument("client", nargs="?", metavar="CLIENT",
+                   help="the [oauth_clients.NAME] (default: the sending server's)")
+    o.add_argument("--device", action="store_true",
+                   help="device flow for hosts without a browser: enter a code on any device")
+    o.add_argument("--no-browser", action="store_true", help="only print the address")
+    o = osub.add_parser("status", parents=[common],
+                        help="Granted / Not granted, account, scopes, expiry of each client")
+    o.add_argument("--json", action="store_true", help="print JSON")
+    o = osub.add_parser("revoke", parents=[common],
+                        help="revoke at the provider where it can and forget the token")
+    o.add_argument("client", nargs="?", metavar="CLIENT",
+                   help="the [oauth_clients.NAME] (default: the sending server's)")
     p = command("sendmail", cmd_sendmail,
                 "sendmail-compatible submission: message on stdin "
                 "([-t] [-i] [-f ADDR] [-F NAME] [RCPT...]; also installed as sysmail-sendmail)")

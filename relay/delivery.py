@@ -19,7 +19,9 @@ import heapq
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
 from .metrics import Metrics
@@ -31,6 +33,21 @@ log = logging.getLogger("relay.delivery")
 
 UpstreamFactory = Callable[[Settings], Upstream]
 _LOCAL_POOL = 4
+RECENT = 50
+"""How many of the latest per-recipient results the admin page can show."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """One recipient's result of one attempt, kept in memory for the admin page."""
+
+    at: float
+    queue_id: str
+    recipient: str
+    result: str
+    """ok, deferred or failed, as in relay_deliveries_total."""
+    reply: str
+    subject: str | None
 
 
 class Scheduler:
@@ -50,6 +67,9 @@ class Scheduler:
         self._idle.set()
         self._stopping = False
         self.dead = 0
+        self.recent: deque[Result] = deque(maxlen=RECENT)
+        self.on_dead: Callable[[Envelope], None] | None = None
+        """Called with each message that has just become a dead letter (queue.notify)."""
         gauges = metrics.queue_messages
         gauges.labels("queued").set_function(lambda: self.counts()["queued"])
         gauges.labels("deferred").set_function(lambda: self.counts()["deferred"])
@@ -225,6 +245,7 @@ class Scheduler:
     async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
         server = self.settings.system_account.server
         by_address = {o.recipient: o for o in outcomes}
+        now = time.time()
         deferred: list[Outcome] = []
         for rcpt in env.pending:
             outcome = by_address.get(rcpt.address)
@@ -247,8 +268,9 @@ class Scheduler:
                 result = "deferred"
             if not isinstance(outcome.failure, Held):
                 self.metrics.deliveries.labels(server, result).inc()
+                self.recent.append(Result(now, env.id, rcpt.address, result, outcome.reply,
+                                          env.subject))
         env.last_reply = (deferred or outcomes or [Outcome("", "")])[0].reply
-        now = time.time()
         if not env.pending:
             failed = [r for r in env.recipients if r.state == "failed"]
             if failed:
@@ -281,6 +303,8 @@ class Scheduler:
         self._forget(env.id)
         self.dead += 1
         log.error("%s: dead letter: %s", env.id, env.dead_reason)
+        if self.on_dead is not None:
+            self.on_dead(env)
 
     def backoff(self, attempts: int) -> float:
         q = self.settings.queue

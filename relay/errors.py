@@ -15,6 +15,10 @@
     │   └── Pop3Timeout (TimeoutError)
     ├── SaslError                           a SASL exchange went wrong on the client side
     ├── OAuthError                          sign-in, token refresh or the token store failed
+    │   ├── NotGranted                      no usable authorization: `oauth authorize` (held)
+    │   ├── TokenStoreError                 a token file is unsafe or unreadable (held)
+    │   ├── ProviderRefused                 the provider answered an OAuth error (access_denied ...)
+    │   └── ProviderUnreachable (ConnectionError)   the provider did not answer (deferred)
     └── SubmitError                         `send-test` / `sendmail` could not hand over a message
 
 Every message names the cause and what to do about it; none contains a secret.
@@ -105,6 +109,29 @@ class SaslError(RelayError):
 
 class OAuthError(RelayError):
     """Signing in, refreshing a token or using the token store failed; says what to do."""
+
+
+class NotGranted(OAuthError):
+    """There is no usable authorization (never signed in, refresh token refused): a person
+    must run `sysmail-relay oauth authorize`. Mail waits ("held") meanwhile."""
+
+
+class TokenStoreError(OAuthError):
+    """A token file cannot be used: readable by others, unreadable or damaged."""
+
+
+class ProviderRefused(OAuthError):
+    """The provider answered with an OAuth error. `error` is its code (`invalid_grant`,
+    `access_denied`, `invalid_client` ...), `description` its explanation."""
+
+    def __init__(self, message: str, *, error: str, description: str | None = None) -> None:
+        self.error = error
+        self.description = description
+        super().__init__(message)
+
+
+class ProviderUnreachable(OAuthError, ConnectionError):
+    """The provider's token endpoint could not be reached or failed (5xx): try again later."""
 
 
 class SubmitError(RelayError):

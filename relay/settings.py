@@ -383,13 +383,57 @@ def config_path(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
 
 
+OVERRIDES_FILE = "overrides.toml"
+"""Written in state_dir by the admin page's Change form; layered over the TOML file."""
+
+
 def load_settings(path: Path | None, overrides: Path | None = None) -> Settings:
-    """Read, merge and validate the configuration. Raises ConfigError."""
-    data: dict[str, Any] = {}
+    """Read, merge and validate the configuration. Raises ConfigError.
+
+    The override file (default: `<state_dir>/overrides.toml`, when it exists) is
+    layered over the TOML file: see `read_layers`.
+    """
+    return validate(*read_layers(path, overrides))
+
+
+def read_layers(path: Path | None, overrides: Path | None = None) -> tuple[dict[str, Any], str]:
+    """The TOML file with the override file layered over it, unvalidated, and a description
+    of where it came from. Override tables merge key by key, except `[servers.NAME]`,
+    which replaces the file's table of that name whole (so that the Change form can
+    switch authentication off or put a password in place of a password_file)."""
+    data = read_config_file(path)
     source = str(path) if path else "the built-in default"
-    for file in (path, overrides):
-        if file is not None and (file is path or file.exists()):
-            _merge(data, _read_toml(file))
+    overrides = overrides or override_path(data)
+    if overrides.exists():
+        overlay(data, _read_toml(overrides))
+        source += f" with {overrides}"
+    return data, source
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    """One TOML file as it is written (None: the built-in default, empty). ConfigError."""
+    return _read_toml(path) if path is not None else {}
+
+
+def overlay(data: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Layer override data over file data in place (see `read_layers`)."""
+    layer = dict(layer)
+    servers = layer.pop("servers", None)
+    _merge(data, layer)
+    if isinstance(servers, Mapping):
+        base = data.get("servers")
+        data["servers"] = {**(base if isinstance(base, Mapping) else {}), **servers}
+
+
+def override_path(data: Mapping[str, Any]) -> Path:
+    """`<state_dir>/overrides.toml` for this (unvalidated) configuration."""
+    state = os.environ.get("RELAY_STATE_DIR") or data.get("state_dir")
+    base = Path(state) if isinstance(state, str) else default_state_dir(os.environ)
+    return base / OVERRIDES_FILE
+
+
+def validate(data: Mapping[str, Any], source: str) -> Settings:
+    """The settings model over merged data; ConfigError with one line per mistake."""
     try:
         return Settings(**data)
     except ValidationError as e:

@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aiosmtplib
 
@@ -30,19 +30,27 @@ from .errors import (
     AuthenticationFailure,
     DeliveryFailure,
     Held,
+    NotGranted,
+    OAuthError,
     PermanentFailure,
     Pop3Error,
     TemporaryFailure,
+    TokenStoreError,
 )
 from .metrics import Metrics
 from .settings import ServerSettings
 from .upstream import Outcome, Outgoing, classify, explain, slow_down_requested
+
+if TYPE_CHECKING:
+    from .oauth import OAuth
 
 log = logging.getLogger("relay.upstream")
 
 IDLE_CLOSE = 15.0
 """Seconds an unused connection stays open for the next message."""
 AUTH_FAILURES_BEFORE_PAUSE = 3
+OAUTH_RECHECK = 60.0
+"""Seconds between looks at the token store while OAuth is not granted (mail held)."""
 _DSN_MAIL = ("RET=", "ENVID=")
 T = TypeVar("T")
 Step = Callable[[str, float, str], None]
@@ -100,10 +108,11 @@ class Session:
     """One connection to the server, opened, encrypted and authenticated."""
 
     def __init__(self, name: str, server: ServerSettings, hostname: str,
-                 on_step: Step | None = None) -> None:
+                 on_step: Step | None = None, oauth: OAuth | None = None) -> None:
         assert server.host is not None and server.port is not None
         self.name = name
         self.server = server
+        self.oauth = oauth
         self.label = f"{name} ({server.host}:{server.port})"
         self.stage = "connect"
         self.on_step = on_step
@@ -133,6 +142,8 @@ class Session:
         return result
 
     async def open(self) -> None:
+        # OAuth: the token first, so that no connection is made while there is none
+        token = await self._oauth_token() if self.server.oauth is not None else None
         await self._step("connect", self.client.connect(), _reply)
         if self.server.encryption == "tls":
             self._report_certificate()
@@ -148,6 +159,8 @@ class Session:
             await self._step("EHLO", self.client.ehlo(), _first_line)
         if self.server.auth is not None:
             await self._authenticate()
+        elif token is not None:
+            await self._authenticate_xoauth2(token)
 
     def _report_certificate(self) -> None:
         if self.on_step is None:
@@ -184,6 +197,68 @@ class Session:
         }
         login = methods[auth.method](auth.username, auth.secret())
         await self._step(f"AUTH {auth.method}", login, _reply)
+
+    # --- OAuth 2.0: XOAUTH2 with a token from relay.oauth -------------------------------
+
+    def _oauth_user(self) -> tuple[OAuth, str, str]:
+        cfg = self.server.oauth
+        if self.oauth is None or cfg is None:
+            raise TemporaryFailure(f"{self.label}: OAuth is configured but not available "
+                                   "here (internal error)", stage="OAuth token")
+        return self.oauth, cfg.client, self.oauth.username_for(self.name)
+
+    async def _oauth_token(self, rejected: str | None = None) -> str:
+        """A token from the oauth module (aiosmtplib's oauth_token_generator), or, after the
+        server refused `rejected`, a new one. Not granted: Held (the mail waits, it is not an
+        attempt); provider unreachable or refusing: TemporaryFailure (deferred)."""
+        oauth, client, user = self._oauth_user()
+        stage = "OAuth token" if rejected is None else "OAuth refresh"
+        action = (oauth.token_generator(client, user)() if rejected is None
+                  else oauth.fresh_token(client, rejected, user))
+        started = time.monotonic()
+        try:
+            token = await action
+        except (NotGranted, TokenStoreError) as e:
+            self._report(stage, started, f"FAILED: Not granted: {e}")
+            raise Held(f"{self.label}: OAuth authorization Not granted for {user}: {e}",
+                       stage=stage, retry_at=time.time() + OAUTH_RECHECK) from None
+        except OAuthError as e:
+            self._report(stage, started, f"FAILED: {e}")
+            raise TemporaryFailure(f"{self.label}: no OAuth token for {user}: {e}",
+                                   stage=stage) from None
+        self._report(stage, started, f"ok for {user} (client {client}; token not shown)")
+        return token
+
+    def _report(self, stage: str, started: float, answer: str) -> None:
+        if self.on_step:
+            self.on_step(stage, time.monotonic() - started, answer)
+
+    async def _authenticate_xoauth2(self, token: str) -> None:
+        """AUTH XOAUTH2; when the server refuses the token (535, or 334 with its JSON error,
+        which aiosmtplib answers), get a new one and try once more."""
+        _, _, user = self._oauth_user()
+        offered = [m.upper() for m in self.client.server_auth_methods]
+        if "XOAUTH2" not in offered:
+            raise AuthenticationFailure(
+                f"{self.label} does not offer AUTH XOAUTH2; it offers "
+                f"{', '.join(offered) or 'no authentication'}", stage="AUTH XOAUTH2")
+        try:
+            await self._step("AUTH XOAUTH2", self.client.auth_xoauth2(user, token), _reply)
+            return
+        except AuthenticationFailure as first:
+            log.info("%s refused the OAuth token for %s (%s): getting a new one, trying once "
+                     "more", self.label, user, first.reply)
+        token = await self._oauth_token(rejected=token)
+        try:
+            await self._step("AUTH XOAUTH2", self.client.auth_xoauth2(user, token), _reply)
+        except AuthenticationFailure as again:
+            refused = again.reply.split(" -- ", 1)[0]  # not the hints about passwords
+            raise AuthenticationFailure(
+                f"{refused} -- a new token was refused too: check that {user} may send "
+                "with SMTP AUTH (Exchange Online: \"Authenticated SMTP\" on for the mailbox; "
+                "app-only tokens need the app registered as a service principal with SendAs "
+                "rights) and that the token's scopes include SMTP",
+                code=again.code, stage=again.stage) from None
 
     async def transaction(self, message: Outgoing, data: bytes) -> list[Outcome]:
         """One message with all its recipients: per-recipient outcomes, or raise for all."""
@@ -294,11 +369,12 @@ class SmtpUpstream:
     """A pool of sessions to one server, with pacing. Implements `Upstream`."""
 
     def __init__(self, name: str, server: ServerSettings, metrics: Metrics,
-                 hostname: str) -> None:
+                 hostname: str, oauth: OAuth | None = None) -> None:
         self.name = name
         self.server = server
         self.metrics = metrics
         self.hostname = hostname
+        self.oauth = oauth
         self._slots = asyncio.Semaphore(server.pool_size)
         self._idle: list[Session] = []
         self._open = 0
@@ -383,8 +459,9 @@ class SmtpUpstream:
     # --- sessions ----------------------------------------------------------------------
 
     async def _new_session(self) -> Session:
-        session = Session(self.name, self.server, self.hostname)
-        method = self.server.auth.method if self.server.auth else "none"
+        session = Session(self.name, self.server, self.hostname, oauth=self.oauth)
+        method = (self.server.auth.method if self.server.auth
+                  else "XOAUTH2" if self.server.oauth else "none")
         try:
             await session.open()
         except AuthenticationFailure as failure:
@@ -504,13 +581,13 @@ def _clock(epoch: float) -> str:
 
 
 async def probe(name: str, server: ServerSettings, hostname: str,
-                emit: Callable[[str], None]) -> bool:
+                emit: Callable[[str], None], oauth: OAuth | None = None) -> bool:
     """`check --connect`: open a session step by step, print each step, QUIT."""
 
     def step(stage: str, seconds: float, answer: str) -> None:
         emit(f"{stage:<16} {seconds * 1000:7.1f} ms  {explain(answer)}")
 
-    session = Session(name, server, hostname, on_step=step)
+    session = Session(name, server, hostname, on_step=step, oauth=oauth)
     try:
         if server.pop_before_smtp is not None:
             await pop_before_smtp(name, server, on_step=step)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .oauth import authorization as oauth_authorization
+from .oauth import describe as describe_oauth
 from .settings import LOCAL_SERVER, Settings
 from .spool import Envelope, Spool
 
@@ -72,6 +75,10 @@ def collect(settings: Settings) -> dict[str, Any]:
         details.update(outgoing_server=server.host, port=server.port,
                        encryption=server.encryption, timeout=server.timeout,
                        tls_verify=server.tls_verify)
+        if server.oauth is not None:  # "OAuth authorization": Granted / Not granted
+            auth = oauth_authorization(settings, server.oauth.client)
+            details.update(oauth_authorization=auth.label, oauth=asdict(auth),
+                           oauth_details=describe_oauth(auth))
     pid = daemon_pid(settings)
     spool = Spool(settings.spool_dir)
     return {
@@ -92,6 +99,7 @@ _LABELS = [
     ("encryption", "Encryption"),
     ("timeout", "Time-out Period"),
     ("authentication", "Authentication"),
+    ("oauth_details", "OAuth authorization"),
     ("from_header", "From: header"),
 ]
 _ENCRYPTION = {"none": "Disable", "tls": "Use TLS", "starttls": "Use STARTTLS"}

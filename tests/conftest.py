@@ -25,6 +25,9 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("RELAY_") or name in ("STATE_DIRECTORY", "CREDENTIALS_DIRECTORY"):
             monkeypatch.delenv(name)
+    # Every relay a test starts, in this process or as `serve`, gets its admin listener
+    # on a free port rather than 8525 (tests and other test runs go on side by side).
+    monkeypatch.setenv("RELAY_ADMIN__PORT", "0")
 
 
 @pytest.fixture

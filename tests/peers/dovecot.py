@@ -1,4 +1,10 @@
-"""A private Dovecot 2.3: passwd-file users, SASL for Postfix, POP3 (STLS, POP3S, APOP)."""
+"""A private Dovecot 2.3: passwd-file users, SASL for Postfix, POP3 (STLS, POP3S, APOP).
+
+With an introspection URL it also validates OAuth 2.0 bearer tokens (XOAUTH2,
+OAUTHBEARER) for the SASL service ``oauth`` (Postfix's ``smtpd_sasl_service``), by
+RFC 7662 introspection against the tests' authorization server; the other services
+keep their password mechanisms.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,32 @@ from tests.peers.users import Account
 INTERNAL_USER = "dovecot"  # Debian's default_internal_user
 MAIL_USER, MAIL_GROUP = "nobody", "nogroup"
 MECHANISMS = "plain login cram-md5 digest-md5 apop"
+OAUTH_MECHANISMS = "xoauth2 oauthbearer"
+OAUTH_SERVICE = "oauth"  # the SASL service name the Postfix OAuth listener asks for
+
+OAUTH2_PASSDB = """
+# Bearer tokens, only for the {service} service (the Postfix listener "oauth"): each one
+# is checked by introspection, no cache, so a revoked or expired token is refused at once.
+protocol {service} {{
+  passdb {{
+    driver = oauth2
+    mechanisms = {oauth_mechanisms}
+    args = {args}
+  }}
+}}
+"""
+
+OAUTH2_ARGS = """introspection_mode = post
+introspection_url = {url}
+client_id = {client_id}
+client_secret = {client_secret}
+username_attribute = username
+active_attribute = active
+active_value = true
+force_introspection = yes
+scope = smtp
+timeout_msecs = 3000
+"""
 
 CONFIG = """# Private Dovecot for sysmail-relay integration tests. Never the system instance.
 instance_name = {instance}
@@ -34,7 +66,7 @@ ssl_key = <{key}
 ssl_min_protocol = TLSv1.2
 
 disable_plaintext_auth = no
-auth_mechanisms = {mechanisms}
+auth_mechanisms = {auth_mechanisms}
 # Allow UTF-8 user names (the default list is ASCII only) and keep case.
 auth_username_chars =
 auth_username_format = %u
@@ -43,6 +75,7 @@ first_valid_uid = 1
 
 passdb {{
   driver = passwd-file
+  mechanisms = {mechanisms}
   args = scheme=PLAIN username_format=%u {passwd}
 }}
 userdb {{
@@ -139,8 +172,13 @@ def configure(
     postlogin_script: Path,
     pop3_port: int,
     pop3s_port: int,
+    introspection: tuple[str, str, str] | None = None,
 ) -> Dovecot:
-    """Write a complete Dovecot configuration under *directory* (nothing is started)."""
+    """Write a complete Dovecot configuration under *directory* (nothing is started).
+
+    *introspection* is (URL, client id, client secret) of an RFC 7662 endpoint: with it,
+    the SASL service ``oauth`` takes XOAUTH2 and OAUTHBEARER tokens.
+    """
     make_dir(directory, 0o755)
     run = make_dir(directory / "run", 0o755)
     state = make_dir(directory / "state", 0o750)
@@ -154,6 +192,15 @@ def configure(
         mode=0o640,
         owner=INTERNAL_USER,
     )
+    oauth = ""
+    if introspection is not None:
+        url, client_id, client_secret = introspection
+        args = write_file(directory / "oauth2.conf.ext",
+                          OAUTH2_ARGS.format(url=url, client_id=client_id,
+                                             client_secret=client_secret),
+                          mode=0o640, owner=INTERNAL_USER)
+        oauth = OAUTH2_PASSDB.format(service=OAUTH_SERVICE, oauth_mechanisms=OAUTH_MECHANISMS,
+                                     args=args)
     log = directory / "dovecot.log"
     auth_socket = run / "auth-postfix"  # relative to base_dir in the config
     config = write_file(
@@ -166,6 +213,7 @@ def configure(
             log=log,
             cert=cert.cert_file,
             key=cert.key_file,
+            auth_mechanisms=MECHANISMS + (f" {OAUTH_MECHANISMS}" if oauth else ""),
             mechanisms=MECHANISMS,
             passwd=passwd,
             mail_user=MAIL_USER,
@@ -176,6 +224,7 @@ def configure(
             pop3s_port=pop3s_port,
             postlogin=postlogin_script,
             internal_user=INTERNAL_USER,
-        ),
+        )
+        + oauth,
     )
     return Dovecot(directory, config, log, auth_socket, pop3_port, pop3s_port)

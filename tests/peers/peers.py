@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 
+from tests.oauth_server import DOVECOT_CLIENT_ID, DOVECOT_CLIENT_SECRET, AuthServer
 from tests.peers import certs, cyrus, dovecot, pop_before_smtp, postfix, users
 from tests.peers.certs import PeerPKI
 from tests.peers.maildir import Maildir
 from tests.peers.netutil import HOST, free_ports
-from tests.peers.postfix_listeners import LISTENER_NAMES
+from tests.peers.postfix_listeners import LISTENER_NAMES, OAUTH_LISTENER, oauth_listener
 from tests.peers.postfix_log import PostfixLog, SaslLogin
 from tests.peers.procutil import grant_traverse, make_dir, restore_modes, which
 from tests.peers.users import Account
@@ -42,6 +43,8 @@ class MailPeers:
     cyrus_realm: str
     state_dir: Path
     pop_before_smtp_window: int
+    oauth_port: int  # STARTTLS, then AUTH XOAUTH2/OAUTHBEARER checked against oauth_server
+    oauth_server: AuthServer  # the OAuth 2.0 authorization server Dovecot asks
     _maildir: Maildir
     _postfix_log: PostfixLog
     _dovecot_log: Path
@@ -137,6 +140,7 @@ class MailPeers:
 class _Running:
     postfix: postfix.Postfix | None = None
     dovecot: dovecot.Dovecot | None = None
+    oauth_server: AuthServer | None = None
     modes: list[tuple[Path, int]] = field(default_factory=list)
 
 
@@ -152,9 +156,10 @@ def start(directory: Path) -> tuple[MailPeers, _Running]:
         pbs = pop_before_smtp.setup(
             directory / "pop-before-smtp", POP_BEFORE_SMTP_WINDOW, writer_user=dovecot.INTERNAL_USER
         )
-        ports = free_ports(len(LISTENER_NAMES) + 2)
-        pop3_port, pop3s_port = ports[:2]
-        smtp_ports = dict(zip(LISTENER_NAMES, ports[2:], strict=True))
+        running.oauth_server = authority = AuthServer().start()
+        ports = free_ports(len(LISTENER_NAMES) + 3)
+        pop3_port, pop3s_port, oauth_port = ports[:3]
+        smtp_ports = dict(zip(LISTENER_NAMES, ports[3:], strict=True))
         dv = dovecot.configure(
             directory / "dovecot",
             pki.server,
@@ -162,10 +167,18 @@ def start(directory: Path) -> tuple[MailPeers, _Running]:
             pbs.postlogin_script,
             pop3_port,
             pop3s_port,
+            introspection=(f"{authority.url}/introspect", DOVECOT_CLIENT_ID,
+                           DOVECOT_CLIENT_SECRET),
         )
         cy = cyrus.configure(postfix.cyrus_config_dir(directory / "postfix"), users.CYRUS)
         pf = postfix.configure(
-            directory / "postfix", pki, smtp_ports, dv.auth_socket, cy.config_dir, pbs.policy_script
+            directory / "postfix",
+            pki,
+            {**smtp_ports, OAUTH_LISTENER: oauth_port},
+            dv.auth_socket,
+            cy.config_dir,
+            pbs.policy_script,
+            extra=(oauth_listener(pki, dovecot.OAUTH_SERVICE),),
         )
         running.dovecot = dv  # registered first: stop() copes with a half-started server
         dv.start()
@@ -176,7 +189,7 @@ def start(directory: Path) -> tuple[MailPeers, _Running]:
         raise
     peers = MailPeers(
         host=HOST,
-        ports=dict(pf.ports),
+        ports={name: port for name, port in pf.ports.items() if name != OAUTH_LISTENER},
         pop3_port=pop3_port,
         pop3s_port=pop3s_port,
         pki=pki,
@@ -186,6 +199,8 @@ def start(directory: Path) -> tuple[MailPeers, _Running]:
         cyrus_realm=cy.realm,
         state_dir=directory,
         pop_before_smtp_window=POP_BEFORE_SMTP_WINDOW,
+        oauth_port=oauth_port,
+        oauth_server=authority,
         _maildir=Maildir(pf.maildir),
         _postfix_log=PostfixLog(pf.log_file),
         _dovecot_log=dv.log_file,
@@ -228,7 +243,8 @@ def archive(state: Path, into: Path) -> Path:
 
 
 def stop(running: _Running) -> None:
-    """Stop what :func:`start` started (Postfix first, then its SASL server Dovecot)."""
+    """Stop what :func:`start` started (Postfix first, then its SASL server Dovecot, then
+    the authorization server Dovecot asks)."""
     errors: list[BaseException] = []
     for server in (running.postfix, running.dovecot):
         if server is None:
@@ -238,6 +254,9 @@ def stop(running: _Running) -> None:
         except BaseException as exc:  # keep stopping the others
             errors.append(exc)
     running.postfix = running.dovecot = None
+    if running.oauth_server is not None:
+        running.oauth_server.close()
+        running.oauth_server = None
     restore_modes(running.modes)
     running.modes = []
     if errors:

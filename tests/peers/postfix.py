@@ -12,6 +12,7 @@ from tests.peers.certs import PeerPKI
 from tests.peers.netutil import HOST, wait_ports_closed, wait_ports_listening
 from tests.peers.postfix_listeners import (
     POLICY_SERVICE,
+    Listener,
     listeners,
     master_cf_lines,
     policy_service_lines,
@@ -82,6 +83,8 @@ smtpd_sasl_auth_enable = no
 smtpd_sasl_authenticated_header = yes
 smtpd_sasl_security_options = noanonymous
 smtpd_sasl_type = dovecot
+# Dovecot offers the bearer-token mechanisms to the OAuth listener only (its own filter).
+smtpd_sasl_mechanism_filter = !xoauth2, !oauthbearer, static:all
 peer_dovecot_auth_path = {dovecot_auth}
 smtpd_sasl_path = $peer_dovecot_auth_path
 cyrus_sasl_config_path = {cyrus_dir}
@@ -194,8 +197,12 @@ def configure(
     dovecot_auth_socket: Path,
     cyrus_config_dir: Path,
     policy_script: Path,
+    extra: tuple[Listener, ...] = (),
 ) -> Postfix:
-    """Write main.cf, master.cf and the lookup tables under *directory* (nothing is started)."""
+    """Write main.cf, master.cf and the lookup tables under *directory* (nothing is started).
+
+    *extra* listeners (the OAuth one) come after the standard ones; *ports* names theirs too.
+    """
     make_dir(directory, 0o755)
     etc = make_dir(directory / "etc", 0o755)
     make_dir(directory / "queue", 0o755)  # postfix start creates the rest
@@ -203,7 +210,7 @@ def configure(
     make_dir(directory / "mail", 0o755, owner=MAIL_USER)
     write_file(directory / "fail-at-rcpt.regexp", FAIL_AT_RCPT)
     write_file(directory / "fail-after-data.regexp", FAIL_AFTER_DATA)
-    defined = listeners(pki)
+    defined = [*listeners(pki), *extra]
     missing = {listener.name for listener in defined} - set(ports)
     if missing:
         raise ValueError(f"no port for listeners {sorted(missing)}")

@@ -141,6 +141,32 @@ def listeners(pki: PeerPKI) -> list[Listener]:
     return defined
 
 
+OAUTH_LISTENER = "oauth"
+"""Kept out of LISTENER_NAMES: it takes bearer tokens only, which the password self-tests
+have none of."""
+OAUTH_IDLE_TIMEOUT = 3
+"""Seconds the OAuth listener keeps a silent connection (smtpd_timeout), so a later message
+comes over a new session that authenticates again, as after a provider's idle timeout."""
+
+
+def oauth_listener(pki: PeerPKI, sasl_service: str) -> Listener:
+    """STARTTLS required, then AUTH XOAUTH2 or OAUTHBEARER only: Dovecot checks the token by
+    introspection at the tests' authorization server; RCPT needs AUTH."""
+    return Listener(
+        OAUTH_LISTENER,
+        "STARTTLS required, AUTH XOAUTH2/OAUTHBEARER (Dovecot oauth2 passdb, token "
+        "introspection) only after it; RCPT needs AUTH",
+        {
+            **_tls("encrypt", pki.server),
+            **_sasl("dovecot", tls_only=True),
+            "smtpd_sasl_service": sasl_service,
+            "smtpd_sasl_mechanism_filter": "xoauth2,oauthbearer",
+            "smtpd_timeout": f"{OAUTH_IDLE_TIMEOUT}s",
+            **_restrict("permit_sasl_authenticated", "reject"),
+        },
+    )
+
+
 def master_cf_lines(listener: Listener, host: str, port: int) -> str:
     opts = "".join(f"\n  -o {_option(k, v)}" for k, v in listener.options.items())
     return (
