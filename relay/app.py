@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import logs, queue_admin
+from . import logs, queue_admin, systemd
 from .admin import AdminServer
 from .delivery import Scheduler, UpstreamFactory
 from .errors import ConfigError, RelayError, SpoolError
@@ -209,6 +209,15 @@ class Relay:
         assert self.scheduler is not None
         await self.scheduler.rescan()
 
+    def status_line(self) -> str:
+        """Queue counts in one line, for systemd's STATUS=."""
+        if self.scheduler is None:
+            return "starting"
+        c = self.scheduler.counts()
+        state = "" if self.settings.system_account.active else "account inactive, "
+        return (f"{state}{c['queued']} queued, {c['deferred']} deferred, {c['held']} held, "
+                f"{c['active']} sending, {c['dead']} dead")
+
     def _oauth_granted(self, auth: Authorization) -> None:
         """A new authorization (the admin page's sign-in): held mail is due now."""
         asyncio.get_running_loop().create_task(self._release_held())
@@ -227,13 +236,10 @@ class Relay:
 async def serve(settings: Settings, config_file: Path | None) -> int:
     """Run until SIGTERM/SIGINT. Returns the exit code."""
     relay = Relay(settings, config_file)
-    try:
-        await relay.start()
-    except (SpoolError, ConfigError, OSError) as e:
-        log.error("cannot start: %s", e)
-        return 2
+    sd = systemd.Notifier()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    started = False
     signals = 0
 
     def on_stop() -> None:
@@ -244,21 +250,55 @@ async def serve(settings: Settings, config_file: Path | None) -> int:
             os._exit(1)
         stop.set()
 
-    handlers = {
+    def on_reload() -> None:
+        if not started:
+            log.warning("SIGHUP during start-up ignored: send it again once started")
+            return
+        sd.reloading()
+        relay.reload()
+        sd.ready(relay.status_line())
+
+    handlers = {  # installed first, so a signal during start-up is handled, not fatal
         signal.SIGTERM: on_stop,
         signal.SIGINT: on_stop,
-        signal.SIGHUP: relay.reload,
-        signal.SIGUSR1: lambda: loop.create_task(relay.rescan()),
+        signal.SIGHUP: on_reload,
+        signal.SIGUSR1: lambda: started and loop.create_task(relay.rescan()),
     }
     for sig, handler in handlers.items():
         loop.add_signal_handler(sig, handler)
+    passed = systemd.listen_sockets()  # socket activation (sysmail-relay.socket)
+    try:
+        await relay.start(passed[0] if passed else None)
+    except (SpoolError, ConfigError, OSError) as e:
+        log.error("cannot start: %s", e)
+        for sig in handlers:
+            loop.remove_signal_handler(sig)
+        return 2
+    started = True
+    sd.ready(relay.status_line())
+    keepalive = asyncio.create_task(_systemd_keepalive(sd, relay), name="systemd")
     try:
         await stop.wait()
+        sd.stopping()
+        keepalive.cancel()
         await relay.stop()
     finally:
         for sig in handlers:
             loop.remove_signal_handler(sig)
+        sd.close()
     return 0
+
+
+async def _systemd_keepalive(sd: systemd.Notifier, relay: Relay) -> None:
+    """WATCHDOG=1 at half of WatchdogSec when set, and STATUS= with the queue counts."""
+    if not sd.enabled:
+        return
+    interval = min(sd.watchdog_interval or 30.0, 30.0)
+    while True:
+        await asyncio.sleep(interval)
+        if sd.watchdog_interval is not None:
+            sd.watchdog()
+        sd.status(relay.status_line())
 
 
 def run(settings: Settings, config_file: Path | None) -> int:
