@@ -20,12 +20,13 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from .errors import SpoolError
 from .metrics import Metrics
 from .rewrite import header_value, received_header, rewrite_message
 from .settings import Settings
+from .smtp_data import TooBig, read_data
 from .spool import Envelope as SpoolEnvelope
 from .spool import Recipient, Spool, new_queue_id
 
@@ -40,6 +41,15 @@ _DSN_VALUE = {
     "NOTIFY": re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I),
     "ORCPT": re.compile(r"^[A-Za-z0-9-]+;[\x21-\x7e]{1,500}$"),
 }
+
+
+def _utf8(text: str) -> bool:
+    """aiosmtpd keeps undecodable bytes as surrogates; such an address is no UTF-8 address."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def dsn_parameters(raw: str | None, command: str) -> list[str] | None:
@@ -64,8 +74,36 @@ class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with the relay's connection policy and clearer replies."""
 
     line_length_limit = 65536
-    """Longer than RFC 5321's 1000 octets: applications do send long lines (unwrapped
-    HTML), and refusing them would lose their notifications. Bounded all the same."""
+    """Command lines may be this long. Message lines are not limited (applications do
+    send unwrapped HTML, and refusing it would lose their notifications); the message
+    as a whole is, by listener.max_message_size."""
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """aiosmtpd's DATA, reading the message in chunks (relay.smtp_data)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            data = await read_data(self._reader, self.data_size_limit)
+        except TooBig:
+            await self.push("552 Error: Too much mail data")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        except asyncio.CancelledError:
+            self._writer.close()
+            raise
+        self.envelope.content = self.envelope.original_content = data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     def __init__(self, listener: Listener, **kwargs: Any) -> None:
         self._listener = listener
@@ -133,6 +171,8 @@ class IntakeHandler:
                           address: str, mail_options: list[str]) -> str:
         if address != "<>" and not _ADDRESS.match(address):
             return f"553 5.1.7 Sender address {address!r} is not of the form local-part@domain"
+        if not _utf8(address):
+            return "553 5.6.7 Sender address is not valid UTF-8"
         dsn = dsn_parameters(getattr(server, "_raw_arg", None), "MAIL")
         if dsn is None:
             return "501 5.5.4 Invalid RET or ENVID parameter (RFC 3461)"
@@ -150,6 +190,8 @@ class IntakeHandler:
                    "in another transaction"
         if not _ADDRESS.match(address):
             return f"553 5.1.3 Recipient address {address!r} is not of the form local-part@domain"
+        if not _utf8(address):
+            return "553 5.6.7 Recipient address is not valid UTF-8"
         dsn = dsn_parameters(getattr(server, "_raw_arg", None), "RCPT")
         if dsn is None:
             return "501 5.5.4 Invalid NOTIFY or ORCPT parameter (RFC 3461)"

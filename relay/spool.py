@@ -81,7 +81,8 @@ class Envelope:
         return [r for r in self.recipients if r.state == "pending"]
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":")).encode()
+        # ASCII escapes: always valid UTF-8 JSON, whatever bytes a client put in an address
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
@@ -179,7 +180,11 @@ class _GroupCommit:
                     return
                 batch = self._pending[:self.MAX_BATCH]
                 del self._pending[:self.MAX_BATCH]
-            errors = self.spool.store_batch([(env, data) for env, data, _, _ in batch])
+            try:
+                errors = self.spool.store_batch([(env, data) for env, data, _, _ in batch])
+            except Exception as e:  # a bug must not stop acceptance: fail this batch, go on
+                failure = SpoolError(f"cannot write the message to the spool: {e!r}")
+                errors = [failure] * len(batch)
             for (_, _, loop, done), error in zip(batch, errors, strict=True):
                 loop.call_soon_threadsafe(_settle, done, error)
 
@@ -251,7 +256,7 @@ class Spool:
                     assert fd is not None
                     entry.fds.append(fd)
                 staged.append((i, entry))
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 errors[i] = self._discard(entry, e)
         committed = []
         for i, entry in staged:
@@ -272,10 +277,11 @@ class Spool:
                     errors[i] = SpoolError(f"cannot sync the spool directory: {e.strerror}")
         return errors
 
-    def _discard(self, entry: _Staged, error: OSError) -> SpoolError:
+    def _discard(self, entry: _Staged, error: OSError | ValueError) -> SpoolError:
         entry.close()
         shutil.rmtree(entry.dir, ignore_errors=True)
-        failure = SpoolError(f"cannot write the message to the spool: {error.strerror}")
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        failure = SpoolError(f"cannot write the message to the spool: {reason}")
         failure.__cause__ = error
         return failure
 
