@@ -13,7 +13,6 @@ last reply as its reason. While the system account is inactive nothing is sent
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import heapq
 import logging
@@ -137,11 +136,14 @@ class Scheduler:
         return server.pool_size if server is not None else _LOCAL_POOL
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             delay = self._dispatch()
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            timer = None if delay is None else loop.call_later(delay, self._wake.set)
+            await self._wake.wait()  # a new message, a finished delivery, or the timer
+            if timer is not None:
+                timer.cancel()
 
     def _dispatch(self) -> float | None:
         """Start what is due; return how long until the next entry is due."""
