@@ -150,3 +150,31 @@ def test_unwritable_spool_directory_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(SpoolError, match=r"not usable.*set state_dir"):
         Spool(blocker / "spool").open()
+
+
+def test_a_batch_is_committed_together_with_one_syncfs(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import relay.spool as spool_module
+
+    calls: list[Path] = []
+    real = spool_module._syncfs
+
+    def counting(directory: Path) -> bool:
+        calls.append(directory)
+        return real(directory)
+
+    monkeypatch.setattr(spool_module, "_syncfs", counting)
+    envelopes = [envelope() for _ in range(6)]
+    errors = spool.store_batch([(env, b"x\r\n") for env in envelopes])
+    assert errors == [None] * 6 and len(calls) == 1
+    assert spool.ids("queue") == sorted(env.id for env in envelopes)
+    assert os.listdir(spool.root / "incoming") == []
+    assert spool.store_batch([(envelope(), b"y\r\n")]) == [None] and len(calls) == 1  # small: fsync
+
+
+async def test_commit_from_many_tasks_stores_every_message(spool: Spool) -> None:
+    import asyncio
+
+    envelopes = [envelope() for _ in range(50)]
+    await asyncio.gather(*(spool.commit(env, b"z\r\n") for env in envelopes))
+    assert spool.ids("queue") == sorted(env.id for env in envelopes)
