@@ -128,13 +128,20 @@ def _sendmail(config: Path | None, argv: Sequence[str]) -> int:
         print(f"sendmail: {e}", file=sys.stderr)
         return submit.EX_USAGE
     try:
-        settings = load_settings(config_path(config, os.environ))
+        target = submit.sendmail_target(config_path(config, os.environ))
     except ConfigError as e:
         print(f"sendmail: {e}", file=sys.stderr)
         return submit.EX_CONFIG
-    code, text = submit.sendmail(settings, options, sys.stdin.buffer.read())
-    if code != submit.EX_OK:
-        print(f"sendmail: {text}", file=sys.stderr)
+    if options.mode == "s":
+        return submit.smtp_session(target)
+    try:
+        data = sys.stdin.buffer.read()
+    except OSError as e:
+        print(f"sendmail: cannot read the message from standard input: {e}", file=sys.stderr)
+        return submit.EX_IOERR
+    code, text = submit.sendmail(target, options, data)
+    if text:
+        print(f"sendmail: {text}", file=sys.stderr if code != submit.EX_OK else sys.stdout)
     return code
 
 
