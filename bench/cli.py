@@ -34,6 +34,7 @@ from bench.scenarios import (
 ROOT = Path(__file__).resolve().parent.parent
 KIB = 1024
 SIZES = (1 * KIB, 100 * KIB)
+BUSY_MACHINE = 0.25  # cores of background load above which the run is flagged
 
 
 @dataclass(frozen=True)
@@ -50,19 +51,31 @@ class Plan:
         return list(SIZES)
 
 
+@dataclass(frozen=True)
+class Counts:
+    """Messages per pass, by message size."""
+
+    accept: dict[int, int]
+    latency: dict[int, int]
+    relay: dict[int, int]
+
+    def scaled(self, factor: float) -> Counts:
+        def scale(counts: dict[int, int]) -> dict[int, int]:
+            return {size: max(20, round(n * factor)) for size, n in counts.items()}
+
+        return Counts(scale(self.accept), scale(self.latency), scale(self.relay))
+
+
+FULL = Counts(accept={KIB: 3000, 100 * KIB: 1000}, latency={KIB: 2000, 100 * KIB: 800},
+              relay={KIB: 3000, 100 * KIB: 1000})
+QUICK = Counts(accept={KIB: 600, 100 * KIB: 200}, latency={KIB: 400, 100 * KIB: 200},
+               relay={KIB: 600, 100 * KIB: 200})
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
-    if args.quick:
-        accept, latency, relay = {KIB: 600, 100 * KIB: 200}, {KIB: 400, 100 * KIB: 200}, \
-            {KIB: 600, 100 * KIB: 200}
-    else:
-        accept, latency, relay = {KIB: 3000, 100 * KIB: 1000}, {KIB: 2000, 100 * KIB: 800}, \
-            {KIB: 3000, 100 * KIB: 1000}
-
-    def scaled(counts: dict[int, int]) -> dict[int, int]:
-        return {size: max(20, round(n * args.scale)) for size, n in counts.items()}
-
+    counts = (QUICK if args.quick else FULL).scaled(args.scale)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
-    return Plan(rounds, args.sessions, scaled(accept), scaled(latency), scaled(relay),
+    return Plan(rounds, args.sessions, counts.accept, counts.latency, counts.relay,
                 tuple(args.only or ("A", "B")))
 
 
@@ -110,9 +123,10 @@ class Job:
 class Runner:
     """Runs the plan round by round; remembers when the relay cannot do scenario B."""
 
-    def __init__(self, plan: Plan, work: Path) -> None:
+    def __init__(self, plan: Plan, work: Path, keep: bool = False) -> None:
         self.plan = plan
         self.work = work
+        self.keep = keep
         self.measurements: list[Measurement] = []
         self.relay_unavailable: str | None = None
 
@@ -139,7 +153,8 @@ class Runner:
             except (RuntimeError, TimeoutError, OSError) as e:
                 result = job.placeholder("error", f"{type(e).__name__}: {e}")
             finally:
-                shutil.rmtree(directory, ignore_errors=True)
+                if not self.keep:
+                    shutil.rmtree(directory, ignore_errors=True)
             result.extra["wall_seconds"] = round(time.monotonic() - started, 2)
             self.measurements.append(result)
             print(progress_line(result, self.plan.rounds), flush=True)
@@ -210,14 +225,23 @@ def _background_line(measurements: list[Measurement]) -> str:
               if "background_cores" in m.extra]
     if not values:
         return ""
-    return (f"\nbackground: other processes on the machine used a median of "
+    line = (f"\nbackground: other processes on the machine used a median of "
             f"{statistics.median(values):.2f} and at most {max(values):.2f} cores during the "
             "measurements (0 = the machine was ours alone)")
+    if max(values) > BUSY_MACHINE:
+        line += "\nWARNING: the machine was busy with other work during some measurements; " \
+                "their figures are disturbed (background_cores per measurement in the JSON)"
+    return line
 
 
 def _notes(measurements: list[Measurement]) -> list[str]:
     seen: set[str] = set()
     notes: list[str] = []
+    versions = sorted({str(m.extra["relay_code"]) for m in measurements if "relay_code" in m.extra})
+    if len(versions) > 1:
+        notes.append(f"- relay/ changed while this ran: {len(versions)} versions of the code "
+                     f"were measured ({', '.join(versions)}; see relay_code per measurement "
+                     "in the JSON); compare rounds with care")
     for m in measurements:
         if m.status == "ok" or not m.detail:
             continue
@@ -249,7 +273,7 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = datetime.now(UTC)
     work = Path(tempfile.mkdtemp(prefix="sysmail-bench-"))
-    runner = Runner(plan, work)
+    runner = Runner(plan, work, keep=args.keep)
     interrupted = False
     begin = time.monotonic()
     try:
@@ -264,6 +288,17 @@ def main(argv: Sequence[str]) -> int:
     meta = {"started": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
             "duration_s": time.monotonic() - begin, "interrupted": interrupted,
             "machine": described, "argv": list(argv), "work_dir": str(work)}
+    publish(args.out, started.strftime("%Y%m%dT%H%M%SZ"), plan, meta, runner)
+    if args.keep:
+        print(f"kept {work} (configurations, logs, queues)")
+    left = leftovers(work)
+    if left:
+        print(f"WARNING: still running after the benchmark: {', '.join(left)}")
+    return 130 if interrupted else 0
+
+
+def publish(out: Path, stamp: str, plan: Plan, meta: dict[str, Any], runner: Runner) -> None:
+    """Print the table and write <stamp>.txt and <stamp>.json."""
     rows = report.summarize(runner.measurements, plan.sizes)
     text = render(plan, meta, rows, runner.measurements)
     print()
@@ -272,9 +307,5 @@ def main(argv: Sequence[str]) -> int:
                 "relay_b_unavailable": runner.relay_unavailable,
                 "summary": [row.as_dict() for row in rows],
                 "measurements": [asdict(m) for m in runner.measurements]}
-    for path in write_results(args.out, started.strftime("%Y%m%dT%H%M%SZ"), document, text):
+    for path in write_results(out, stamp, document, text):
         print(f"wrote {path}")
-    left = leftovers(work)
-    if left:
-        print(f"WARNING: still running after the benchmark: {', '.join(left)}")
-    return 130 if interrupted else 0

@@ -70,8 +70,16 @@ def _filesystem(path: Path) -> str:
         mount = parts[1]
         inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
         if inside and len(mount) > len(best):
-            best, kind = mount, f"{parts[2]} ({parts[0]} on {mount})"
+            best, kind = mount, f"{parts[2]}{_journal(parts)} ({parts[0]} on {mount})"
     return kind
+
+
+def _journal(mount: list[str]) -> str:
+    """', no journal' for an ext4 without one (fsync is cheaper there)."""
+    if mount[2] != "ext4":
+        return ""
+    task = Path("/sys/fs/ext4") / Path(mount[0]).name / "journal_task"
+    return ", no journal" if _read(str(task)).strip() == "<none>" else ""
 
 
 def _uncommitted(repo: Path) -> bool | None:
@@ -94,7 +102,7 @@ def _command(argv: list[str]) -> str:
         return "unknown"
     try:
         proc = subprocess.run([binary, *argv[1:]], capture_output=True, text=True, timeout=10,
-                              check=False)
+                              check=False, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"

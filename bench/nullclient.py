@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procstat import tree_cpu_seconds, tree_names
+from bench.procstat import read_stat, tree_cpu_seconds, tree_names
 from bench.relay_instance import SYSTEM_ADDRESS
 from tests.peers.netutil import HOST, free_ports
 from tests.peers.postfix import Postfix
@@ -90,6 +90,10 @@ class NullClient:
 
     def master_pid(self) -> int | None:
         return read_pid(self.postfix.pid_file)
+
+    def alive(self) -> bool:
+        pid = self.master_pid()
+        return pid is not None and read_stat(pid) is not None
 
     def cpu_seconds(self) -> float:
         """Master plus every process it started (smtpd, cleanup, qmgr, smtp, ...)."""

@@ -25,6 +25,8 @@ class ProcStat:
     """utime + stime"""
     ticks_children: int
     """cutime + cstime: reaped children"""
+    started: int
+    """start time in ticks after boot: with pid, names one process even if pids are reused"""
 
 
 def read_stat(pid: int) -> ProcStat | None:
@@ -37,7 +39,7 @@ def read_stat(pid: int) -> ProcStat | None:
     fields = text[text.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state): utime=14, stime=15, cutime=16, cstime=17.
     utime, stime, cutime, cstime = (int(fields[i]) for i in (11, 12, 13, 14))
-    return ProcStat(pid, int(fields[1]), name, utime + stime, cutime + cstime)
+    return ProcStat(pid, int(fields[1]), name, utime + stime, cutime + cstime, int(fields[19]))
 
 
 def all_processes() -> list[ProcStat]:
@@ -94,11 +96,16 @@ def processes_mentioning(text: str) -> list[ProcStat]:
     return found
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat, first line)."""
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, interrupts) CPU seconds of all cores since boot, from /proc/stat.
+
+    busy = user + nice + system + irq + softirq + steal; interrupts = irq +
+    softirq, which no process is charged for (loopback TCP is softirq work).
+    """
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / _TICKS_PER_SECOND
+    busy = user + nice + system + irq + softirq + steal
+    return busy / _TICKS_PER_SECOND, (irq + softirq) / _TICKS_PER_SECOND
 
 
 def own_cpu_seconds() -> float:
@@ -107,11 +114,20 @@ def own_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def kernel_threads_cpu_seconds() -> float:
-    """CPU of kernel threads (children of kthreadd): writeback, journal, softirq work.
+def kernel_threads() -> dict[tuple[int, int], int]:
+    """CPU ticks of each kernel thread (children of kthreadd): writeback, journal, ...
 
-    Charged to no process, so not part of any system's figure; the I/O of a
-    queue on disk shows up here.
+    Their work is charged to no process, so it is in no system's figure; the
+    disk I/O of a queue shows up here. Compare two snapshots with
+    `kernel_threads_cpu_seconds`.
     """
-    ticks = sum(st.ticks_self for st in all_processes() if st.pid == 2 or st.ppid == 2)
-    return ticks / _TICKS_PER_SECOND
+    return {(st.pid, st.started): st.ticks_self
+            for st in all_processes() if st.pid == 2 or st.ppid == 2}
+
+
+def kernel_threads_cpu_seconds(before: dict[tuple[int, int], int],
+                               after: dict[tuple[int, int], int]) -> float:
+    """CPU the kernel threads used between two snapshots (threads that exited in
+    between are missed; threads that started count in full)."""
+    ticks = sum(t - before.get(key, 0) for key, t in after.items())
+    return max(ticks, 0) / _TICKS_PER_SECOND

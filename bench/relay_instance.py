@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -64,11 +66,29 @@ def relay_binary() -> str:
     return found
 
 
+def code_fingerprint() -> str:
+    """A short hash of the relay package's source as this run starts it.
+
+    The package is installed editable and others edit relay/ while benchmarks
+    run: each relay started may run different code. Recording this per
+    measurement shows when that happened.
+    """
+    spec = importlib.util.find_spec("relay")
+    if spec is None or spec.origin is None:
+        return "unknown"
+    digest = hashlib.sha256()
+    for path in sorted(Path(spec.origin).parent.rglob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 @dataclass
 class RelayInstance:
     directory: Path
     port: int
     process: subprocess.Popen[bytes]
+    code: str = "unknown"
 
     @property
     def log_file(self) -> Path:
@@ -141,6 +161,7 @@ def start_relay(directory: Path, sink_port: int | None = None,
     yet, RuntimeError for any other failure to start.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    code = code_fingerprint()
     (port,) = free_ports(1)
     config = write_config(directory, port, sink_port)
     with (directory / "relay.log").open("ab") as log:
@@ -149,7 +170,7 @@ def start_relay(directory: Path, sink_port: int | None = None,
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_clean_env(),
             start_new_session=True,  # Ctrl-C reaches the harness only; it stops the relay
         )
-    relay = RelayInstance(directory, port, process)
+    relay = RelayInstance(directory, port, process, code)
     try:
         _wait_listening(relay, timeout)
     except BaseException:

@@ -27,7 +27,7 @@ FIGURES = (
     Figure("B", "end_to_end_per_s", "end-to-end msg/s", "higher"),
     Figure("B", "cpu_ms_per_msg", "CPU ms/msg, whole instance", "lower"),
     Figure("B", "accepted_per_s", "client finished, msg/s", "higher"),
-    Figure("B", "kernel_threads_ms_per_msg", "kernel threads ms/msg (uncharged I/O)", "lower"),
+    Figure("B", "kernel_ms_per_msg", "kernel, uncharged ms/msg (machine)", "lower"),
 )
 
 

@@ -18,8 +18,9 @@ from typing import Any, Final, Literal, Protocol
 from bench import load
 from bench.nullclient import start_null_client
 from bench.procstat import (
+    kernel_threads,
     kernel_threads_cpu_seconds,
-    machine_busy_seconds,
+    machine_cpu_seconds,
     own_cpu_seconds,
 )
 from bench.relay_instance import RelayInstance, start_relay
@@ -52,6 +53,8 @@ class Instance(Protocol):
     @property
     def port(self) -> int: ...
 
+    def alive(self) -> bool: ...
+
     def cpu_seconds(self) -> float: ...
 
     def pending(self) -> int: ...
@@ -74,9 +77,12 @@ def time_limit(messages: int) -> float:
     return 30.0 + messages / 40.0
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float, what: str,
+             check: Callable[[], None] = lambda: None) -> None:
+    """Poll *condition*; *check* raises MeasurementError when waiting is pointless."""
     deadline = time.monotonic() + timeout
     while not condition():
+        check()
         if time.monotonic() > deadline:
             raise MeasurementError(f"{what}: not reached after {timeout:.0f} s")
         time.sleep(DRAIN_POLL)
@@ -85,29 +91,33 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 class Background:
     """What else the machine did during a measurement, in cores (0.1 = 10 % of one core).
 
-    `kernel`: kernel threads (writeback, journal), charged to no process, much of
-    it the I/O of the queue under test. `others`: everything busy minus the
-    kernel threads and what the measurement itself used (the system under test,
-    the sink, this harness and its clients); other people's test suites on a
-    shared machine show up here, not in the figures.
+    `kernel`: kernel threads (writeback, journal) and interrupt time (softirq:
+    loopback TCP), charged to no process, much of it on behalf of the
+    measurement. `others`: everything busy minus that and minus what the
+    measurement itself used (the system under test, the sink, this harness and
+    its clients); other people's test suites on a shared machine show up here,
+    not in the figures.
     """
 
     def __init__(self, *measured: Callable[[], float]) -> None:
         self._measured = measured
+        self._threads = kernel_threads()
         self._start = self._sample()
 
     def _sample(self) -> tuple[float, float, float, float]:
         ours = own_cpu_seconds() + sum(f() for f in self._measured)
-        return time.monotonic(), machine_busy_seconds(), kernel_threads_cpu_seconds(), ours
+        busy, interrupts = machine_cpu_seconds()
+        return time.monotonic(), busy, interrupts, ours
 
     def record(self, result: Measurement) -> None:
-        now, busy, kernel, ours = self._sample()
-        t0, busy0, kernel0, ours0 = self._start
+        now, busy, interrupts, ours = self._sample()
+        t0, busy0, interrupts0, ours0 = self._start
         wall = max(now - t0, 1e-6)
-        kernel_delta = kernel - kernel0
-        others = max(0.0, (busy - busy0) - kernel_delta - (ours - ours0))
-        result.extra["kernel_threads_cores"] = kernel_delta / wall
-        result.extra["kernel_threads_cpu_s"] = kernel_delta
+        kernel = (interrupts - interrupts0) + kernel_threads_cpu_seconds(self._threads,
+                                                                         kernel_threads())
+        others = max(0.0, (busy - busy0) - kernel - (ours - ours0))
+        result.extra["kernel_cpu_s"] = kernel
+        result.extra["kernel_cores"] = kernel / wall
         result.extra["background_cores"] = others / wall
 
 
@@ -124,6 +134,7 @@ def acceptance(workdir: Path, size: int, messages: int, latency_messages: int,
                sessions: int, round_: int) -> Measurement:
     result = Measurement("A", RELAY, size, round_, messages)
     relay = start_relay(workdir)
+    result.extra["relay_code"] = relay.code
     try:
         background = Background(relay.cpu_seconds)
         _throughput_into_outbox(relay, result, size, messages, sessions)
@@ -145,7 +156,7 @@ def _throughput_into_outbox(relay: RelayInstance, result: Measurement, size: int
     if code != 0:
         raise MeasurementError(f"smtp-source exited with {code}: {output.strip()[-500:]}")
     wait_for(lambda: relay.pending() == 0 and relay.outbox_count() >= messages,
-             time_limit(messages), f"{messages} messages in the outbox")
+             time_limit(messages), f"{messages} messages in the outbox", _still_running(relay))
     cpu = relay.cpu_seconds() - cpu0
     result.figures["accepted_per_s"] = messages / elapsed
     result.figures["cpu_ms_per_msg"] = cpu * 1000 / messages
@@ -178,7 +189,7 @@ def end_to_end(workdir: Path, system: System, size: int, messages: int, sessions
     result = Measurement("B", system, size, round_, messages)
     sink = CountingSink(workdir / "sink.log")
     try:
-        instance = _start(system, workdir, sink.port)
+        instance = _start(system, workdir, sink.port, result)
         try:
             _relay_through(instance, sink, result, size, messages, sessions)
         except MeasurementError as e:
@@ -190,18 +201,39 @@ def end_to_end(workdir: Path, system: System, size: int, messages: int, sessions
     return result
 
 
-def _start(system: System, workdir: Path, sink_port: int) -> Instance:
+def _start(system: System, workdir: Path, sink_port: int, result: Measurement) -> Instance:
     if system == RELAY:
-        return start_relay(workdir / "relay", sink_port)
+        relay = start_relay(workdir / "relay", sink_port)
+        result.extra["relay_code"] = relay.code
+        return relay
     return start_null_client(workdir / "postfix", sink_port)
 
 
-def _wait_for_sink(sink: CountingSink, source: subprocess.Popen[bytes], messages: int,
-                   started: float, limit: float) -> float | None:
+def _still_running(instance: Instance, sink: CountingSink | None = None) -> Callable[[], None]:
+    """A check for `wait_for`: fail at once when a process the measurement needs has died
+    (on a shared machine something else may kill it)."""
+
+    def check() -> None:
+        if not instance.alive():
+            raise MeasurementError(f"the system under test exited during the measurement:\n"
+                                   f"{instance.log_tail(5)}")
+        status = sink.exit_status() if sink is not None else None
+        if status is not None:
+            how = f"signal {-status}" if status < 0 else f"exit code {status}"
+            raise MeasurementError(f"smtp-sink ended during the measurement ({how}); "
+                                   "something else on the machine may have killed it")
+
+    return check
+
+
+def _wait_for_sink(instance: Instance, sink: CountingSink, source: subprocess.Popen[bytes],
+                   messages: int, started: float, limit: float) -> float | None:
     """Poll until the sink has *messages*; returns when smtp-source finished, if it did."""
     client_done: float | None = None
     deadline = time.monotonic() + limit
+    check = _still_running(instance, sink)
     while sink.received() < messages and time.monotonic() < deadline:
+        check()
         if client_done is None and source.poll() is not None:
             client_done = time.perf_counter() - started
             if source.returncode != 0:
@@ -216,7 +248,7 @@ def _relay_through(instance: Instance, sink: CountingSink, result: Measurement, 
     background = Background(instance.cpu_seconds, sink.cpu_seconds)
     cpu0, started = instance.cpu_seconds(), time.perf_counter()
     with load.smtp_source(instance.port, messages, size, sessions) as source:
-        client_done = _wait_for_sink(sink, source, messages, started, limit)
+        client_done = _wait_for_sink(instance, sink, source, messages, started, limit)
         at_sink = time.perf_counter() - started
         code, output = load.finish(source, limit)
         if client_done is None:  # the sink had everything before smtp-source exited
@@ -226,13 +258,13 @@ def _relay_through(instance: Instance, sink: CountingSink, result: Measurement, 
     if sink.received() < messages:
         raise MeasurementError(f"the sink received {sink.received()} of {messages} "
                                f"in {limit:.0f} s")
-    wait_for(lambda: instance.pending() == 0, limit, "an empty queue after delivery")
+    wait_for(lambda: instance.pending() == 0, limit, "an empty queue after delivery",
+             _still_running(instance, sink))
     cpu = instance.cpu_seconds() - cpu0
     background.record(result)
     result.figures["end_to_end_per_s"] = messages / at_sink
     result.figures["cpu_ms_per_msg"] = cpu * 1000 / messages
     result.figures["accepted_per_s"] = messages / client_done
-    result.figures["kernel_threads_ms_per_msg"] = \
-        float(result.extra["kernel_threads_cpu_s"]) * 1000 / messages
+    result.figures["kernel_ms_per_msg"] = float(result.extra["kernel_cpu_s"]) * 1000 / messages
     result.extra.update(seconds_to_sink=at_sink, smtp_source_seconds=client_done,
                         failed=instance.failed(), processes=instance.process_names())

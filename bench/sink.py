@@ -31,6 +31,10 @@ class CountingSink:
     def port(self) -> int:
         return self._sink.port
 
+    def exit_status(self) -> int | None:
+        """None while it runs; else its exit code (negative: the signal that ended it)."""
+        return self._sink.process.poll()
+
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self._sink.process.pid)
 

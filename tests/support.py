@@ -168,6 +168,8 @@ class Daemon:
                 return
             except OSError:
                 time.sleep(0.05)
+        self.proc.kill()  # never leave a daemon behind
+        self.proc.wait(10)
         raise AssertionError("serve did not start listening:\n" + self.log.read_text())
 
     def send_signal(self, sig: int) -> None:

@@ -132,25 +132,29 @@ def test_every_acknowledged_message_survives_kill_9(tmp_path: Path) -> None:
                 acknowledged.append(ident)
             i += 1
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: len(acknowledged) >= 60)
-    daemon.stop(signal.SIGKILL)
-    stop.set()
-    for t in threads:
-        t.join(10)
-    with lock:
-        acked = set(acknowledged)
-    daemon.start()
-    spool = tmp_path / "state" / "spool"
-    wait_for(lambda: not any(os.listdir(spool / d) for d in ("queue", "active")), timeout=60)
-    delivered = [message_from_bytes(m)["Message-ID"] for m in outbox(tmp_path)]
-    ids = {mid.strip("<>").split("@")[0].encode() for mid in delivered}
-    lost = acked - ids
-    assert not lost, f"{len(lost)} acknowledged messages lost: {sorted(lost)[:5]}"
-    assert len(acked) >= 60
-    assert daemon.stop() == 0
+    try:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(acknowledged) >= 60)
+        daemon.stop(signal.SIGKILL)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        with lock:
+            acked = set(acknowledged)
+        daemon.start()
+        spool = tmp_path / "state" / "spool"
+        wait_for(lambda: not any(os.listdir(spool / d) for d in ("queue", "active")), timeout=60)
+        delivered = [message_from_bytes(m)["Message-ID"] for m in outbox(tmp_path)]
+        ids = {mid.strip("<>").split("@")[0].encode() for mid in delivered}
+        lost = acked - ids
+        assert not lost, f"{len(lost)} acknowledged messages lost: {sorted(lost)[:5]}"
+        assert len(acked) >= 60
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop(signal.SIGKILL)
 
 
 def test_unwritable_state_directory_stops_start_up_with_exit_2(tmp_path: Path) -> None:
