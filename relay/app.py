@@ -30,7 +30,8 @@ from .notify import Notifier
 from .oauth import Authorization, OAuth
 from .outbox import LocalOutbox
 from .settings import LOCAL_SERVER, OVERRIDES_FILE, Settings, load_settings, warnings
-from .smtp_client import SmtpUpstream, probe
+from .smtp_client import SmtpUpstream
+from .smtp_session import probe
 from .spool import Envelope, Spool
 from .upstream import Upstream
 

@@ -1,100 +1,40 @@
-"""Delivery to a real SMTP server over aiosmtplib.
+"""The pool of sessions to one SMTP server, and its pacing. Implements `Upstream`.
 
-`Session` is one connection, opened step by step (connect, EHLO, STARTTLS,
-authentication) with the server's timeout on every step; `check --connect` runs
-the same steps and prints them. `SmtpUpstream` keeps a small pool of sessions per
-server and sends many messages over each (one transaction per message, RSET after
-a failed one), reconnects when the server closed an idle connection, and paces
-itself: the configured rate limits, a pause after repeated authentication
-failures (so the relay never locks the account), and a slow-down when the server
-says "too many". Every failure becomes a TemporaryFailure or PermanentFailure
-through `upstream.classify`.
+`SmtpUpstream` keeps up to `pool_size` sessions (relay.smtp_session) and sends
+many messages over each (one transaction per message, RSET after a failed one),
+reconnects when the server closed an idle connection, and paces itself: the
+configured rate limits, a pause after repeated authentication failures (so the
+relay never locks the account), and a slow-down when the server says "too many".
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
-import ssl
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-import aiosmtplib
-
-from . import digest_md5, pop3
 from .errors import (
     AuthenticationFailure,
     DeliveryFailure,
     Held,
-    NotGranted,
-    OAuthError,
-    PermanentFailure,
-    Pop3Error,
     TemporaryFailure,
-    TokenStoreError,
 )
 from .metrics import Metrics
 from .settings import ServerSettings
-from .upstream import Outcome, Outgoing, classify, explain, slow_down_requested
+from .upstream import Outcome, Outgoing, explain, slow_down_requested
 
 if TYPE_CHECKING:
     from .oauth import OAuth
+from .smtp_session import Session, pop_before_smtp
 
 log = logging.getLogger("relay.upstream")
 
 IDLE_CLOSE = 15.0
 """Seconds an unused connection stays open for the next message."""
 AUTH_FAILURES_BEFORE_PAUSE = 3
-OAUTH_RECHECK = 60.0
-"""Seconds between looks at the token store while OAuth is not granted (mail held)."""
-_DSN_MAIL = ("RET=", "ENVID=")
-T = TypeVar("T")
-Step = Callable[[str, float, str], None]
-
-
-async def pop_before_smtp(name: str, server: ServerSettings,
-                          on_step: Step | None = None) -> str:
-    """Log in to the server's POP3 account so that it lets this address send.
-
-    Raises AuthenticationFailure (the POP server refused the login) or
-    TemporaryFailure (unreachable, timeout, TLS), with the POP server's answer.
-    """
-    pop = server.pop_before_smtp
-    assert pop is not None and pop.port is not None
-    where = f"{name}: POP before SMTP at {pop.host}:{pop.port}"
-    context = tls_context(server) if pop.encryption != "none" else None
-
-    def step(stage: str, seconds: float, answer: str) -> None:
-        if on_step is not None:
-            on_step(f"POP {stage}", seconds, answer)
-
-    try:
-        return await pop3.pop_login(
-            pop.host, pop.port, encryption=pop.encryption, ssl_context=context,
-            timeout=pop.timeout, username=pop.username, password=pop.secret(), apop=pop.apop,
-            on_step=step)
-    except Pop3Error as e:
-        if on_step is not None:
-            on_step(f"POP {e.stage or 'login'}", 0.0, f"FAILED: {e.reply}")
-        refused = e.stage in ("USER", "PASS", "APOP") and not isinstance(e, TimeoutError)
-        kind = AuthenticationFailure if refused else TemporaryFailure
-        raise kind(f"{where}: {e.reply}", stage=f"POP {e.stage or 'login'}") from None
-
-
-def tls_context(server: ServerSettings) -> ssl.SSLContext:
-    """System trust (plus ca_file), the server's name checked, TLS 1.2 or newer."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if server.ca_file is not None:
-        context.load_verify_locations(cafile=str(server.ca_file))
-    if not server.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class RateLimited(Held):
@@ -102,267 +42,6 @@ class RateLimited(Held):
 
     def __init__(self, reply: str, retry_at: float) -> None:
         super().__init__(reply, stage="rate limit", retry_at=retry_at)
-
-
-class Session:
-    """One connection to the server, opened, encrypted and authenticated."""
-
-    def __init__(self, name: str, server: ServerSettings, hostname: str,
-                 on_step: Step | None = None, oauth: OAuth | None = None) -> None:
-        assert server.host is not None and server.port is not None
-        self.name = name
-        self.server = server
-        self.oauth = oauth
-        self.label = f"{name} ({server.host}:{server.port})"
-        self.stage = "connect"
-        self.on_step = on_step
-        self.context = tls_context(server) if server.encryption != "none" else None
-        self.client = aiosmtplib.SMTP(
-            hostname=server.host, port=server.port, timeout=server.timeout,
-            use_tls=server.encryption == "tls", start_tls=False, tls_context=self.context,
-            local_hostname=hostname)
-        self.last_used = time.monotonic()
-        self.idle_handle: asyncio.TimerHandle | None = None
-
-    async def _step(self, stage: str, action: Awaitable[T],
-                    describe: Callable[[T], str] = str) -> T:
-        self.stage = stage
-        started = time.monotonic()
-        try:
-            result = await action
-        except BaseException as e:
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            failure = classify(e, server=self.label, stage=stage, timeout=self.server.timeout)
-            if self.on_step:
-                self.on_step(stage, time.monotonic() - started, f"FAILED: {failure.reply}")
-            raise failure from None
-        if self.on_step:
-            self.on_step(stage, time.monotonic() - started, describe(result))
-        return result
-
-    async def open(self) -> None:
-        # OAuth: the token first, so that no connection is made while there is none
-        token = await self._oauth_token() if self.server.oauth is not None else None
-        await self._step("connect", self.client.connect(), _reply)
-        if self.server.encryption == "tls":
-            self._report_certificate()
-        await self._step("EHLO", self.client.ehlo(), _first_line)
-        if self.server.encryption == "starttls":
-            if not self.client.supports_extension("starttls"):
-                raise TemporaryFailure(
-                    f"{self.label} does not offer STARTTLS, which encryption = \"starttls\" "
-                    "requires; nothing is sent unencrypted. Fix the server, or choose "
-                    "encryption = \"tls\" or \"none\"", stage="STARTTLS")
-            await self._step("STARTTLS", self.client.starttls(tls_context=self.context), _reply)
-            self._report_certificate()
-            await self._step("EHLO", self.client.ehlo(), _first_line)
-        if self.server.auth is not None:
-            await self._authenticate()
-        elif token is not None:
-            await self._authenticate_xoauth2(token)
-
-    def _report_certificate(self) -> None:
-        if self.on_step is None:
-            return
-        cert = self.client.get_transport_info("peercert") or {}
-        version = self.client.get_transport_info("ssl_object")
-        protocol = version.version() if version is not None else "TLS"
-        if not cert:
-            self.on_step("certificate", 0.0, f"{protocol}; not verified (tls_verify = false)")
-            return
-        subject = _name(cert.get("subject", ()))
-        issuer = _name(cert.get("issuer", ()))
-        expires = cert.get("notAfter", "?")
-        self.on_step("certificate", 0.0,
-                     f"{protocol}; subject {subject}; issuer {issuer}; expires {expires}")
-
-    async def _authenticate(self) -> None:
-        auth = self.server.auth
-        assert auth is not None
-        offered = [m.upper() for m in self.client.server_auth_methods]
-        if auth.method not in offered:
-            raise AuthenticationFailure(
-                f"{self.label} does not offer AUTH {auth.method}; it offers "
-                f"{', '.join(offered) or 'no authentication'}"
-                + ("" if offered or self.server.encryption != "none"
-                   else " (many servers offer AUTH only after STARTTLS)"),
-                stage=f"AUTH {auth.method}")
-        methods: dict[str, Callable[[str, str], Awaitable[aiosmtplib.SMTPResponse]]] = {
-            "PLAIN": self.client.auth_plain,
-            "LOGIN": self.client.auth_login,
-            "CRAM-MD5": self.client.auth_crammd5,
-            "DIGEST-MD5": lambda user, password: digest_md5.authenticate(
-                self.client, user, password, host=self.server.host or ""),
-        }
-        login = methods[auth.method](auth.username, auth.secret())
-        await self._step(f"AUTH {auth.method}", login, _reply)
-
-    # --- OAuth 2.0: XOAUTH2 with a token from relay.oauth -------------------------------
-
-    def _oauth_user(self) -> tuple[OAuth, str, str]:
-        cfg = self.server.oauth
-        if self.oauth is None or cfg is None:
-            raise TemporaryFailure(f"{self.label}: OAuth is configured but not available "
-                                   "here (internal error)", stage="OAuth token")
-        return self.oauth, cfg.client, self.oauth.username_for(self.name)
-
-    async def _oauth_token(self, rejected: str | None = None) -> str:
-        """A token from the oauth module (aiosmtplib's oauth_token_generator), or, after the
-        server refused `rejected`, a new one. Not granted: Held (the mail waits, it is not an
-        attempt); provider unreachable or refusing: TemporaryFailure (deferred)."""
-        oauth, client, user = self._oauth_user()
-        stage = "OAuth token" if rejected is None else "OAuth refresh"
-        action = (oauth.token_generator(client, user)() if rejected is None
-                  else oauth.fresh_token(client, rejected, user))
-        started = time.monotonic()
-        try:
-            token = await action
-        except (NotGranted, TokenStoreError) as e:
-            self._report(stage, started, f"FAILED: Not granted: {e}")
-            raise Held(f"{self.label}: OAuth authorization Not granted for {user}: {e}",
-                       stage=stage, retry_at=time.time() + OAUTH_RECHECK) from None
-        except OAuthError as e:
-            self._report(stage, started, f"FAILED: {e}")
-            raise TemporaryFailure(f"{self.label}: no OAuth token for {user}: {e}",
-                                   stage=stage) from None
-        self._report(stage, started, f"ok for {user} (client {client}; token not shown)")
-        return token
-
-    def _report(self, stage: str, started: float, answer: str) -> None:
-        if self.on_step:
-            self.on_step(stage, time.monotonic() - started, answer)
-
-    async def _authenticate_xoauth2(self, token: str) -> None:
-        """AUTH XOAUTH2; when the server refuses the token (535, or 334 with its JSON error,
-        which aiosmtplib answers), get a new one and try once more."""
-        _, _, user = self._oauth_user()
-        offered = [m.upper() for m in self.client.server_auth_methods]
-        if "XOAUTH2" not in offered:
-            raise AuthenticationFailure(
-                f"{self.label} does not offer AUTH XOAUTH2; it offers "
-                f"{', '.join(offered) or 'no authentication'}", stage="AUTH XOAUTH2")
-        try:
-            await self._step("AUTH XOAUTH2", self.client.auth_xoauth2(user, token), _reply)
-            return
-        except AuthenticationFailure as first:
-            log.info("%s refused the OAuth token for %s (%s): getting a new one, trying once "
-                     "more", self.label, user, first.reply)
-        token = await self._oauth_token(rejected=token)
-        try:
-            await self._step("AUTH XOAUTH2", self.client.auth_xoauth2(user, token), _reply)
-        except AuthenticationFailure as again:
-            refused = again.reply.split(" -- ", 1)[0]  # not the hints about passwords
-            raise AuthenticationFailure(
-                f"{refused} -- a new token was refused too: check that {user} may send "
-                "with SMTP AUTH (Exchange Online: \"Authenticated SMTP\" on for the mailbox; "
-                "app-only tokens need the app registered as a service principal with SendAs "
-                "rights) and that the token's scopes include SMTP",
-                code=again.code, stage=again.stage) from None
-
-    async def transaction(self, message: Outgoing, data: bytes) -> list[Outcome]:
-        """One message with all its recipients: per-recipient outcomes, or raise for all."""
-        self.last_used = time.monotonic()
-        mail_options, utf8 = self._mail_options(message, data)
-        await self._step("MAIL FROM", self.client.mail(
-            message.mail_from, options=mail_options, encoding="utf-8" if utf8 else "ascii"))
-        outcomes: list[Outcome] = []
-        accepted: list[str] = []
-        dsn = self.client.supports_extension("dsn")
-        for rcpt in message.recipients:
-            options = rcpt.options if dsn else []
-            try:
-                reply = await self._step("RCPT TO", self.client.rcpt(
-                    rcpt.address, options=options, encoding="utf-8" if utf8 else "ascii"))
-            except (TemporaryFailure, PermanentFailure) as failure:
-                if failure.code is None:  # the connection broke, not a refusal
-                    raise
-                outcomes.append(Outcome(rcpt.address, failure.reply, failure))
-                continue
-            accepted.append(rcpt.address)
-            outcomes.append(Outcome(rcpt.address, _reply(reply)))
-        if not accepted:
-            await self.reset()
-            return outcomes
-        try:
-            reply = await self._step("DATA", self.client.data(data))
-        except DeliveryFailure as failure:
-            if failure.code is not None:  # the server answered: the connection is still good
-                await self.reset()
-                if _eight_bit_refusal(failure, data, self.client):
-                    failure.reply += (" (the message has 8-bit content and the server does "
-                                      "not offer 8BITMIME)")
-            raise
-        done = _reply(reply)
-        return [o if o.failure else Outcome(o.recipient, done) for o in outcomes]
-
-    def _mail_options(self, message: Outgoing, data: bytes) -> tuple[list[str], bool]:
-        env = message.envelope
-        client = self.client
-        options: list[str] = []
-        addresses_ascii = message.mail_from.isascii() and all(
-            r.address.isascii() for r in message.recipients)
-        utf8 = not addresses_ascii or "SMTPUTF8" in env.mail_options
-        if utf8 and client.supports_extension("smtputf8"):
-            options.append("SMTPUTF8")
-        elif not addresses_ascii:
-            raise PermanentFailure(
-                f"the message needs SMTPUTF8 (non-ASCII addresses), which {self.label} does "
-                "not offer", stage="MAIL FROM")
-        elif utf8 and not data.split(b"\r\n\r\n", 1)[0].isascii():
-            raise PermanentFailure(
-                f"the message has UTF-8 headers (SMTPUTF8), which {self.label} does not "
-                "offer", stage="MAIL FROM")
-        else:
-            utf8 = False
-        if not data.isascii() and client.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
-        limit = client.esmtp_extensions.get("size", "")
-        if limit.isdigit() and int(limit) and len(data) > int(limit):
-            raise PermanentFailure(
-                f"the message is {len(data)} bytes; {self.label} accepts at most {limit} "
-                "(its SIZE)", stage="MAIL FROM")
-        if client.supports_extension("size"):
-            options.append(f"SIZE={len(data)}")
-        dsn = [o for o in env.mail_options if o.startswith(_DSN_MAIL)]
-        if client.supports_extension("dsn"):
-            options.extend(dsn)
-        elif dsn or any(r.options for r in message.recipients):
-            log.info("%s: %s does not offer DSN: delivery status notification requests "
-                     "dropped", env.id, self.label)
-        return options, utf8
-
-    async def reset(self) -> None:
-        with contextlib.suppress(DeliveryFailure):
-            await self._step("RSET", self.client.rset())
-
-    @property
-    def connected(self) -> bool:
-        return self.client.is_connected
-
-    async def quit(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.quit(), 2)
-        self.client.close()
-
-
-def _reply(response: aiosmtplib.SMTPResponse) -> str:
-    return f"{response.code} {response.message}".replace("\n", " / ")
-
-
-def _first_line(response: aiosmtplib.SMTPResponse) -> str:
-    return f"{response.code} {response.message.splitlines()[0] if response.message else ''}" \
-        + f" ({len(response.message.splitlines()) - 1} extensions)"
-
-
-def _name(rdns: object) -> str:
-    parts = [f"{k}={v}" for rdn in rdns for k, v in rdn]  # type: ignore[attr-defined]
-    return ", ".join(parts) or "?"
-
-
-def _eight_bit_refusal(failure: DeliveryFailure, data: bytes, client: aiosmtplib.SMTP) -> bool:
-    return (isinstance(failure, PermanentFailure) and not data.isascii()
-            and not client.supports_extension("8bitmime"))
 
 
 class SmtpUpstream:
@@ -578,26 +257,3 @@ class SmtpUpstream:
 
 def _clock(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%SZ")
-
-
-async def probe(name: str, server: ServerSettings, hostname: str,
-                emit: Callable[[str], None], oauth: OAuth | None = None) -> bool:
-    """`check --connect`: open a session step by step, print each step, QUIT."""
-
-    def step(stage: str, seconds: float, answer: str) -> None:
-        emit(f"{stage:<16} {seconds * 1000:7.1f} ms  {explain(answer)}")
-
-    session = Session(name, server, hostname, on_step=step, oauth=oauth)
-    try:
-        if server.pop_before_smtp is not None:
-            await pop_before_smtp(name, server, on_step=step)
-            if server.pop_before_smtp.wait:
-                await asyncio.sleep(server.pop_before_smtp.wait)
-        await session.open()
-    except DeliveryFailure:
-        await session.quit()
-        return False
-    started = time.monotonic()
-    await session.quit()
-    step("QUIT", time.monotonic() - started, "closed")
-    return True

@@ -42,7 +42,7 @@ from relay.oauth import IDLE_REFRESH, OAuth
 from relay.oauth_provider import ProviderClient
 from relay.oauth_store import StoredToken, TokenStore
 from relay.settings import Settings
-from relay.smtp_client import Session, probe
+from relay.smtp_session import Session, probe
 
 from .oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer, redirect_query
 from .support import relay_command, settings_for

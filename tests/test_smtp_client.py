@@ -1,10 +1,10 @@
 """The SMTP upstream under faults, against real servers on 127.0.0.1 in the test's loop.
 
 Each test scripts an aiosmtpd server (or a raw asyncio one for misbehaviour aiosmtpd
-cannot produce) and proves one behaviour of `relay.smtp_client`: timeouts that name
-the stage, failures classified temporary or permanent, connection reuse, per-recipient
-results, STARTTLS and certificates, AUTH and its back-off, pacing, ESMTP pass-through
-and `check --connect`'s probe.
+cannot produce) and proves one behaviour of `relay.smtp_client` or
+`relay.smtp_session`: timeouts that name the stage, failures classified temporary or
+permanent, connection reuse, per-recipient results, STARTTLS and certificates, AUTH
+and its back-off, pacing, ESMTP pass-through and `check --connect`'s probe.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from relay.errors import (
 )
 from relay.metrics import Metrics
 from relay.settings import ServerSettings
-from relay.smtp_client import RateLimited, SmtpUpstream, probe
+from relay.smtp_client import RateLimited, SmtpUpstream
+from relay.smtp_session import probe
 from relay.spool import Envelope, Recipient
 from relay.upstream import Outcome, Outgoing, classify, explain, slow_down_requested
 
