@@ -173,7 +173,8 @@ async def not_ready(relay: Relay) -> list[str]:
     try:
         await asyncio.to_thread(_probe_spool, relay)
     except OSError as e:
-        problems.append(f"the spool is not writable: {e.filename}: {e.strerror}")
+        where = e.filename or relay.spool.root / "incoming"
+        problems.append(f"the spool is not writable: {where}: {e.strerror}")
     return problems
 
 

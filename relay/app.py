@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import logs, queue_admin, systemd
 from .admin import AdminServer
-from .delivery import Scheduler, UpstreamFactory
+from .delivery import Scheduler, UpstreamFactory, backoff
 from .errors import ConfigError, RelayError, SpoolError
 from .listener import Listener
 from .metrics import Metrics
@@ -106,7 +106,9 @@ class Relay:
         """Raises SpoolError, ConfigError or OSError when the relay cannot start."""
         self.admin = AdminServer(self)  # refuses a non-loopback admin.host without a token
         await asyncio.to_thread(self._prepare_state)
-        recovery = await asyncio.to_thread(self.spool.recover, self.settings.queue.max_crashes)
+        recovery = await asyncio.to_thread(
+            self.spool.recover, self.settings.queue.max_crashes,
+            functools.partial(backoff, self.settings.queue))
         if recovery.requeued or recovery.removed_incoming or recovery.crashed_out:
             log.warning("spool recovered: %d put back in the queue, %d unfinished receptions "
                         "removed, %d dead after repeated interruptions",

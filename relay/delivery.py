@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
 from .metrics import Metrics
-from .settings import Settings
+from .settings import QueueSettings, Settings
 from .spool import Envelope, Spool
 from .upstream import Outcome, Outgoing, Upstream
 
@@ -246,6 +246,7 @@ class Scheduler:
 
     async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
         server = self.settings.system_account.server
+        env.crashes = 0  # the attempt came back: max_crashes counts interruptions in a row
         by_address = {o.recipient: o for o in outcomes}
         now = time.time()
         deferred: list[Outcome] = []
@@ -309,6 +310,10 @@ class Scheduler:
             self.on_dead(env)
 
     def backoff(self, attempts: int) -> float:
-        q = self.settings.queue
-        delay: float = min(q.retry_max, q.retry_initial * 2.0 ** min(attempts - 1, 30))
-        return delay * random.uniform(0.9, 1.1)
+        return backoff(self.settings.queue, attempts)
+
+
+def backoff(queue: QueueSettings, attempts: int) -> float:
+    """retry_initial doubling with each attempt up to retry_max, with 10 % jitter."""
+    delay: float = min(queue.retry_max, queue.retry_initial * 2.0 ** min(attempts - 1, 30))
+    return delay * random.uniform(0.9, 1.1)

@@ -24,14 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -88,17 +90,49 @@ class Envelope:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
+        """Parse and check an envelope; ValueError/TypeError/KeyError when it is not one."""
         data: dict[str, Any] = json.loads(raw)
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
         env = cls(**data)
         if not env.id or not env.recipients:
             raise ValueError("no id or no recipients")
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(env, name)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise ValueError(f"{name} has the wrong type ({type(value).__name__})")
+        for rcpt in env.recipients:
+            if (not isinstance(rcpt.address, str) or rcpt.state not in _STATES
+                    or not isinstance(rcpt.options, list)):
+                raise ValueError(f"recipient {rcpt.address!r} is malformed")
         return env
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str, "sender": str, "mail_options": list, "received_at": (int, float),
+    "age_base": (int, float), "size": int, "client": str, "attempts": int,
+    "next_attempt": (int, float), "crashes": int, "mail_from": (str, type(None)),
+}
+_STATES = ("pending", "delivered", "failed")
 
 
 def new_queue_id() -> str:
     """Sortable by arrival time, unique without coordination: 13 hex digits of µs + 8 random."""
     return f"{time.time_ns() // 1000:013X}{secrets.token_hex(4).upper()}"
+
+
+def _read_regular(path: Path) -> bytes:
+    """A file's bytes; OSError when it is not a regular file (a FIFO must not block us)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -323,7 +357,7 @@ class Spool:
     def read(self, queue_id: str, place: Place) -> Envelope:
         path = self._dir(place) / queue_id / ENVELOPE
         try:
-            env = Envelope.from_json(path.read_bytes())
+            env = Envelope.from_json(_read_regular(path))
         except FileNotFoundError:
             if (self._dir(place) / queue_id).is_dir():
                 raise DamagedEntry(f"{path}: the envelope is missing") from None
@@ -334,6 +368,8 @@ class Spool:
             raise DamagedEntry(f"{path}: {e.strerror}") from None
         if not (self._dir(place) / queue_id / MESSAGE).is_file():
             raise DamagedEntry(f"{path.parent}: the message file is missing")
+        if env.id != queue_id:
+            raise DamagedEntry(f"{path}: the envelope belongs to {env.id}, not {queue_id}")
         return env
 
     def update(self, envelope: Envelope, place: Place = "active") -> None:
@@ -363,11 +399,20 @@ class Spool:
         shutil.rmtree(trash, ignore_errors=True)
 
     def quarantine(self, queue_id: str, place: str, reason: str) -> None:
+        """Move a damaged entry (a directory, or a stray file) aside; never raises."""
         src = self._dir(place) / queue_id
         dst = self._dir("quarantine") / queue_id
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(src, dst)
+        if dst.exists():
+            dst = dst.with_name(f"{queue_id}.{time.time_ns()}")
+        try:
+            if src.is_dir() and not src.is_symlink():
+                os.rename(src, dst)
+            else:
+                dst.mkdir(mode=0o700)
+                os.rename(src, dst / queue_id)
             (dst / "REASON").write_text(reason + "\n")
+        except OSError:
+            pass  # gone meanwhile, or the disk refuses: the next start finds it again
 
     # --- looking ---------------------------------------------------------------------
 
@@ -399,8 +444,13 @@ class Spool:
 
     # --- start-up ----------------------------------------------------------------------
 
-    def recover(self, max_crashes: int) -> Recovery:
-        """Put the spool in order after any stop, kill -9 included."""
+    def recover(self, max_crashes: int, backoff: Callable[[int], float] | None = None
+                ) -> Recovery:
+        """Put the spool in order after any stop, kill -9 included.
+
+        An entry whose delivery was interrupted waits `backoff(crashes)` seconds before
+        it is tried again, so a message in flight at every kill is not always first.
+        """
         report = Recovery()
         for name in os.listdir(self._dir("incoming")):
             shutil.rmtree(self._dir("incoming") / name, ignore_errors=True)
@@ -422,6 +472,8 @@ class Spool:
                     self.release(env, place, "dead")
                     report.crashed_out.append(queue_id)
                 else:
+                    if place == "active" and backoff is not None:
+                        env.next_attempt = time.time() + backoff(env.crashes)
                     self.release(env, place, "queue")
                     report.requeued.append(queue_id)
         return report
