@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.admin import not_ready
 from relay.app import Relay
 from relay.settings import load_settings
 
@@ -69,6 +70,8 @@ async def test_full_disk_gives_451_then_recovers_and_delivers_everything(
         filler = fill(small_disk)
         refused = await send(port)
         assert refused.startswith("451 4.3.0"), refused
+        problems = await not_ready(relay)  # what /readyz answers, with its 503
+        assert any("No space left on device" in p and "None" not in p for p in problems)
         assert os.listdir(state / "spool" / "incoming") == []
         assert len(relay.spool.ids("queue")) == 3  # nothing queued was touched
 
