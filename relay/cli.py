@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the [oauth_clients.NAME] (default: the sending server's)")
     p = command("sendmail", cmd_sendmail,
                 "sendmail-compatible submission: message on stdin "
-                "([-t] [-i] [-f ADDR] [-F NAME] [RCPT...]; also installed as sysmail-sendmail)")
+                "([-t] [-i|-oi] [-f ADDR] [-F NAME] [-bm|-bs] [--] [RCPT...]; sysexits "
+                "codes; also installed as sysmail-sendmail)")
     p.add_argument("sendmail_args", nargs=argparse.REMAINDER, metavar="ARGS")
     return parser
 
