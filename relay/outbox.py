@@ -23,6 +23,7 @@ _COPY_CHUNK = 1 << 20
 
 class LocalOutbox:
     name = "local"
+    wants_data = False  # the file is copied in chunks
 
     def __init__(self, maildir: Path) -> None:
         self.maildir = maildir

@@ -47,6 +47,8 @@ class RateLimited(Held):
 class SmtpUpstream:
     """A pool of sessions to one server, with pacing. Implements `Upstream`."""
 
+    wants_data = True
+
     def __init__(self, name: str, server: ServerSettings, metrics: Metrics,
                  hostname: str, oauth: OAuth | None = None) -> None:
         self.name = name
@@ -197,7 +199,9 @@ class SmtpUpstream:
 
     async def deliver(self, message: Outgoing) -> list[Outcome]:
         self._check_pace(message)
-        data = await asyncio.to_thread(message.path.read_bytes)
+        data = message.data
+        if data is None:
+            data = await asyncio.to_thread(message.path.read_bytes)
         async with self._slots:
             self._check_pace(message)
             await self._ensure_pop_login()

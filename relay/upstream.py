@@ -30,12 +30,17 @@ from .spool import Envelope, Recipient
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message to send: its envelope, the file with its bytes, the sender to announce."""
+    """One message to send: its envelope, the file with its bytes, the sender to announce.
+
+    `data` holds the file's bytes when the upstream asked for them (`wants_data`): the
+    scheduler reads them in the same trip to the disk that claims the entry.
+    """
 
     envelope: Envelope
     path: Path
     mail_from: str
     recipients: list[Recipient]
+    data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class Outcome:
 
 class Upstream(Protocol):
     name: str
+    wants_data: bool
+    """True: `deliver()` needs the message in memory, so `Outgoing.data` is filled."""
 
     async def deliver(self, message: Outgoing) -> list[Outcome]:
         """Hand over one message; raise TemporaryFailure/PermanentFailure for all of it."""

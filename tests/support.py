@@ -86,6 +86,7 @@ class ScriptedUpstream:
     """
 
     name = "scripted"
+    wants_data = False
 
     def __init__(self, script: dict[str, list[str]] | None = None) -> None:
         self.script = script or {}
