@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
 from .metrics import Metrics
 from .settings import QueueSettings, Settings
-from .spool import Envelope, Spool
+from .spool import INLINE_BYTES, Envelope, Spool
 from .upstream import Outcome, Outgoing, Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -211,7 +211,7 @@ class Scheduler:
 
     async def _deliver(self, queue_id: str) -> None:
         try:
-            claimed = await asyncio.to_thread(self._claim, queue_id, self.upstream.wants_data)
+            claimed = await self._claim(queue_id)
         except DamagedEntry as e:
             await asyncio.to_thread(self.spool.quarantine, queue_id, "active", str(e))
             log.error("%s: moved to quarantine: %s", queue_id, e)
@@ -235,17 +235,19 @@ class Scheduler:
             env.attempts += 1
             self._due[env.id] = time.time() + self.backoff(env.attempts)
 
-    def _claim(self, queue_id: str, with_data: bool) -> tuple[Envelope, bytes | None] | None:
-        """In a thread: take the entry and, when the upstream wants them, its bytes."""
+    async def _claim(self, queue_id: str) -> tuple[Envelope, bytes | None] | None:
+        """Take the entry and, when the upstream wants them, its bytes (a large message
+        from a thread; the rest is the page cache's work)."""
         env = self.spool.claim(queue_id)
-        if env is None:
-            return None
-        if not with_data:
-            return env, None
+        if env is None or not self.upstream.wants_data:
+            return None if env is None else (env, None)
+        path = self.spool.message_path(env.id)
         try:
-            return env, self.spool.message_path(env.id).read_bytes()
+            if env.size <= INLINE_BYTES:
+                return env, path.read_bytes()
+            return env, await asyncio.to_thread(path.read_bytes)
         except OSError as e:
-            raise DamagedEntry(f"{self.spool.message_path(env.id)}: {e.strerror}") from None
+            raise DamagedEntry(f"{path}: {e.strerror}") from None
 
     async def _attempt(self, env: Envelope, data: bytes | None = None) -> list[Outcome]:
         server = self.settings.system_account.server
@@ -300,7 +302,7 @@ class Scheduler:
                 env.dead_reason = "; ".join(f"<{r.address}>: {r.reply}" for r in failed)
                 await self._bury(env)
             else:
-                await asyncio.to_thread(self.spool.finish, env.id)
+                self.spool.finish(env.id)
                 self._forget(env.id)
             return
         if now - env.age_base > self.settings.queue.max_age:

@@ -16,7 +16,9 @@ A message is written into incoming/, its files and directory fsynced, then renam
 into queue/ and queue/ fsynced: only then does the client get 250. A delivery
 claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
-upstream has accepted it. Every method here blocks: call it from a thread.
+upstream has accepted it. `stage`, `claim`, `read` and `finish` only touch the
+page cache and may run on the event loop (for messages up to INLINE_BYTES); every
+other method waits for the disk: call it from a thread.
 """
 
 from __future__ import annotations
@@ -162,6 +164,8 @@ def _write_file(path: Path, data: bytes, *, sync: bool = True) -> int | None:
 
 _SYNCFS_BATCH = 4
 """From this many messages in one batch, one syncfs(2) replaces an fsync per file."""
+INLINE_BYTES = 1 << 20
+"""Messages up to this size are written (not synced) from the event loop: page cache only."""
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
@@ -195,11 +199,13 @@ class _Staged:
 class _GroupCommit:
     """Makes concurrently received messages durable together.
 
-    One thread takes every message waiting, writes them all, makes them durable (an
-    fsync per file and directory, or for a larger batch one syncfs of the file
-    system), renames them into queue/ and fsyncs queue/ once: the disk round trips
-    are shared, yet no message is acknowledged before its own files and its
-    directory entry are on disk. The thread ends when idle and starts again on demand.
+    The event loop writes each message into incoming/ (the page cache: no waiting
+    for the disk; a large message from a thread). One thread takes every message
+    written meanwhile, makes them durable (an fsync per file and directory, or for a
+    larger batch one syncfs of the file system), renames them into queue/ and fsyncs
+    queue/ once: the disk round trips are shared, yet no message is acknowledged
+    before its own files and its directory entry are on disk. The thread ends when
+    idle and starts again on demand.
     """
 
     IDLE = 2.0
@@ -208,15 +214,19 @@ class _GroupCommit:
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self._cond = threading.Condition()
-        self._pending: list[tuple[Envelope, bytes, asyncio.AbstractEventLoop,
+        self._pending: list[tuple[_Staged, asyncio.AbstractEventLoop,
                                   asyncio.Future[None]]] = []
         self._running = False
 
     async def store(self, envelope: Envelope, data: bytes) -> None:
+        if len(data) <= INLINE_BYTES:
+            entry = self.spool.stage(envelope, data)
+        else:
+            entry = await asyncio.to_thread(self.spool.stage, envelope, data)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         with self._cond:
-            self._pending.append((envelope, data, loop, done))
+            self._pending.append((entry, loop, done))
             if not self._running:
                 self._running = True
                 threading.Thread(target=self._run, name="spool-commit", daemon=True).start()
@@ -234,21 +244,26 @@ class _GroupCommit:
                 batch = self._pending[:self.MAX_BATCH]
                 del self._pending[:self.MAX_BATCH]
             try:
-                errors = self.spool.store_batch([(env, data) for env, data, _, _ in batch])
+                errors = self.spool.commit_staged([entry for entry, _, _ in batch])
             except Exception as e:  # a bug must not stop acceptance: fail this batch, go on
                 failure = SpoolError(f"cannot write the message to the spool: {e!r}")
                 errors = [failure] * len(batch)
-            for (_, _, loop, done), error in zip(batch, errors, strict=True):
-                loop.call_soon_threadsafe(_settle, done, error)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None],
+                                                                 SpoolError | None]]] = {}
+            for (_, loop, done), error in zip(batch, errors, strict=True):
+                by_loop.setdefault(loop, []).append((done, error))
+            for loop, results in by_loop.items():  # one wake-up of each loop per batch
+                loop.call_soon_threadsafe(_settle, results)
 
 
-def _settle(done: asyncio.Future[None], error: SpoolError | None) -> None:
-    if done.cancelled():
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
+def _settle(results: list[tuple[asyncio.Future[None], SpoolError | None]]) -> None:
+    for done, error in results:
+        if done.cancelled():
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
 
 
 @dataclass
@@ -301,19 +316,34 @@ class Spool:
         errors: list[SpoolError | None] = [None] * len(items)
         staged: list[tuple[int, _Staged]] = []
         for i, (envelope, data) in enumerate(items):
-            entry = _Staged(envelope, self._dir("incoming") / envelope.id)
             try:
-                entry.dir.mkdir(mode=0o700)
-                for name, content in ((MESSAGE, data), (ENVELOPE, envelope.to_json())):
-                    fd = _write_file(entry.dir / name, content, sync=False)
-                    assert fd is not None
-                    entry.fds.append(fd)
-                staged.append((i, entry))
-            except (OSError, ValueError) as e:
-                errors[i] = self._discard(entry, e)
+                staged.append((i, self.stage(envelope, data)))
+            except SpoolError as e:
+                errors[i] = e
+        for (i, _), error in zip(staged, self.commit_staged([e for _, e in staged]),
+                                 strict=True):
+            errors[i] = error
+        return errors
+
+    def stage(self, envelope: Envelope, data: bytes) -> _Staged:
+        """Write the message into incoming/, not yet synced. Raises SpoolError."""
+        entry = _Staged(envelope, self._dir("incoming") / envelope.id)
+        try:
+            entry.dir.mkdir(mode=0o700)
+            for name, content in ((MESSAGE, data), (ENVELOPE, envelope.to_json())):
+                fd = _write_file(entry.dir / name, content, sync=False)
+                assert fd is not None
+                entry.fds.append(fd)
+        except (OSError, ValueError) as e:
+            raise self._discard(entry, e) from None
+        return entry
+
+    def commit_staged(self, staged: list[_Staged]) -> list[SpoolError | None]:
+        """Make staged messages durable and move them into queue/; one result each."""
+        errors: list[SpoolError | None] = [None] * len(staged)
         synced = len(staged) >= _SYNCFS_BATCH and _syncfs(self._dir("incoming"))
         committed = []
-        for i, entry in staged:
+        for i, entry in enumerate(staged):
             try:
                 if not synced:
                     for fd in entry.fds:

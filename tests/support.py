@@ -86,10 +86,12 @@ class ScriptedUpstream:
     """
 
     name = "scripted"
-    wants_data = False
 
-    def __init__(self, script: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, script: dict[str, list[str]] | None = None,
+                 wants_data: bool = False) -> None:
         self.script = script or {}
+        self.wants_data = wants_data
+        self.data_given: list[bool] = []
         self.attempts: dict[str, int] = {}
         self.received: list[tuple[str, list[str], bytes]] = []
         self.message_failure: Exception | None = None
@@ -116,7 +118,11 @@ class ScriptedUpstream:
                 accepted.append(rcpt.address)
             outcomes.append(Outcome(rcpt.address, reply, failure))
         if accepted:
-            self.received.append((message.mail_from, accepted, message.path.read_bytes()))
+            on_disk = message.path.read_bytes()
+            if message.data is not None:
+                assert message.data == on_disk, "Outgoing.data differs from the spool's file"
+            self.data_given.append(message.data is not None)
+            self.received.append((message.mail_from, accepted, on_disk))
         return outcomes
 
     async def close(self) -> None:

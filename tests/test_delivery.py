@@ -191,3 +191,21 @@ async def test_messages_left_in_the_spool_are_delivered_at_the_next_start(
     names = " ".join(p.name for p in outbox_files(state_dir))
     assert all(queue_id in names for queue_id in ids)
     assert relay.spool.ids("queue") == []
+
+
+async def test_an_upstream_that_wants_the_bytes_gets_them_small_and_large(
+        relay_factory: RelayFactory) -> None:
+    from relay.spool import INLINE_BYTES
+
+    upstream = ScriptedUpstream(wants_data=True)
+    relay = await relay_factory(upstreams=scripted(upstream))
+    large = MESSAGE[:-3] + (b"y" * 998 + b"\r\n") * (INLINE_BYTES // 1000 + 1) + b".\r\n"
+    client = await RawSMTP.connect(listener_port(relay))
+    await client.cmd("EHLO app.example.com")
+    for body in (MESSAGE, large):
+        assert (await client.transaction(body, rcpts=("user@example.com",))).startswith("250")
+    await client.close()
+    await wait_until(lambda: len(upstream.received) == 2)
+    assert upstream.data_given == [True, True]
+    sizes = sorted(len(data) for _, _, data in upstream.received)
+    assert sizes[1] > INLINE_BYTES

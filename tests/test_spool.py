@@ -178,3 +178,47 @@ async def test_commit_from_many_tasks_stores_every_message(spool: Spool) -> None
     envelopes = [envelope() for _ in range(50)]
     await asyncio.gather(*(spool.commit(env, b"z\r\n") for env in envelopes))
     assert spool.ids("queue") == sorted(env.id for env in envelopes)
+
+
+async def test_commit_writes_small_messages_on_the_loop_and_large_ones_from_a_thread(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import threading
+
+    import relay.spool as spool_module
+
+    writers: dict[str, str] = {}
+    real = spool_module.Spool.stage
+
+    def recording(self: Spool, env: Envelope, data: bytes) -> object:
+        writers[env.id] = threading.current_thread().name
+        return real(self, env, data)
+
+    monkeypatch.setattr(spool_module.Spool, "stage", recording)
+    small, large = envelope(), envelope()
+    big = b"y" * (spool_module.INLINE_BYTES + 1)
+    await asyncio.gather(spool.commit(small, b"z\r\n"), spool.commit(large, big))
+    assert writers[small.id] == threading.main_thread().name
+    assert writers[large.id] != threading.main_thread().name
+    assert (spool.root / "queue" / large.id / "message").read_bytes() == big
+
+
+async def test_commit_that_cannot_write_fails_that_message_only(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    real_write = os.write
+
+    def refusing(fd: int, data: bytes | memoryview) -> int:
+        if bytes(data[:4]) == b"FULL":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing)
+    good, bad = envelope(), envelope()
+    results = await asyncio.gather(spool.commit(good, b"ok\r\n"), spool.commit(bad, b"FULL\r\n"),
+                                   return_exceptions=True)
+    assert results[0] is None
+    assert isinstance(results[1], SpoolError) and "No space left" in str(results[1])
+    assert spool.ids("queue") == [good.id]
+    assert os.listdir(spool.root / "incoming") == []
