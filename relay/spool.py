@@ -266,6 +266,61 @@ def _settle(results: list[tuple[asyncio.Future[None], SpoolError | None]]) -> No
             done.set_exception(error)
 
 
+class _Remover:
+    """Deletes delivered entries from trash/ in a thread, so nobody waits for it.
+
+    An entry is in trash/ once it is delivered: whatever is still there at the next
+    start is deleted then. The thread ends when idle and starts again on demand.
+    """
+
+    IDLE = 2.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: list[Path] = []
+        self._busy = False
+        self._running = False
+
+    def remove(self, entry: Path) -> None:
+        with self._cond:
+            self._pending.append(entry)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="spool-remove", daemon=True).start()
+            elif len(self._pending) == 1:  # the thread may be waiting for work
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending:
+                    self._cond.wait(self.IDLE)
+                if not self._pending:
+                    self._running = False
+                    return
+                batch, self._pending = self._pending, []
+                self._busy = True
+            for entry in batch:
+                _remove_entry(entry)
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def wait(self, timeout: float = 10.0) -> bool:
+        """True once everything handed over so far is deleted (for tests)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+
+def _remove_entry(entry: Path) -> None:
+    try:  # the files a finished entry has; anything else there: the slow way
+        os.unlink(entry / MESSAGE)
+        os.unlink(entry / ENVELOPE)
+        os.rmdir(entry)
+    except OSError:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
 @dataclass
 class Recovery:
     """What start-up found: entries put back, dead after too many crashes, removed, quarantined."""
@@ -280,6 +335,7 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._committer = _GroupCommit(self)
+        self._remover = _Remover()
 
     def _dir(self, place: str) -> Path:
         return self.root / place
@@ -426,12 +482,11 @@ class Spool:
         """The upstream has the message: remove it."""
         trash = self._dir("trash") / queue_id
         os.rename(self._dir(place) / queue_id, trash)
-        try:  # the files a finished entry has; anything else there: the slow way
-            os.unlink(trash / MESSAGE)
-            os.unlink(trash / ENVELOPE)
-            os.rmdir(trash)
-        except OSError:
-            shutil.rmtree(trash, ignore_errors=True)
+        self._remover.remove(trash)
+
+    def removed(self, timeout: float = 10.0) -> bool:
+        """True once every finished entry is deleted from trash/ (it happens in a thread)."""
+        return self._remover.wait(timeout)
 
     def quarantine(self, queue_id: str, place: str, reason: str) -> None:
         """Move a damaged entry (a directory, or a stray file) aside; never raises."""

@@ -73,6 +73,7 @@ def test_finish_removes_the_entry(spool: Spool) -> None:
     spool.claim(env.id)
     spool.finish(env.id)
     assert spool.find(env.id) is None
+    assert spool.removed()
     assert list((spool.root / "trash").iterdir()) == []
 
 
