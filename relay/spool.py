@@ -38,12 +38,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from .errors import DamagedEntry, SpoolError
 
 RecipientState = Literal["pending", "delivered", "failed"]
 Place = Literal["queue", "active", "dead", "edit"]
+T = TypeVar("T")
 _DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash")
 MESSAGE = "message"
 ENVELOPE = "envelope.json"
@@ -196,42 +197,28 @@ class _Staged:
         self.fds.clear()
 
 
-class _GroupCommit:
-    """Makes concurrently received messages durable together.
-
-    The event loop writes each message into incoming/ (the page cache: no waiting
-    for the disk; a large message from a thread). One thread takes every message
-    written meanwhile, makes them durable (an fsync per file and directory, or for a
-    larger batch one syncfs of the file system), renames them into queue/ and fsyncs
-    queue/ once: the disk round trips are shared, yet no message is acknowledged
-    before its own files and its directory entry are on disk. The thread ends when
-    idle and starts again on demand.
-    """
+class _Worker(Generic[T]):
+    """A thread that handles what it is given in batches; it ends when idle and starts
+    again on demand."""
 
     IDLE = 2.0
-    MAX_BATCH = 64
+    MAX_BATCH = 1 << 30
+    NAME = "spool"
 
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
+    def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._pending: list[tuple[_Staged, asyncio.AbstractEventLoop,
-                                  asyncio.Future[None]]] = []
+        self._pending: list[T] = []
+        self._busy = False
         self._running = False
 
-    async def store(self, envelope: Envelope, data: bytes) -> None:
-        if len(data) <= INLINE_BYTES:
-            entry = self.spool.stage(envelope, data)
-        else:
-            entry = await asyncio.to_thread(self.spool.stage, envelope, data)
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+    def _submit(self, item: T) -> None:
         with self._cond:
-            self._pending.append((entry, loop, done))
+            self._pending.append(item)
             if not self._running:
                 self._running = True
-                threading.Thread(target=self._run, name="spool-commit", daemon=True).start()
-            self._cond.notify()
-        await done
+                threading.Thread(target=self._run, name=self.NAME, daemon=True).start()
+            elif len(self._pending) == 1:  # the thread may be waiting for work
+                self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -243,17 +230,66 @@ class _GroupCommit:
                     return
                 batch = self._pending[:self.MAX_BATCH]
                 del self._pending[:self.MAX_BATCH]
+                self._busy = True
             try:
-                errors = self.spool.commit_staged([entry for entry, _, _ in batch])
-            except Exception as e:  # a bug must not stop acceptance: fail this batch, go on
-                failure = SpoolError(f"cannot write the message to the spool: {e!r}")
-                errors = [failure] * len(batch)
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None],
-                                                                 SpoolError | None]]] = {}
-            for (_, loop, done), error in zip(batch, errors, strict=True):
-                by_loop.setdefault(loop, []).append((done, error))
-            for loop, results in by_loop.items():  # one wake-up of each loop per batch
-                loop.call_soon_threadsafe(_settle, results)
+                self._handle(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _handle(self, batch: list[T]) -> None:
+        raise NotImplementedError
+
+    def wait(self, timeout: float = 10.0) -> bool:
+        """True once everything handed over so far is handled (for tests)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+
+_Commit = tuple["_Staged", asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+class _GroupCommit(_Worker[_Commit]):
+    """Makes concurrently received messages durable together.
+
+    The event loop writes each message into incoming/ (the page cache: no waiting
+    for the disk; a large message from a thread). One thread takes every message
+    written meanwhile, makes them durable (an fsync per file and directory, or for a
+    larger batch one syncfs of the file system), renames them into queue/ and fsyncs
+    queue/ once: the disk round trips are shared, yet no message is acknowledged
+    before its own files and its directory entry are on disk.
+    """
+
+    MAX_BATCH = 64
+    NAME = "spool-commit"
+
+    def __init__(self, spool: Spool) -> None:
+        super().__init__()
+        self.spool = spool
+
+    async def store(self, envelope: Envelope, data: bytes) -> None:
+        if len(data) <= INLINE_BYTES:
+            entry = self.spool.stage(envelope, data)
+        else:
+            entry = await asyncio.to_thread(self.spool.stage, envelope, data)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._submit((entry, loop, done))
+        await done
+
+    def _handle(self, batch: list[_Commit]) -> None:
+        try:
+            errors = self.spool.commit_staged([entry for entry, _, _ in batch])
+        except Exception as e:  # a bug must not stop acceptance: fail this batch, go on
+            failure = SpoolError(f"cannot write the message to the spool: {e!r}")
+            errors = [failure] * len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None],
+                                                             SpoolError | None]]] = {}
+        for (_, loop, done), error in zip(batch, errors, strict=True):
+            by_loop.setdefault(loop, []).append((done, error))
+        for loop, results in by_loop.items():  # one wake-up of each loop per batch
+            loop.call_soon_threadsafe(_settle, results)
 
 
 def _settle(results: list[tuple[asyncio.Future[None], SpoolError | None]]) -> None:
@@ -266,50 +302,21 @@ def _settle(results: list[tuple[asyncio.Future[None], SpoolError | None]]) -> No
             done.set_exception(error)
 
 
-class _Remover:
-    """Deletes delivered entries from trash/ in a thread, so nobody waits for it.
+class _Remover(_Worker[Path]):
+    """Deletes delivered entries from trash/, so no delivery waits for it.
 
     An entry is in trash/ once it is delivered: whatever is still there at the next
-    start is deleted then. The thread ends when idle and starts again on demand.
+    start is deleted then.
     """
 
-    IDLE = 2.0
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._pending: list[Path] = []
-        self._busy = False
-        self._running = False
+    NAME = "spool-remove"
 
     def remove(self, entry: Path) -> None:
-        with self._cond:
-            self._pending.append(entry)
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._run, name="spool-remove", daemon=True).start()
-            elif len(self._pending) == 1:  # the thread may be waiting for work
-                self._cond.notify_all()
+        self._submit(entry)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if not self._pending:
-                    self._cond.wait(self.IDLE)
-                if not self._pending:
-                    self._running = False
-                    return
-                batch, self._pending = self._pending, []
-                self._busy = True
-            for entry in batch:
-                _remove_entry(entry)
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-
-    def wait(self, timeout: float = 10.0) -> bool:
-        """True once everything handed over so far is deleted (for tests)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+    def _handle(self, batch: list[Path]) -> None:
+        for entry in batch:
+            _remove_entry(entry)
 
 
 def _remove_entry(entry: Path) -> None:
