@@ -211,7 +211,7 @@ class Scheduler:
 
     async def _deliver(self, queue_id: str) -> None:
         try:
-            claimed = await self._claim(queue_id)
+            claimed = self._claim(queue_id)
         except DamagedEntry as e:
             await asyncio.to_thread(self.spool.quarantine, queue_id, "active", str(e))
             log.error("%s: moved to quarantine: %s", queue_id, e)
@@ -235,17 +235,17 @@ class Scheduler:
             env.attempts += 1
             self._due[env.id] = time.time() + self.backoff(env.attempts)
 
-    async def _claim(self, queue_id: str) -> tuple[Envelope, bytes | None] | None:
-        """Take the entry and, when the upstream wants them, its bytes (a large message
-        from a thread; the rest is the page cache's work)."""
+    def _claim(self, queue_id: str) -> tuple[Envelope, bytes | None] | None:
+        """Take the entry and, when the upstream wants them and the message is not large,
+        its bytes (the page cache's work; a large message is read as it is sent)."""
         env = self.spool.claim(queue_id)
-        if env is None or not self.upstream.wants_data:
-            return None if env is None else (env, None)
+        if env is None:
+            return None
+        if not self.upstream.wants_data or env.size > INLINE_BYTES:
+            return env, None
         path = self.spool.message_path(env.id)
         try:
-            if env.size <= INLINE_BYTES:
-                return env, path.read_bytes()
-            return env, await asyncio.to_thread(path.read_bytes)
+            return env, path.read_bytes()
         except OSError as e:
             raise DamagedEntry(f"{path}: {e.strerror}") from None
 

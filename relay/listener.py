@@ -24,11 +24,11 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from .errors import SpoolError
 from .metrics import Metrics
-from .rewrite import header_value, received_header, rewrite_message
+from .rewrite import header_value, received_header, rewrite_parts
 from .settings import Settings
 from .smtp_data import TooBig, read_data
+from .spool import Content, Recipient, Spool, content_size, new_queue_id
 from .spool import Envelope as SpoolEnvelope
-from .spool import Recipient, Spool, new_queue_id
 
 log = logging.getLogger("relay.listener")
 
@@ -100,7 +100,9 @@ class RelaySMTP(SMTP):
         except asyncio.CancelledError:
             self._writer.close()
             raise
-        self.envelope.content = self.envelope.original_content = data
+        # The buffer it was read into, not a copy (aiosmtpd says bytes; a bytearray
+        # reads the same, and IntakeHandler only reads it).
+        self.envelope.content = self.envelope.original_content = data  # type: ignore[assignment]
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
@@ -286,7 +288,7 @@ class Listener:
     async def receive(self, session: Session, envelope: Envelope) -> str:
         qid = new_queue_id()
         account = self.settings.system_account
-        data: bytes = envelope.original_content or b""
+        data: bytes | bytearray = envelope.original_content or b""
         peer_ip = str(session.peer[0]) if isinstance(session.peer, tuple) else "unknown"
         now = datetime.now(UTC).astimezone()
         domain = account.address.rpartition("@")[2] if account.address else self.hostname
@@ -295,7 +297,7 @@ class Listener:
             recipients=envelope.rcpt_tos, when=now,
             with_protocol="UTF8SMTP" if envelope.smtp_utf8 else
             ("ESMTP" if session.extended_smtp else "SMTP"))
-        body = rewrite_message(
+        body = rewrite_parts(
             data, system_address=account.address or "", received=received,
             from_header=account.from_header if account.address else "keep",
             message_id=f"<{qid}@{domain}>", date=format_datetime(now))
@@ -304,7 +306,7 @@ class Listener:
             mail_from=account.address,
             recipients=[Recipient(a, options=o.split()) for a, o in
                         zip(envelope.rcpt_tos, envelope.rcpt_options, strict=True)],
-            mail_options=list(envelope.mail_options), size=len(body), client=peer_ip,
+            mail_options=list(envelope.mail_options), size=content_size(body), client=peer_ip,
             subject=header_value(data, "Subject"))
         # Shielded: if the client goes away meanwhile, a message that reaches the disk is
         # still handed to the scheduler (the client, without a 250, may send it again).
@@ -318,7 +320,7 @@ class Listener:
             return "451 4.3.0 Could not queue the message on disk; try again later"
         return f"250 2.0.0 OK queued as {qid}"
 
-    async def _queue(self, env: SpoolEnvelope, body: bytes) -> None:
+    async def _queue(self, env: SpoolEnvelope, body: Content) -> None:
         await self.spool.commit(env, body)
         self.metrics.messages_received.inc()
         log.info("%s: queued from=<%s> client=%s size=%d nrcpt=%d", env.id, env.sender,

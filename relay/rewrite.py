@@ -62,7 +62,7 @@ class _Field:
     value_start: int  # after the colon
 
 
-def _header_end(data: bytes) -> int:
+def _header_end(data: bytes | bytearray) -> int:
     """Offset where the header block ends (the empty line, or the end of data)."""
     if data.startswith((b"\n", b"\r\n")):
         return 0
@@ -70,7 +70,7 @@ def _header_end(data: bytes) -> int:
     return len(data) if m is None else m.start() + 1
 
 
-def _newline(data: bytes) -> bytes:
+def _newline(data: bytes | bytearray) -> bytes:
     i = data.find(b"\n")
     return b"\n" if i == 0 or (i > 0 and data[i - 1] != 0x0D) else b"\r\n"
 
@@ -155,7 +155,7 @@ def _new_from(block: bytes, field: _Field, address: bytes, add_reply_to: bool,
 
 
 def rewrite_message(
-    data: bytes, *, system_address: str, from_header: Literal["rewrite", "keep"],
+    data: bytes | bytearray, *, system_address: str, from_header: Literal["rewrite", "keep"],
     received: bytes, message_id: str, date: str,
 ) -> bytes:
     """Return `data` with the Received line first and the sender headers rewritten.
@@ -163,10 +163,19 @@ def rewrite_message(
     An empty `system_address` is allowed with "keep" only, and then no From: is added;
     with "rewrite" it raises ValueError.
     """
+    return b"".join(rewrite_parts(data, system_address=system_address, from_header=from_header,
+                                  received=received, message_id=message_id, date=date))
+
+
+def rewrite_parts(
+    data: bytes | bytearray, *, system_address: str, from_header: Literal["rewrite", "keep"],
+    received: bytes, message_id: str, date: str,
+) -> list[bytes | memoryview]:
+    """`rewrite_message` as pieces, the body a view into `data`: nothing is copied."""
     if from_header == "rewrite" and not system_address:
         raise ValueError("from_header='rewrite' needs a system address")
     end = _header_end(data)
-    block = data[:end]
+    block = bytes(data[:end])
     nl = _newline(data)
     fields = _fields(block)
     names = {f.name for f in fields}
@@ -189,7 +198,7 @@ def rewrite_message(
     else:
         out += [line + nl for line in added]
     out.append(memoryview(data)[end:])
-    return b"".join(out)
+    return out
 
 
 def received_header(
@@ -245,12 +254,12 @@ def _decode_words(text: str) -> str:
     return "".join(out)
 
 
-def header_value(data: bytes, name: str) -> str | None:
+def header_value(data: bytes | bytearray, name: str) -> str | None:
     """First `name` header, unfolded and RFC 2047 decoded, control characters as spaces.
 
     For logs: never raises on malformed input. None when the header is absent.
     """
-    block = data[: _header_end(data)]
+    block = bytes(data[: _header_end(data)])
     key = name.strip().lower().encode("ascii", "replace")
     for field in _fields(block):
         if field.name == key:

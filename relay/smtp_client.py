@@ -24,6 +24,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .settings import ServerSettings
+from .smtp_body import Body
 from .upstream import Outcome, Outgoing, explain, slow_down_requested
 
 if TYPE_CHECKING:
@@ -199,14 +200,12 @@ class SmtpUpstream:
 
     async def deliver(self, message: Outgoing) -> list[Outcome]:
         self._check_pace(message)
-        data = message.data
-        if data is None:
-            data = await asyncio.to_thread(message.path.read_bytes)
+        body = await Body.of(message)
         async with self._slots:
             self._check_pace(message)
             await self._ensure_pop_login()
             try:
-                outcomes = await self._send(message, data)
+                outcomes = await self._send(message, body)
             except DeliveryFailure as failure:
                 self._after(failure.code, failure.reply)
                 raise
@@ -216,24 +215,24 @@ class SmtpUpstream:
             self._after(outcome.failure.code if outcome.failure else 250, outcome.reply)
         return outcomes
 
-    async def _send(self, message: Outgoing, data: bytes) -> list[Outcome]:
+    async def _send(self, message: Outgoing, body: Body) -> list[Outcome]:
         """One transaction on a pooled session, or on a new one when the pooled one went stale."""
         session = self._take_idle()
         if session is not None:
             try:
-                return await self._transaction(session, message, data)
+                return await self._transaction(session, message, body)
             except TemporaryFailure as failure:
                 stale = failure.code in (None, 421) and session.stage == "MAIL FROM"
                 if not stale:
                     raise
                 # the server closed the pooled connection while it was idle: open a new one
-        return await self._transaction(await self._new_session(), message, data)
+        return await self._transaction(await self._new_session(), message, body)
 
     async def _transaction(self, session: Session, message: Outgoing,
-                           data: bytes) -> list[Outcome]:
+                           body: Body) -> list[Outcome]:
         """Run it; keep the session when it is still good (the server answered), else close."""
         try:
-            outcomes = await session.transaction(message, data)
+            outcomes = await session.transaction(message, body)
         except DeliveryFailure as failure:
             if failure.code is not None and failure.code != 421 and session.connected:
                 self._give_back(session)

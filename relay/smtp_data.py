@@ -22,8 +22,10 @@ class TooBig(Exception):
     """The message exceeded the limit; its bytes were read to the end and dropped."""
 
 
-async def read_data(reader: asyncio.StreamReader, limit: int | None) -> bytes:
+async def read_data(reader: asyncio.StreamReader, limit: int | None) -> bytearray:
     """The message up to the final dot, dot-stuffing undone (RFC 5321 4.5.2).
+
+    A bytearray, the buffer it was read into: a 25 MiB message takes 25 MiB.
 
     Raises TooBig beyond `limit` bytes (after reading to the final dot, keeping
     only a few bytes in memory meanwhile) and ConnectionResetError if the client
@@ -41,12 +43,16 @@ async def read_data(reader: asyncio.StreamReader, limit: int | None) -> bytes:
         if end >= 0:
             if len(data) > end + len(END):  # pipelined commands: give them back to the reader
                 reader._buffer[0:0] = data[end + len(END):]  # type: ignore[attr-defined]
-            del data[end + 2:]
             break
         if limit is not None and dropped + len(data) - 2 > limit:
             keep = len(END) - 1  # enough to find an end split across two chunks
             dropped += len(data) - keep
             del data[:-keep]
-    if dropped or (limit is not None and len(data) - 2 > limit):
+    if dropped or (limit is not None and end > limit):
         raise TooBig
-    return bytes(data).replace(b"\r\n.", b"\r\n")[2:]
+    if data.find(b"\r\n.", 0, end + 2) >= 0:
+        data = data[:end + 2].replace(b"\r\n.", b"\r\n")
+    else:
+        del data[end + 2:]  # in place: a large message is never copied
+    del data[:2]
+    return data

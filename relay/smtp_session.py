@@ -33,6 +33,7 @@ from .errors import (
     TokenStoreError,
 )
 from .settings import ServerSettings
+from .smtp_body import Body
 from .upstream import Outcome, Outgoing, classify, explain
 
 if TYPE_CHECKING:
@@ -244,10 +245,10 @@ class Session:
                 "rights) and that the token's scopes include SMTP",
                 code=again.code, stage=again.stage) from None
 
-    async def transaction(self, message: Outgoing, data: bytes) -> list[Outcome]:
+    async def transaction(self, message: Outgoing, body: Body) -> list[Outcome]:
         """One message with all its recipients: per-recipient outcomes, or raise for all."""
         self.last_used = time.monotonic()
-        mail_options, utf8 = self._mail_options(message, data)
+        mail_options, utf8 = self._mail_options(message, body)
         await self._step("MAIL FROM", self.client.mail(
             message.mail_from, options=mail_options, encoding="utf-8" if utf8 else "ascii"))
         outcomes: list[Outcome] = []
@@ -269,18 +270,18 @@ class Session:
             await self.reset()
             return outcomes
         try:
-            reply = await self._step("DATA", self.client.data(data))
+            reply = await self._step("DATA", body.send(self.client, self.server.timeout))
         except DeliveryFailure as failure:
             if failure.code is not None:  # the server answered: the connection is still good
                 await self.reset()
-                if _eight_bit_refusal(failure, data, self.client):
+                if _eight_bit_refusal(failure, body, self.client):
                     failure.reply += (" (the message has 8-bit content and the server does "
                                       "not offer 8BITMIME)")
             raise
         done = _reply(reply)
         return [o if o.failure else Outcome(o.recipient, done) for o in outcomes]
 
-    def _mail_options(self, message: Outgoing, data: bytes) -> tuple[list[str], bool]:
+    def _mail_options(self, message: Outgoing, body: Body) -> tuple[list[str], bool]:
         env = message.envelope
         client = self.client
         options: list[str] = []
@@ -293,21 +294,21 @@ class Session:
             raise PermanentFailure(
                 f"the message needs SMTPUTF8 (non-ASCII addresses), which {self.label} does "
                 "not offer", stage="MAIL FROM")
-        elif utf8 and not data.split(b"\r\n\r\n", 1)[0].isascii():
+        elif utf8 and not body.headers_ascii:
             raise PermanentFailure(
                 f"the message has UTF-8 headers (SMTPUTF8), which {self.label} does not "
                 "offer", stage="MAIL FROM")
         else:
             utf8 = False
-        if not data.isascii() and client.supports_extension("8bitmime"):
+        if not body.ascii and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         limit = client.esmtp_extensions.get("size", "")
-        if limit.isdigit() and int(limit) and len(data) > int(limit):
+        if limit.isdigit() and int(limit) and body.size > int(limit):
             raise PermanentFailure(
-                f"the message is {len(data)} bytes; {self.label} accepts at most {limit} "
+                f"the message is {body.size} bytes; {self.label} accepts at most {limit} "
                 "(its SIZE)", stage="MAIL FROM")
         if client.supports_extension("size"):
-            options.append(f"SIZE={len(data)}")
+            options.append(f"SIZE={body.size}")
         dsn = [o for o in env.mail_options if o.startswith(_DSN_MAIL)]
         if client.supports_extension("dsn"):
             options.extend(dsn)
@@ -344,8 +345,8 @@ def _name(rdns: object) -> str:
     return ", ".join(parts) or "?"
 
 
-def _eight_bit_refusal(failure: DeliveryFailure, data: bytes, client: aiosmtplib.SMTP) -> bool:
-    return (isinstance(failure, PermanentFailure) and not data.isascii()
+def _eight_bit_refusal(failure: DeliveryFailure, body: Body, client: aiosmtplib.SMTP) -> bool:
+    return (isinstance(failure, PermanentFailure) and not body.ascii
             and not client.supports_extension("8bitmime"))
 
 

@@ -45,6 +45,8 @@ from .errors import DamagedEntry, SpoolError
 RecipientState = Literal["pending", "delivered", "failed"]
 Place = Literal["queue", "active", "dead", "edit"]
 T = TypeVar("T")
+Content = bytes | list[bytes | memoryview]
+"""A message's bytes: whole, or in pieces written one after the other."""
 _DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash")
 MESSAGE = "message"
 ENVELOPE = "envelope.json"
@@ -146,13 +148,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes, *, sync: bool = True) -> int | None:
+def content_size(data: Content) -> int:
+    return len(data) if isinstance(data, bytes) else sum(map(len, data))
+
+
+def _write_file(path: Path, data: Content, *, sync: bool = True) -> int | None:
     """Create and write a file; fsync and close it, or (sync=False) return its open fd."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for part in [data] if isinstance(data, bytes) else data:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view):]
         if not sync:
             return fd
         os.fsync(fd)
@@ -268,8 +275,8 @@ class _GroupCommit(_Worker[_Commit]):
         super().__init__()
         self.spool = spool
 
-    async def store(self, envelope: Envelope, data: bytes) -> None:
-        if len(data) <= INLINE_BYTES:
+    async def store(self, envelope: Envelope, data: Content) -> None:
+        if content_size(data) <= INLINE_BYTES:
             entry = self.spool.stage(envelope, data)
         else:
             entry = await asyncio.to_thread(self.spool.stage, envelope, data)
@@ -370,7 +377,7 @@ class Spool:
         if error is not None:
             raise error
 
-    async def commit(self, envelope: Envelope, data: bytes) -> None:
+    async def commit(self, envelope: Envelope, data: Content) -> None:
         """`store` from the event loop, sharing disk round trips with concurrent messages."""
         await self._committer.store(envelope, data)
 
@@ -388,7 +395,7 @@ class Spool:
             errors[i] = error
         return errors
 
-    def stage(self, envelope: Envelope, data: bytes) -> _Staged:
+    def stage(self, envelope: Envelope, data: Content) -> _Staged:
         """Write the message into incoming/, not yet synced. Raises SpoolError."""
         entry = _Staged(envelope, self._dir("incoming") / envelope.id)
         try:

@@ -32,8 +32,9 @@ from .spool import Envelope, Recipient
 class Outgoing:
     """One message to send: its envelope, the file with its bytes, the sender to announce.
 
-    `data` holds the file's bytes when the upstream asked for them (`wants_data`): the
-    scheduler reads them in the same trip to the disk that claims the entry.
+    `data` holds the file's bytes when the upstream asked for them (`wants_data`) and the
+    message is not larger than spool.INLINE_BYTES: the scheduler reads them with the
+    claim. Otherwise the upstream reads `path` itself.
     """
 
     envelope: Envelope

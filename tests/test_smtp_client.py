@@ -36,7 +36,7 @@ from relay.metrics import Metrics
 from relay.settings import ServerSettings
 from relay.smtp_client import RateLimited, SmtpUpstream
 from relay.smtp_session import probe
-from relay.spool import Envelope, Recipient
+from relay.spool import INLINE_BYTES, Envelope, Recipient
 from relay.upstream import Outcome, Outgoing, classify, explain, slow_down_requested
 
 from .support import free_port, wait_until
@@ -90,7 +90,8 @@ class Client:
                             mail_from=SENDER, mail_options=mail_options or [], size=len(data))
         path = self.tmp_path / f"message-{self.count}"
         path.write_bytes(data)
-        return Outgoing(envelope, path, SENDER, envelope.recipients)
+        preload = data if len(data) <= INLINE_BYTES else None
+        return Outgoing(envelope, path, SENDER, envelope.recipients, preload)
 
     async def close(self) -> None:
         for upstream in self.upstreams:

@@ -186,6 +186,15 @@ def test_message_larger_than_the_servers_size_fails_at_once(
     assert env["attempts"] == 0
 
 
+def test_large_message_is_sent_from_its_file_unchanged(
+        clean_peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {clean_peers.port("plain")}')
+    body = ".a line that starts with a dot\r\n" + ("z" * 76 + "\r\n") * 40_000 + "..two\r\n"
+    relay.send(message("large", body))  # 3 MB: more than the relay keeps in memory
+    (delivered,) = clean_peers.find_messages("<large@apps.example.com>")
+    assert delivered.get_payload() == body.replace("\r\n", "\n")
+
+
 def test_server_down_then_up_nothing_lost(clean_peers: MailPeers, tmp_path: Path,
                                           relays: list[Relay]) -> None:
     relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {free_port()}')
