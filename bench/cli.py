@@ -1,4 +1,4 @@
-"""`bench/run.py`: run scenarios A and B interleaved, print one table, save the results."""
+"""`bench/run.py`: run scenarios A, B and S interleaved, then M; print the tables, save them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import machine, report
+from bench import footprint, machine, report, scaling
+from bench.footprint import FootprintPlan
 from bench.load import smtp_source_command
 from bench.procstat import process_tree, processes_mentioning
 from bench.relay_instance import RelayUnavailable
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KIB = 1024
 SIZES = (1 * KIB, 100 * KIB)
 BUSY_MACHINE = 0.25  # cores of background load above which the run is flagged
+SCENARIOS = ("A", "B", "M", "S")
+DEFAULT_SCENARIOS = ("A", "B")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class Plan:
     latency_messages: dict[int, int]
     relay_messages: dict[int, int]
     scenarios: tuple[str, ...]
+    scaling_messages: int
+    """messages per cell of the S grid"""
+    footprint: FootprintPlan
 
     @property
     def sizes(self) -> list[int]:
@@ -70,20 +76,25 @@ FULL = Counts(accept={KIB: 3000, 100 * KIB: 1000}, latency={KIB: 2000, 100 * KIB
               relay={KIB: 3000, 100 * KIB: 1000})
 QUICK = Counts(accept={KIB: 600, 100 * KIB: 200}, latency={KIB: 400, 100 * KIB: 200},
                relay={KIB: 600, 100 * KIB: 200})
+SCALING_MESSAGES = {"full": 2000, "quick": 300}
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     counts = (QUICK if args.quick else FULL).scaled(args.scale)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    grid = max(20, round(SCALING_MESSAGES["quick" if args.quick else "full"] * args.scale))
+    memory = (footprint.QUICK if args.quick else footprint.FULL).scaled(args.scale)
     return Plan(rounds, args.sessions, counts.accept, counts.latency, counts.relay,
-                tuple(args.only or ("A", "B")))
+                tuple(args.only or DEFAULT_SCENARIOS), grid, memory)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/run.py",
         description="sysmail-relay benchmark: A) acceptance into the local outbox, "
-                    "B) end to end into smtp-sink, side by side with a Postfix null client.")
+                    "B) end to end into smtp-sink, side by side with a Postfix null client; "
+                    "on request M) memory and start-up, S) scaling by client sessions and "
+                    "upstream pool_size.")
     p.add_argument("--quick", action="store_true",
                    help="1 round with fewer messages (under a minute)")
     p.add_argument("--rounds", type=int, default=None,
@@ -91,8 +102,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, default=20, help="concurrent client sessions")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every message count (e.g. 0.5 or 2)")
-    p.add_argument("--only", choices=("A", "B"), action="append",
-                   help="run only this scenario (repeatable)")
+    p.add_argument("--only", choices=SCENARIOS, action="append",
+                   help="run only this scenario (repeatable; default A and B)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
                    help="directory for <UTC timestamp>.json and .txt (default bench/results)")
     p.add_argument("--keep", action="store_true",
@@ -114,14 +125,16 @@ class Job:
     size: int
     round: int
     messages: int
+    variant: str = ""
 
     def placeholder(self, status: Status, detail: str) -> Measurement:
         return Measurement(self.scenario, self.system, self.size, self.round, self.messages,
-                           status=status, detail=detail)
+                           status=status, detail=detail, variant=self.variant)
 
 
 class Runner:
-    """Runs the plan round by round; remembers when the relay cannot do scenario B."""
+    """Runs the plan round by round, then M once; remembers when the relay cannot
+    deliver to SMTP servers (scenarios B and S)."""
 
     def __init__(self, plan: Plan, work: Path, keep: bool = False) -> None:
         self.plan = plan
@@ -139,6 +152,13 @@ class Runner:
                 if "B" in plan.scenarios:
                     jobs += [Job("B", system, size, round_, plan.relay_messages[size])
                              for system in _order(round_)]
+            if "S" in plan.scenarios:
+                cells = list(scaling.CELLS) if round_ % 2 else list(reversed(scaling.CELLS))
+                jobs += [Job("S", RELAY, KIB, round_, plan.scaling_messages, name)
+                         for name in cells]
+        if "M" in plan.scenarios:
+            jobs += [Job("M", RELAY, size, 1, messages, part)
+                     for part, size, messages in footprint.parts(plan.footprint)]
         return jobs
 
     def run(self) -> None:
@@ -164,8 +184,12 @@ class Runner:
             return acceptance(directory, job.size, job.messages,
                               self.plan.latency_messages[job.size], self.plan.sessions,
                               job.round)
+        if job.scenario == "M":
+            return footprint.measure(job.variant, directory, self.plan.footprint)
         if job.system == RELAY and self.relay_unavailable is not None:
             return job.placeholder("not available", self.relay_unavailable)
+        if job.scenario == "S":
+            return scaling.cell(directory, job.variant, job.messages, job.round)
         return end_to_end(directory, job.system, job.size, job.messages, self.plan.sessions,
                           job.round)
 
@@ -176,8 +200,9 @@ def _order(round_: int) -> tuple[System, System]:
 
 
 def progress_line(m: Measurement, rounds: int) -> str:
-    head = (f"round {m.round}/{rounds}  {m.scenario}  {report.size_label(m.size):>7}  "
-            f"{m.system:<13}")
+    when = "once" if m.scenario == "M" else f"round {m.round}/{rounds}"
+    head = (f"{when:<11}  {m.scenario}  {report.size_label(m.size):>7}  "
+            f"{m.system:<13}{'  ' + m.variant if m.variant else ''}")
     if m.status != "ok":
         return f"{head}  {m.status}: {m.detail.splitlines()[0] if m.detail else ''}"
     figures = ", ".join(f"{key} {report.number(value)}" for key, value in m.figures.items())
@@ -190,16 +215,24 @@ def describe_load(plan: Plan) -> list[str]:
     b = ", ".join(f"{plan.relay_messages[s]} at {report.size_label(s)}" for s in plan.sizes)
     example = " ".join(Path(x).name if i == 0 else x for i, x in
                        enumerate(smtp_source_command(0, 0, 0, plan.sessions)))
-    return [
+    lines = {
+        "A": f"A  sysmail-relay -> local outbox (Maildir). smtp-source: {a} messages; "
+             f"latency ('.' sent to 250 read, asyncio client): {lat} messages",
+        "B": f"B  smtp-source -> system under test -> smtp-sink. {b} messages; end-to-end "
+             "= first connect until the sink counted all; CPU = the whole process tree "
+             "until its queue is empty",
+        "S": scaling.describe(plan.scaling_messages),
+        "M": footprint.describe(plan.footprint),
+    }
+    described = [
         f"load: {plan.sessions} concurrent client sessions, one message per connection "
         f"({example.replace(':0', ':PORT')} with -m N -l SIZE)",
-        f"A  sysmail-relay -> local outbox (Maildir). smtp-source: {a} messages; "
-        f"latency ('.' sent to 250 read, asyncio client): {lat} messages",
-        f"B  smtp-source -> system under test -> smtp-sink. {b} messages; end-to-end "
-        "= first connect until the sink counted all; CPU = the whole process tree "
-        "until its queue is empty",
-        "cells: median (min-max) over rounds; ratio = relay median / postfix median",
+        *(line for scenario, line in lines.items() if scenario in plan.scenarios),
     ]
+    if set(plan.scenarios) != {"M"}:  # M measures once: no medians
+        described.append("cells: median (min-max) over rounds; "
+                         "ratio = relay median / postfix median")
+    return described
 
 
 def render(plan: Plan, meta: dict[str, Any], rows: list[report.Row],
@@ -210,10 +243,13 @@ def render(plan: Plan, meta: dict[str, Any], rows: list[report.Row],
         f"{', INTERRUPTED' if meta['interrupted'] else ''})",
         f"machine: {machine.summary_line(meta['machine'])}",
         *describe_load(plan),
-        "",
-        report.table(rows),
     ]
+    if rows:
+        lines += ["", report.table(rows)]
     lines.append(_background_line(measurements))
+    for section in (footprint.section(measurements), scaling.section(measurements)):
+        if section:
+            lines += ["", *section]
     notes = _notes(measurements)
     if notes:
         lines += ["", "notes:", *notes]
@@ -245,7 +281,8 @@ def _notes(measurements: list[Measurement]) -> list[str]:
     for m in measurements:
         if m.status == "ok" or not m.detail:
             continue
-        note = f"- {m.scenario} {m.system} {report.size_label(m.size)}: {m.status}: " \
+        what = m.variant or report.size_label(m.size)
+        note = f"- {m.scenario} {m.system} {what}: {m.status}: " \
                f"{m.detail.strip().splitlines()[0]}"
         if note not in seen:
             seen.add(note)
@@ -306,6 +343,8 @@ def publish(out: Path, stamp: str, plan: Plan, meta: dict[str, Any], runner: Run
     document = {**meta, "plan": asdict(plan), "load": describe_load(plan),
                 "relay_b_unavailable": runner.relay_unavailable,
                 "summary": [row.as_dict() for row in rows],
+                "footprint": footprint.summary(runner.measurements),
+                "scaling": scaling.summary(runner.measurements),
                 "measurements": [asdict(m) for m in runner.measurements]}
     for path in write_results(out, stamp, document, text):
         print(f"wrote {path}")

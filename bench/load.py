@@ -5,6 +5,9 @@ no per-message timing, so the time from the final "." to the 250 comes from
 `measure_latency`, which drives the same shape of load (one connection per
 message, like smtp-source without -d and like most applications) with raw
 asyncio streams: no SMTP library between the clock and the socket.
+
+For scenario M: `hold_idle_sessions` (connections that said EHLO and wait),
+`send_message` (one message through smtplib) and `greeting` (the 220 line).
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import smtplib
+import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tests.peers.netutil import HOST
@@ -22,6 +27,7 @@ from tests.peers.procutil import require
 
 SENDER = "app@bench.example.com"
 RECIPIENT = "user@example.com"
+EHLO = b"EHLO bench.example.com"
 _LINE = 76  # body line length, before CRLF
 
 
@@ -54,6 +60,22 @@ def finish(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
         out, _ = process.communicate()
         return -9, out.decode(errors="replace") + "\n(killed at the time limit)"
     return process.returncode, out.decode(errors="replace")
+
+
+def send_message(port: int, data: bytes, timeout: float) -> None:
+    """One message through smtplib (SIZE declared); smtplib.SMTPException when refused."""
+    with smtplib.SMTP(HOST, port, local_hostname="bench.example.com",
+                      timeout=timeout) as client:
+        client.sendmail(SENDER, [RECIPIENT], data)
+
+
+def greeting(port: int, timeout: float) -> bytes:
+    """Connect, read the greeting line, QUIT."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock, \
+            sock.makefile("rb") as replies:
+        line = replies.readline()
+        sock.sendall(b"QUIT\r\n")
+    return line
 
 
 def message_bytes(size: int, number: int = 0) -> bytes:
@@ -106,7 +128,7 @@ async def _one_message(port: int, data: bytes, result: LatencyResult) -> None:
     reader, writer = await asyncio.open_connection(HOST, port)
     try:
         await _expect(reader, b"220")
-        for command, code in ((b"EHLO bench.example.com", b"250"),
+        for command, code in ((EHLO, b"250"),
                               (f"MAIL FROM:<{SENDER}>".encode(), b"250"),
                               (f"RCPT TO:<{RECIPIENT}>".encode(), b"250"),
                               (b"DATA", b"354")):
@@ -151,8 +173,50 @@ async def _drive(port: int, messages: int, size: int, sessions: int) -> LatencyR
 def measure_latency(port: int, messages: int, size: int, sessions: int,
                     timeout: float) -> LatencyResult:
     """Send *messages* over *sessions* concurrent connections; time every final '.'."""
+    return asyncio.run(asyncio.wait_for(_drive(port, messages, size, sessions), timeout))
 
-    async def bounded() -> LatencyResult:
-        return await asyncio.wait_for(_drive(port, messages, size, sessions), timeout)
 
-    return asyncio.run(bounded())
+# --- idle sessions: connections that said EHLO and then wait ------------------------------
+
+@dataclass
+class IdleSessions:
+    greeted: int = 0
+    """Connections that read the 220 greeting and a 250 to EHLO."""
+    errors: list[str] = field(default_factory=list)
+    seconds_to_open: float = 0.0
+
+
+async def _open_idle(port: int, writers: list[asyncio.StreamWriter],
+                     result: IdleSessions) -> None:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writers.append(writer)
+    await _expect(reader, b"220")
+    writer.write(EHLO + b"\r\n")
+    await _expect(reader, b"250")
+    result.greeted += 1
+
+
+async def _hold(port: int, count: int, while_open: Callable[[], None]) -> IdleSessions:
+    result = IdleSessions()
+    writers: list[asyncio.StreamWriter] = []
+    started = time.perf_counter()
+    try:
+        for _ in range(count):  # one after the other: no burst beyond the listen backlog
+            try:
+                await _open_idle(port, writers, result)
+            except (OSError, _Reply) as e:
+                result.errors.append(str(e) or type(e).__name__)
+        result.seconds_to_open = time.perf_counter() - started
+        while_open()
+    finally:
+        for writer in writers:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+    return result
+
+
+def hold_idle_sessions(port: int, count: int, while_open: Callable[[], None],
+                       timeout: float) -> IdleSessions:
+    """Open *count* connections that read 220 and send EHLO, call *while_open* while they
+    all stay open and idle, then close them."""
+    return asyncio.run(asyncio.wait_for(_hold(port, count, while_open), timeout))

@@ -1,4 +1,4 @@
-"""CPU time of a process tree, read from /proc.
+"""CPU time of a process tree and the memory of a process, read from /proc.
 
 A process's CPU is `utime + stime`; when a child exits and its parent reaps it,
 the child's time moves into the parent's `cutime + cstime`. Summing all four
@@ -131,3 +131,21 @@ def kernel_threads_cpu_seconds(before: dict[tuple[int, int], int],
     between are missed; threads that started count in full)."""
     ticks = sum(t - before.get(key, 0) for key, t in after.items())
     return max(ticks, 0) / _TICKS_PER_SECOND
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """The Vm* lines of /proc/PID/status in KiB: VmRSS (resident now), VmHWM (its peak), ...
+
+    Raises FileNotFoundError when the process is gone.
+    """
+    found: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Vm") and value.strip().endswith("kB"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Set VmHWM back to the current VmRSS (writing 5 to clear_refs, Linux 4.0+)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

@@ -10,10 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procstat import tree_cpu_seconds, tree_names
+from bench.procstat import memory_kib, reset_peak_memory, tree_cpu_seconds, tree_names
 from tests.peers.netutil import HOST, free_ports, wait_ports_closed, wait_ports_listening
 
 SYSTEM_ADDRESS = "notify@example.com"
@@ -27,10 +28,10 @@ state_dir = "{state_dir}"
 [listener]
 host = "{host}"
 port = {port}
-max_connections = 500
-
+max_connections = {max_connections}
+{max_message_size}
 [system_account]
-active = true
+active = {active}
 address = "{address}"
 server = "{server}"
 
@@ -48,7 +49,23 @@ SINK_SECTION = """
 host = "{host}"
 port = {port}
 encryption = "none"
-"""
+{pool_size}"""
+
+
+@dataclass(frozen=True)
+class RelayOptions:
+    """What a measurement changes in the relay's configuration; the rest stays default."""
+
+    max_connections: int = 500
+    max_message_size: int | None = None
+    """listener.max_message_size in bytes; None: the relay's default."""
+    pool_size: int | None = None
+    """servers.sink.pool_size, upstream connections; None: the relay's default."""
+    active: bool = True
+    """False: the system account is inactive, so the queue is held and nothing is sent."""
+
+
+DEFAULTS = RelayOptions()
 
 
 class RelayUnavailable(Exception):
@@ -88,6 +105,9 @@ class RelayInstance:
     directory: Path
     port: int
     process: subprocess.Popen[bytes]
+    admin_port: int
+    started: float
+    """time.monotonic() just before the process was started"""
     code: str = "unknown"
 
     @property
@@ -103,6 +123,26 @@ class RelayInstance:
 
     def process_names(self) -> dict[str, int]:
         return tree_names(self.process.pid)
+
+    def memory_mib(self, field: str = "VmRSS") -> float:
+        """The relay process's resident memory now (VmRSS) or at its peak (VmHWM), in MiB."""
+        return memory_kib(self.process.pid)[field] / 1024
+
+    def reset_peak_memory(self) -> None:
+        """From now on VmHWM is the peak since this call."""
+        reset_peak_memory(self.process.pid)
+
+    def metrics(self) -> dict[str, float]:
+        """The admin listener's /metrics: series (name and labels as written) -> value."""
+        url = f"http://{HOST}:{self.admin_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        found: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, _, value = line.rpartition(" ")
+                found[series] = float(value)
+        return found
 
     def pending(self) -> int:
         """Messages received but not yet handed to the upstream (or the outbox)."""
@@ -136,41 +176,50 @@ class RelayInstance:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def write_config(directory: Path, port: int, sink_port: int | None) -> Path:
-    (admin_port,) = free_ports(1)
+def write_config(directory: Path, port: int, sink_port: int | None, admin_port: int,
+                 options: RelayOptions = DEFAULTS) -> Path:
+    size = options.max_message_size
     text = CONFIG.format(
         state_dir=directory / "state",
         host=HOST,
         port=port,
+        max_connections=options.max_connections,
+        max_message_size="" if size is None else f"max_message_size = {size}\n",
+        active=str(options.active).lower(),
         address=SYSTEM_ADDRESS,
         server="local" if sink_port is None else SINK_SERVER,
         admin_port=admin_port,
     )
     if sink_port is not None:
-        text += SINK_SECTION.format(name=SINK_SERVER, host=HOST, port=sink_port)
+        pool = options.pool_size
+        text += SINK_SECTION.format(name=SINK_SERVER, host=HOST, port=sink_port,
+                                    pool_size="" if pool is None else f"pool_size = {pool}\n")
     path = directory / "relay.toml"
     path.write_text(text, encoding="utf-8")
     return path
 
 
-def start_relay(directory: Path, sink_port: int | None = None,
-                timeout: float = 20.0) -> RelayInstance:
+def start_relay(directory: Path, sink_port: int | None = None, timeout: float = 20.0,
+                options: RelayOptions = DEFAULTS) -> RelayInstance:
     """Start `sysmail-relay serve` delivering into the local outbox, or into *sink_port*.
+
+    Its state_dir is *directory*/state: a spool prepared there beforehand is used.
 
     Raises RelayUnavailable when the relay says the configuration is not supported
     yet, RuntimeError for any other failure to start.
     """
     directory.mkdir(parents=True, exist_ok=True)
     code = code_fingerprint()
-    (port,) = free_ports(1)
-    config = write_config(directory, port, sink_port)
+    port, admin_port = free_ports(2)
+    config = write_config(directory, port, sink_port, admin_port, options)
+    started = time.monotonic()
     with (directory / "relay.log").open("ab") as log:
         process = subprocess.Popen(
             [relay_binary(), "serve", "--config", str(config)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_clean_env(),
             start_new_session=True,  # Ctrl-C reaches the harness only; it stops the relay
         )
-    relay = RelayInstance(directory, port, process, code)
+    relay = RelayInstance(directory, port, process, admin_port, started, code)
     try:
         _wait_listening(relay, timeout)
     except BaseException:

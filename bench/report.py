@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,6 +59,10 @@ class Row:
 
 
 def size_label(size: int) -> str:
+    if not size:
+        return "-"
+    if size % (1024 * 1024) == 0:
+        return f"{size // (1024 * 1024)} MiB"
     return f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B"
 
 
@@ -85,9 +90,15 @@ def summarize(measurements: list[Measurement], sizes: list[int]) -> list[Row]:
 def _cell(measurements: list[Measurement], figure: Figure, size: int, system: System) -> Cell:
     runs = [m for m in measurements
             if m.scenario == figure.scenario and m.size == size and m.system == system]
+    return cell(runs, figure.key)
+
+
+def cell(runs: list[Measurement], key: str) -> Cell:
+    """Median (lowest-highest) of figure *key* over *runs*; '-' without runs; the statuses
+    when none produced it; '[n failed]' for the runs that did not."""
     if not runs:
         return Cell("-")
-    values = [m.figures[figure.key] for m in runs if m.status == "ok" and figure.key in m.figures]
+    values = [m.figures[key] for m in runs if m.status == "ok" and key in m.figures]
     if not values:
         statuses = sorted({m.status for m in runs})
         return Cell(", ".join(statuses))
@@ -107,8 +118,13 @@ def table(rows: list[Row]) -> str:
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x ({row.figure.better} is better)"
         lines.append((row.figure.scenario, row.figure.label, size_label(row.size),
                       row.relay.text, row.postfix.text, ratio))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+    return columns(lines)
+
+
+def columns(lines: Sequence[Sequence[str]]) -> str:
+    """Aligned columns; the first line is the header, underlined."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = ["  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)).rstrip()
            for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)

@@ -6,11 +6,12 @@ stops everything it started before returning, also on errors and Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -23,7 +24,7 @@ from bench.procstat import (
     machine_cpu_seconds,
     own_cpu_seconds,
 )
-from bench.relay_instance import RelayInstance, start_relay
+from bench.relay_instance import DEFAULTS, RelayInstance, RelayOptions, start_relay
 from bench.sink import CountingSink
 
 System = Literal["sysmail-relay", "postfix"]
@@ -45,6 +46,9 @@ class Measurement:
     status: Status = "ok"
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    variant: str = ""
+    """Which measurement of a scenario that has several: M 'idle', S '20 client sessions,
+    pool_size 2'."""
 
 
 class Instance(Protocol):
@@ -128,6 +132,18 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[rank - 1]
 
 
+@contextlib.contextmanager
+def measuring(result: Measurement, instance: Instance) -> Iterator[None]:
+    """Stop *instance* on leaving. A MeasurementError inside ends the block and marks
+    *result* as failed, with the reason and the end of the instance's log."""
+    try:
+        yield
+    except MeasurementError as e:
+        result.status, result.detail = "error", f"{e}\n{instance.log_tail(5)}"
+    finally:
+        instance.stop()
+
+
 # --- scenario A: the relay's listener, into the local outbox ----------------------------
 
 def acceptance(workdir: Path, size: int, messages: int, latency_messages: int,
@@ -135,15 +151,11 @@ def acceptance(workdir: Path, size: int, messages: int, latency_messages: int,
     result = Measurement("A", RELAY, size, round_, messages)
     relay = start_relay(workdir)
     result.extra["relay_code"] = relay.code
-    try:
+    with measuring(result, relay):
         background = Background(relay.cpu_seconds)
         _throughput_into_outbox(relay, result, size, messages, sessions)
         _latency(relay, result, size, latency_messages, sessions)
         background.record(result)
-    except MeasurementError as e:
-        result.status, result.detail = "error", f"{e}\n{relay.log_tail(5)}"
-    finally:
-        relay.stop()
     return result
 
 
@@ -156,7 +168,7 @@ def _throughput_into_outbox(relay: RelayInstance, result: Measurement, size: int
     if code != 0:
         raise MeasurementError(f"smtp-source exited with {code}: {output.strip()[-500:]}")
     wait_for(lambda: relay.pending() == 0 and relay.outbox_count() >= messages,
-             time_limit(messages), f"{messages} messages in the outbox", _still_running(relay))
+             time_limit(messages), f"{messages} messages in the outbox", still_running(relay))
     cpu = relay.cpu_seconds() - cpu0
     result.figures["accepted_per_s"] = messages / elapsed
     result.figures["cpu_ms_per_msg"] = cpu * 1000 / messages
@@ -186,30 +198,36 @@ def _latency(relay: RelayInstance, result: Measurement, size: int, messages: int
 def end_to_end(workdir: Path, system: System, size: int, messages: int, sessions: int,
                round_: int) -> Measurement:
     """Raises RelayUnavailable when the relay cannot deliver to SMTP servers yet."""
-    result = Measurement("B", system, size, round_, messages)
-    sink = CountingSink(workdir / "sink.log")
-    try:
-        instance = _start(system, workdir, sink.port, result)
-        try:
-            _relay_through(instance, sink, result, size, messages, sessions)
-        except MeasurementError as e:
-            result.status, result.detail = "error", f"{e}\n{instance.log_tail(5)}"
-        finally:
-            instance.stop()
-    finally:
-        sink.stop()
+    return into_sink(Measurement("B", system, size, round_, messages), workdir, sessions)
+
+
+def into_sink(result: Measurement, workdir: Path, sessions: int,
+              options: RelayOptions = DEFAULTS) -> Measurement:
+    """*result*'s messages through a fresh system under test (the relay started with
+    *options*) into a fresh smtp-sink; fills in *result*'s figures."""
+    with CountingSink(workdir / "sink.log") as sink:
+        instance = _start(result.system, workdir, sink.port, result, options)
+        with measuring(result, instance):
+            relay_through(instance, sink, result, result.size, result.messages, sessions)
     return result
 
 
-def _start(system: System, workdir: Path, sink_port: int, result: Measurement) -> Instance:
+def start_relay_into(workdir: Path, sink_port: int, result: Measurement,
+                     options: RelayOptions = DEFAULTS) -> RelayInstance:
+    """The relay delivering into *sink_port*; its code version goes into *result*."""
+    relay = start_relay(workdir / "relay", sink_port, options=options)
+    result.extra["relay_code"] = relay.code
+    return relay
+
+
+def _start(system: System, workdir: Path, sink_port: int, result: Measurement,
+           options: RelayOptions) -> Instance:
     if system == RELAY:
-        relay = start_relay(workdir / "relay", sink_port)
-        result.extra["relay_code"] = relay.code
-        return relay
+        return start_relay_into(workdir, sink_port, result, options)
     return start_null_client(workdir / "postfix", sink_port)
 
 
-def _still_running(instance: Instance, sink: CountingSink | None = None) -> Callable[[], None]:
+def still_running(instance: Instance, sink: CountingSink | None = None) -> Callable[[], None]:
     """A check for `wait_for`: fail at once when a process the measurement needs has died
     (on a shared machine something else may kill it)."""
 
@@ -227,12 +245,12 @@ def _still_running(instance: Instance, sink: CountingSink | None = None) -> Call
 
 
 def _wait_for_sink(instance: Instance, sink: CountingSink, source: subprocess.Popen[bytes],
-                   messages: int, started: float, limit: float) -> float | None:
-    """Poll until the sink has *messages*; returns when smtp-source finished, if it did."""
+                   total: int, started: float, limit: float) -> float | None:
+    """Poll until the sink has *total*; returns when smtp-source finished, if it did."""
     client_done: float | None = None
     deadline = time.monotonic() + limit
-    check = _still_running(instance, sink)
-    while sink.received() < messages and time.monotonic() < deadline:
+    check = still_running(instance, sink)
+    while sink.received() < total and time.monotonic() < deadline:
         check()
         if client_done is None and source.poll() is not None:
             client_done = time.perf_counter() - started
@@ -242,24 +260,27 @@ def _wait_for_sink(instance: Instance, sink: CountingSink, source: subprocess.Po
     return client_done
 
 
-def _relay_through(instance: Instance, sink: CountingSink, result: Measurement, size: int,
-                   messages: int, sessions: int) -> None:
+def relay_through(instance: Instance, sink: CountingSink, result: Measurement, size: int,
+                  messages: int, sessions: int) -> None:
+    """One smtp-source pass through *instance* into *sink* (which may have counted earlier
+    passes); returns when the sink has all and the queue is empty."""
     limit = time_limit(messages)
+    total = sink.received() + messages
     background = Background(instance.cpu_seconds, sink.cpu_seconds)
     cpu0, started = instance.cpu_seconds(), time.perf_counter()
     with load.smtp_source(instance.port, messages, size, sessions) as source:
-        client_done = _wait_for_sink(instance, sink, source, messages, started, limit)
+        client_done = _wait_for_sink(instance, sink, source, total, started, limit)
         at_sink = time.perf_counter() - started
         code, output = load.finish(source, limit)
         if client_done is None:  # the sink had everything before smtp-source exited
             client_done = time.perf_counter() - started
     if code != 0:
         raise MeasurementError(f"smtp-source exited with {code}: {output.strip()[-500:]}")
-    if sink.received() < messages:
-        raise MeasurementError(f"the sink received {sink.received()} of {messages} "
-                               f"in {limit:.0f} s")
+    if sink.received() < total:
+        raise MeasurementError(f"the sink received {messages - (total - sink.received())} "
+                               f"of {messages} in {limit:.0f} s")
     wait_for(lambda: instance.pending() == 0, limit, "an empty queue after delivery",
-             _still_running(instance, sink))
+             still_running(instance, sink))
     cpu = instance.cpu_seconds() - cpu0
     background.record(result)
     result.figures["end_to_end_per_s"] = messages / at_sink

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import TracebackType
 
 from bench.procstat import tree_cpu_seconds
 from tests.peers import smtp_sink
@@ -26,6 +27,13 @@ class CountingSink:
         self._offset = 0
         self._carry = b""
         self._count = 0
+
+    def __enter__(self) -> CountingSink:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
 
     @property
     def port(self) -> int:
