@@ -16,9 +16,9 @@ A message is written into incoming/, its files and directory fsynced, then renam
 into queue/ and queue/ fsynced: only then does the client get 250. A delivery
 claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
-upstream has accepted it. `stage`, `claim`, `read` and `finish` only touch the
-page cache and may run on the event loop (for messages up to INLINE_BYTES); every
-other method waits for the disk: call it from a thread.
+upstream has accepted it. `claim`, `read` and `finish` only touch the page cache
+and may run on the event loop (for messages up to INLINE_BYTES); every other
+method waits for the disk: call it from a thread.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def _write_file(path: Path, data: Content, *, sync: bool = True) -> int | None:
 _SYNCFS_BATCH = 4
 """From this many messages in one batch, one syncfs(2) replaces an fsync per file."""
 INLINE_BYTES = 1 << 20
-"""Messages up to this size are written (not synced) from the event loop: page cache only."""
+"""Messages up to this size are read from the event loop (the page cache), larger ones
+from a thread or a chunk at a time."""
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
@@ -254,18 +255,18 @@ class _Worker(Generic[T]):
             return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
 
 
-_Commit = tuple["_Staged", asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+_Commit = tuple["Envelope", "Content", asyncio.AbstractEventLoop, "asyncio.Future[None]"]
 
 
 class _GroupCommit(_Worker[_Commit]):
     """Makes concurrently received messages durable together.
 
-    The event loop writes each message into incoming/ (the page cache: no waiting
-    for the disk; a large message from a thread). One thread takes every message
-    written meanwhile, makes them durable (an fsync per file and directory, or for a
-    larger batch one syncfs of the file system), renames them into queue/ and fsyncs
-    queue/ once: the disk round trips are shared, yet no message is acknowledged
-    before its own files and its directory entry are on disk.
+    One thread takes every message waiting, writes them all, makes them durable (an
+    fsync per file and directory, or for a larger batch one syncfs of the file
+    system), renames them into queue/ and fsyncs queue/ once: the disk round trips
+    are shared, yet no message is acknowledged before its own files and its
+    directory entry are on disk. The thread's file system calls run beside the
+    event loop, on the other core; it wakes the loop once per batch.
     """
 
     MAX_BATCH = 64
@@ -276,24 +277,20 @@ class _GroupCommit(_Worker[_Commit]):
         self.spool = spool
 
     async def store(self, envelope: Envelope, data: Content) -> None:
-        if content_size(data) <= INLINE_BYTES:
-            entry = self.spool.stage(envelope, data)
-        else:
-            entry = await asyncio.to_thread(self.spool.stage, envelope, data)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._submit((entry, loop, done))
+        self._submit((envelope, data, loop, done))
         await done
 
     def _handle(self, batch: list[_Commit]) -> None:
         try:
-            errors = self.spool.commit_staged([entry for entry, _, _ in batch])
+            errors = self.spool.store_batch([(env, data) for env, data, _, _ in batch])
         except Exception as e:  # a bug must not stop acceptance: fail this batch, go on
             failure = SpoolError(f"cannot write the message to the spool: {e!r}")
             errors = [failure] * len(batch)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None],
                                                              SpoolError | None]]] = {}
-        for (_, loop, done), error in zip(batch, errors, strict=True):
+        for (_, _, loop, done), error in zip(batch, errors, strict=True):
             by_loop.setdefault(loop, []).append((done, error))
         for loop, results in by_loop.items():  # one wake-up of each loop per batch
             loop.call_soon_threadsafe(_settle, results)
@@ -381,7 +378,7 @@ class Spool:
         """`store` from the event loop, sharing disk round trips with concurrent messages."""
         await self._committer.store(envelope, data)
 
-    def store_batch(self, items: list[tuple[Envelope, bytes]]) -> list[SpoolError | None]:
+    def store_batch(self, items: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
         """Write, fsync, rename into queue/, fsync queue/ once; one result per message."""
         errors: list[SpoolError | None] = [None] * len(items)
         staged: list[tuple[int, _Staged]] = []

@@ -181,7 +181,7 @@ async def test_commit_from_many_tasks_stores_every_message(spool: Spool) -> None
     assert spool.ids("queue") == sorted(env.id for env in envelopes)
 
 
-async def test_commit_writes_small_messages_on_the_loop_and_large_ones_from_a_thread(
+async def test_commit_writes_from_its_thread_never_from_the_event_loop(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
     import threading
@@ -198,10 +198,9 @@ async def test_commit_writes_small_messages_on_the_loop_and_large_ones_from_a_th
     monkeypatch.setattr(spool_module.Spool, "stage", recording)
     small, large = envelope(), envelope()
     big = b"y" * (spool_module.INLINE_BYTES + 1)
-    await asyncio.gather(spool.commit(small, b"z\r\n"), spool.commit(large, big))
-    assert writers[small.id] == threading.main_thread().name
-    assert writers[large.id] != threading.main_thread().name
-    assert (spool.root / "queue" / large.id / "message").read_bytes() == big
+    await asyncio.gather(spool.commit(small, b"z\r\n"), spool.commit(large, [b"x", big]))
+    assert set(writers.values()) == {"spool-commit"}
+    assert (spool.root / "queue" / large.id / "message").read_bytes() == b"x" + big
 
 
 async def test_commit_that_cannot_write_fails_that_message_only(
