@@ -96,6 +96,7 @@ class Relay:
         self.notifier = Notifier(self.spool, lambda: self.settings, self._queued)
         self.stopping = False
         self._run_task: asyncio.Task[None] | None = None
+        self._load_task: asyncio.Task[None] | None = None
         self._oauth_task: asyncio.Task[None] | None = None
 
     @property
@@ -120,7 +121,6 @@ class Relay:
             log.error("%s: moved to quarantine: %s", queue_id, reason)
         self.scheduler = Scheduler(self.spool, self.settings, self.metrics, self.make_upstream)
         self.scheduler.on_dead = self.notifier.dead_letter
-        await self.scheduler.load()
         self.notifier.recovered(recovery.crashed_out)
         self.listener = Listener(self.settings, self.spool, self.metrics, self._queued)
         await self.listener.start(listen_socket)
@@ -129,14 +129,15 @@ class Relay:
         except OSError:
             self.listener.stop_accepting()
             raise
+        # The queue's index is read while the listener already accepts: a large queue
+        # delays sending, never receiving.
+        self._load_task = asyncio.create_task(self.scheduler.load(), name="queue-index")
         self._run_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._oauth_task = asyncio.create_task(self.oauth.run(), name="oauth-keep-alive")
         self.pid_file.write_text(f"{os.getpid()}\n")
-        counts = self.scheduler.counts()
-        log.info("sysmail-relay started: account %s <%s> via %s; queue %d waiting, %d dead",
+        log.info("sysmail-relay started: account %s <%s> via %s; reading the queue's index",
                  "active" if self.settings.system_account.active else "INACTIVE (mail is held)",
-                 self.settings.system_account.address, self.settings.system_account.server,
-                 counts["queued"] + counts["deferred"] + counts["held"], counts["dead"])
+                 self.settings.system_account.address, self.settings.system_account.server)
 
     def _prepare_state(self) -> None:
         try:
@@ -165,7 +166,7 @@ class Relay:
             await self.listener.drain(grace)
         if self.scheduler is not None:
             await self.scheduler.stop(grace)
-        for task in (self._run_task, self._oauth_task):
+        for task in (self._load_task, self._run_task, self._oauth_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -36,6 +36,8 @@ log = logging.getLogger("relay.delivery")
 
 UpstreamFactory = Callable[[Settings], Upstream]
 _LOCAL_POOL = 4
+_LOAD_SLICE = 2000
+"""Envelopes read per trip to the loading thread at start-up."""
 _READ_AHEAD = 2
 """Deliveries in flight per upstream connection: one sending, one reading or removing."""
 RECENT = 50
@@ -70,6 +72,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._loaded = asyncio.Event()
         self._stopping = False
         self.dead = 0
         self.recent: deque[Result] = deque(maxlen=RECENT)
@@ -85,18 +88,50 @@ class Scheduler:
     # --- the index ------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Read every waiting envelope (not the messages) into the index."""
-        entries = await asyncio.to_thread(lambda: list(self.spool.scan("queue")))
-        for queue_id, env in entries:
-            if isinstance(env, DamagedEntry):
-                await asyncio.to_thread(self.spool.quarantine, queue_id, "queue", str(env))
-                log.error("%s: moved to quarantine: %s", queue_id, env)
+        """Index every waiting entry from its envelope (not its message), a slice at a
+        time in a thread: the listener accepts meanwhile, and only the index stays in
+        memory. `run` starts sending once this is done."""
+        started = time.monotonic()
+        try:
+            ids = await asyncio.to_thread(self.spool.ids, "queue")
+            for first in range(0, len(ids), _LOAD_SLICE):
+                if self._stopping:
+                    return
+                found = await asyncio.to_thread(self._read_index, ids[first:first + _LOAD_SLICE])
+                for queue_id, entry in found:
+                    if isinstance(entry, DamagedEntry):
+                        await asyncio.to_thread(self.spool.quarantine, queue_id, "queue",
+                                                str(entry))
+                        log.error("%s: moved to quarantine: %s", queue_id, entry)
+                    elif queue_id not in self._due:
+                        self._index(queue_id, *entry)
+            self.dead = await asyncio.to_thread(self.spool.count, "dead")
+        except OSError as e:
+            log.error("cannot read the queue's index: %s; the messages already queued are "
+                      "sent after the next start that can read %s", e, self.spool.root / "queue")
+        finally:
+            self._loaded.set()
+        counts = self.counts()
+        log.info("queue index loaded in %.1f s: %d waiting, %d dead", time.monotonic() - started,
+                 counts["queued"] + counts["deferred"] + counts["held"], counts["dead"])
+
+    def _read_index(self, ids: list[str]) -> list[tuple[str, tuple[float, float] | DamagedEntry]]:
+        """In a thread: (due, age) of each entry, or why it cannot be read."""
+        found: list[tuple[str, tuple[float, float] | DamagedEntry]] = []
+        for queue_id in ids:
+            try:
+                env = self.spool.read(queue_id, "queue")
+            except DamagedEntry as e:
+                found.append((queue_id, e))
                 continue
-            self.add(env)
-        self.dead = await asyncio.to_thread(self.spool.count, "dead")
+            except FileNotFoundError:
+                continue  # taken by the command line meanwhile
+            found.append((queue_id, (env.next_attempt, env.age_base)))
+        return found
 
     async def rescan(self) -> None:
         """Re-read queue/ after the command line retried or deleted entries."""
+        await self._loaded.wait()
         entries = await asyncio.to_thread(lambda: list(self.spool.scan("queue")))
         present = {queue_id for queue_id, _ in entries}
         for queue_id in [q for q in self._due if q not in present and q not in self._inflight]:
@@ -108,9 +143,12 @@ class Scheduler:
         log.info("queue re-read: %d waiting, %d dead", len(self._due), self.dead)
 
     def add(self, env: Envelope) -> None:
-        self._due[env.id] = env.next_attempt
-        self._age[env.id] = env.age_base
-        heapq.heappush(self._heap, (env.next_attempt, env.id))
+        self._index(env.id, env.next_attempt, env.age_base)
+
+    def _index(self, queue_id: str, due: float, age_base: float) -> None:
+        self._due[queue_id] = due
+        self._age[queue_id] = age_base
+        heapq.heappush(self._heap, (due, queue_id))
         self._wake.set()
 
     def _forget(self, queue_id: str) -> None:
@@ -142,6 +180,7 @@ class Scheduler:
         return _READ_AHEAD * (server.pool_size if server is not None else _LOCAL_POOL)
 
     async def run(self) -> None:
+        await self._loaded.wait()
         loop = asyncio.get_running_loop()
         while not self._stopping:
             delay = self._dispatch()

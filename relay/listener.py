@@ -221,11 +221,14 @@ class Listener:
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.settings.listener
+        # A burst of as many clients as may be connected waits in the kernel's queue
+        # instead of being dropped (each drop costs the client a 1 s SYN retry).
+        backlog = max(100, cfg.max_connections)
         if sock is not None:
-            self._server = await loop.create_server(self._protocol, sock=sock)
+            self._server = await loop.create_server(self._protocol, sock=sock, backlog=backlog)
         else:
             self._server = await loop.create_server(self._protocol, cfg.host, cfg.port,
-                                                    reuse_address=True)
+                                                    reuse_address=True, backlog=backlog)
         bound = self._server.sockets[0].getsockname()
         self.address = (bound[0], bound[1])
         log.info("listening on %s port %d", *self.address)

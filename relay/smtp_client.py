@@ -209,8 +209,11 @@ class SmtpUpstream:
             except DeliveryFailure as failure:
                 self._after(failure.code, failure.reply)
                 raise
-        self._sent.append(time.time())
-        self._rcpts.append((time.time(), len(message.recipients)))
+        now = time.time()
+        if self.server.rate_limit is not None:  # kept only while a limit needs them
+            self._sent.append(now)
+        if self.server.max_recipients_per_day is not None:
+            self._rcpts.append((now, len(message.recipients)))
         for outcome in outcomes:
             self._after(outcome.failure.code if outcome.failure else 250, outcome.reply)
         return outcomes

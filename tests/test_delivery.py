@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from relay.app import Relay
 from relay.settings import Settings, load_settings
 
@@ -209,3 +211,34 @@ async def test_an_upstream_that_wants_the_bytes_gets_a_small_message_in_memory(
     assert upstream.data_given == [True, False]  # a large one it reads from the file
     sizes = sorted(len(data) for _, _, data in upstream.received)
     assert sizes[1] > INLINE_BYTES
+
+
+async def test_listener_accepts_while_a_large_queue_is_indexed_and_all_is_sent(
+        relay_factory: RelayFactory, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from relay.delivery import Scheduler
+    from relay.spool import Envelope, Recipient, Spool, new_queue_id
+
+    spool = Spool(state_dir / "spool")
+    spool.open()
+    waiting = [Envelope(id=new_queue_id(), sender="app@example.com",
+                        recipients=[Recipient("user@example.com")], mail_from="x@example.com")
+               for _ in range(3000)]
+    assert spool.store_batch([(env, b"Subject: old\r\n\r\nqueued before the start\r\n")
+                              for env in waiting]) == [None] * len(waiting)
+    gate = threading.Event()
+    real = Scheduler._read_index
+
+    def slow(self: Scheduler, ids: list[str]) -> object:
+        gate.wait(30)  # the index is still being read while the test sends
+        return real(self, ids)
+
+    monkeypatch.setattr(Scheduler, "_read_index", slow)
+    upstream = ScriptedUpstream()
+    relay = await asyncio.wait_for(relay_factory(upstreams=scripted(upstream)), 5)
+    queue_id = await send(relay)  # accepted while nothing of the queue is indexed yet
+    assert upstream.received == []
+    gate.set()
+    await wait_until(lambda: len(upstream.received) == 3001, within=30)
+    assert relay.spool.find(queue_id) is None

@@ -167,6 +167,18 @@ async def test_max_connections_gives_421_to_the_next_client(relay_factory: Relay
         await c.close()
 
 
+async def test_listen_queue_holds_a_burst_of_max_connections_clients(
+        relay_factory: RelayFactory) -> None:
+    import subprocess
+
+    relay = await relay_factory(listener={"max_connections": 300})
+    shown = await asyncio.to_thread(
+        subprocess.run, ["ss", "-ltnH", f"sport = :{listener_port(relay)}"],
+        capture_output=True, text=True, check=True)
+    listing = shown.stdout.split()
+    assert listing[0] == "LISTEN" and listing[2] == "300"  # Send-Q of a listener: its backlog
+
+
 @pytest.mark.parametrize("smuggle", [b"\n.\r\n", b"\r.\n", b"\n.\n", b"\r\n.\r", b"\r.\r\n"])
 async def test_smtp_smuggling_does_not_end_the_message(relay: Relay, smuggle: bytes) -> None:
     client = await ehlo(relay)

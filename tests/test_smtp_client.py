@@ -527,6 +527,20 @@ async def test_daily_recipient_quota_holds_the_message_that_would_exceed_it(
     assert len(script.messages) == 1
 
 
+async def test_without_limits_nothing_is_remembered_per_message(
+        servers: Servers, client: Client) -> None:
+    """The pacing history grows only while a limit needs it (else: memory per message)."""
+    script = Script()
+    upstream = client.upstream(await servers.smtp(script))
+    for _ in range(20):
+        assert delivered(await upstream.deliver(client.message()))
+    assert (len(upstream._sent), len(upstream._rcpts)) == (0, 0)
+    limited = client.upstream(await servers.smtp(script), rate_limit="1000/s")
+    for _ in range(3):
+        assert delivered(await limited.deliver(client.message()))
+    assert len(limited._sent) == 3
+
+
 async def test_ordinary_4xx_does_not_slow_the_server_down(
         servers: Servers, client: Client) -> None:
     script = Script(rcpt_replies={"a@example.com": ["450 4.2.0 Mailbox busy"]})
