@@ -346,3 +346,60 @@ async def test_stop_refuses_new_clients_and_lets_a_transaction_in_flight_finish(
     assert len(delivered) + len(queued) == 1
     await client.close()
     await idle.close()
+
+
+def test_plain_address_shortcut_agrees_with_aiosmtpds_parser() -> None:
+    import random
+    from email._header_value_parser import get_angle_addr
+
+    from relay.listener import plain_angle_addr
+
+    chars = ["a", "B", "0", "x", "y", ".", "-", "+", "_", "'", "ü", '"', "(", ")", " ", "[", "]",
+             ":", ",", "\\", "@"]
+    tails = ["", " SIZE=10", "  NOTIFY=NEVER ORCPT=rfc822;a@b", "\tX", "(c)", " (c) SIZE=1", ">"]
+    rng = random.Random(5)
+
+    def word() -> str:
+        return "".join(rng.choice(chars[:5] * 6 + chars) for _ in range(rng.randint(1, 6)))
+    samples = ["<app@example.com>", " <a.b+c@mail-1.example.com>  SIZE=1024 BODY=8BITMIME",
+               "<a..b@c>", "<.a@c>", "<a.@c>", '<"a b"@c>', "<a@[127.0.0.1]>", "<@r:a@b>",
+               "<a@b> (comment) SIZE=1", "<a@b>(c)", "<a@-b.c>", "<>", "<a@b", "<ü@b>"]
+    samples += [f"{rng.choice(['', ' ', chr(9)])}<{word()}@{word()}>{rng.choice(tails)}"
+                for _ in range(20_000)]
+    shortcut = 0
+    for arg in samples:
+        plain = plain_angle_addr(arg)
+        if plain is None:
+            continue
+        shortcut += 1
+        parsed, rest = get_angle_addr(arg)
+        assert plain == (parsed.addr_spec, rest), arg
+    assert shortcut > 2000  # the comparison covered many addresses, not only the fixed ones
+
+
+async def test_shortened_dir_gives_aiosmtpd_the_same_commands_and_hooks(
+        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    import relay.listener as listener_module
+    from relay.listener import IntakeHandler, RelaySMTP
+
+    class FullDir(RelaySMTP):
+        def __dir__(self) -> list[str]:
+            return object.__dir__(self)
+
+    class FullHandler(IntakeHandler):
+        def __dir__(self) -> list[str]:
+            return object.__dir__(self)
+
+    listener = relay.listener
+    assert listener is not None
+    fast = listener._protocol()
+    monkeypatch.setattr(listener, "handler", FullHandler(listener))
+    monkeypatch.setattr(listener_module, "RelaySMTP", FullDir)
+    full = listener._protocol()
+    assert isinstance(full, FullDir)
+    assert sorted(fast._smtp_methods) == sorted(full._smtp_methods)
+    assert "DATA" in fast._smtp_methods and "EHLO" in fast._smtp_methods
+    assert sorted(fast._auth_methods) == sorted(full._auth_methods)
+    assert sorted(fast._handle_hooks) == sorted(full._handle_hooks) == [
+        "DATA", "EHLO", "MAIL", "RCPT"]
+    assert fast._ehlo_hook_ver == full._ehlo_hook_ver == "new"
