@@ -1,10 +1,11 @@
-"""The message a transaction sends: in memory, or streamed from its spool file.
+"""The message a transaction sends, after DATA: from memory, or from its spool file.
 
-A message up to `spool.INLINE_BYTES` comes from the scheduler in memory and goes
-through aiosmtplib's DATA. A larger one is sent from its file a chunk at a time,
-each chunk treated as aiosmtplib treats a whole message (a bare CR or LF becomes
-CRLF, a line starting with "." gets another), so that the relay never holds more
-than a chunk of it in memory.
+A message up to `spool.INLINE_BYTES` comes from the scheduler in memory; a larger
+one is sent from its file a chunk at a time, so that the relay never holds more than
+a chunk of it. Either way the bytes on the wire are what aiosmtplib's own DATA
+would send (a bare CR or LF becomes CRLF, a line starting with "." gets another),
+without its two passes of regular expressions over every message: the usual
+message, CRLF only and no line starting with a dot, goes out as it is.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from .upstream import Outgoing
 
 CHUNK = 1 << 20
 _LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
-_LINE_START_DOT = re.compile(rb"(?m)^\.")
 _HEADER_END = b"\r\n\r\n"
 
 
@@ -47,9 +48,18 @@ class Body:
         """DATA, the message, the final dot; the server's reply (SMTPDataError unless 250).
 
         `wait` bounds each wait for the server: a reply, or room to write more."""
+        protocol = await _start_data(client, wait)
         if self.data is not None:
-            return await client.data(self.data)
-        return await _send_file(client, self.path, wait)
+            out = _wire_form(self.data, line_start=True)
+            protocol.write(out)
+            crlf = out.endswith(b"\r\n")
+        else:
+            crlf = await _write_file(protocol, self.path, wait)
+        protocol.write(b".\r\n" if crlf else b"\r\n.\r\n")
+        reply = await protocol.read_response(timeout=wait)
+        if reply.code != 250:
+            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        return reply
 
 
 def _scan(path: Path) -> tuple[int, bool, bool]:
@@ -68,8 +78,24 @@ def _scan(path: Path) -> tuple[int, bool, bool]:
     return size, all_ascii, headers_ascii
 
 
-async def _send_file(client: aiosmtplib.SMTP, path: Path,
-                     wait: float) -> aiosmtplib.SMTPResponse:
+def _wire_form(block: bytes, *, line_start: bool) -> bytes:
+    """`block` as it goes after DATA: every line end CRLF, a dot starting a line doubled.
+
+    What aiosmtplib does with two regular expressions over the whole message; here the
+    usual message (CRLF only, no line starting with a dot) is only counted, not copied.
+    `line_start`: the block starts a line (else a dot at its start is mid-line).
+    """
+    crlf = block.count(b"\r\n")
+    if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+        block = _LINE_ENDS.sub(b"\r\n", block)
+    if b"\n." in block:
+        block = block.replace(b"\n.", b"\n..")
+    if line_start and block.startswith(b"."):
+        block = b"." + block
+    return block
+
+
+async def _start_data(client: aiosmtplib.SMTP, wait: float) -> SMTPProtocol:
     start = await client.execute_command(b"DATA", timeout=wait)
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -79,7 +105,12 @@ async def _send_file(client: aiosmtplib.SMTP, path: Path,
     # What aiosmtplib's own DATA does before it writes: a reply that arrives while the
     # message is still going out (a refusal) is kept for read_response, not dropped.
     protocol._response_pending = True
-    carry, line_start, ends_with_crlf = b"", True, False
+    return protocol
+
+
+async def _write_file(protocol: SMTPProtocol, path: Path, wait: float) -> bool:
+    """Send the file a chunk at a time; True when what was sent ends with CRLF."""
+    carry, line_start, crlf = b"", True, False
     with path.open("rb") as f:
         while True:
             chunk = await asyncio.to_thread(f.read, CHUNK)
@@ -88,16 +119,9 @@ async def _send_file(client: aiosmtplib.SMTP, path: Path,
                 cut = block.rfind(b"\n") + 1 or len(block) - block.endswith(b"\r")
                 block, carry = block[:cut], block[cut:]
             if block:
-                out = _LINE_START_DOT.sub(b"..", _LINE_ENDS.sub(b"\r\n", block))
-                if not line_start and block.startswith(b"."):
-                    out = out[1:]  # mid-line: that dot is not at the start of a line
+                out = _wire_form(block, line_start=line_start)
                 protocol.write(out)
                 await asyncio.wait_for(protocol._drain_helper(), wait)
-                line_start = ends_with_crlf = out.endswith(b"\r\n")
+                line_start = crlf = out.endswith(b"\r\n")
             if not chunk:
-                break
-    protocol.write(b".\r\n" if ends_with_crlf else b"\r\n.\r\n")
-    reply = await protocol.read_response(timeout=wait)
-    if reply.code != 250:
-        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-    return reply
+                return crlf

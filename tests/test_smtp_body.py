@@ -1,9 +1,9 @@
-"""A large message is sent from its spool file in chunks: the same bytes on the wire.
+"""The relay's DATA, from memory or from the spool file in chunks: the same bytes on the wire.
 
-The reference is aiosmtplib's own DATA with the whole message in memory (what the
-relay does for messages up to spool.INLINE_BYTES). Chunks are made a few bytes
-long here so that every boundary case happens: a dot right after a boundary, a CR
-at the end of a chunk whose LF starts the next, a line longer than a chunk.
+The reference is aiosmtplib's own DATA (`SMTP.sendmail`) with the same message.
+Chunks are made a few bytes long here so that every boundary case happens: a dot
+right after a boundary, a CR at the end of a chunk whose LF starts the next, a line
+longer than a chunk.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 
 from relay import smtp_body
@@ -59,21 +60,27 @@ async def test_streamed_message_arrives_exactly_as_the_in_memory_one(
         servers: Servers, tmp_path: Path, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(smtp_body, "CHUNK", chunk)
     script = Script()
-    relay = upstream(await servers.smtp(script))
+    port = await servers.smtp(script)
+    relay = upstream(port)
     rng = random.Random(chunk)
     messages = [random_message(rng) for _ in range(40)]
     messages += [HEADER + b".leading dot\r\n", HEADER + b"no final line end", HEADER + b"end\r",
                  HEADER + b"x" * 200 + b"\r\n." + b"y" * 200, HEADER]
+    reference = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=2)
+    await reference.connect()
     try:
         for i, data in enumerate(messages):
+            await reference.sendmail(SENDER, ["a@example.com"], data)
             for in_memory in (True, False):
                 message = outgoing(tmp_path, f"m{i}-{in_memory}", data, in_memory=in_memory)
                 outcomes = await relay.deliver(message)
                 assert [o.failure for o in outcomes] == [None]
-            from_memory, streamed = script.messages[-2], script.messages[-1]
-            assert streamed.data == from_memory.data, data
+            aiosmtplib_sent, from_memory, streamed = script.messages[-3:]
+            assert from_memory.data == aiosmtplib_sent.data, data
+            assert streamed.data == aiosmtplib_sent.data, data
     finally:
         await relay.close()
+        await reference.quit()
 
 
 async def test_streamed_message_keeps_size_and_8bit_declarations(
