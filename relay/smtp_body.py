@@ -39,8 +39,10 @@ class Body:
     async def of(cls, message: Outgoing) -> Body:
         data = message.data
         if data is not None:
-            return cls(len(data), data.isascii(), data.split(_HEADER_END, 1)[0].isascii(),
-                       data, message.path)
+            seven_bit = data.isascii()
+            end = data.find(_HEADER_END)
+            headers = seven_bit or (data if end < 0 else data[:end]).isascii()
+            return cls(len(data), seven_bit, headers, data, message.path)
         size, ascii_, headers_ascii = await asyncio.to_thread(_scan, message.path)
         return cls(size, ascii_, headers_ascii, None, message.path)
 
