@@ -82,7 +82,7 @@ class Client:
         return upstream
 
     def message(self, *recipients: str | Recipient, data: bytes = BODY,
-                mail_options: list[str] | None = None) -> Outgoing:
+                mail_options: list[str] | None = None, in_memory: bool = True) -> Outgoing:
         self.count += 1
         rcpts = [r if isinstance(r, Recipient) else Recipient(r)
                  for r in recipients or ("a@example.com",)]
@@ -90,7 +90,7 @@ class Client:
                             mail_from=SENDER, mail_options=mail_options or [], size=len(data))
         path = self.tmp_path / f"message-{self.count}"
         path.write_bytes(data)
-        preload = data if len(data) <= INLINE_BYTES else None
+        preload = data if in_memory and len(data) <= INLINE_BYTES else None
         return Outgoing(envelope, path, SENDER, envelope.recipients, preload)
 
     async def close(self) -> None:
@@ -605,6 +605,22 @@ async def test_utf8_recipient_without_smtputf8_fails_permanently_naming_it(
                                               mail_options=["SMTPUTF8"]))
     assert "SMTPUTF8" in caught.value.reply
     assert script.mails == []
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+async def test_smtputf8_message_without_smtputf8_server_depends_on_its_headers(
+        servers: Servers, client: Client, in_memory: bool) -> None:
+    script = Script()
+    upstream = client.upstream(await servers.smtp(script))
+    utf8_header = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nbody\r\n"
+    utf8_body_only = b"Subject: hello\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+    refused = client.message(data=utf8_header, mail_options=["SMTPUTF8"], in_memory=in_memory)
+    with pytest.raises(PermanentFailure) as caught:
+        await upstream.deliver(refused)
+    assert "UTF-8 headers" in caught.value.reply and script.mails == []
+    sent = client.message(data=utf8_body_only, mail_options=["SMTPUTF8"], in_memory=in_memory)
+    assert delivered(await upstream.deliver(sent))
+    assert script.messages[-1].data.endswith(utf8_body_only.split(b"\r\n\r\n")[1])
 
 
 async def test_8bit_body_goes_with_body_8bitmime_and_size_when_offered(
