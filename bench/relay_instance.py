@@ -20,7 +20,8 @@ from tests.peers.netutil import HOST, free_ports, wait_ports_closed, wait_ports_
 SYSTEM_ADDRESS = "notify@example.com"
 SINK_SERVER = "sink"
 UNAVAILABLE_MARKER = "not available in this version"
-_PENDING_DIRS = ("incoming", "queue", "active", "trash")
+_PENDING_DIRS = ("incoming", "queue", "active")
+"""trash/ is not among them: it holds delivered entries, emptied and kept for reuse."""
 
 CONFIG = """# sysmail-relay under benchmark (written by bench/run.py)
 state_dir = "{state_dir}"

@@ -249,7 +249,7 @@ async def test_disk_write_failure_gives_451_and_leaves_nothing(
     import errno
     import os
 
-    def refuse(path: Path, data: bytes, *, sync: bool = True) -> int | None:
+    def refuse(path: Path, data: bytes, *, sync: bool = True, reuse: bool = False) -> int | None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("relay.spool._write_file", refuse)

@@ -74,7 +74,31 @@ def test_finish_removes_the_entry(spool: Spool) -> None:
     spool.finish(env.id)
     assert spool.find(env.id) is None
     assert spool.removed()
-    assert list((spool.root / "trash").iterdir()) == []
+    kept = list((spool.root / "trash").iterdir())  # emptied, for the next message
+    assert [p.stat().st_size for entry in kept for p in entry.iterdir()] == [0, 0]
+
+
+def test_emptied_entries_are_reused_for_new_messages_and_the_rest_removed(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import relay.spool as spool_module
+
+    monkeypatch.setattr(spool_module._Remover, "REUSE", 3)
+    first = [envelope() for _ in range(5)]
+    assert spool.store_batch([(env, b"old secret\r\n" * 100) for env in first]) == [None] * 5
+    inodes = set()
+    for env in first:
+        spool.claim(env.id)
+        inodes.add((spool.root / "active" / env.id / "message").stat().st_ino)
+        spool.finish(env.id)
+    assert spool.removed()
+    assert len(os.listdir(spool.root / "trash")) == 3  # at most REUSE kept, the rest deleted
+    second = [envelope() for _ in range(4)]
+    assert spool.store_batch([(env, b"new\r\n") for env in second]) == [None] * 4
+    reused = {(spool.root / "queue" / env.id / "message").stat().st_ino for env in second}
+    assert len(reused & inodes) == 3 and os.listdir(spool.root / "trash") == []
+    for env in second:
+        assert (spool.root / "queue" / env.id / "message").read_bytes() == b"new\r\n"
+        assert spool.read(env.id, "queue").id == env.id
 
 
 def test_failed_write_leaves_nothing_behind(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
