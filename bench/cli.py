@@ -85,7 +85,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     grid = max(20, round(SCALING_MESSAGES["quick" if args.quick else "full"] * args.scale))
     memory = (footprint.QUICK if args.quick else footprint.FULL).scaled(args.scale)
     return Plan(rounds, args.sessions, counts.accept, counts.latency, counts.relay,
-                tuple(args.only or DEFAULT_SCENARIOS), grid, memory)
+                tuple(SCENARIOS if args.all else args.only or DEFAULT_SCENARIOS), grid, memory)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -104,6 +104,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="multiply every message count (e.g. 0.5 or 2)")
     p.add_argument("--only", choices=SCENARIOS, action="append",
                    help="run only this scenario (repeatable; default A and B)")
+    p.add_argument("--all", action="store_true",
+                   help="every scenario: A, B, M and S (about 13 minutes on 2 cores)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
                    help="directory for <UTC timestamp>.json and .txt (default bench/results)")
     p.add_argument("--keep", action="store_true",
@@ -111,6 +113,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.all and args.only:
+        p.error("--all runs every scenario; leave out --only")
     return args
 
 
