@@ -196,12 +196,14 @@ def _syncfs(directory: Path) -> bool:
 class _Staged:
     """A message written into incoming/ whose files still need their fsync."""
 
-    __slots__ = ("dir", "envelope", "fds")
+    __slots__ = ("dir", "envelope", "fds", "reused")
 
     def __init__(self, envelope: Envelope, directory: Path) -> None:
         self.envelope = envelope
         self.dir = directory
         self.fds: list[int] = []
+        self.reused = False
+        """Made from an emptied delivered entry taken out of trash/."""
 
     def close(self) -> None:
         for fd in self.fds:
@@ -425,9 +427,9 @@ class Spool:
         """Write the message into incoming/, not yet synced. Raises SpoolError."""
         entry = _Staged(envelope, self._dir("incoming") / envelope.id)
         try:
-            reused = self._reuse(entry.dir)
+            entry.reused = self._reuse(entry.dir)
             for name, content in ((MESSAGE, data), (ENVELOPE, envelope.to_json())):
-                fd = _write_file(entry.dir / name, content, sync=False, reuse=reused)
+                fd = _write_file(entry.dir / name, content, sync=False, reuse=entry.reused)
                 assert fd is not None
                 entry.fds.append(fd)
         except (OSError, ValueError) as e:
@@ -449,6 +451,11 @@ class Spool:
         """Make staged messages durable and move them into queue/; one result each."""
         errors: list[SpoolError | None] = [None] * len(staged)
         synced = len(staged) >= _SYNCFS_BATCH and _syncfs(self._dir("incoming"))
+        if not synced and any(entry.reused for entry in staged):
+            try:  # the reused entries have left trash/ for good (start-up empties trash/)
+                _fsync_dir(self._dir("trash"))
+            except OSError as e:
+                return [self._discard(entry, e) for entry in staged]
         committed = []
         for i, entry in enumerate(staged):
             try:
@@ -464,6 +471,11 @@ class Spool:
                 errors[i] = self._discard(entry, e)
         if committed:
             try:
+                # First the names leave incoming/, then they are in queue/: on a file
+                # system without a journal a crash in between leaves an entry in neither
+                # (the client had no 250 and sends again), never in both (start-up
+                # would empty the one in incoming/, which is the same directory).
+                _fsync_dir(self._dir("incoming"))
                 _fsync_dir(self._dir("queue"))
             except OSError as e:
                 for i in committed:  # in queue/ but perhaps not durable: the client retries
