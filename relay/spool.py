@@ -13,7 +13,7 @@ directory sits is its state:
     trash/ID       delivered, being emptied (and kept empty for reuse, or removed)
 
 A message is written into incoming/, its files and directory fsynced, then renamed
-into queue/ and queue/ fsynced: only then does the client get 250. A delivery
+into queue/; incoming/ and then queue/ are fsynced: only then does the client get 250. A delivery
 claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
 upstream has accepted it. `claim`, `read` and `finish` only touch the page cache
