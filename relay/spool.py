@@ -23,7 +23,6 @@ method waits for the disk: call it from a thread.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import ctypes
@@ -34,18 +33,17 @@ import secrets
 import shutil
 import stat
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 from .errors import DamagedEntry, SpoolError
+from .workers import AwaitedWorker, Worker
 
 RecipientState = Literal["pending", "delivered", "failed"]
 Place = Literal["queue", "active", "dead", "edit"]
-T = TypeVar("T")
 Content = bytes | list[bytes | memoryview]
 """A message's bytes: whole, or in pieces written one after the other."""
 _DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash")
@@ -211,60 +209,7 @@ class _Staged:
         self.fds.clear()
 
 
-class _Worker(Generic[T]):
-    """A thread that handles what it is given in batches; it ends when idle and starts
-    again on demand."""
-
-    IDLE = 2.0
-    MAX_BATCH = 1 << 30
-    NAME = "spool"
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._pending: list[T] = []
-        self._busy = False
-        self._running = False
-
-    def _submit(self, item: T) -> None:
-        with self._cond:
-            self._pending.append(item)
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._run, name=self.NAME, daemon=True).start()
-            elif len(self._pending) == 1:  # the thread may be waiting for work
-                self._cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if not self._pending:
-                    self._cond.wait(self.IDLE)
-                if not self._pending:
-                    self._running = False
-                    return
-                batch = self._pending[:self.MAX_BATCH]
-                del self._pending[:self.MAX_BATCH]
-                self._busy = True
-            try:
-                self._handle(batch)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def _handle(self, batch: list[T]) -> None:
-        raise NotImplementedError
-
-    def wait(self, timeout: float = 10.0) -> bool:
-        """True once everything handed over so far is handled (for tests)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
-
-
-_Commit = tuple["Envelope", "Content", asyncio.AbstractEventLoop, "asyncio.Future[None]"]
-
-
-class _GroupCommit(_Worker[_Commit]):
+class _GroupCommit(AwaitedWorker[tuple["Envelope", "Content"], None]):
     """Makes concurrently received messages durable together.
 
     One thread takes every message waiting, writes them all, makes them durable (an
@@ -282,37 +227,16 @@ class _GroupCommit(_Worker[_Commit]):
         super().__init__()
         self.spool = spool
 
-    async def store(self, envelope: Envelope, data: Content) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._submit((envelope, data, loop, done))
-        await done
-
-    def _handle(self, batch: list[_Commit]) -> None:
+    def results(self, args: list[tuple[Envelope, Content]]) -> list[Exception | None]:
         try:
-            errors = self.spool.store_batch([(env, data) for env, data, _, _ in batch])
+            errors: list[Exception | None] = [*self.spool.store_batch(args)]
+            return errors
         except Exception as e:  # a bug must not stop acceptance: fail this batch, go on
             failure = SpoolError(f"cannot write the message to the spool: {e!r}")
-            errors = [failure] * len(batch)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None],
-                                                             SpoolError | None]]] = {}
-        for (_, _, loop, done), error in zip(batch, errors, strict=True):
-            by_loop.setdefault(loop, []).append((done, error))
-        for loop, results in by_loop.items():  # one wake-up of each loop per batch
-            loop.call_soon_threadsafe(_settle, results)
+            return [failure] * len(args)
 
 
-def _settle(results: list[tuple[asyncio.Future[None], SpoolError | None]]) -> None:
-    for done, error in results:
-        if done.cancelled():
-            continue
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
-
-
-class _Remover(_Worker[Path]):
+class _Remover(Worker[Path]):
     """Empties delivered entries in trash/, so no delivery waits for it.
 
     An entry's files are truncated to nothing, and up to REUSE emptied entries are
@@ -331,7 +255,7 @@ class _Remover(_Worker[Path]):
         self._empty: collections.deque[Path] = collections.deque()
 
     def remove(self, entry: Path) -> None:
-        self._submit(entry)
+        self.submit(entry)
 
     def take(self) -> Path | None:
         """An emptied entry in trash/ to write a new message into, if there is one."""
@@ -340,7 +264,7 @@ class _Remover(_Worker[Path]):
         except IndexError:
             return None
 
-    def _handle(self, batch: list[Path]) -> None:
+    def handle(self, batch: list[Path]) -> None:
         for entry in batch:
             if len(self._empty) >= self.REUSE:
                 _remove_entry(entry)
@@ -407,7 +331,7 @@ class Spool:
 
     async def commit(self, envelope: Envelope, data: Content) -> None:
         """`store` from the event loop, sharing disk round trips with concurrent messages."""
-        await self._committer.store(envelope, data)
+        await self._committer.call((envelope, data))
 
     def store_batch(self, items: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
         """Write, fsync, rename into queue/, fsync queue/ once; one result per message."""
