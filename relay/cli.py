@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import app, oauth_flow, queue_admin, status, submit
+from .admin import Access
 from .errors import ConfigError, RelayError
 from .settings import Settings, config_path, load_settings, warnings
 from .spool import Spool
@@ -33,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings, path = _settings(args)
+    Access(settings.admin)  # what `serve` refuses, `check` refuses too (admin host, token)
     print(f"configuration OK ({path or 'built-in default'})")
     print(status.render(status.collect(settings)).split("\nQueue")[0])
     for warning in warnings(settings):

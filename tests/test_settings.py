@@ -326,6 +326,23 @@ def test_check_command_exits_2_with_one_line_per_mistake(tmp_path: Path) -> None
     assert "listener.port:" in result.stderr
 
 
+def test_check_refuses_an_admin_page_off_loopback_without_a_token(tmp_path: Path) -> None:
+    path = write(tmp_path, '[admin]\nhost = "0.0.0.0"\n')
+    result = subprocess.run([sys.executable, "-m", "relay", "check", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "admin.host = '0.0.0.0' is not a loopback address: set admin.token_file" \
+        in result.stderr
+    token = tmp_path / "admin-token"
+    token.write_text("a-long-random-admin-token\n")
+    token.chmod(0o600)
+    path.write_text(f'[admin]\nhost = "0.0.0.0"\ntoken_file = "{token}"\n')
+    result = subprocess.run([sys.executable, "-m", "relay", "check", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "a-long-random-admin-token" not in result.stdout + result.stderr
+
+
 def test_auth_without_encryption_defaults_to_starttls(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, """
 [servers.s]
