@@ -1,8 +1,9 @@
 """The delivery scheduler: drains the spool through the upstream.
 
 An in-memory index (queue id -> when it is due) is built from the spool's
-envelopes at start-up and kept current as messages arrive and attempts end. At
-most `pool_size` deliveries run at once. 4xx, timeouts, connection and
+envelopes at start-up, while the listener already accepts, and kept current as
+messages arrive and attempts end. At most `pool_size` deliveries send at once
+(see below). 4xx, timeouts, connection and
 authentication failures defer the message with exponential backoff
 (`queue.retry_initial` doubling up to `queue.retry_max`); a 5xx fails that
 recipient; a message older than `queue.max_age` becomes a dead letter with the

@@ -251,7 +251,6 @@ class IntakeHandler:
         return await self.listener.receive(session, envelope)
 
 
-
 # aiosmtpd reads handle_EHLO's signature for every connection (which form of the hook
 # it is); a signature set on the function is returned at once.
 setattr(IntakeHandler.handle_EHLO, "__signature__",  # noqa: B010
