@@ -105,7 +105,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--only", choices=SCENARIOS, action="append",
                    help="run only this scenario (repeatable; default A and B)")
     p.add_argument("--all", action="store_true",
-                   help="every scenario: A, B, M and S (about 13 minutes on 2 cores)")
+                   help="every scenario: A, B, M and S (about 6 minutes on 2 cores)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
                    help="directory for <UTC timestamp>.json and .txt (default bench/results)")
     p.add_argument("--keep", action="store_true",

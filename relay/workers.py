@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from abc import ABC, abstractmethod
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -18,7 +19,7 @@ A = TypeVar("A")
 R = TypeVar("R")
 
 
-class Worker(Generic[T]):
+class Worker(ABC, Generic[T]):
     IDLE = 2.0
     MAX_BATCH = 1 << 30
     NAME = "worker"
@@ -56,9 +57,9 @@ class Worker(Generic[T]):
                     self._busy = False
                     self._cond.notify_all()
 
+    @abstractmethod
     def handle(self, batch: list[T]) -> None:
         """In the thread: do the work for everything in `batch`."""
-        raise NotImplementedError
 
     def wait(self, timeout: float = 10.0) -> bool:
         """True once everything handed over so far is handled (for tests)."""
@@ -77,9 +78,9 @@ class AwaitedWorker(Worker[_Call[A, R]], Generic[A, R]):
         self.submit((arg, loop, done))
         return await done
 
+    @abstractmethod
     def results(self, args: list[A]) -> list[R | Exception]:
         """In the thread: one result, or the exception to raise, per argument."""
-        raise NotImplementedError
 
     def handle(self, batch: list[_Call[A, R]]) -> None:
         try:
