@@ -15,9 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiosmtplib
-from aiosmtplib.protocol import SMTPProtocol
-
+from .smtp_pipeline import Replies
 from .upstream import Outgoing
 
 CHUNK = 1 << 20
@@ -46,22 +44,17 @@ class Body:
         size, ascii_, headers_ascii = await asyncio.to_thread(_scan, message.path)
         return cls(size, ascii_, headers_ascii, None, message.path)
 
-    async def send(self, client: aiosmtplib.SMTP, wait: float) -> aiosmtplib.SMTPResponse:
-        """DATA, the message, the final dot; the server's reply (SMTPDataError unless 250).
+    async def write(self, out: Replies, wait: float) -> None:
+        """The message and the final dot, after the server's 354 to DATA.
 
-        `wait` bounds each wait for the server: a reply, or room to write more."""
-        protocol = await _start_data(client, wait)
+        `wait` bounds each wait for room to write more (a large message)."""
         if self.data is not None:
-            out = _wire_form(self.data, line_start=True)
-            protocol.write(out)
-            crlf = out.endswith(b"\r\n")
+            wire = _wire_form(self.data, line_start=True)
+            out.write(wire)
+            crlf = wire.endswith(b"\r\n")
         else:
-            crlf = await _write_file(protocol, self.path, wait)
-        protocol.write(b".\r\n" if crlf else b"\r\n.\r\n")
-        reply = await protocol.read_response(timeout=wait)
-        if reply.code != 250:
-            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-        return reply
+            crlf = await _write_file(out, self.path, wait)
+        out.write(b".\r\n" if crlf else b"\r\n.\r\n")
 
 
 def _scan(path: Path) -> tuple[int, bool, bool]:
@@ -97,20 +90,7 @@ def _wire_form(block: bytes, *, line_start: bool) -> bytes:
     return block
 
 
-async def _start_data(client: aiosmtplib.SMTP, wait: float) -> SMTPProtocol:
-    start = await client.execute_command(b"DATA", timeout=wait)
-    if start.code != 354:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
-    protocol = client.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    # What aiosmtplib's own DATA does before it writes: a reply that arrives while the
-    # message is still going out (a refusal) is kept for read_response, not dropped.
-    protocol._response_pending = True
-    return protocol
-
-
-async def _write_file(protocol: SMTPProtocol, path: Path, wait: float) -> bool:
+async def _write_file(out: Replies, path: Path, wait: float) -> bool:
     """Send the file a chunk at a time; True when what was sent ends with CRLF."""
     carry, line_start, crlf = b"", True, False
     with path.open("rb") as f:
@@ -121,9 +101,9 @@ async def _write_file(protocol: SMTPProtocol, path: Path, wait: float) -> bool:
                 cut = block.rfind(b"\n") + 1 or len(block) - block.endswith(b"\r")
                 block, carry = block[:cut], block[cut:]
             if block:
-                out = _wire_form(block, line_start=line_start)
-                protocol.write(out)
-                await asyncio.wait_for(protocol._drain_helper(), wait)
-                line_start = crlf = out.endswith(b"\r\n")
+                wire = _wire_form(block, line_start=line_start)
+                out.write(wire)
+                await out.drain(wait)
+                line_start = crlf = wire.endswith(b"\r\n")
             if not chunk:
                 return crlf

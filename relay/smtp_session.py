@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
 from . import digest_md5, pop3
 from .errors import (
@@ -34,6 +36,7 @@ from .errors import (
 )
 from .settings import ServerSettings
 from .smtp_body import Body
+from .smtp_pipeline import Replies
 from .upstream import Outcome, Outgoing, classify, explain
 
 if TYPE_CHECKING:
@@ -246,40 +249,79 @@ class Session:
                 code=again.code, stage=again.stage) from None
 
     async def transaction(self, message: Outgoing, body: Body) -> list[Outcome]:
-        """One message with all its recipients: per-recipient outcomes, or raise for all."""
+        """One message with all its recipients: per-recipient outcomes, or raise for all.
+
+        A server that offers PIPELINING gets MAIL, every RCPT and DATA in one write
+        (RFC 2920), and the message once DATA's 354 and a recipient's 250 are in; any
+        other server one command at a time. Each reply is checked in order either way,
+        and a transaction that did not end in the final 250 is reset (RSET) before the
+        session is used again."""
         self.last_used = time.monotonic()
         mail_options, utf8 = self._mail_options(message, body)
-        await self._step("MAIL FROM", self.client.mail(
-            message.mail_from, options=mail_options, encoding="utf-8" if utf8 else "ascii"))
-        outcomes: list[Outcome] = []
-        accepted: list[str] = []
+        encoding = "utf-8" if utf8 else "ascii"
         dsn = self.client.supports_extension("dsn")
-        for rcpt in message.recipients:
-            options = rcpt.options if dsn else []
-            try:
-                reply = await self._step("RCPT TO", self.client.rcpt(
-                    rcpt.address, options=options, encoding="utf-8" if utf8 else "ascii"))
-            except (TemporaryFailure, PermanentFailure) as failure:
-                if failure.code is None:  # the connection broke, not a refusal
-                    raise
-                outcomes.append(Outcome(rcpt.address, failure.reply, failure))
-                continue
-            accepted.append(rcpt.address)
-            outcomes.append(Outcome(rcpt.address, _reply(reply)))
+        mail = _command(b"MAIL FROM:", message.mail_from, mail_options, encoding)
+        rcpts = [_command(b"RCPT TO:", r.address, r.options if dsn else [], encoding)
+                 for r in message.recipients]
+        together = self.client.supports_extension("pipelining")
+        wait = self.server.timeout
+        outcomes: list[Outcome] = []
+        final: aiosmtplib.SMTPResponse | None = None
+        with Replies(self.client) as replies:
+            replies.write(b"".join([mail, *rcpts, b"DATA\r\n"]) if together else mail)
+            sender = await self._next(replies, "MAIL FROM")
+            for rcpt, line in zip(message.recipients, rcpts, strict=True):
+                if not together:
+                    if sender.code != 250:
+                        break
+                    replies.write(line)
+                reply = await self._next(replies, "RCPT TO")
+                outcomes.append(self._recipient(rcpt.address, reply))
+            accepted = sender.code == 250 and any(o.failure is None for o in outcomes)
+            if not together and accepted:
+                replies.write(b"DATA\r\n")
+            start = await self._next(replies, "DATA") if together or accepted else None
+            if start is not None and start.code == 354:
+                if accepted:
+                    await self._step("DATA", body.write(replies, wait))
+                else:  # the server took DATA without a recipient: end it empty
+                    replies.write(b".\r\n")
+                final = await self._next(replies, "DATA")
+        if sender.code != 250:
+            await self.reset()
+            raise self._refused("MAIL FROM", sender)
         if not accepted:
             await self.reset()
             return outcomes
-        try:
-            reply = await self._step("DATA", body.send(self.client, self.server.timeout))
-        except DeliveryFailure as failure:
-            if failure.code is not None:  # the server answered: the connection is still good
-                await self.reset()
-                if _eight_bit_refusal(failure, body, self.client):
-                    failure.reply += (" (the message has 8-bit content and the server does "
-                                      "not offer 8BITMIME)")
-            raise
-        done = _reply(reply)
+        assert start is not None
+        if start.code != 354 or final is None or final.code != 250:
+            await self.reset()
+            failure = self._refused("DATA", start if final is None else final)
+            if _eight_bit_refusal(failure, body, self.client):
+                failure.reply += (" (the message has 8-bit content and the server does "
+                                  "not offer 8BITMIME)")
+            raise failure
+        done = _reply(final)
         return [o if o.failure else Outcome(o.recipient, done) for o in outcomes]
+
+    async def _next(self, replies: Replies, stage: str) -> aiosmtplib.SMTPResponse:
+        """The next reply; a 421 (the server is closing the connection) raises at once."""
+        reply = await self._step(stage, replies.next(self.server.timeout))
+        if reply.code == 421:
+            raise self._refused(stage, reply)
+        return reply
+
+    def _recipient(self, address: str, reply: aiosmtplib.SMTPResponse) -> Outcome:
+        if reply.code in (250, 251):
+            return Outcome(address, _reply(reply))
+        failure = self._refused("RCPT TO", reply)
+        return Outcome(address, failure.reply, failure)
+
+    def _refused(self, stage: str, reply: aiosmtplib.SMTPResponse) -> DeliveryFailure:
+        """The server's refusal at `stage`, temporary or permanent by its code."""
+        self.stage = stage
+        return classify(aiosmtplib.SMTPResponseException(reply.code, reply.message),
+                        server=self.label, stage=stage, timeout=self.server.timeout)
 
     def _mail_options(self, message: Outgoing, body: Body) -> tuple[list[str], bool]:
         env = message.envelope
@@ -329,6 +371,14 @@ class Session:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.client.quit(), 2)
         self.client.close()
+
+
+def _command(verb: bytes, address: str, options: list[str], encoding: str) -> bytes:
+    """A MAIL or RCPT command line as aiosmtplib writes it (its address checks included)."""
+    args = [verb + quote_address(address).encode(encoding), *(o.encode("ascii") for o in options)]
+    if any(COMMAND_INJECTION_REGEX.search(arg) for arg in args):
+        raise ValueError("Command arg contains a prohibited control character")
+    return b" ".join(args) + b"\r\n"
 
 
 def _reply(response: aiosmtplib.SMTPResponse) -> str:

@@ -31,9 +31,9 @@ TRICKY = [b".", b"..", b".\r\n", b"\r\n.\r\n", b"\r", b"\n", b"\r\r\n", b"\n.", 
           b"\r\n", b"abc", "ü".encode(), b".x\r\n", b"\n\n"]
 
 
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    started = Servers()
+@pytest.fixture(params=["one command at a time", "pipelined"])
+async def servers(request: pytest.FixtureRequest) -> AsyncIterator[Servers]:
+    started = Servers(pipelining=request.param == "pipelined")
     yield started
     await started.close()
 

@@ -41,6 +41,7 @@ from relay.upstream import Outcome, Outgoing, classify, explain, slow_down_reque
 
 from .support import free_port, wait_until
 from .upstream_servers import (
+    Pipelined,
     Script,
     Servers,
     banner,
@@ -98,9 +99,9 @@ class Client:
             await upstream.close()
 
 
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    started = Servers()
+@pytest.fixture(params=["one command at a time", "pipelined"])
+async def servers(request: pytest.FixtureRequest) -> AsyncIterator[Servers]:
+    started = Servers(pipelining=request.param == "pipelined")
     yield started
     await started.close()
 
@@ -374,6 +375,62 @@ async def test_refusal_after_data_fails_the_message_and_the_next_one_is_delivere
     assert reply in caught.value.reply
     assert delivered(await upstream.deliver(client.message()))
     assert len(script.messages) == 1
+
+
+# --- 6b. PIPELINING (RFC 2920) ------------------------------------------------------------
+
+async def test_pipelining_server_gets_mail_every_rcpt_and_data_in_one_write(
+        servers: Servers, client: Client) -> None:
+    server = Pipelined()
+    upstream = client.upstream(await servers.raw(server))
+    assert delivered(await upstream.deliver(client.message("a@example.com", "b@example.com")))
+    assert server.reads[0] == (b"MAIL FROM:<notify@example.com>\r\n"
+                               b"RCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+                               b"DATA\r\n")
+    assert server.messages == [BODY]
+
+
+@pytest.mark.parametrize("dribble", [False, True], ids=["replies together", "byte by byte"])
+async def test_pipelined_replies_are_matched_to_their_recipients_in_order(
+        servers: Servers, client: Client, dribble: bool) -> None:
+    server = Pipelined(dribble=dribble, rcpt_replies={
+        "b@example.com": b"550-5.1.1 <b@example.com>: no such user\r\n550 5.1.1 see the list",
+        "c@example.com": b"451 4.7.1 greylisted"})
+    upstream = client.upstream(await servers.raw(server))
+    outcomes = by_recipient(await upstream.deliver(
+        client.message("a@example.com", "b@example.com", "c@example.com", "d@example.com")))
+    assert outcomes["a@example.com"].failure is None
+    assert outcomes["d@example.com"].reply.startswith("250 2.0.0 queued")
+    b, c = outcomes["b@example.com"].failure, outcomes["c@example.com"].failure
+    assert isinstance(b, PermanentFailure) and b.code == 550 and "see the list" in b.reply
+    assert isinstance(c, TemporaryFailure) and c.code == 451 and "greylisted" in c.reply
+    assert server.messages == [BODY]
+
+
+async def test_data_taken_with_no_recipient_is_ended_empty_and_the_session_reused(
+        servers: Servers, client: Client) -> None:
+    server = Pipelined(rcpt_replies={"x@example.com": b"550 5.1.1 no such user"})
+    upstream = client.upstream(await servers.raw(server))
+    outcomes = await upstream.deliver(client.message("x@example.com"))
+    assert isinstance(outcomes[0].failure, PermanentFailure)
+    assert server.messages == [b""]  # the lone dot, not the message
+    assert delivered(await upstream.deliver(client.message("z@example.com")))
+    assert server.messages == [b"", BODY]
+    assert b"RSET\r\n" in server.reads and len(servers._writers) == 1
+
+
+async def test_sender_refused_fails_the_message_and_keeps_the_session(
+        servers: Servers, client: Client) -> None:
+    script = Script(mail_replies=["553 5.1.8 <notify@example.com>: Sender address rejected: "
+                                  "Domain not found"])
+    upstream = client.upstream(await servers.smtp(script))
+    with pytest.raises(PermanentFailure, match="Sender address rejected") as refused:
+        await upstream.deliver(client.message("a@example.com", "b@example.com"))
+    assert refused.value.code == 553 and refused.value.stage == "MAIL FROM"
+    assert script.rsets == 1 and script.messages == []
+    assert delivered(await upstream.deliver(client.message("c@example.com")))
+    assert script.connections == 1
+    assert [m.rcpt_tos for m in script.messages] == [["c@example.com"]]
 
 
 # --- 7. STARTTLS and certificates ---------------------------------------------------------

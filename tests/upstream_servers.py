@@ -41,6 +41,8 @@ class Script:
     """Commands ("MAIL", "RCPT", "DATA") after whose scripted reply the server closes."""
     dsn: bool = False
     """Advertise DSN and accept its parameters (aiosmtpd knows neither)."""
+    pipelining: bool = False
+    """Advertise PIPELINING (aiosmtpd reads pipelined commands, but does not say so)."""
     data_gate: asyncio.Event | None = None
     """DATA's final reply waits for this event (never set: the server never answers)."""
     password: str | None = None
@@ -69,6 +71,8 @@ class Script:
         session.host_name = hostname
         if self.dsn:
             responses.insert(-1, "250-DSN")
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
@@ -181,9 +185,12 @@ RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[No
 
 
 class Servers:
-    """Starts servers in the running loop; `close()` stops them and their connections."""
+    """Starts servers in the running loop; `close()` stops them and their connections.
 
-    def __init__(self) -> None:
+    `pipelining`: every aiosmtpd server started offers PIPELINING."""
+
+    def __init__(self, pipelining: bool = False) -> None:
+        self.pipelining = pipelining
         self._servers: list[asyncio.Server] = []
         self._smtp: list[RecordingSMTP] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -194,6 +201,7 @@ class Servers:
         """aiosmtpd serving `script`; kwargs go to SMTP (enable_SMTPUTF8, tls_context...)."""
         loop = asyncio.get_running_loop()
         kwargs.setdefault("hostname", "upstream.test")
+        script.pipelining = script.pipelining or self.pipelining
         if script.password is not None:
             kwargs.setdefault("authenticator", script.authenticate)
             kwargs.setdefault("auth_require_tls", False)
@@ -279,6 +287,52 @@ async def hangs_up_in_data(reader: asyncio.StreamReader, writer: asyncio.StreamW
         await writer.drain()
 
 
+@dataclass
+class Pipelined:
+    """A raw server that offers PIPELINING and answers what arrives in one read together,
+    as Postfix does; it records each read, and answers DATA with 354 even when no
+    recipient was taken (a server that gets RFC 2920 wrong)."""
+
+    rcpt_replies: dict[str, bytes] = field(default_factory=dict)
+    dribble: bool = False
+    """Send replies one byte at a time."""
+    reads: list[bytes] = field(default_factory=list)
+    messages: list[bytes] = field(default_factory=list)
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-raw.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        while chunk := await reader.read(65536):
+            self.reads.append(chunk)
+            replies, taken = [], 0
+            for line in chunk.splitlines():
+                verb = line[:4].upper()
+                if verb == b"RCPT":
+                    address = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
+                    reply = self.rcpt_replies.get(address, b"250 2.1.5 ok")
+                    taken += reply.startswith(b"2")
+                    replies.append(reply)
+                elif verb == b"DATA":
+                    replies.append(b"354 go ahead")
+                else:
+                    replies.append(b"221 bye" if verb == b"QUIT" else b"250 ok")
+            await self._answer(writer, replies)
+            if chunk.rstrip().endswith(b"DATA"):
+                lines = []
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    lines.append(line)
+                self.messages.append(b"".join(lines))
+                await self._answer(writer, [b"250 2.0.0 queued" if taken
+                                            else b"554 5.5.1 Error: no valid recipients"])
+
+    async def _answer(self, writer: asyncio.StreamWriter, replies: list[bytes]) -> None:
+        out = b"".join(reply + b"\r\n" for reply in replies)
+        for piece in ([out[i:i + 1] for i in range(len(out))] if self.dribble else [out]):
+            writer.write(piece)
+            await writer.drain()
+
+
 def banner(reply: bytes) -> RawHandler:
     """Answers the connection with `reply` (a 421, say) and closes."""
 
@@ -290,5 +344,5 @@ def banner(reply: bytes) -> RawHandler:
     return handler
 
 
-__all__ = ["Message", "RecordingSMTP", "Script", "Servers", "banner",
+__all__ = ["Message", "Pipelined", "RecordingSMTP", "Script", "Servers", "banner",
            "dribbling_ehlo", "hangs_up_in_data", "never_answers"]

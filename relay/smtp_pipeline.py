@@ -1,0 +1,141 @@
+"""The replies to a transaction's commands, read in order: what PIPELINING (RFC 2920) needs.
+
+aiosmtplib reads one reply per command it writes and drops whatever arrives before
+it asks, so MAIL, RCPT and DATA cannot go out together through it. For one
+transaction, `Replies` stands in for aiosmtplib's protocol on the transport: every
+reply the server sends is parsed and kept in order until it is asked for, while the
+connection's other events (lost, end of file, pause and resume of writing) still
+reach aiosmtplib's protocol, which owns the connection before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from types import TracebackType
+
+import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
+
+MAX_LINE = 8192
+"""Longest reply line taken (aiosmtplib's own limit); a longer one breaks the connection."""
+
+
+class Replies(asyncio.Protocol):
+    """Installed on the connection's transport while in a `with` block."""
+
+    def __init__(self, client: aiosmtplib.SMTP) -> None:
+        protocol, transport = client.protocol, client.transport
+        if protocol is None or transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._client = client
+        self._inner: SMTPProtocol = protocol
+        self._transport = transport
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []
+        self._ready: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __enter__(self) -> Replies:
+        self._transport.set_protocol(self)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self._transport.is_closing():
+            return
+        self._transport.set_protocol(self._inner)
+        if self._buffer or self._lines or self._ready or kind is not None:
+            # a reply nobody asked for, or a wait given up: out of step with the server
+            self._client.close()
+
+    # --- for the transaction ---------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self._inner.write(data)
+
+    async def drain(self, wait: float) -> None:
+        """Wait until the transport can take more (the server reads what was written)."""
+        try:
+            await asyncio.wait_for(self._inner._drain_helper(), wait)
+        except TimeoutError:
+            raise aiosmtplib.SMTPTimeoutError(
+                "Timed out waiting for the server to read the message") from None
+
+    async def next(self, wait: float) -> aiosmtplib.SMTPResponse:
+        """The next reply in order; SMTPReadTimeoutError after `wait` seconds without one,
+        SMTPServerDisconnected when the connection is gone."""
+        if not self._ready and self._error is None:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(wait, _time_out, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        if self._ready:
+            return self._ready.popleft()
+        assert self._error is not None
+        raise self._error
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end + 1])
+            del self._buffer[:end + 1]
+            if not self._line(line):
+                return
+        if len(self._buffer) > MAX_LINE:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+
+    def _line(self, line: bytes) -> bool:
+        if len(line) > MAX_LINE or not line[:3].isdigit():
+            self._fail(aiosmtplib.SMTPResponseException(
+                -1, f"Malformed SMTP response line: {line.decode(errors='replace')!r}"))
+            return False
+        self._lines.append(line)
+        if line[3:4] != b"-":
+            text = b"\n".join(part[4:].strip(b" \t\r\n") for part in self._lines)
+            self._ready.append(aiosmtplib.SMTPResponse(
+                int(line[:3]), text.decode("utf-8", "surrogateescape")))
+            self._lines.clear()
+            self._wake()
+        return True
+
+    def _fail(self, error: Exception) -> None:
+        """The server broke the protocol: nothing more is read from this connection."""
+        self._error = error
+        self._buffer.clear()
+        self._transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            self._error = aiosmtplib.SMTPServerDisconnected("Connection lost")
+            self._error.__cause__ = exc
+        self._wake()
+        self._inner.connection_lost(exc)
+
+    def eof_received(self) -> bool:
+        self._inner.eof_received()
+        return False  # close the transport: connection_lost follows
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(aiosmtplib.SMTPReadTimeoutError(
+            "Timed out waiting for server response"))
