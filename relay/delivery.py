@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
 from .metrics import Metrics
 from .settings import QueueSettings, Settings
-from .spool import INLINE_BYTES, Envelope, Spool
+from .spool import INLINE_BYTES, Envelope, Spool, read_regular
 from .upstream import Outcome, Outgoing, Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -285,7 +285,7 @@ class Scheduler:
             return env, None
         path = self.spool.message_path(env.id)
         try:
-            return env, path.read_bytes()
+            return env, read_regular(path)
         except OSError as e:
             raise DamagedEntry(f"{path}: {e.strerror}") from None
 

@@ -29,7 +29,7 @@ import ctypes
 import errno
 import json
 import os
-import secrets
+import random
 import shutil
 import stat
 import sys
@@ -119,22 +119,34 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
 _STATES = ("pending", "delivered", "failed")
 
 
+_ID_BITS = random.Random()
+"""Seeded from the operating system's randomness once; an id needs to be unique, not secret."""
+
+
 def new_queue_id() -> str:
     """Sortable by arrival time, unique without coordination: 13 hex digits of µs + 8 random."""
-    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(4).upper()}"
+    return f"{time.time_ns() // 1000:013X}{_ID_BITS.getrandbits(32):08X}"
 
 
-def _read_regular(path: Path) -> bytes:
-    """A file's bytes; OSError when it is not a regular file (a FIFO must not block us)."""
+def read_regular(path: Path) -> bytes:
+    """A file's bytes; OSError when it is not a regular file (a FIFO must not block us).
+
+    Open, fstat, one read (a file that grew meanwhile: more), close: a spool file is
+    read on the event loop, from the page cache, without Python's file objects."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(mode):
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
+        data = os.read(fd, info.st_size + 1)  # short only at the end of the file
+        if len(data) <= info.st_size:
+            return data
+        parts = [data]
+        while part := os.read(fd, 1 << 20):
+            parts.append(part)
+        return b"".join(parts)
     finally:
         os.close(fd)
 
@@ -430,7 +442,7 @@ class Spool:
     def read(self, queue_id: str, place: Place) -> Envelope:
         path = self._dir(place) / queue_id / ENVELOPE
         try:
-            env = Envelope.from_json(_read_regular(path))
+            env = Envelope.from_json(read_regular(path))
         except FileNotFoundError:
             if (self._dir(place) / queue_id).is_dir():
                 raise DamagedEntry(f"{path}: the envelope is missing") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay.errors import DamagedEntry, SpoolError
-from relay.spool import Envelope, Recipient, Spool, new_queue_id
+from relay.spool import Envelope, Recipient, Spool, new_queue_id, read_regular
 
 
 def envelope(*rcpts: str) -> Envelope:
@@ -45,6 +45,18 @@ def test_queue_ids_sort_by_arrival_and_are_unique() -> None:
     assert spaced == sorted(spaced)
     burst = [new_queue_id() for _ in range(1000)]
     assert len(set(burst)) == 1000 and all(len(i) == 21 for i in burst)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 << 20])
+def test_read_regular_reads_whole_files_and_refuses_the_rest(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    (tmp_path / "file").write_bytes(data)
+    assert read_regular(tmp_path / "file") == data
+    os.mkfifo(tmp_path / "fifo")  # would block a plain read: refused at once
+    with pytest.raises(OSError, match="not a regular file"):
+        read_regular(tmp_path / "fifo")
+    with pytest.raises(IsADirectoryError):
+        read_regular(tmp_path)
 
 
 def test_claim_is_exclusive(spool: Spool) -> None:
