@@ -195,7 +195,7 @@ class Runner:
         if job.scenario == "S":
             return scaling.cell(directory, job.variant, job.messages, job.round)
         return end_to_end(directory, job.system, job.size, job.messages, self.plan.sessions,
-                          job.round)
+                          job.round, self.plan.latency_messages[job.size])
 
 
 def _order(round_: int) -> tuple[System, System]:
@@ -224,7 +224,7 @@ def describe_load(plan: Plan) -> list[str]:
              f"latency ('.' sent to 250 read, asyncio client): {lat} messages",
         "B": f"B  smtp-source -> system under test -> smtp-sink. {b} messages; end-to-end "
              "= first connect until the sink counted all; CPU = the whole process tree "
-             "until its queue is empty",
+             f"until its queue is empty; then latency on the same instance: {lat} messages",
         "S": scaling.describe(plan.scaling_messages),
         "M": footprint.describe(plan.footprint),
     }

@@ -29,6 +29,8 @@ FIGURES = (
     Figure("B", "cpu_ms_per_msg", "CPU ms/msg, whole instance", "lower"),
     Figure("B", "accepted_per_s", "client finished, msg/s", "higher"),
     Figure("B", "kernel_ms_per_msg", "kernel, uncharged ms/msg (machine)", "lower"),
+    Figure("B", "latency_p50_ms", "'.' to 250, p50 ms", "lower"),
+    Figure("B", "latency_p99_ms", "'.' to 250, p99 ms", "lower"),
 )
 
 

@@ -176,10 +176,10 @@ def _throughput_into_outbox(relay: RelayInstance, result: Measurement, size: int
     result.extra["dead"] = relay.failed()
 
 
-def _latency(relay: RelayInstance, result: Measurement, size: int, messages: int,
+def _latency(instance: Instance, result: Measurement, size: int, messages: int,
              sessions: int) -> None:
     try:
-        lat = load.measure_latency(relay.port, messages, size, sessions, time_limit(messages))
+        lat = load.measure_latency(instance.port, messages, size, sessions, time_limit(messages))
     except TimeoutError:
         raise MeasurementError("latency pass: time limit reached") from None
     if not lat.latencies:
@@ -196,19 +196,23 @@ def _latency(relay: RelayInstance, result: Measurement, size: int, messages: int
 # --- scenario B: end to end into smtp-sink, the relay or a Postfix null client ------------
 
 def end_to_end(workdir: Path, system: System, size: int, messages: int, sessions: int,
-               round_: int) -> Measurement:
-    """Raises RelayUnavailable when the relay cannot deliver to SMTP servers yet."""
-    return into_sink(Measurement("B", system, size, round_, messages), workdir, sessions)
+               round_: int, latency_messages: int = 0) -> Measurement:
+    """Throughput, then (latency_messages > 0) '.' to 250 with the same load, both on one
+    instance. Raises RelayUnavailable when the relay cannot deliver to SMTP servers yet."""
+    return into_sink(Measurement("B", system, size, round_, messages), workdir, sessions,
+                     latency_messages=latency_messages)
 
 
 def into_sink(result: Measurement, workdir: Path, sessions: int,
-              options: RelayOptions = DEFAULTS) -> Measurement:
+              options: RelayOptions = DEFAULTS, latency_messages: int = 0) -> Measurement:
     """*result*'s messages through a fresh system under test (the relay started with
     *options*) into a fresh smtp-sink; fills in *result*'s figures."""
     with CountingSink(workdir / "sink.log") as sink:
         instance = _start(result.system, workdir, sink.port, result, options)
         with measuring(result, instance):
             relay_through(instance, sink, result, result.size, result.messages, sessions)
+            if latency_messages:
+                _latency(instance, result, result.size, latency_messages, sessions)
     return result
 
 
