@@ -3,10 +3,13 @@ against real servers: start it, hand it a message, read its spool."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import smtplib
+import socket
 import subprocess
+import threading
 import time
 from email.utils import parseaddr
 from pathlib import Path
@@ -99,3 +102,43 @@ def assert_relayed(peers: MailPeers, tag: str, sender: str = SYSTEM) -> None:
     assert delivered.get_content() == "Please approve request 42.\n"
 
 
+
+
+class RecordingProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server's port: it passes everything on and
+    keeps each read from the client, so a test sees which commands arrived together."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.reads: list[bytes] = []
+        self.connections = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, record: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if record:
+                    self.reads.append(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._server.close()

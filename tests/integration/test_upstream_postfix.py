@@ -17,7 +17,7 @@ import pytest
 from tests.peers.peers import MailPeers
 from tests.support import free_port, relay_command
 
-from .operator import SYSTEM, Relay, assert_relayed, auth_block, message, start
+from .operator import SYSTEM, RecordingProxy, Relay, assert_relayed, auth_block, message, start
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +148,51 @@ def test_5xx_recipient_is_dead_lettered_and_the_others_delivered(
     states = {r["address"]: r["state"] for r in env["recipients"]}
     assert states == {"boss@example.com": "delivered", "reject-x@example.com": "failed"}
     assert_relayed(clean_peers, "mixed")
+
+
+def test_pipelining_postfix_gets_the_commands_together_and_each_reply_counts(
+        clean_peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    proxy = RecordingProxy(clean_peers.port("plain"))  # Postfix offers PIPELINING here
+    try:
+        relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {proxy.port}')
+        mixed = relay.send(message("pipe-mixed"),
+                           rcpts=("boss@example.com", "reject-a@example.com"))
+        env = relay.wait_envelope(mixed, "dead", "550 5.1.1")
+        assert {r["address"]: r["state"] for r in env["recipients"]} == {
+            "boss@example.com": "delivered", "reject-a@example.com": "failed"}
+        assert_relayed(clean_peers, "pipe-mixed")
+        # no valid recipient: Postfix answers DATA with 554 and the message is not sent
+        refused = relay.send(message("pipe-none"),
+                             rcpts=("reject-b@example.com", "reject-c@example.com"))
+        env = relay.wait_envelope(refused, "dead", "550 5.1.1")
+        assert {r["state"] for r in env["recipients"]} == {"failed"}
+        relay.send(message("pipe-after"))
+        assert_relayed(clean_peers, "pipe-after")
+        assert clean_peers.find_messages("<pipe-none@apps.example.com>") == []
+        groups = [r for r in proxy.reads if r.startswith(b"MAIL FROM:")]
+        assert len(groups) == 3 and all(g.endswith(b"\r\nDATA\r\n") for g in groups), groups
+        assert groups[0].count(b"\r\nRCPT TO:") == 2
+        assert b"RSET\r\n" in proxy.reads  # after the transaction that sent nothing
+        assert proxy.connections == 1  # and the connection went on
+    finally:
+        proxy.close()
+
+
+def test_server_without_pipelining_gets_one_command_at_a_time(
+        clean_peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    proxy = RecordingProxy(clean_peers.port("plain_no_pipelining"))
+    try:
+        relay = start(relays, tmp_path, f'host = "127.0.0.1"\nport = {proxy.port}')
+        mixed = relay.send(message("nopipe"), rcpts=("boss@example.com", "reject-a@example.com"))
+        env = relay.wait_envelope(mixed, "dead", "550 5.1.1")
+        assert {r["address"]: r["state"] for r in env["recipients"]} == {
+            "boss@example.com": "delivered", "reject-a@example.com": "failed"}
+        assert_relayed(clean_peers, "nopipe")
+        commands = [r for r in proxy.reads if r[:4] in (b"MAIL", b"RCPT", b"DATA")]
+        assert [c.split(b":")[0] for c in commands] == [
+            b"MAIL FROM", b"RCPT TO", b"RCPT TO", b"DATA\r\n"], proxy.reads
+    finally:
+        proxy.close()
 
 
 def test_4xx_recipient_is_retried(clean_peers: MailPeers, tmp_path: Path,

@@ -23,6 +23,7 @@ LISTENER_NAMES = (
     "starttls_untrusted",
     "starttls_wrongname",
     "pop_before_smtp",
+    "plain_no_pipelining",
 )
 
 
@@ -134,6 +135,17 @@ def listeners(pki: PeerPKI) -> list[Listener]:
                 **_tls("may", pki.server),
                 "smtpd_sasl_auth_enable": "no",
                 **_restrict(f"check_policy_service unix:private/{POLICY_SERVICE}", "reject"),
+            },
+        ),
+        Listener(
+            "plain_no_pipelining",
+            "as plain, but PIPELINING is not offered (Postfix would still take pipelined "
+            "MAIL and RCPT without a word: the tests watch the wire)",
+            {
+                "smtpd_tls_security_level": "none",
+                "smtpd_sasl_auth_enable": "no",
+                "smtpd_discard_ehlo_keywords": "pipelining",
+                **_restrict("permit"),
             },
         ),
     ]
