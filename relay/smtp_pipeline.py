@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from types import TracebackType
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
@@ -24,13 +25,12 @@ MAX_LINE = 8192
 class Replies(asyncio.Protocol):
     """Installed on the connection's transport while in a `with` block."""
 
+    _inner: SMTPProtocol
+    _transport: asyncio.Transport
+
     def __init__(self, client: aiosmtplib.SMTP) -> None:
-        protocol, transport = client.protocol, client.transport
-        if protocol is None or transport is None or transport.is_closing():
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         self._client = client
-        self._inner: SMTPProtocol = protocol
-        self._transport = transport
+        self._installed = False
         self._buffer = bytearray()
         self._lines: list[bytes] = []
         self._ready: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
@@ -38,12 +38,19 @@ class Replies(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
 
     def __enter__(self) -> Replies:
-        self._transport.set_protocol(self)
+        protocol, transport = self._client.protocol, self._client.transport
+        if protocol is None or transport is None or transport.is_closing():
+            # gone already: the first reply asked for says so, at its stage
+            self._error = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        else:
+            self._inner, self._transport = protocol, cast(asyncio.Transport, transport)
+            self._transport.set_protocol(self)
+            self._installed = True
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        if self._transport.is_closing():
+        if not self._installed or self._transport.is_closing():
             return
         self._transport.set_protocol(self._inner)
         if self._buffer or self._lines or self._ready or kind is not None:
@@ -53,10 +60,18 @@ class Replies(asyncio.Protocol):
     # --- for the transaction ---------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self._inner.write(data)
+        """Send; a connection that is gone shows as the error of the next reply asked for."""
+        if self._error is not None:
+            return
+        if self._transport.is_closing():
+            self._error = aiosmtplib.SMTPServerDisconnected("Connection lost")
+            return
+        self._transport.write(data)
 
     async def drain(self, wait: float) -> None:
         """Wait until the transport can take more (the server reads what was written)."""
+        if self._error is not None:
+            return  # the next reply asked for raises it
         try:
             await asyncio.wait_for(self._inner._drain_helper(), wait)
         except TimeoutError:

@@ -295,6 +295,22 @@ async def test_idle_connection_closed_by_server_next_message_goes_over_a_new_one
     assert sessions_gauge(upstream) == 1
 
 
+async def test_transaction_on_a_connection_already_gone_fails_at_mail_from_unanswered(
+        servers: Servers, client: Client) -> None:
+    """What `_send` takes for a stale pooled connection (and retries on a new one)."""
+    script = Script()
+    upstream = client.upstream(await servers.smtp(script))
+    assert delivered(await upstream.deliver(client.message()))
+    (session,) = upstream._idle
+    assert session.client.transport is not None
+    session.client.transport.close()
+    message = client.message()
+    with pytest.raises(UpstreamUnreachable) as gone:
+        await session.transaction(message, await smtp_client.Body.of(message))
+    assert gone.value.code is None and session.stage == "MAIL FROM"
+    assert "Connection lost" in gone.value.reply
+
+
 async def test_sessions_gauge_still_counts_idle_session_after_a_failed_reconnect(
         servers: Servers, client: Client) -> None:
     script = Script(data_gate=asyncio.Event())
