@@ -2,9 +2,9 @@
 
     python -m tests.faulty_upstream --journal FILE [--fault-rate 0.4] [--stall 3] [--seed N]
 
-It is aiosmtpd on 127.0.0.1 (port 0 unless --port), in a process of its own so
-that it outlives every kill -9 of the relay. It prints `ready PORT` on stdout
-once it listens. For each transaction (decided at MAIL) it either behaves, or,
+It is aiosmtpd offering PIPELINING on 127.0.0.1 (port 0 unless --port), in a
+process of its own so that it outlives every kill -9 of the relay. It prints
+`ready PORT` on stdout once it listens. For each transaction (decided at MAIL) it either behaves, or,
 with probability --fault-rate, injects one fault:
 
     tempfail-mail   451 4.3.0 to MAIL FROM
@@ -109,6 +109,14 @@ class FaultySMTP(SMTP):
 class _Handler:
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
+
+    async def handle_EHLO(self, server: FaultySMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        """Offers PIPELINING, as the servers the relay sends to do (aiosmtpd reads
+        pipelined commands but does not say so): the relay then sends each message's
+        MAIL, RCPT and DATA together, and the faults hit that."""
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(self, server: FaultySMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
