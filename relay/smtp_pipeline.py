@@ -108,9 +108,13 @@ class Replies(asyncio.Protocol):
             self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
 
     def _line(self, line: bytes) -> bool:
-        if len(line) > MAX_LINE or not line[:3].isdigit():
+        if len(line) > MAX_LINE:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+            return False
+        if not line[:3].isdigit():
+            shown = line[:100].decode(errors="replace")
             self._fail(aiosmtplib.SMTPResponseException(
-                -1, f"Malformed SMTP response line: {line.decode(errors='replace')!r}"))
+                -1, f"Malformed SMTP response line: {shown!r}"))
             return False
         self._lines.append(line)
         if line[3:4] != b"-":

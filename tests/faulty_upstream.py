@@ -4,8 +4,8 @@
 
 It is aiosmtpd offering PIPELINING on 127.0.0.1 (port 0 unless --port), in a
 process of its own so that it outlives every kill -9 of the relay. It prints
-`ready PORT` on stdout once it listens. For each transaction (decided at MAIL) it either behaves, or,
-with probability --fault-rate, injects one fault:
+`ready PORT` on stdout once it listens. For each transaction (decided at MAIL) it
+either behaves, or, with probability --fault-rate, injects one fault:
 
     tempfail-mail   451 4.3.0 to MAIL FROM
     tempfail-rcpt   450 4.2.1 to RCPT TO

@@ -423,6 +423,27 @@ async def test_pipelined_replies_are_matched_to_their_recipients_in_order(
     assert server.messages == [BODY]
 
 
+@pytest.mark.parametrize("garbage", [b"this is not SMTP", b"250-" + b"x" * 9000],
+                         ids=["not a reply", "a line too long"])
+async def test_malformed_reply_defers_the_message_and_drops_the_connection(
+        servers: Servers, client: Client, garbage: bytes) -> None:
+    async def babbler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        await reader.readline()
+        writer.write(garbage + b"\r\n")
+        await reader.read()
+
+    upstream = client.upstream(await servers.raw(babbler))
+    with pytest.raises(TemporaryFailure) as malformed:
+        await upstream.deliver(client.message())
+    expected = "Malformed SMTP response" if b"not SMTP" in garbage else "Response too long"
+    assert expected in malformed.value.reply and len(malformed.value.reply) < 300
+    assert malformed.value.stage == "MAIL FROM"
+    assert sessions_gauge(upstream) == 0  # not given back to the pool
+
+
 async def test_data_taken_with_no_recipient_is_ended_empty_and_the_session_reused(
         servers: Servers, client: Client) -> None:
     server = Pipelined(rcpt_replies={"x@example.com": b"550 5.1.1 no such user"})
