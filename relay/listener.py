@@ -212,8 +212,10 @@ class IntakeHandler:
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
+        """aiosmtpd's lines plus DSN, as one reply: aiosmtpd writes each line it is given
+        with a system call (and a TCP segment) of its own; the lines are the same."""
         session.host_name = hostname
-        return [*responses[:-1], "250-DSN", responses[-1]]
+        return ["\r\n".join([*responses[:-1], "250-DSN", responses[-1]])]
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:

@@ -19,6 +19,8 @@ from .smtp_pipeline import Replies
 from .upstream import Outgoing
 
 CHUNK = 1 << 20
+_JOINED = 1 << 16
+"""A message up to this size goes out with its final dot in one write (a copy)."""
 _LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _HEADER_END = b"\r\n\r\n"
 
@@ -50,10 +52,14 @@ class Body:
         `wait` bounds each wait for room to write more (a large message)."""
         if self.data is not None:
             wire = _wire_form(self.data, line_start=True)
-            out.write(wire)
-            crlf = wire.endswith(b"\r\n")
-        else:
-            crlf = await _write_file(out, self.path, wait)
+            end = b".\r\n" if wire.endswith(b"\r\n") else b"\r\n.\r\n"
+            if len(wire) <= _JOINED:  # one write, one segment: cheaper than a second send
+                out.write(wire + end)
+            else:
+                out.write(wire)
+                out.write(end)
+            return
+        crlf = await _write_file(out, self.path, wait)
         out.write(b".\r\n" if crlf else b"\r\n.\r\n")
 
 

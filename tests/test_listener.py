@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 from pathlib import Path
+from typing import AnyStr
 
 import pytest
 
 from relay.app import Relay
+from relay.listener import RelaySMTP
 
 from .support import RawSMTP, RelayFactory, listener_port, outbox_files, wait_until
 
@@ -77,6 +80,25 @@ async def test_no_auth_is_offered(relay: Relay) -> None:
     assert "AUTH" not in features
     assert "SIZE 26214400" in features and "8BITMIME" in features and "SMTPUTF8" in features
     assert (await client.cmd("AUTH PLAIN AGFiYwBkZWY=")).startswith("502 5.5.1")
+    await client.close()
+
+
+async def test_ehlo_reply_lines_go_out_in_one_write(
+        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[str] = []  # aiosmtpd's push() is one write to the socket
+    push = RelaySMTP.push
+
+    async def counted(self: RelaySMTP, status: AnyStr) -> None:
+        writes.append(str(status))
+        await push(self, status)
+
+    monkeypatch.setattr(RelaySMTP, "push", counted)
+    client = await RawSMTP.connect(listener_port(relay))
+    features = await client.cmd("EHLO app.example.com")
+    hostname = relay.settings.listener.hostname or socket.gethostname()
+    assert features.split("\n") == [f"250-{hostname}", "250-SIZE 26214400", "250-8BITMIME",
+                                     "250-SMTPUTF8", "250-DSN", "250 HELP"]
+    assert len(writes) == 2  # the greeting, then the whole EHLO reply
     await client.close()
 
 
