@@ -135,10 +135,11 @@ class RecordingProxy:
                 sink.sendall(data)
         except OSError:
             pass
-        finally:
+        finally:  # ends the other direction too; each pump closes the socket it read
             for end in (source, sink):
                 with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
+            source.close()
 
     def close(self) -> None:
         self._server.close()
