@@ -1,10 +1,15 @@
 """The pool of sessions to one SMTP server, and its pacing. Implements `Upstream`.
 
 `SmtpUpstream` keeps up to `pool_size` sessions (relay.smtp_session) and sends
-many messages over each (one transaction per message, RSET after a failed one),
+many messages over each (one transaction per message, RSET after a refused one),
 reconnects when the server closed an idle connection, and paces itself: the
 configured rate limits, a pause after repeated authentication failures (so the
 relay never locks the account), and a slow-down when the server says "too many".
+
+At most `pool_size` transactions are sending at once, one per session. When the
+server offers PIPELINING, a transaction that has written its final dot stops
+counting: the next message's commands may follow it on the same session while it
+waits for its reply, so each message costs one round trip instead of two.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -59,7 +65,13 @@ class SmtpUpstream:
         self.oauth = oauth
         self._slots = asyncio.Semaphore(server.pool_size)
         self._idle: list[Session] = []
-        self._open = 0
+        self._chainable: list[Session] = []
+        """Sessions whose transaction has sent its message and waits for the reply only."""
+        self._sessions: set[Session] = set()
+        """Every session opened and not closed yet."""
+        self._opening = 0
+        self._changed = asyncio.Event()
+        """Set when a session becomes idle or chainable, or one is closed."""
         self._auth_failures = 0
         self._paused_until = 0.0
         self._slowdown = 0.0
@@ -144,6 +156,7 @@ class SmtpUpstream:
         session = Session(self.name, self.server, self.hostname, oauth=self.oauth)
         method = (self.server.auth.method if self.server.auth
                   else "XOAUTH2" if self.server.oauth else "none")
+        self._opening += 1
         try:
             await session.open()
         except AuthenticationFailure as failure:
@@ -153,9 +166,12 @@ class SmtpUpstream:
         except BaseException:
             await session.quit()
             raise
+        finally:
+            self._opening -= 1
+            self._changed.set()
         self._auth_failures = 0
-        self._open += 1
-        self.metrics.upstream_sessions.labels(self.name).set(self._open)
+        self._sessions.add(session)
+        self.metrics.upstream_sessions.labels(self.name).set(len(self._sessions))
         return session
 
     def _auth_failed(self, method: str, failure: DeliveryFailure) -> None:
@@ -177,13 +193,47 @@ class SmtpUpstream:
             self._closed(session)
         return None
 
+    def _take_chainable(self) -> Session | None:
+        while self._chainable:
+            session = self._chainable.pop()
+            if session.connected:
+                return session
+        return None
+
+    def _chain(self, session: Session, release: Callable[[], None]) -> None:
+        """The session's transaction has sent its message: the next may follow it."""
+        release()
+        if session.connected:
+            self._chainable.append(session)
+            self._changed.set()
+
+    async def _session(self) -> tuple[Session, bool]:
+        """A session for one transaction, and whether it was in use before: an idle one,
+        a new one while there are fewer than pool_size, else one whose transaction
+        waits for its final reply."""
+        while True:
+            if (session := self._take_idle()) is not None:
+                return session, True
+            if len(self._sessions) + self._opening < self.server.pool_size:
+                return await self._new_session(), False
+            if (session := self._take_chainable()) is not None:
+                return session, True
+            self._changed.clear()
+            await self._changed.wait()
+
     def _give_back(self, session: Session) -> None:
+        """After a transaction: pooled when it was the session's last one."""
+        if session in self._chainable:
+            self._chainable.remove(session)
         if not session.connected:
             self._closed(session)
             return
+        if session.busy:
+            return  # the transaction after it gives the session back
         session.idle_handle = asyncio.get_running_loop().call_later(
             IDLE_CLOSE, lambda: asyncio.ensure_future(self._expire(session)))
         self._idle.append(session)
+        self._changed.set()
 
     async def _expire(self, session: Session) -> None:
         if session in self._idle:
@@ -193,55 +243,72 @@ class SmtpUpstream:
 
     def _closed(self, session: Session) -> None:
         session.client.close()
-        self._open = max(0, self._open - 1)
-        self.metrics.upstream_sessions.labels(self.name).set(self._open)
+        if session in self._chainable:
+            self._chainable.remove(session)
+        if session in self._sessions:
+            self._sessions.discard(session)
+            self.metrics.upstream_sessions.labels(self.name).set(len(self._sessions))
+            self._changed.set()
 
     # --- delivering --------------------------------------------------------------------
 
     async def deliver(self, message: Outgoing) -> list[Outcome]:
         self._check_pace(message)
         body = await Body.of(message)
-        async with self._slots:
+        await self._slots.acquire()
+        slot = _Slot(self._slots)
+        try:
             self._check_pace(message)
             await self._ensure_pop_login()
-            try:
-                outcomes = await self._send(message, body)
-            except DeliveryFailure as failure:
-                self._after(failure.code, failure.reply)
-                raise
-        now = time.time()
-        if self.server.rate_limit is not None:  # kept only while a limit needs them
-            self._sent.append(now)
-        if self.server.max_recipients_per_day is not None:
-            self._rcpts.append((now, len(message.recipients)))
+            now = time.time()  # counted when tried: the limits hold with messages in flight
+            if self.server.rate_limit is not None:  # kept only while a limit needs them
+                self._sent.append(now)
+            if self.server.max_recipients_per_day is not None:
+                self._rcpts.append((now, len(message.recipients)))
+            outcomes = await self._send(message, body, slot.release)
+        except DeliveryFailure as failure:
+            self._after(failure.code, failure.reply)
+            raise
+        finally:
+            slot.release()
         for outcome in outcomes:
             self._after(outcome.failure.code if outcome.failure else 250, outcome.reply)
         return outcomes
 
-    async def _send(self, message: Outgoing, body: Body) -> list[Outcome]:
-        """One transaction on a pooled session, or on a new one when the pooled one went stale."""
-        session = self._take_idle()
-        if session is not None:
+    async def _send(self, message: Outgoing, body: Body,
+                    release: Callable[[], None]) -> list[Outcome]:
+        """One transaction on a pooled session, or on a new one when the pooled one went
+        stale (closed by the server while idle, or by a failure of the transaction before)."""
+        session, pooled = await self._session()
+        if pooled:
             try:
-                return await self._transaction(session, message, body)
+                return await self._transaction(session, message, body, release)
             except TemporaryFailure as failure:
-                stale = failure.code in (None, 421) and session.stage == "MAIL FROM"
+                stale = failure.code in (None, 421) and failure.stage == "MAIL FROM"
                 if not stale:
                     raise
-                # the server closed the pooled connection while it was idle: open a new one
-        return await self._transaction(await self._new_session(), message, body)
+            session = await self._new_session()  # its slot is still held: nothing was sent
+        return await self._transaction(session, message, body, release)
 
     async def _transaction(self, session: Session, message: Outgoing,
-                           body: Body) -> list[Outcome]:
+                           body: Body, release: Callable[[], None]) -> list[Outcome]:
         """Run it; keep the session when it is still good (the server answered), else close."""
+        session.busy += 1
         try:
-            outcomes = await session.transaction(message, body)
+            outcomes = await session.transaction(
+                message, body, sent=lambda: self._chain(session, release))
         except DeliveryFailure as failure:
+            session.busy -= 1
             if failure.code is not None and failure.code != 421 and session.connected:
                 self._give_back(session)
             else:
                 self._closed(session)
             raise
+        except BaseException:  # cancelled: whatever it was waiting for, the session is unusable
+            session.busy -= 1
+            self._closed(session)
+            raise
+        session.busy -= 1
         self._give_back(session)
         return outcomes
 
@@ -259,6 +326,18 @@ class SmtpUpstream:
                 session.idle_handle.cancel()
             await session.quit()
             self._closed(session)
+
+
+class _Slot:
+    """One of the pool's sending slots, given back once."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
 
 
 def _clock(epoch: float) -> str:

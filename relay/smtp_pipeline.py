@@ -1,11 +1,14 @@
 """The replies to a transaction's commands, read in order: what PIPELINING (RFC 2920) needs.
 
 aiosmtplib reads one reply per command it writes and drops whatever arrives before
-it asks, so MAIL, RCPT and DATA cannot go out together through it. For one
-transaction, `Replies` stands in for aiosmtplib's protocol on the transport: every
-reply the server sends is parsed and kept in order until it is asked for, while the
-connection's other events (lost, end of file, pause and resume of writing) still
-reach aiosmtplib's protocol, which owns the connection before and after.
+it asks, so MAIL, RCPT and DATA cannot go out together through it. While
+transactions run, `Replies` stands in for aiosmtplib's protocol on the transport:
+every reply the server sends is parsed and kept in order until it is asked for,
+while the connection's other events (lost, end of file, pause and resume of
+writing) still reach aiosmtplib's protocol, which owns the connection before and
+after. Two transactions may overlap (the next one's commands follow the final dot
+of the one before): each `with` block counts as one user, and the last one out
+hands the connection back.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ MAX_LINE = 8192
 
 
 class Replies(asyncio.Protocol):
-    """Installed on the connection's transport while in a `with` block."""
+    """Installed on the connection's transport while any `with` block is open."""
 
     _inner: SMTPProtocol
     _transport: asyncio.Transport
@@ -36,8 +39,12 @@ class Replies(asyncio.Protocol):
         self._ready: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._users = 0
 
     def __enter__(self) -> Replies:
+        self._users += 1
+        if self._installed or self._error is not None:
+            return self
         protocol, transport = self._client.protocol, self._client.transport
         if protocol is None or transport is None or transport.is_closing():
             # gone already: the first reply asked for says so, at its stage
@@ -50,12 +57,29 @@ class Replies(asyncio.Protocol):
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        if not self._installed or self._transport.is_closing():
+        self._users -= 1
+        if kind is not None:
+            # a wait given up or a reply refused: out of step with the server for good
+            self._out_of_step()
+            return
+        if self._users or not self._installed or self._transport.is_closing():
             return
         self._transport.set_protocol(self._inner)
-        if self._buffer or self._lines or self._ready or kind is not None:
-            # a reply nobody asked for, or a wait given up: out of step with the server
-            self._client.close()
+        self._installed = False
+        if self._buffer or self._lines or self._ready:  # a reply nobody asked for
+            self._out_of_step()
+
+    def _out_of_step(self) -> None:
+        """No later reply can be matched to its command: whoever asks next is told the
+        connection is gone, and it is closed."""
+        if self._error is None:
+            self._error = aiosmtplib.SMTPServerDisconnected(
+                "Connection closed: out of step with the server")
+        self._ready.clear()
+        self._buffer.clear()
+        self._lines.clear()
+        self._client.close()
+        self._wake()
 
     # --- for the transaction ---------------------------------------------------------
 

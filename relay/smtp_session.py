@@ -111,6 +111,11 @@ class Session:
             local_hostname=hostname)
         self.last_used = time.monotonic()
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.busy = 0
+        """Transactions running on this session: two when one follows another's final dot."""
+        self._replies: Replies | None = None
+        self._turn = asyncio.Event()
+        self._turn.set()
 
     async def _step(self, stage: str, action: Awaitable[T],
                     describe: Callable[[T], str] = str) -> T:
@@ -248,14 +253,19 @@ class Session:
                 "rights) and that the token's scopes include SMTP",
                 code=again.code, stage=again.stage) from None
 
-    async def transaction(self, message: Outgoing, body: Body) -> list[Outcome]:
+    async def transaction(self, message: Outgoing, body: Body,
+                          sent: Callable[[], None] | None = None) -> list[Outcome]:
         """One message with all its recipients: per-recipient outcomes, or raise for all.
 
         A server that offers PIPELINING gets MAIL, every RCPT and DATA in one write
         (RFC 2920), and the message once DATA's 354 and a recipient's 250 are in; any
         other server one command at a time. Each reply is checked in order either way,
-        and a transaction that did not end in the final 250 is reset (RSET) before the
-        session is used again."""
+        and a transaction refused before its message went out is reset (RSET) before
+        the session is used again.
+
+        With PIPELINING, `sent` is called once the message and its final dot are
+        written: the next transaction may then start on this session while this one
+        waits for its reply (its commands follow the dot, its replies this one's)."""
         self.last_used = time.monotonic()
         mail_options, utf8 = self._mail_options(message, body)
         encoding = "utf-8" if utf8 else "ascii"
@@ -267,26 +277,36 @@ class Session:
         wait = self.server.timeout
         outcomes: list[Outcome] = []
         final: aiosmtplib.SMTPResponse | None = None
-        with Replies(self.client) as replies:
-            replies.write(b"".join([mail, *rcpts, b"DATA\r\n"]) if together else mail)
-            sender = await self._next(replies, "MAIL FROM")
-            for rcpt, line in zip(message.recipients, rcpts, strict=True):
-                if not together:
-                    if sender.code != 250:
-                        break
-                    replies.write(line)
-                reply = await self._next(replies, "RCPT TO")
-                outcomes.append(self._recipient(rcpt.address, reply))
-            accepted = sender.code == 250 and any(o.failure is None for o in outcomes)
-            if not together and accepted:
-                replies.write(b"DATA\r\n")
-            start = await self._next(replies, "DATA") if together or accepted else None
-            if start is not None and start.code == 354:
-                if accepted:
-                    await self._step("DATA", body.write(replies, wait))
-                else:  # the server took DATA without a recipient: end it empty
-                    replies.write(b".\r\n")
-                final = await self._next(replies, "DATA")
+        before, done = self._turn, asyncio.Event()
+        self._turn = done
+        if self._replies is None:
+            self._replies = Replies(self.client)
+        try:
+            with self._replies as replies:
+                replies.write(b"".join([mail, *rcpts, b"DATA\r\n"]) if together else mail)
+                await before.wait()  # the transaction before reads its last reply first
+                sender = await self._next(replies, "MAIL FROM")
+                for rcpt, line in zip(message.recipients, rcpts, strict=True):
+                    if not together:
+                        if sender.code != 250:
+                            break
+                        replies.write(line)
+                    reply = await self._next(replies, "RCPT TO")
+                    outcomes.append(self._recipient(rcpt.address, reply))
+                accepted = sender.code == 250 and any(o.failure is None for o in outcomes)
+                if not together and accepted:
+                    replies.write(b"DATA\r\n")
+                start = await self._next(replies, "DATA") if together or accepted else None
+                if start is not None and start.code == 354:
+                    if accepted:
+                        await self._step("DATA", body.write(replies, wait))
+                        if together and sent is not None:
+                            sent()
+                    else:  # the server took DATA without a recipient: end it empty
+                        replies.write(b".\r\n")
+                    final = await self._next(replies, "DATA")
+        finally:
+            done.set()
         if sender.code != 250:
             await self.reset()
             raise self._refused("MAIL FROM", sender)
@@ -295,14 +315,15 @@ class Session:
             return outcomes
         assert start is not None
         if start.code != 354 or final is None or final.code != 250:
-            await self.reset()
+            if final is None:  # the end of data was never sent; its reply ends a transaction
+                await self.reset()
             failure = self._refused("DATA", start if final is None else final)
             if _eight_bit_refusal(failure, body, self.client):
                 failure.reply += (" (the message has 8-bit content and the server does "
                                   "not offer 8BITMIME)")
             raise failure
-        done = _reply(final)
-        return [o if o.failure else Outcome(o.recipient, done) for o in outcomes]
+        done_reply = _reply(final)
+        return [o if o.failure else Outcome(o.recipient, done_reply) for o in outcomes]
 
     async def _next(self, replies: Replies, stage: str) -> aiosmtplib.SMTPResponse:
         """The next reply; a 421 (the server is closing the connection) raises at once."""

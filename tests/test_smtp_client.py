@@ -456,6 +456,61 @@ async def test_data_taken_with_no_recipient_is_ended_empty_and_the_session_reuse
     assert b"RSET\r\n" in server.reads and len(servers._writers) == 1
 
 
+async def deliver_both(upstream: SmtpUpstream, first: Outgoing,
+                       second: Outgoing) -> list[list[Outcome] | BaseException]:
+    """Two deliveries at once, the first started first; each one's outcomes or failure."""
+    one = asyncio.ensure_future(upstream.deliver(first))
+    await asyncio.sleep(0)
+    return list(await asyncio.gather(one, upstream.deliver(second), return_exceptions=True))
+
+
+async def test_next_message_follows_the_final_dot_without_waiting_for_its_reply(
+        servers: Servers, client: Client) -> None:
+    """RFC 2920: with one connection, the second message's MAIL, RCPT and DATA go out
+    while the first waits for the reply to its final dot: one round trip per message."""
+    server = Pipelined(hold_final=5)
+    upstream = client.upstream(await servers.raw(server), pool_size=1, timeout=10)
+    first, second = await deliver_both(upstream, client.message("a@example.com"),
+                                       client.message("b@example.com"))
+    assert not isinstance(first, BaseException) and delivered(first)
+    assert not isinstance(second, BaseException) and delivered(second)
+    assert server.early[0] == (b"MAIL FROM:<notify@example.com>\r\n"
+                               b"RCPT TO:<b@example.com>\r\nDATA\r\n")
+    assert server.messages == [BODY, BODY] and len(servers._writers) == 1
+
+
+async def test_refused_final_dot_fails_its_message_alone_and_the_one_behind_is_sent(
+        servers: Servers, client: Client) -> None:
+    server = Pipelined(hold_final=5, final_replies=[b"452 4.3.1 Insufficient system storage"])
+    upstream = client.upstream(await servers.raw(server), pool_size=1, timeout=10)
+    first, second = await deliver_both(upstream, client.message("a@example.com"),
+                                       client.message("b@example.com"))
+    assert isinstance(first, TemporaryFailure) and first.code == 452
+    assert first.stage == "DATA" and "Insufficient system storage" in first.reply
+    assert not isinstance(second, BaseException) and delivered(second)
+    assert server.early[0].startswith(b"MAIL FROM:")
+    # the reply to the final dot ends a transaction (RFC 5321 4.1.1.4): no RSET needed
+    assert not any(b"RSET" in read for read in server.reads) and len(servers._writers) == 1
+
+
+@pytest.mark.parametrize("final", [b"", b"421 4.3.2 Shutting down"],
+                         ids=["no reply", "421 and close"])
+async def test_connection_lost_after_a_final_dot_resends_the_next_message_on_a_new_one(
+        servers: Servers, client: Client, final: bytes) -> None:
+    """The first message's fate is unknown (no reply) or refused for now (421): it is
+    deferred. The one whose commands followed it was never answered, so it is sent
+    again over a new connection, once."""
+    server = Pipelined(hold_final=5, final_replies=[final])
+    upstream = client.upstream(await servers.raw(server), pool_size=1, timeout=1)
+    first, second = await deliver_both(upstream, client.message("a@example.com"),
+                                       client.message("b@example.com"))
+    assert isinstance(first, TemporaryFailure) and first.stage == "DATA"
+    assert not isinstance(second, BaseException) and delivered(second)
+    assert server.early[0].startswith(b"MAIL FROM:")
+    assert server.messages == [BODY, BODY] and len(servers._writers) == 2
+    assert upstream.metrics.upstream_sessions.labels("test")._value.get() == 1
+
+
 async def test_sender_refused_fails_the_message_and_keeps_the_session(
         servers: Servers, client: Client) -> None:
     script = Script(mail_replies=["553 5.1.8 <notify@example.com>: Sender address rejected: "

@@ -296,6 +296,13 @@ class Pipelined:
     rcpt_replies: dict[str, bytes] = field(default_factory=dict)
     dribble: bool = False
     """Send replies one byte at a time."""
+    final_replies: list[bytes] = field(default_factory=list)
+    """Replies to the final dots, in turn (after them 250, or 554 with no recipient taken);
+    b"" answers nothing more on that connection."""
+    hold_final: float = 0.0
+    """Seconds to wait for the client's next commands before answering the first final dot."""
+    early: list[bytes] = field(default_factory=list)
+    """What arrived while that reply was held (b"": nothing)."""
     reads: list[bytes] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
 
@@ -303,7 +310,8 @@ class Pipelined:
         writer.write(b"220 raw.test ESMTP\r\n")
         await reader.readline()
         writer.write(b"250-raw.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-        while chunk := await reader.read(65536):
+        chunk = await reader.read(65536)
+        while chunk:
             self.reads.append(chunk)
             replies, taken = [], 0
             for line in chunk.splitlines():
@@ -318,13 +326,28 @@ class Pipelined:
                 else:
                     replies.append(b"221 bye" if verb == b"QUIT" else b"250 ok")
             await self._answer(writer, replies)
+            after = b""
             if chunk.rstrip().endswith(b"DATA"):
                 lines = []
                 while (line := await reader.readline()) not in (b".\r\n", b""):
                     lines.append(line)
                 self.messages.append(b"".join(lines))
-                await self._answer(writer, [b"250 2.0.0 queued" if taken
-                                            else b"554 5.5.1 Error: no valid recipients"])
+                if self.hold_final and not self.early:
+                    with contextlib.suppress(TimeoutError):
+                        after = await asyncio.wait_for(reader.read(65536), self.hold_final)
+                    self.early.append(after)
+                final = (self.final_replies.pop(0) if self.final_replies
+                         else b"250 2.0.0 queued" if taken
+                         else b"554 5.5.1 Error: no valid recipients")
+                if not final:  # silent from here on, until the client hangs up
+                    while await reader.read(65536):
+                        pass
+                    return
+                await self._answer(writer, [final])
+                if final.startswith(b"421"):
+                    writer.close()
+                    return
+            chunk = after or await reader.read(65536)
 
     async def _answer(self, writer: asyncio.StreamWriter, replies: list[bytes]) -> None:
         out = b"".join(reply + b"\r\n" for reply in replies)
