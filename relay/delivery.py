@@ -345,7 +345,7 @@ class Scheduler:
                 env.dead_reason = "; ".join(f"<{r.address}>: {r.reply}" for r in failed)
                 await self._bury(env)
             else:
-                self.spool.finish(env.id)
+                self.spool.finish(env.id, size=env.size)
                 self._forget(env.id)
             return
         if now - env.age_base > self.settings.queue.max_age:

@@ -33,6 +33,7 @@ import random
 import shutil
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -248,46 +249,93 @@ class _GroupCommit(AwaitedWorker[tuple["Envelope", "Content"], None]):
             return [failure] * len(args)
 
 
+_SWEEP = Path()
+"""Handed to the remover: empty the entries kept for reuse that are still full."""
+
+
 class _Remover(Worker[Path]):
     """Empties delivered entries in trash/, so no delivery waits for it.
 
-    An entry's files are truncated to nothing, and up to REUSE emptied entries are
-    kept for new messages (`take`): a file system allocates and frees inodes
-    dearly (ext4 without a journal scans past every inode freed in the last seconds
-    for each one it allocates), and reusing them spares three of each per message.
-    The rest are deleted. An entry is in trash/ once it is delivered: whatever is
-    still there at the next start is deleted then.
+    Up to REUSE entries are kept for new messages (`take`): a file system allocates
+    and frees inodes dearly (ext4 without a journal scans past every inode freed in
+    the last seconds for each one it allocates), and reusing them spares three of
+    each per message. The rest are deleted.
+
+    A delivered message up to REUSE_BYTES is kept as it is (`keep`, on the event
+    loop, without waking this thread): under load its entry is taken for a new
+    message within milliseconds, whose files are opened with O_TRUNC. What is still
+    kept SWEEP seconds later is emptied (truncated) here, so a delivered message
+    does not stay on disk. A larger one is emptied at once. An entry is in trash/
+    once it is delivered: whatever is still there at the next start is deleted then.
     """
 
     NAME = "spool-remove"
     REUSE = 256
+    REUSE_BYTES = 1 << 16
+    SWEEP = 0.5
 
     def __init__(self) -> None:
         super().__init__()
         self._empty: collections.deque[Path] = collections.deque()
+        self._full: set[Path] = set()
+        """Kept entries not emptied yet."""
+        self._sweeping = False
+        self._taking = threading.Lock()
+        """Held while an entry is taken, and while a kept one is emptied: a truncate
+        must never reach a file that already holds the next message."""
 
     def remove(self, entry: Path) -> None:
         self.submit(entry)
 
+    def keep(self, entry: Path, size: int) -> bool:
+        """Keep a delivered entry of `size` bytes for reuse as it is, if it is small and
+        there is room; False: `remove` it."""
+        if size > self.REUSE_BYTES or len(self._empty) >= self.REUSE:
+            return False
+        self._full.add(entry)
+        self._empty.append(entry)
+        if not self._sweeping:
+            self._sweeping = True
+            self.submit(_SWEEP)
+        return True
+
     def take(self) -> Path | None:
-        """An emptied entry in trash/ to write a new message into, if there is one."""
-        try:
-            return self._empty.pop()
-        except IndexError:
-            return None
+        """An entry in trash/ to write a new message into, if there is one."""
+        with self._taking:
+            try:
+                entry = self._empty.pop()
+            except IndexError:
+                return None
+            self._full.discard(entry)
+        return entry
 
     def handle(self, batch: list[Path]) -> None:
         for entry in batch:
-            if len(self._empty) >= self.REUSE:
+            if entry is _SWEEP:
+                self._sweep()
+            elif len(self._empty) >= self.REUSE or not _emptied(entry):
                 _remove_entry(entry)
-                continue
-            try:
-                os.truncate(entry / MESSAGE, 0)
-                os.truncate(entry / ENVELOPE, 0)
-            except OSError:  # not as a delivered entry is: not for reuse
-                _remove_entry(entry)
-                continue
-            self._empty.append(entry)
+            else:
+                self._empty.append(entry)
+
+    def _sweep(self) -> None:
+        time.sleep(self.SWEEP)
+        self._sweeping = False  # a later keep() asks for the next sweep
+        for entry in list(self._full):
+            with self._taking:
+                if entry in self._full:  # else taken meanwhile: it holds a new message
+                    self._full.discard(entry)
+                    _emptied(entry)
+
+
+def _emptied(entry: Path) -> bool:
+    """Truncate a delivered entry's files; False when it is not shaped like one."""
+    try:
+        os.truncate(entry / MESSAGE, 0)
+        os.truncate(entry / ENVELOPE, 0)
+    except OSError:
+        return False
+    return True
 
 
 def _remove_entry(entry: Path) -> None:
@@ -477,11 +525,12 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             os.rename(self._dir(src) / queue_id, self._dir("queue") / queue_id)
 
-    def finish(self, queue_id: str, place: Place = "active") -> None:
-        """The upstream has the message: remove it."""
+    def finish(self, queue_id: str, place: Place = "active", size: int | None = None) -> None:
+        """The upstream has the message (of `size` bytes, when known): remove it."""
         trash = self._dir("trash") / queue_id
         os.rename(self._dir(place) / queue_id, trash)
-        self._remover.remove(trash)
+        if size is None or not self._remover.keep(trash, size):
+            self._remover.remove(trash)
 
     def removed(self, timeout: float = 10.0) -> bool:
         """True once every finished entry is emptied or deleted (it happens in a thread)."""

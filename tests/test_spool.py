@@ -90,6 +90,38 @@ def test_finish_removes_the_entry(spool: Spool) -> None:
     assert [p.stat().st_size for entry in kept for p in entry.iterdir()] == [0, 0]
 
 
+def test_small_delivered_message_is_overwritten_by_the_next_or_emptied_soon_after(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small delivered entry is kept as it is (no thread woken per message): the next
+    message is written over it, every byte replaced; one not taken is emptied by the
+    sweep, so delivered mail does not stay on disk."""
+    import relay.spool as spool_module
+
+    monkeypatch.setattr(spool_module._Remover, "SWEEP", 0.05)
+    old = [envelope() for _ in range(2)]
+    assert spool.store_batch([(env, b"old secret\r\n" * 100) for env in old]) == [None] * 2
+    for env in old:
+        spool.claim(env.id)
+        spool.finish(env.id, size=1200)
+    new = envelope()
+    spool.store(new, b"new\r\n")
+    assert spool.message_path(new.id, "queue").read_bytes() == b"new\r\n"
+    assert spool.read(new.id, "queue").id == new.id
+    assert spool.removed()
+    kept = list((spool.root / "trash").iterdir())
+    assert len(kept) == 1 and [p.stat().st_size for p in kept[0].iterdir()] == [0, 0]
+
+
+def test_large_delivered_message_is_emptied_at_once(spool: Spool) -> None:
+    env = envelope()
+    spool.store(env, b"x" * 70_000 + b"\r\n")
+    spool.claim(env.id)
+    spool.finish(env.id, size=70_002)
+    assert spool.removed()
+    kept = list((spool.root / "trash").iterdir())
+    assert [p.stat().st_size for entry in kept for p in entry.iterdir()] == [0, 0]
+
+
 def test_emptied_entries_are_reused_for_new_messages_and_the_rest_removed(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     import relay.spool as spool_module
