@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import socket
 from types import TracebackType
 from typing import cast
 
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
 
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux
 MAX_LINE = 8192
 """Longest reply line taken (aiosmtplib's own limit); a longer one breaks the connection."""
 
@@ -122,6 +125,8 @@ class Replies(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._users > 1:
+            self._ack_now()
         self._buffer += data
         while (end := self._buffer.find(b"\n")) >= 0:
             line = bytes(self._buffer[:end + 1])
@@ -130,6 +135,18 @@ class Replies(asyncio.Protocol):
                 return
         if len(self._buffer) > MAX_LINE:
             self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+
+    def _ack_now(self) -> None:
+        """Acknowledge what just arrived at once, not up to 40 ms later (delayed ACK).
+
+        With a transaction waiting behind another, this is the reply to a final dot,
+        and the next transaction's commands went out before it came: nothing of ours
+        will carry the acknowledgement until the server answers them. A server with
+        Nagle's algorithm on holds those answers until its last write is acknowledged."""
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None and _QUICKACK is not None:
+            with contextlib.suppress(OSError):  # not TCP, or gone: only a delay is at stake
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     def _line(self, line: bytes) -> bool:
         if len(line) > MAX_LINE:
