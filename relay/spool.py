@@ -167,14 +167,21 @@ def content_size(data: Content) -> int:
 def _write_file(path: Path, data: Content, *, sync: bool = True,
                 reuse: bool = False) -> int | None:
     """Create (or with `reuse`, overwrite) and write a file; fsync and close it, or
-    (sync=False) return its open fd."""
-    flags = os.O_TRUNC if reuse else os.O_EXCL
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+    (sync=False) return its open fd.
+
+    A reused file is written over in place and then cut to its new length: its blocks
+    stay allocated, where O_TRUNC would free them all for the writes to allocate
+    again (on ext4 about ten times the cost of the writes themselves)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if reuse else os.O_EXCL), 0o600)
     try:
+        size = 0
         for part in [data] if isinstance(data, bytes) else data:
             view = memoryview(part)
+            size += len(view)
             while view:
                 view = view[os.write(fd, view):]
+        if reuse:
+            os.ftruncate(fd, size)
         if not sync:
             return fd
         os.fsync(fd)
@@ -263,7 +270,7 @@ class _Remover(Worker[Path]):
 
     A delivered message up to REUSE_BYTES is kept as it is (`keep`, on the event
     loop, without waking this thread): under load its entry is taken for a new
-    message within milliseconds, whose files are opened with O_TRUNC. What is still
+    message within milliseconds, which is written over it. What is still
     kept SWEEP seconds later is emptied (truncated) here, so a delivered message
     does not stay on disk. A larger one is emptied at once. An entry is in trash/
     once it is delivered: whatever is still there at the next start is deleted then.
