@@ -664,6 +664,19 @@ async def test_rate_limit_holds_the_third_message_for_about_a_minute(
     assert len(script.messages) == 2
 
 
+async def test_rate_limit_counts_messages_still_in_flight(
+        servers: Servers, client: Client) -> None:
+    """Three messages at once through two connections, one allowed a minute: the limit
+    counts a message when it is tried, not when its reply comes back."""
+    script = Script()
+    upstream = client.upstream(await servers.smtp(script), rate_limit="1/min", pool_size=2)
+    results = await asyncio.gather(*(upstream.deliver(client.message()) for _ in range(3)),
+                                   return_exceptions=True)
+    assert sum(isinstance(r, RateLimited) for r in results) == 2
+    assert sum(not isinstance(r, BaseException) and delivered(r) for r in results) == 1
+    assert len(script.messages) == 1
+
+
 async def test_daily_recipient_quota_holds_the_message_that_would_exceed_it(
         servers: Servers, client: Client) -> None:
     script = Script()

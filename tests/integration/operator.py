@@ -106,11 +106,13 @@ def assert_relayed(peers: MailPeers, tag: str, sender: str = SYSTEM) -> None:
 
 class RecordingProxy:
     """A TCP proxy on 127.0.0.1 in front of a server's port: it passes everything on and
-    keeps each read from the client, so a test sees which commands arrived together."""
+    keeps each read from the client, so a test sees which commands arrived together,
+    and both directions in the order it read them (`log`: from the client or not)."""
 
     def __init__(self, target: int) -> None:
         self.target = target
         self.reads: list[bytes] = []
+        self.log: list[tuple[bool, bytes]] = []
         self.connections = 0
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._server.getsockname()[1]
@@ -132,6 +134,7 @@ class RecordingProxy:
             while data := source.recv(65536):
                 if record:
                     self.reads.append(data)
+                self.log.append((record, data))  # before passing it on
                 sink.sendall(data)
         except OSError:
             pass

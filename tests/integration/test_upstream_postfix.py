@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,34 @@ def test_pipelining_postfix_gets_the_commands_together_and_each_reply_counts(
         assert groups[0].count(b"\r\nRCPT TO:") == 2
         assert b"RSET\r\n" in proxy.reads  # after the transaction that sent nothing
         assert proxy.connections == 1  # and the connection went on
+    finally:
+        proxy.close()
+
+
+def test_next_message_follows_the_final_dot_and_postfix_takes_each_once(
+        clean_peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    """RFC 2920 over one connection: a message's MAIL, RCPT and DATA go out after the
+    final dot of the one before and before Postfix's reply to it."""
+    proxy = RecordingProxy(clean_peers.port("plain"))
+    try:
+        relay = start(relays, tmp_path,
+                      f'host = "127.0.0.1"\nport = {proxy.port}\npool_size = 1')
+        tags = [f"chain-{n}" for n in range(8)]
+        with ThreadPoolExecutor(len(tags)) as clients:
+            list(clients.map(lambda tag: relay.send(message(tag)), tags))
+        for tag in tags:
+            assert_relayed(clean_peers, tag)  # exactly one copy each
+        assert proxy.connections == 1
+        sent, answered, mails, chained = b"", b"", 0, 0
+        for from_relay, data in list(proxy.log):
+            if not from_relay:
+                answered += data
+                continue
+            sent += data
+            if sent.count(b"MAIL FROM:") > mails:
+                mails = sent.count(b"MAIL FROM:")
+                chained += sent.count(b"\r\n.\r\n") > answered.count(b" queued as ")
+        assert mails == len(tags) and chained > 0, proxy.log
     finally:
         proxy.close()
 
