@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -117,6 +118,22 @@ class SmtpUpstream:
         if ready > now:
             raise RateLimited(f"{self.name}: rate_limit or max_recipients_per_day reached; "
                               f"next message at {_clock(ready)}", ready)
+
+    def _count(self, message: Outgoing) -> tuple[float, int]:
+        """Count a message against the limits when it is tried, so that they hold with
+        messages in flight; only while a limit needs it."""
+        tried = (time.time(), len(message.recipients))
+        if self.server.rate_limit is not None:
+            self._sent.append(tried[0])
+        if self.server.max_recipients_per_day is not None:
+            self._rcpts.append(tried)
+        return tried
+
+    def _uncount(self, tried: tuple[float, int]) -> None:
+        with contextlib.suppress(ValueError):  # already aged out of the window
+            self._sent.remove(tried[0])
+        with contextlib.suppress(ValueError):
+            self._rcpts.remove(tried)
 
     _pause_reason = ""
 
@@ -260,12 +277,12 @@ class SmtpUpstream:
         try:
             self._check_pace(message)
             await self._ensure_pop_login()
-            now = time.time()  # counted when tried: the limits hold with messages in flight
-            if self.server.rate_limit is not None:  # kept only while a limit needs them
-                self._sent.append(now)
-            if self.server.max_recipients_per_day is not None:
-                self._rcpts.append((now, len(message.recipients)))
-            outcomes = await self._send(message, body, slot.release)
+            tried = self._count(message)
+            try:
+                outcomes = await self._send(message, body, slot.release)
+            except BaseException:
+                self._uncount(tried)  # nothing was taken: it does not use up the limits
+                raise
         except DeliveryFailure as failure:
             self._after(failure.code, failure.reply)
             raise

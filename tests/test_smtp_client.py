@@ -689,6 +689,19 @@ async def test_daily_recipient_quota_holds_the_message_that_would_exceed_it(
     assert len(script.messages) == 1
 
 
+async def test_attempt_that_failed_as_a_whole_does_not_use_up_the_daily_quota(
+        servers: Servers, client: Client) -> None:
+    script = Script(mail_replies=["451 4.3.0 Temporary lookup failure"])
+    upstream = client.upstream(await servers.smtp(script), max_recipients_per_day=1,
+                               rate_limit="1/min")
+    message = client.message("a@example.com")
+    with pytest.raises(TemporaryFailure):
+        await upstream.deliver(message)
+    assert delivered(await upstream.deliver(message))  # the retry is not held
+    with pytest.raises(RateLimited):
+        await upstream.deliver(client.message("b@example.com"))
+
+
 async def test_without_limits_nothing_is_remembered_per_message(
         servers: Servers, client: Client) -> None:
     """The pacing history grows only while a limit needs it (else: memory per message)."""
