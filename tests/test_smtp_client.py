@@ -22,7 +22,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-from relay import smtp_client
+from relay import smtp_client, smtp_pipeline
 from relay.errors import (
     AuthenticationFailure,
     DeliveryFailure,
@@ -547,6 +547,31 @@ async def test_starttls_with_certificate_from_ca_file_delivers_encrypted(
     assert delivered(await upstream.deliver(client.message()))
     assert script.encrypted == [True]
     assert [m.data for m in script.messages] == [BODY]
+
+
+async def test_messages_at_once_over_one_starttls_connection_all_arrive_encrypted(
+        servers: Servers, client: Client, server_tls: ssl.SSLContext, ca_file: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With PIPELINING, each message follows the final dot of the one before, through
+    TLS as in the clear (the quick acknowledgement goes to the socket under TLS)."""
+    acked: list[bool] = []
+    ack_now = smtp_pipeline.Replies._ack_now
+
+    def recording(replies: smtp_pipeline.Replies) -> None:
+        acked.append(replies._transport.get_extra_info("socket") is not None)
+        ack_now(replies)
+
+    monkeypatch.setattr(smtp_pipeline.Replies, "_ack_now", recording)
+    script = Script()
+    port = await servers.smtp(script, tls_context=server_tls)
+    upstream = client.upstream(port, encryption="starttls", ca_file=ca_file, pool_size=1)
+    messages = [client.message(f"r{n}@example.com") for n in range(5)]
+    results = await asyncio.gather(*(upstream.deliver(m) for m in messages))
+    assert all(delivered(r) for r in results)
+    assert script.encrypted == [True] * 5 and script.connections == 1
+    assert sorted(m.rcpt_tos[0] for m in script.messages) == [
+        f"r{n}@example.com" for n in range(5)]
+    assert all(acked) and bool(acked) == servers.pipelining  # chained only with PIPELINING
 
 
 async def test_starttls_untrusted_certificate_fails_as_not_trusted(
