@@ -10,7 +10,8 @@ directory sits is its state:
     edit/ID        claimed by `queue retry`; put back at start-up
     dead/ID        dead letter, with the reason in the envelope
     quarantine/ID  damaged entries moved aside, never deleted
-    trash/ID       delivered, being emptied (and kept empty for reuse, or removed)
+    trash/ID       delivered: kept for the next message to be written over (emptied
+                   if not reused within a moment), or removed; all deleted at start-up
 
 A message is written into incoming/, its files and directory fsynced, then renamed
 into queue/; incoming/ and then queue/ are fsynced: only then does the client get 250. A delivery
