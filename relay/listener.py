@@ -18,14 +18,13 @@ import re
 import socket
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from .errors import SpoolError
 from .metrics import Metrics
-from .rewrite import header_value, received_header, rewrite_parts
+from .rewrite import date_header_value, header_value, received_header, rewrite_parts
 from .settings import Settings
 from .smtp_data import TooBig, read_data
 from .spool import Content, Recipient, Spool, content_size, new_queue_id
@@ -146,6 +145,24 @@ class RelaySMTP(SMTP):
         super().__init__(listener.handler, **kwargs)
 
     _raw_arg: str | None = None
+    _deadline = 0.0
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timeout, without a new timer for every command: a timer that
+        fires no later than the deadline stays, and on firing waits out the rest."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        timer = self._timeout_handle
+        if timer is not None and not timer.cancelled() and timer.when() <= self._deadline:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        if self._deadline - self.loop.time() > 0.001:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+        else:
+            self._timeout_cb()  # type: ignore[no-untyped-call]
 
     def __dir__(self) -> list[str]:
         return _hook_names(type(self), ("smtp_", "auth_"))
@@ -347,7 +364,7 @@ class Listener:
         account = self.settings.system_account
         data: bytes | bytearray = envelope.original_content or b""
         peer_ip = str(session.peer[0]) if isinstance(session.peer, tuple) else "unknown"
-        now = datetime.now(UTC).astimezone()
+        now = datetime.now(UTC).astimezone().replace(microsecond=0)
         domain = account.address.rpartition("@")[2] if account.address else self.hostname
         received = received_header(
             helo=session.host_name, peer_ip=peer_ip, by_host=self.hostname, queue_id=qid,
@@ -357,7 +374,7 @@ class Listener:
         body = rewrite_parts(
             data, system_address=account.address or "", received=received,
             from_header=account.from_header if account.address else "keep",
-            message_id=f"<{qid}@{domain}>", date=format_datetime(now))
+            message_id=f"<{qid}@{domain}>", date=date_header_value(now))
         env = SpoolEnvelope(
             id=qid, sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             mail_from=account.address,

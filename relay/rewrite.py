@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,6 +202,12 @@ def rewrite_parts(
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def date_header_value(when: datetime) -> str:
+    """RFC 5322 date-time of `when` (whole seconds); the same second is formatted once."""
+    return format_datetime(when)
+
+
 def received_header(
     *, helo: str | None, peer_ip: str, by_host: str, queue_id: str,
     recipients: Sequence[str], when: datetime, with_protocol: str = "ESMTP",
@@ -209,7 +216,7 @@ def received_header(
     name, ip, host, qid = (_NOT_HOST.sub("?", s[:_HELO_LIMIT]) for s in
                            (helo or "unknown", peer_ip, by_host, queue_id))
     proto = re.sub(r"[^A-Za-z0-9]", "", with_protocol) or "ESMTP"
-    stamp = format_datetime(when)
+    stamp = date_header_value(when.replace(microsecond=0))
     head = f"Received: from {name} ([{ip}])\r\n\tby {host} (sysmail-relay) with {proto} id {qid}"
     if len(recipients) == 1:
         rcpt = _NOT_ADDR.sub("", recipients[0][:_ADDR_LIMIT])

@@ -295,6 +295,21 @@ async def test_idle_client_is_disconnected(relay_factory: RelayFactory) -> None:
     await client.close()
 
 
+async def test_each_command_starts_the_idle_time_again(relay_factory: RelayFactory) -> None:
+    """The idle timer is not renewed per command but waits out the rest when it fires:
+    a client that keeps talking stays, one that stops is disconnected."""
+    relay = await relay_factory(listener={"idle_timeout": 10})
+    client = await RawSMTP.connect(listener_port(relay))
+    protocol = next(iter(relay.listener._sessions))  # type: ignore[union-attr]
+    protocol._timeout_duration = 0.3
+    protocol._reset_timeout()
+    for _ in range(5):  # 0.75 s in all, each command within 0.3 s of the one before
+        await asyncio.sleep(0.15)
+        assert (await client.cmd("NOOP")).startswith("250")
+    assert await client.reply(wait=5) == ""  # then silent: closed
+    await client.close()
+
+
 async def test_dsn_parameters_are_kept_with_their_case_per_recipient(
         relay_factory: RelayFactory) -> None:
     relay = await relay_factory(system_account={"active": False})
