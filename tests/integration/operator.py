@@ -111,7 +111,6 @@ class RecordingProxy:
 
     def __init__(self, target: int) -> None:
         self.target = target
-        self.reads: list[bytes] = []
         self.log: list[tuple[bool, bytes]] = []
         self.connections = 0
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -129,12 +128,10 @@ class RecordingProxy:
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, record: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         try:
             while data := source.recv(65536):
-                if record:
-                    self.reads.append(data)
-                self.log.append((record, data))  # before passing it on
+                self.log.append((from_client, data))  # before passing it on
                 sink.sendall(data)
         except OSError:
             pass
@@ -143,6 +140,11 @@ class RecordingProxy:
                 with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
             source.close()
+
+    @property
+    def reads(self) -> list[bytes]:
+        """Each read from the client, in order."""
+        return [data for from_client, data in list(self.log) if from_client]
 
     def close(self) -> None:
         self._server.close()
