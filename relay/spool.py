@@ -285,8 +285,8 @@ class _Remover(Worker[Path]):
     def __init__(self) -> None:
         super().__init__()
         self._empty: collections.deque[Path] = collections.deque()
-        self._full: set[Path] = set()
-        """Kept entries not emptied yet."""
+        self._full: dict[Path, float] = {}
+        """Kept entries not emptied yet, and when each was kept (monotonic seconds)."""
         self._sweeping = False
         self._taking = threading.Lock()
         """Held while an entry is taken, and while a kept one is emptied: a truncate
@@ -300,7 +300,7 @@ class _Remover(Worker[Path]):
         there is room; False: `remove` it."""
         if size > self.REUSE_BYTES or len(self._empty) >= self.REUSE:
             return False
-        self._full.add(entry)
+        self._full[entry] = time.monotonic()
         self._empty.append(entry)
         if not self._sweeping:
             self._sweeping = True
@@ -314,7 +314,7 @@ class _Remover(Worker[Path]):
                 entry = self._empty.pop()
             except IndexError:
                 return None
-            self._full.discard(entry)
+            self._full.pop(entry, None)
         return entry
 
     def handle(self, batch: list[Path]) -> None:
@@ -327,13 +327,21 @@ class _Remover(Worker[Path]):
                 self._empty.append(entry)
 
     def _sweep(self) -> None:
-        time.sleep(self.SWEEP)
-        self._sweeping = False  # a later keep() asks for the next sweep
-        for entry in list(self._full):
-            with self._taking:
-                if entry in self._full:  # else taken meanwhile: it holds a new message
-                    self._full.discard(entry)
-                    _emptied(entry)
+        """Empty what has been kept SWEEP seconds; what was kept since gets a sweep of
+        its own, behind the deletions handed over meanwhile."""
+        oldest = min(list(self._full.values()), default=None)
+        if oldest is not None:
+            time.sleep(max(0.0, oldest + self.SWEEP - time.monotonic()))
+        due = time.monotonic() - self.SWEEP
+        for entry, kept in list(self._full.items()):
+            if kept <= due:
+                with self._taking:
+                    if self._full.pop(entry, None) is not None:  # else taken meanwhile
+                        _emptied(entry)
+        self._sweeping = False
+        if self._full:
+            self._sweeping = True
+            self.submit(_SWEEP)
 
 
 def _emptied(entry: Path) -> bool:

@@ -112,6 +112,28 @@ def test_small_delivered_message_is_overwritten_by_the_next_or_emptied_soon_afte
     assert len(kept) == 1 and [p.stat().st_size for p in kept[0].iterdir()] == [0, 0]
 
 
+def test_a_kept_entry_is_emptied_only_once_it_has_been_kept_the_sweep_time(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import relay.spool as spool_module
+
+    monkeypatch.setattr(spool_module._Remover, "SWEEP", 0.4)
+    first, second = envelope(), envelope()
+    assert spool.store_batch([(e, b"delivered\r\n") for e in (first, second)]) == [None] * 2
+    trash = spool.root / "trash"
+    spool.claim(first.id)
+    spool.finish(first.id, size=11)
+    time.sleep(0.25)
+    spool.claim(second.id)
+    spool.finish(second.id, size=11)
+    deadline = time.monotonic() + 5
+    while (trash / first.id / "message").stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (trash / first.id / "message").stat().st_size == 0
+    assert (trash / second.id / "message").stat().st_size == 11  # kept 0.15 s: not yet
+    assert spool.removed()
+    assert (trash / second.id / "message").stat().st_size == 0
+
+
 def test_large_delivered_message_is_emptied_at_once(spool: Spool) -> None:
     env = envelope()
     spool.store(env, b"x" * 70_000 + b"\r\n")
