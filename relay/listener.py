@@ -18,7 +18,7 @@ import re
 import socket
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
@@ -196,9 +196,9 @@ class RelaySMTP(SMTP):
             refusal = self._listener.admit(self, transport.get_extra_info("peername"))
             if refusal:
                 self._refused = True
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(refusal.encode() + b"\r\n")
-                transport.close()
+                writer = cast(asyncio.WriteTransport, transport)  # uvloop's is no subclass
+                writer.write(refusal.encode() + b"\r\n")
+                writer.close()
                 return
         super().connection_made(transport)
 
@@ -209,7 +209,13 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
-        return False if self._refused else super().eof_received()
+        # aiosmtpd answers nothing after the client's EOF (it cancels the session's
+        # task), so the connection is closed once what is written has gone. Kept half
+        # open, a client that connected and closed before its task first ran (uvloop
+        # delivers both at once) would hold a connection slot until the idle timeout.
+        if not self._refused:
+            super().eof_received()
+        return False
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
@@ -416,9 +422,9 @@ class Listener:
             for session in list(self._sessions):
                 in_transaction = session.envelope is not None and session.envelope.mail_from
                 if session.transport is not None and (final or not in_transaction):
-                    assert isinstance(session.transport, asyncio.WriteTransport)
-                    session.transport.write(b"421 4.3.2 The relay is shutting down\r\n")
-                    session.transport.close()
+                    writer = cast(asyncio.WriteTransport, session.transport)
+                    writer.write(b"421 4.3.2 The relay is shutting down\r\n")
+                    writer.close()
             if final:
                 break
             await asyncio.sleep(0.05)  # shutdown only: wait for transactions to complete

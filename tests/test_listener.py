@@ -74,6 +74,23 @@ async def test_client_outside_allowed_networks_is_refused_at_connect(
     await client.close()
 
 
+async def test_a_client_that_closes_before_the_greeting_frees_its_connection_slot(
+        relay_factory: RelayFactory) -> None:
+    """A TCP health check connects and closes at once; each must give its slot back."""
+    relay = await relay_factory(listener={"max_connections": 2})
+    for _ in range(5):  # connected and closed before the relay's loop has even accepted
+        socket.create_connection(("127.0.0.1", listener_port(relay))).close()
+    deadline = asyncio.get_running_loop().time() + 10  # idle_timeout is 300 s
+    while True:  # the first attempts may come before the relay has seen those closes
+        client = await RawSMTP.connect(listener_port(relay))
+        await client.close()
+        if client.greeting.startswith("220 "):
+            break
+        assert asyncio.get_running_loop().time() < deadline, client.greeting
+        await asyncio.sleep(0.05)
+    await wait_until(lambda: not relay.listener._sessions)  # type: ignore[union-attr]
+
+
 async def test_no_auth_is_offered(relay: Relay) -> None:
     client = await RawSMTP.connect(listener_port(relay))
     features = await client.cmd("EHLO app.example.com")
