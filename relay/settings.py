@@ -8,6 +8,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tomllib
@@ -300,6 +301,8 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(default_factory=lambda: default_state_dir(os.environ))
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """What `serve` runs on; "auto": uvloop when it is installed, else asyncio's own loop."""
     listener: ListenerSettings = ListenerSettings()
     system_account: SystemAccountSettings = SystemAccountSettings()
     servers: dict[str, ServerSettings] = Field(default_factory=dict)
@@ -349,6 +352,9 @@ class Settings(BaseSettings):
             server._fill_transport(host, enc)
         if self.admin.token is not None and self.admin.token_file is not None:
             raise ValueError("admin: set either token or token_file, not both")
+        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError('event_loop = "uvloop", but uvloop is not installed: install it '
+                             '(pip install uvloop) or set event_loop = "auto"')
         return self
 
     @property

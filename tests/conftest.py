@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,21 @@ async def relay_factory(state_dir: Path) -> AsyncIterator[RelayFactory]:
 @pytest.fixture
 async def relay(relay_factory: RelayFactory) -> Relay:
     return await relay_factory()
+
+
+BOTH_LOOPS = frozenset({"test_listener.py", "test_smtp_client.py", "test_delivery.py",
+                        "test_pop3.py", "test_hostile_clients.py"})
+"""The data path's modules also run on asyncio's own loop: `event_loop = "asyncio"`, and
+"auto" where uvloop is not installed. Everything else runs on uvloop, as `serve` does."""
+
+
+def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """TEST_EVENT_LOOP=asyncio or =uvloop runs every test on that loop alone."""
+    import uvloop
+    loops: dict[str, Callable[[], Any]] = {
+        "uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+    chosen = os.environ.get("TEST_EVENT_LOOP")
+    if chosen in loops:
+        return {chosen: loops[chosen]}
+    return loops if item.path.name in BOTH_LOOPS else {"uvloop": loops["uvloop"]}

@@ -277,3 +277,22 @@ def test_json_logs_carry_the_queue_id(tmp_path: Path) -> None:
     assert len(about_message) >= 2  # queued, sent
     assert len({e["queue_id"] for e in about_message}) == 1
     assert all(e["message"].startswith(e["queue_id"] + ": ") for e in about_message)
+
+
+@pytest.mark.parametrize(("choice", "runs_on"), [("auto", "uvloop 0."), ("asyncio", "asyncio;")])
+def test_serve_runs_on_the_event_loop_it_is_given(
+        tmp_path: Path, choice: str, runs_on: str) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port)
+    config.write_text(f'event_loop = "{choice}"\n' + config.read_text())
+    daemon = Daemon(config, tmp_path / "relay.log", port)
+    daemon.start()
+    try:
+        wait_for(lambda: "sysmail-relay started" in daemon.log_text())
+        assert f"event loop {runs_on}" in daemon.log_text()
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail("a@apps.example.com", ["b@example.com"], MESSAGE % (b"l", b"l"))
+        wait_for(lambda: len(outbox(tmp_path)) == 1)
+    finally:
+        assert daemon.stop() == 0
+    assert "stopped" in daemon.log_text()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from relay.app import loop_factory
 from relay.errors import ConfigError
 from relay.settings import (
     DEFAULT_ADDRESS,
@@ -356,3 +358,25 @@ host = "smtp.example.com"
 """))
     assert (settings.servers["s"].encryption, settings.servers["s"].port) == ("starttls", 587)
     assert (settings.servers["plain"].encryption, settings.servers["plain"].port) == ("none", 25)
+
+
+def test_event_loop_lists_the_choices(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, 'event_loop = "trio"\n')
+    assert line.startswith("event_loop: ")
+    assert all(choice in line for choice in ("'auto'", "'uvloop'", "'asyncio'"))
+
+
+def test_uvloop_asked_for_but_not_installed_is_refused_and_auto_falls_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what an import finds where it is missing
+    (line,) = problems(tmp_path, 'event_loop = "uvloop"\n')
+    assert "uvloop is not installed" in line and 'set event_loop = "auto"' in line
+    settings = load_settings(write(tmp_path, 'event_loop = "auto"\n'))
+    assert loop_factory(settings.event_loop) is asyncio.new_event_loop
+
+
+def test_auto_and_uvloop_run_on_uvloop_where_it_is_installed() -> None:
+    import uvloop
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is asyncio.new_event_loop
