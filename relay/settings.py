@@ -301,8 +301,8 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(default_factory=lambda: default_state_dir(os.environ))
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
-    """What `serve` runs on; "auto": uvloop when it is installed, else asyncio's own loop."""
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    """What `serve` runs on: asyncio's own loop, or uvloop (the `uvloop` extra)."""
     listener: ListenerSettings = ListenerSettings()
     system_account: SystemAccountSettings = SystemAccountSettings()
     servers: dict[str, ServerSettings] = Field(default_factory=dict)
@@ -354,7 +354,8 @@ class Settings(BaseSettings):
             raise ValueError("admin: set either token or token_file, not both")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise ValueError('event_loop = "uvloop", but uvloop is not installed: install it '
-                             '(pip install uvloop) or set event_loop = "auto"')
+                             '(pip install "sysmail-relay[uvloop]") or set event_loop = '
+                             '"asyncio"')
         return self
 
     @property

@@ -61,8 +61,8 @@ async def relay(relay_factory: RelayFactory) -> Relay:
 
 BOTH_LOOPS = frozenset({"test_listener.py", "test_smtp_client.py", "test_delivery.py",
                         "test_pop3.py", "test_hostile_clients.py"})
-"""The data path's modules also run on asyncio's own loop: `event_loop = "asyncio"`, and
-"auto" where uvloop is not installed. Everything else runs on uvloop, as `serve` does."""
+"""The data path's modules also run on uvloop (`event_loop = "uvloop"`). Everything else
+runs on asyncio's own loop, as `serve` does by default."""
 
 
 def pytest_asyncio_loop_factories(
@@ -70,8 +70,8 @@ def pytest_asyncio_loop_factories(
     """TEST_EVENT_LOOP=asyncio or =uvloop runs every test on that loop alone."""
     import uvloop
     loops: dict[str, Callable[[], Any]] = {
-        "uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+        "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     chosen = os.environ.get("TEST_EVENT_LOOP")
     if chosen in loops:
         return {chosen: loops[chosen]}
-    return loops if item.path.name in BOTH_LOOPS else {"uvloop": loops["uvloop"]}
+    return loops if item.path.name in BOTH_LOOPS else {"asyncio": loops["asyncio"]}

@@ -279,7 +279,7 @@ def test_json_logs_carry_the_queue_id(tmp_path: Path) -> None:
     assert all(e["message"].startswith(e["queue_id"] + ": ") for e in about_message)
 
 
-@pytest.mark.parametrize(("choice", "runs_on"), [("auto", "uvloop 0."), ("asyncio", "asyncio;")])
+@pytest.mark.parametrize(("choice", "runs_on"), [("asyncio", "asyncio;"), ("uvloop", "uvloop 0.")])
 def test_serve_runs_on_the_event_loop_it_is_given(
         tmp_path: Path, choice: str, runs_on: str) -> None:
     port = free_port()
