@@ -28,11 +28,12 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def start_daemon(tmp_path: Path, listener: str, host: str = "127.0.0.1") -> Daemon:
+def start_daemon(tmp_path: Path, listener: str, host: str = "127.0.0.1",
+                 event_loop: str = "asyncio") -> Daemon:
     port = free_port()
     config = tmp_path / "relay.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[listener]\nport = {port}\n'
-                      f'host = "{host}"\n{listener}\n')
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\nevent_loop = "{event_loop}"\n'
+                      f'[listener]\nport = {port}\nhost = "{host}"\n{listener}\n')
     daemon = Daemon(config, tmp_path / "relay.log", port, host)
     daemon.start()
     return daemon
@@ -43,9 +44,11 @@ def greeting(port: int, host: str = "127.0.0.1") -> str:
         return s.recv(512).decode(errors="replace")
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 def test_slow_and_greedy_clients_get_421_memory_stays_bounded_and_service_resumes(
-        tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, "max_connections = 100\nidle_timeout = 10")
+        tmp_path: Path, event_loop: str) -> None:
+    daemon = start_daemon(tmp_path, "max_connections = 100\nidle_timeout = 10",
+                          event_loop=event_loop)
     assert daemon.proc is not None
     before = rss_kib(daemon.proc.pid)
     hogs: list[socket.socket] = []
