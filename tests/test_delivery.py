@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,23 @@ async def test_bad_configuration_on_reload_keeps_the_running_one(tmp_path: Path)
         assert not relay.reload()
         assert relay.metrics.config_reloads.labels("error")._value.get() == 1
         await send(relay)
+        await wait_until(lambda: len(outbox_files(tmp_path / "s")) == 1)
+    finally:
+        await relay.stop(grace=1)
+
+
+async def test_a_changed_event_loop_is_kept_until_a_restart_and_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'state_dir = "{tmp_path / "s"}"\n[listener]\nport = 0\n')
+    relay = Relay(load_settings(config), config)
+    await relay.start()
+    try:
+        config.write_text('event_loop = "uvloop"\n' + config.read_text())
+        with caplog.at_level(logging.WARNING, logger="relay.app"):
+            assert relay.reload()
+        assert "event_loop changed: restart the relay to run on uvloop" in caplog.text
+        await send(relay)  # the running loop goes on carrying mail
         await wait_until(lambda: len(outbox_files(tmp_path / "s")) == 1)
     finally:
         await relay.stop(grace=1)
