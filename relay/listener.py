@@ -219,7 +219,10 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
-            await super().push(self._listener.better_reply(status))
+            # A reply may echo what the client sent (VRFY's argument): bytes that were
+            # not UTF-8 go back as '?', where aiosmtpd's encoding would raise.
+            await super().push(
+                self._listener.better_reply(status).encode("utf-8", "replace"))
         else:
             await super().push(status)
 

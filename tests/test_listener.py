@@ -91,6 +91,17 @@ async def test_a_client_that_closes_before_the_greeting_frees_its_connection_slo
     await wait_until(lambda: not relay.listener._sessions)  # type: ignore[union-attr]
 
 
+async def test_a_reply_that_echoes_bytes_that_are_not_utf8_is_sent_not_an_exception(
+        relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    client = await RawSMTP.connect(listener_port(relay))
+    await client.cmd("EHLO app.example.com")
+    reply = await client.cmd(b"VRFY @caf\xe9\xff")
+    assert reply.startswith("502 ") and "caf" in reply
+    assert (await client.cmd("NOOP")).startswith("250 ")
+    await client.close()
+    assert "UnicodeEncodeError" not in caplog.text
+
+
 async def test_no_auth_is_offered(relay: Relay) -> None:
     client = await RawSMTP.connect(listener_port(relay))
     features = await client.cmd("EHLO app.example.com")
