@@ -175,6 +175,7 @@ class Relay:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.notifier.close()
+        await asyncio.to_thread(self.spool.close)  # a commit still running finishes in-process
         if self.admin is not None:
             await self.admin.stop()
         with contextlib.suppress(FileNotFoundError):

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import errno
 import json
+import logging
 import os
 import random
 import shutil
 import stat
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,8 +40,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import spool_writer
 from .errors import DamagedEntry, SpoolError
 from .workers import AwaitedWorker, Worker
+
+log = logging.getLogger("relay.spool")
 
 RecipientState = Literal["pending", "delivered", "failed"]
 Place = Literal["queue", "active", "dead", "edit"]
@@ -153,92 +155,37 @@ def read_regular(path: Path) -> bytes:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def content_size(data: Content) -> int:
     return len(data) if isinstance(data, bytes) else sum(map(len, data))
 
 
-def _write_file(path: Path, data: Content, *, sync: bool = True,
-                reuse: bool = False) -> int | None:
-    """Create (or with `reuse`, overwrite) and write a file; fsync and close it, or
-    (sync=False) return its open fd.
-
-    A reused file is written over in place and then cut to its new length: its blocks
-    stay allocated, where O_TRUNC would free them all for the writes to allocate
-    again (on ext4 about ten times the cost of the writes themselves)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if reuse else os.O_EXCL), 0o600)
+def _write_file(path: Path, data: bytes) -> None:
+    """Create a file with `data`, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        size = 0
-        for part in [data] if isinstance(data, bytes) else data:
-            view = memoryview(part)
-            size += len(view)
-            while view:
-                view = view[os.write(fd, view):]
-        if reuse:
-            os.ftruncate(fd, size)
-        if not sync:
-            return fd
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
-
-
-_SYNCFS_BATCH = 4
-"""From this many messages in one batch, one syncfs(2) replaces an fsync per file."""
-INLINE_BYTES = 1 << 20
-"""Messages up to this size are read from the event loop (the page cache), larger ones
-from a thread or a chunk at a time."""
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _syncfs(directory: Path) -> bool:
-    """Flush the whole file system holding `directory` (Linux); False when that failed."""
-    if _LIBC is None or not hasattr(_LIBC, "syncfs"):
-        return False
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return bool(_LIBC.syncfs(fd) == 0)
     finally:
         os.close(fd)
 
 
-class _Staged:
-    """A message written into incoming/ whose files still need their fsync."""
-
-    __slots__ = ("dir", "envelope", "fds", "reused")
-
-    def __init__(self, envelope: Envelope, directory: Path) -> None:
-        self.envelope = envelope
-        self.dir = directory
-        self.fds: list[int] = []
-        self.reused = False
-        """Made from an emptied delivered entry taken out of trash/."""
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-
-
+INLINE_BYTES = 1 << 20
+"""Messages up to this size are read from the event loop (the page cache), larger ones
+from a thread or a chunk at a time."""
 class _GroupCommit(AwaitedWorker[tuple["Envelope", "Content"], None]):
     """Makes concurrently received messages durable together.
 
-    One thread takes every message waiting, writes them all, makes them durable (an
-    fsync per file and directory, or for a larger batch one syncfs of the file
-    system), renames them into queue/ and fsyncs queue/ once: the disk round trips
-    are shared, yet no message is acknowledged before its own files and its
-    directory entry are on disk. The thread's file system calls run beside the
-    event loop, on the other core; it wakes the loop once per batch.
+    One thread takes every message waiting and hands them all to the spool writer
+    process (relay/spool_writer.py), which writes them, makes them durable (an fsync
+    per file and directory, or for a larger batch one syncfs of the file system),
+    renames them into queue/ and fsyncs queue/ once: the disk round trips are
+    shared, yet no message is acknowledged before its own files and its directory
+    entry are on disk. The file system calls run beside the event loop, on the other
+    core, without taking turns with it for the interpreter lock (in a thread of this
+    process they cost the loop about a fifth of its throughput); the thread wakes the
+    loop once per batch.
     """
 
     MAX_BATCH = 64
@@ -250,7 +197,7 @@ class _GroupCommit(AwaitedWorker[tuple["Envelope", "Content"], None]):
 
     def results(self, args: list[tuple[Envelope, Content]]) -> list[Exception | None]:
         try:
-            errors: list[Exception | None] = [*self.spool.store_batch(args)]
+            errors: list[Exception | None] = [*self.spool.store_in_writer(args)]
             return errors
         except Exception as e:  # a bug must not stop acceptance: fail this batch, go on
             failure = SpoolError(f"cannot write the message to the spool: {e!r}")
@@ -378,6 +325,8 @@ class Spool:
         self.root = root
         self._committer = _GroupCommit(self)
         self._remover = _Remover()
+        self._writer = spool_writer.Writer()
+        self._writer_failing = False
 
     def _dir(self, place: str) -> Path:
         return self.root / place
@@ -410,85 +359,75 @@ class Spool:
         await self._committer.call((envelope, data))
 
     def store_batch(self, items: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
-        """Write, fsync, rename into queue/, fsync queue/ once; one result per message."""
-        errors: list[SpoolError | None] = [None] * len(items)
-        staged: list[tuple[int, _Staged]] = []
-        for i, (envelope, data) in enumerate(items):
-            try:
-                staged.append((i, self.stage(envelope, data)))
-            except SpoolError as e:
-                errors[i] = e
-        for (i, _), error in zip(staged, self.commit_staged([e for _, e in staged]),
-                                 strict=True):
-            errors[i] = error
-        return errors
+        """Write, fsync, rename into queue/, fsync queue/ once; one result per message.
+        In this thread (`commit` has the writer process do it)."""
+        requests = self._requests(items)
+        parts: list[bytes | memoryview] = []
+        for _, _, env, content in requests:
+            parts.append(env)
+            parts.extend(content)
+        return self._results(spool_writer.store(
+            spool_writer.Parts(parts), *self._places(), spool_writer.items_of(requests)))
 
-    def stage(self, envelope: Envelope, data: Content) -> _Staged:
-        """Write the message into incoming/, not yet synced. Raises SpoolError."""
-        entry = _Staged(envelope, self._dir("incoming") / envelope.id)
+    def store_in_writer(self, items: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
+        """`store_batch` by the writer process; should it stop, whatever it did not
+        finish is done here."""
+        requests = self._requests(items)
         try:
-            entry.reused = self._reuse(entry.dir)
-            for name, content in ((MESSAGE, data), (ENVELOPE, envelope.to_json())):
-                fd = _write_file(entry.dir / name, content, sync=False, reuse=entry.reused)
-                assert fd is not None
-                entry.fds.append(fd)
-        except (OSError, ValueError) as e:
-            raise self._discard(entry, e) from None
-        return entry
+            results = self._results(self._writer.store(*self._places(), requests))
+            self._writer_failing = False
+            return results
+        except spool_writer.WriterGone as gone:
+            if not self._writer_failing:  # once, not for each batch while it cannot start
+                log.warning("%s; the relay writes the messages itself until a new one runs",
+                            gone)
+            self._writer_failing = True
+        return [self._finish_store(*request) for request in requests]
 
-    def _reuse(self, directory: Path) -> bool:
-        """Make `directory` from an emptied delivered entry (True), else a new one."""
-        while (empty := self._remover.take()) is not None:
+    def _finish_store(self, queue_id: str, reuse: str, env: bytes,
+                      content: list[bytes | memoryview]) -> SpoolError | None:
+        """After the writer stopped: the message is queued and synced, or stored anew."""
+        incoming, queue, trash = self._places()
+        if os.path.isdir(os.path.join(queue, queue_id)):
             try:
-                os.rename(empty, directory)
-                return True
-            except FileNotFoundError:
-                continue  # removed meanwhile (a restart's recovery): take the next
-        directory.mkdir(mode=0o700)
-        return False
+                spool_writer.fsync_dir(incoming)
+                spool_writer.fsync_dir(queue)
+                return None
+            except OSError as e:
+                return SpoolError(f"cannot sync the spool directory: {e.strerror}")
+        shutil.rmtree(os.path.join(incoming, queue_id), ignore_errors=True)
+        if reuse and os.path.isdir(reuse):
+            self._remover.remove(Path(reuse))  # taken for it, not written over
+        (error,) = self._results(spool_writer.store(
+            spool_writer.Parts([env, *content]), incoming, queue, trash,
+            [(queue_id, "", len(env), content_size(content))]))
+        return error
 
-    def commit_staged(self, staged: list[_Staged]) -> list[SpoolError | None]:
-        """Make staged messages durable and move them into queue/; one result each."""
-        errors: list[SpoolError | None] = [None] * len(staged)
-        synced = len(staged) >= _SYNCFS_BATCH and _syncfs(self._dir("incoming"))
-        if not synced and any(entry.reused for entry in staged):
-            try:  # the reused entries have left trash/ for good (start-up empties trash/)
-                _fsync_dir(self._dir("trash"))
-            except OSError as e:
-                return [self._discard(entry, e) for entry in staged]
-        committed = []
-        for i, entry in enumerate(staged):
-            try:
-                if not synced:
-                    for fd in entry.fds:
-                        os.fsync(fd)
-                entry.close()
-                if not synced:
-                    _fsync_dir(entry.dir)
-                os.rename(entry.dir, self._dir("queue") / entry.envelope.id)
-                committed.append(i)
-            except OSError as e:
-                errors[i] = self._discard(entry, e)
-        if committed:
-            try:
-                # First the names leave incoming/, then they are in queue/: on a file
-                # system without a journal a crash in between leaves an entry in neither
-                # (the client had no 250 and sends again), never in both (start-up
-                # would empty the one in incoming/, which is the same directory).
-                _fsync_dir(self._dir("incoming"))
-                _fsync_dir(self._dir("queue"))
-            except OSError as e:
-                for i in committed:  # in queue/ but perhaps not durable: the client retries
-                    errors[i] = SpoolError(f"cannot sync the spool directory: {e.strerror}")
-        return errors
+    def _requests(self, items: list[tuple[Envelope, Content]]
+                  ) -> list[tuple[str, str, bytes, list[bytes | memoryview]]]:
+        """Each message with an emptied delivered entry to write it over, if one is kept."""
+        requests = []
+        for env, data in items:
+            reuse = self._remover.take()
+            parts: list[bytes | memoryview] = [data] if isinstance(data, bytes) else data
+            requests.append((env.id, str(reuse) if reuse is not None else "", env.to_json(),
+                             parts))
+        return requests
 
-    def _discard(self, entry: _Staged, error: OSError | ValueError) -> SpoolError:
-        entry.close()
-        shutil.rmtree(entry.dir, ignore_errors=True)
-        reason = error.strerror if isinstance(error, OSError) else str(error)
-        failure = SpoolError(f"cannot write the message to the spool: {reason}")
-        failure.__cause__ = error
-        return failure
+    def _places(self) -> tuple[str, str, str]:
+        return str(self._dir("incoming")), str(self._dir("queue")), str(self._dir("trash"))
+
+    @staticmethod
+    def _results(answers: list[str | None]) -> list[SpoolError | None]:
+        return [None if answer is None else SpoolError(answer) for answer in answers]
+
+    def close(self) -> None:
+        """Stop the writer process (a later `commit` starts it again)."""
+        self._writer.close()
+
+    @property
+    def writer_pid(self) -> int | None:
+        return self._writer.pid
 
     # --- delivering ------------------------------------------------------------------
 
@@ -534,7 +473,7 @@ class Spool:
         """Save the envelope and move the entry on (back to queue/, or into dead/)."""
         self.update(envelope, src)
         os.rename(self._dir(src) / envelope.id, self._dir(dst) / envelope.id)
-        _fsync_dir(self._dir(dst))
+        spool_writer.fsync_dir(self._dir(dst))
 
     def put_back(self, queue_id: str, src: Place = "active") -> None:
         """Return a claimed entry to the queue unchanged: a rename, which needs no free space."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,20 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every relay a test starts, in this process or as `serve`, gets its admin listener
     # on a free port rather than 8525 (tests and other test runs go on side by side).
     monkeypatch.setenv("RELAY_ADMIN__PORT", "0")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (the tests run as root in CI); unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs and must run as root (CI does)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from relay.admin import not_ready
 from relay.app import Relay
@@ -17,20 +13,6 @@ from relay.settings import load_settings
 from .support import RawSMTP, listener_port, outbox_files, wait_until
 
 MESSAGE = b"From: App <app@example.com>\r\nSubject: Alert\r\n\r\n" + b"x" * 2000 + b"\r\n.\r\n"
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (the tests run as root in CI); unmounted afterwards."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.fail("this test mounts a tmpfs and must run as root (CI does)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(path: Path) -> Path:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import smtplib
 import socket
-from pathlib import Path
 from typing import AnyStr
 
 import pytest
@@ -294,21 +294,23 @@ async def test_smtputf8_options_are_recorded_in_the_envelope(
     await client.close()
 
 
-async def test_disk_write_failure_gives_451_and_leaves_nothing(
-        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
-    import errno
-    import os
-
-    def refuse(path: Path, data: bytes, *, sync: bool = True, reuse: bool = False) -> int | None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr("relay.spool._write_file", refuse)
-    client = await ehlo(relay)
-    reply = await client.transaction(MESSAGE + b".\r\n")
-    assert reply.startswith("451 4.3.0"), reply
-    assert os.listdir(relay.spool.root / "incoming") == [] and relay.spool.ids("queue") == []
+async def test_spool_write_failure_gives_451_and_leaves_nothing(
+        relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    incoming = relay.spool.root / "incoming"
+    aside = incoming.with_name("incoming.aside")
+    incoming.rename(aside)
+    incoming.write_bytes(b"")  # a file: the spool writer cannot make the message's entry
+    try:
+        client = await ehlo(relay)
+        reply = await client.transaction(MESSAGE + b".\r\n")
+        assert reply.startswith("451 4.3.0"), reply
+        await client.close()
+    finally:
+        incoming.unlink()
+        aside.rename(incoming)
+    assert os.listdir(incoming) == [] and relay.spool.ids("queue") == []
     assert relay.metrics.messages_rejected.labels("spool")._value.get() == 1
-    await client.close()
+    assert "Not a directory" in caplog.text  # the cause, for the operator
 
 
 async def test_idle_client_is_disconnected(relay_factory: RelayFactory) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,10 +22,11 @@ def envelope(*rcpts: str) -> Envelope:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
+def spool(tmp_path: Path) -> Iterator[Spool]:
     s = Spool(tmp_path / "spool")
     s.open()
-    return s
+    yield s
+    s.close()
 
 
 def test_stored_message_is_in_the_queue_with_its_envelope(spool: Spool) -> None:
@@ -246,16 +249,16 @@ def test_unwritable_spool_directory_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_a_batch_is_committed_together_with_one_syncfs(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    import relay.spool as spool_module
+    import relay.spool_writer as writer_module
 
-    calls: list[Path] = []
-    real = spool_module._syncfs
+    calls: list[str | os.PathLike[str]] = []
+    real = writer_module.syncfs
 
-    def counting(directory: Path) -> bool:
+    def counting(directory: str | os.PathLike[str]) -> bool:
         calls.append(directory)
         return real(directory)
 
-    monkeypatch.setattr(spool_module, "_syncfs", counting)
+    monkeypatch.setattr(writer_module, "syncfs", counting)
     envelopes = [envelope() for _ in range(6)]
     errors = spool.store_batch([(env, b"x\r\n") for env in envelopes])
     assert errors == [None] * 6 and len(calls) == 1
@@ -272,54 +275,101 @@ async def test_commit_from_many_tasks_stores_every_message(spool: Spool) -> None
     assert spool.ids("queue") == sorted(env.id for env in envelopes)
 
 
-async def test_commit_writes_from_its_thread_never_from_the_event_loop(
+def _cmdline(pid: int) -> list[bytes]:
+    """The process's arguments; [] once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except FileNotFoundError:
+        return []
+
+
+async def test_commit_writes_in_the_writer_process_never_on_the_event_loop(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
     import threading
 
     import relay.spool as spool_module
+    import relay.spool_writer as writer_module
 
-    writers: dict[str, str] = {}
-    real = spool_module.Spool.stage
+    callers: list[str] = []
+    real = writer_module.Writer.store
 
-    def recording(self: Spool, env: Envelope, data: bytes) -> object:
-        writers[env.id] = threading.current_thread().name
-        return real(self, env, data)
+    def recording(self: writer_module.Writer, *args: Any) -> list[str | None]:
+        callers.append(threading.current_thread().name)
+        return real(self, *args)
 
-    monkeypatch.setattr(spool_module.Spool, "stage", recording)
+    monkeypatch.setattr(writer_module.Writer, "store", recording)
     small, large = envelope(), envelope()
-    big = b"y" * (spool_module.INLINE_BYTES + 1)
+    big = b"y" * (spool_module.INLINE_BYTES + 1)  # more than the writer reads at once
     await asyncio.gather(spool.commit(small, b"z\r\n"), spool.commit(large, [b"x", big]))
-    assert set(writers.values()) == {"spool-commit"}
+    assert callers and set(callers) == {"spool-commit"}
+    pid = spool.writer_pid
+    assert pid is not None and pid != os.getpid()
+    assert _cmdline(pid)[-2].endswith(b"spool_writer.py")
     assert (spool.root / "queue" / large.id / "message").read_bytes() == b"x" + big
+    assert spool.read(small.id, "queue").id == small.id
+    spool.close()
+    assert not _cmdline(pid)  # stopped and reaped
 
 
-async def test_commit_that_cannot_write_fails_that_message_only(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_message_that_does_not_fit_fails_alone_and_the_batch_goes_on(
+        small_disk: Path) -> None:
+    """A real ENOSPC inside the writer process, in the middle of a streamed message:
+    the messages before and after it in the same batch are stored intact."""
     import asyncio
 
-    real_write = os.write
+    spool = Spool(small_disk / "spool")
+    spool.open()
+    try:
+        before, too_big, after = envelope(), envelope(), envelope()
+        huge = [b"h" * (1 << 20)] * 3  # 3 MiB on a 2 MiB file system
+        results = await asyncio.gather(
+            spool.commit(before, b"first\r\n"), spool.commit(too_big, huge),
+            spool.commit(after, b"last\r\n" * 1000), return_exceptions=True)
+        assert results[0] is None and results[2] is None, results
+        assert isinstance(results[1], SpoolError) and "No space left" in str(results[1])
+        assert spool.ids("queue") == sorted([before.id, after.id])
+        assert (spool.root / "queue" / after.id / "message").read_bytes() == b"last\r\n" * 1000
+        assert os.listdir(spool.root / "incoming") == []
+    finally:
+        spool.close()
 
-    def refusing(fd: int, data: bytes | memoryview) -> int:
-        if bytes(data[:4]) == b"FULL":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
 
-    monkeypatch.setattr(os, "write", refusing)
-    good, bad = envelope(), envelope()
-    results = await asyncio.gather(spool.commit(good, b"ok\r\n"), spool.commit(bad, b"FULL\r\n"),
-                                   return_exceptions=True)
-    assert results[0] is None
-    assert isinstance(results[1], SpoolError) and "No space left" in str(results[1])
-    assert spool.ids("queue") == [good.id]
-    assert os.listdir(spool.root / "incoming") == []
+async def test_a_writer_process_that_died_is_replaced_and_nothing_is_lost(
+        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import signal
+
+    await spool.commit(envelope(), b"one\r\n")
+    first = spool.writer_pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await asyncio.sleep(0.1)
+    second = envelope()
+    await spool.commit(second, b"two\r\n")  # written by the relay itself
+    assert "the spool writer process stopped" in caplog.text
+    assert (spool.root / "queue" / second.id / "message").read_bytes() == b"two\r\n"
+    third = envelope()
+    await spool.commit(third, b"three\r\n")
+    assert spool.writer_pid not in (None, first)
+    assert len(spool.ids("queue")) == 3 and os.listdir(spool.root / "incoming") == []
+
+
+def test_a_message_the_stopped_writer_had_queued_is_kept_not_written_twice(
+        spool: Spool) -> None:
+    env = envelope()
+    spool.store(env, b"queued by the writer before it stopped\r\n")
+    request = (env.id, "", env.to_json(), [b"must not replace it\r\n"])
+    assert spool._finish_store(*request) is None
+    assert (spool.root / "queue" / env.id / "message").read_bytes() == (
+        b"queued by the writer before it stopped\r\n")
 
 
 def test_a_commit_syncs_where_names_left_before_where_they_arrive(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a journal, a crash between two directory syncs must leave an entry in
     neither place rather than in both: start-up empties incoming/ and trash/."""
-    import relay.spool as spool_module
+    import relay.spool_writer as writer_module
 
     old = envelope()
     spool.store(old, b"delivered\r\n")
@@ -327,13 +377,13 @@ def test_a_commit_syncs_where_names_left_before_where_they_arrive(
     spool.finish(old.id)
     assert spool.removed()
     synced: list[str] = []
-    real = spool_module._fsync_dir
+    real = writer_module.fsync_dir
 
-    def recording(path: Path) -> None:
-        synced.append(path.name if path.parent == spool.root else "entry")
+    def recording(path: str | os.PathLike[str]) -> None:
+        synced.append(Path(path).name if Path(path).parent == spool.root else "entry")
         real(path)
 
-    monkeypatch.setattr(spool_module, "_fsync_dir", recording)
+    monkeypatch.setattr(writer_module, "fsync_dir", recording)
     spool.store(envelope(), b"new\r\n")  # one message: reuses the emptied entry
     assert synced == ["trash", "entry", "incoming", "queue"]
     synced.clear()
