@@ -8,8 +8,8 @@
              with N messages in the spool and with an empty one
 
 Each starts a fresh relay (and smtp-sink where mail flows) and stops it before
-returning, also on errors and Ctrl-C. RSS is VmRSS of the relay's process, its
-peak VmHWM (/proc/PID/status).
+returning, also on errors and Ctrl-C. RSS is VmRSS of the relay's process plus
+its spool writer's, the peak their VmHWM (/proc/PID/status), summed.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -14,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procstat import memory_kib, reset_peak_memory, tree_cpu_seconds, tree_names
+from bench.procstat import memory_kib, process_tree, reset_peak_memory, tree_cpu_seconds, tree_names
 from tests.peers.netutil import HOST, free_ports, wait_ports_closed, wait_ports_listening
 
 SYSTEM_ADDRESS = "notify@example.com"
@@ -126,12 +127,19 @@ class RelayInstance:
         return tree_names(self.process.pid)
 
     def memory_mib(self, field: str = "VmRSS") -> float:
-        """The relay process's resident memory now (VmRSS) or at its peak (VmHWM), in MiB."""
-        return memory_kib(self.process.pid)[field] / 1024
+        """The resident memory now (VmRSS) or at its peak (VmHWM) of the relay and its
+        spool writer process, in MiB (the peaks summed: at most the sum)."""
+        total = 0
+        for p in process_tree(self.process.pid):
+            with contextlib.suppress(FileNotFoundError):  # it ended meanwhile
+                total += memory_kib(p.pid).get(field, 0)
+        return total / 1024
 
     def reset_peak_memory(self) -> None:
         """From now on VmHWM is the peak since this call."""
-        reset_peak_memory(self.process.pid)
+        for p in process_tree(self.process.pid):
+            with contextlib.suppress(FileNotFoundError):
+                reset_peak_memory(p.pid)
 
     def metrics(self) -> dict[str, float]:
         """The admin listener's /metrics: series (name and labels as written) -> value."""

@@ -120,6 +120,7 @@ class Relay:
             log.warning("%s", warning)
         for queue_id, reason in recovery.quarantined:
             log.error("%s: moved to quarantine: %s", queue_id, reason)
+        await asyncio.to_thread(self.spool.start_writer)  # before the first message needs it
         self.scheduler = Scheduler(self.spool, self.settings, self.metrics, self.make_upstream)
         self.scheduler.on_dead = self.notifier.dead_letter
         self.notifier.recovered(recovery.crashed_out)

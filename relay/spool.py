@@ -378,11 +378,13 @@ class Spool:
             self._writer_failing = False
             return results
         except spool_writer.WriterGone as gone:
-            if not self._writer_failing:  # once, not for each batch while it cannot start
-                log.warning("%s; the relay writes the messages itself until a new one runs",
-                            gone)
-            self._writer_failing = True
+            self._writer_gone(gone)
         return [self._finish_store(*request) for request in requests]
+
+    def _writer_gone(self, gone: spool_writer.WriterGone) -> None:
+        if not self._writer_failing:  # once, not for each batch while it cannot start
+            log.warning("%s; the relay writes the messages itself until a new one runs", gone)
+        self._writer_failing = True
 
     def _finish_store(self, queue_id: str, reuse: str, env: bytes,
                       content: list[bytes | memoryview]) -> SpoolError | None:
@@ -421,6 +423,14 @@ class Spool:
     def _results(answers: list[str | None]) -> list[SpoolError | None]:
         return [None if answer is None else SpoolError(answer) for answer in answers]
 
+    def start_writer(self) -> None:
+        """Start the writer process now rather than at the first `commit`; should it not
+        start, the relay writes the messages itself (and says so)."""
+        try:
+            self._writer.start()
+        except spool_writer.WriterGone as gone:
+            self._writer_gone(gone)
+
     def close(self) -> None:
         """Stop the writer process (a later `commit` starts it again)."""
         self._writer.close()
@@ -435,9 +445,9 @@ class Spool:
         """Take an entry by renaming it; None if someone else took or deleted it."""
         try:
             os.rename(self._dir(src) / queue_id, self._dir(dst) / queue_id)
+            return self.read(queue_id, dst)
         except FileNotFoundError:
             return None
-        return self.read(queue_id, dst)
 
     def message_path(self, queue_id: str, place: Place = "active") -> Path:
         return self._dir(place) / queue_id / MESSAGE
@@ -455,6 +465,8 @@ class Spool:
         except OSError as e:
             raise DamagedEntry(f"{path}: {e.strerror}") from None
         if not (self._dir(place) / queue_id / MESSAGE).is_file():
+            if not path.parent.is_dir():  # moved on (claimed, delivered) while we read
+                raise FileNotFoundError(errno.ENOENT, "moved on meanwhile", str(path.parent))
             raise DamagedEntry(f"{path.parent}: the message file is missing")
         if env.id != queue_id:
             raise DamagedEntry(f"{path}: the envelope belongs to {env.id}, not {queue_id}")
@@ -529,7 +541,10 @@ class Spool:
         places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
         for place in places:
             if (self._dir(place) / queue_id).is_dir():
-                return place, self.read(queue_id, place)
+                try:
+                    return place, self.read(queue_id, place)
+                except FileNotFoundError:
+                    continue  # moved on while we read it: claimed, put back or delivered
         return None
 
     def count(self, place: Place) -> int:

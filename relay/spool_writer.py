@@ -43,6 +43,14 @@ Item = tuple[str, str, int, int]
 """queue id, emptied entry to write over ("" for none), envelope length, message length"""
 
 
+_RELAY = 0
+"""The relay's pid, in the writer process; 0 in the relay itself."""
+
+
+def relay_alive() -> bool:
+    return not _RELAY or os.getppid() == _RELAY
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -218,6 +226,10 @@ def commit(staged: list[_Entry], incoming: str, queue: str, trash: str) -> list[
             return [_discard(entry, e) for entry in staged]
     committed = []
     for i, entry in enumerate(staged):
+        if not relay_alive():
+            # Killed meanwhile: nobody waits for the answer, and a relay starting now
+            # empties incoming/. Leave the entries there rather than race it.
+            raise SystemExit(0)
         try:
             if not synced:
                 for fd in entry.fds:
@@ -290,6 +302,13 @@ class Writer:
             raise WriterGone(f"the spool writer process stopped or could not start ({e})") from None
         return answer
 
+    def start(self) -> None:
+        """Start the process if it is not running. Raises WriterGone."""
+        try:
+            self._connect()
+        except OSError as e:
+            raise WriterGone(f"the spool writer process could not start ({e})") from None
+
     def _connect(self) -> socket.socket:
         if self._sock is None:
             ours, theirs = socket.socketpair()
@@ -338,6 +357,8 @@ def main(fd: int) -> None:
     # The relay decides when this ends (by closing the connection, or by exiting):
     # Ctrl-C in a terminal, or systemd's SIGTERM to the whole service, must not stop
     # it in the middle of a batch the relay is still waiting for.
+    global _RELAY
+    _RELAY = os.getppid()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     serve(socket.socket(fileno=fd))

@@ -389,3 +389,60 @@ def test_a_commit_syncs_where_names_left_before_where_they_arrive(
     synced.clear()
     assert spool.store_batch([(envelope(), b"n\r\n") for _ in range(5)]) == [None] * 5
     assert synced == ["incoming", "queue"]  # a batch: syncfs first, then both directories
+
+
+async def test_a_writer_process_that_cannot_start_leaves_the_relay_writing_itself(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import relay.spool_writer as writer_module
+
+    monkeypatch.setattr(writer_module.sys, "executable", "/nonexistent/python3")
+    spool.start_writer()
+    first, second = envelope(), envelope()
+    await spool.commit(first, b"one\r\n")
+    await spool.commit(second, b"two\r\n")
+    assert spool.ids("queue") == sorted([first.id, second.id])
+    assert spool.writer_pid is None
+    warnings = [r.getMessage() for r in caplog.records if "spool writer" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # said once, not for every batch
+    assert "could not start" in warnings[0] and "/nonexistent/python3" in warnings[0]
+
+
+def test_a_writer_whose_relay_was_killed_queues_nothing(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay starting after a kill empties incoming/: the old writer must not move
+    entries into queue/ behind its back. (Here the writer's checks run in this process,
+    with a relay pid that is not this process's parent.)"""
+    import relay.spool_writer as writer_module
+
+    monkeypatch.setattr(writer_module, "_RELAY", os.getpid())
+    env = envelope()
+    with pytest.raises(SystemExit):
+        spool.store(env, b"nobody waits for this\r\n")
+    assert spool.ids("queue") == [] and os.listdir(spool.root / "incoming") == [env.id]
+
+
+def test_find_does_not_call_an_entry_damaged_that_moved_on_while_it_was_read(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`queue show` while the entry is being delivered: it leaves active/ for trash/
+    between reading its envelope and looking at its message file."""
+    import relay.spool as spool_module
+
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    spool.claim(env.id)
+    real = spool_module.read_regular
+
+    def delivered_meanwhile(path: Path) -> bytes:
+        data = real(path)
+        spool.finish(env.id)
+        return data
+
+    monkeypatch.setattr(spool_module, "read_regular", delivered_meanwhile)
+    assert spool.find(env.id) is None
+    monkeypatch.setattr(spool_module, "read_regular", real)
+    damaged = envelope()
+    spool.store(damaged, b"y\r\n")
+    (spool.root / "queue" / damaged.id / "message").unlink()
+    with pytest.raises(DamagedEntry, match="the message file is missing"):
+        spool.find(damaged.id)
