@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import spool_writer
+from . import spool_process, spool_writer
 from .errors import DamagedEntry, SpoolError
 from .workers import AwaitedWorker, Worker
 
@@ -325,7 +325,7 @@ class Spool:
         self.root = root
         self._committer = _GroupCommit(self)
         self._remover = _Remover()
-        self._writer = spool_writer.Writer()
+        self._writer = spool_process.Writer()
         self._writer_failing = False
 
     def _dir(self, place: str) -> Path:
@@ -367,7 +367,7 @@ class Spool:
             parts.append(env)
             parts.extend(content)
         return self._results(spool_writer.store(
-            spool_writer.Parts(parts), *self._places(), spool_writer.items_of(requests)))
+            spool_writer.Parts(parts), *self._places(), spool_process.items_of(requests)))
 
     def store_in_writer(self, items: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
         """`store_batch` by the writer process; should it stop, whatever it did not
@@ -377,11 +377,11 @@ class Spool:
             results = self._results(self._writer.store(*self._places(), requests))
             self._writer_failing = False
             return results
-        except spool_writer.WriterGone as gone:
+        except spool_process.WriterGone as gone:
             self._writer_gone(gone)
         return [self._finish_store(*request) for request in requests]
 
-    def _writer_gone(self, gone: spool_writer.WriterGone) -> None:
+    def _writer_gone(self, gone: spool_process.WriterGone) -> None:
         if not self._writer_failing:  # once, not for each batch while it cannot start
             log.warning("%s; the relay writes the messages itself until a new one runs", gone)
         self._writer_failing = True
@@ -428,7 +428,7 @@ class Spool:
         start, the relay writes the messages itself (and says so)."""
         try:
             self._writer.start()
-        except spool_writer.WriterGone as gone:
+        except spool_process.WriterGone as gone:
             self._writer_gone(gone)
 
     def close(self) -> None:

@@ -7,7 +7,10 @@ them durable, renames them into queue/ and syncs the directories, exactly as
 longer take turns with the event loop for the interpreter lock.
 
 Run as a script (`python -I -S spool_writer.py FD`), so it imports only the
-standard library: it starts in a few milliseconds and needs no installed package.
+standard library, and little of it (it is a second interpreter beside the relay's,
+about 10 MiB resident): it starts in a few milliseconds and needs no installed
+package. The relay's end is relay/spool_process.py; `Spool.store_batch` runs the
+same code in the relay's own process.
 
 A request: 4 bytes of header length, the header (marshal: the incoming, queue
 and trash directories, then for each message its id, the emptied entry to write
@@ -21,17 +24,14 @@ from __future__ import annotations
 import ctypes
 import marshal
 import os
-import shutil
 import signal
-import socket
 import struct
-import subprocess
 import sys
 from collections.abc import Sequence
 
 SYNCFS_BATCH = 4
 """From this many messages in one batch, one syncfs(2) replaces an fsync per file."""
-_INLINE = 1 << 20
+INLINE = 1 << 20
 """A request whose data fits in this many bytes is read in one piece."""
 _CHUNK = 1 << 18
 _HEAD = struct.Struct("!I")
@@ -70,29 +70,33 @@ def syncfs(directory: str | os.PathLike[str]) -> bool:
         os.close(fd)
 
 
-def recv_exact(sock: socket.socket, size: int) -> bytearray:
-    """`size` bytes; EOFError when the peer closed before."""
+def recv_into(fd: int, view: memoryview) -> int:
+    """Read into `view`, at least one byte; EOFError when the peer closed."""
+    got = os.readv(fd, [view])
+    if not got:
+        raise EOFError("the peer closed the connection")
+    return got
+
+
+def recv_exact(fd: int, size: int) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)
     while view:
-        got = sock.recv_into(view)
-        if not got:
-            raise EOFError("the peer closed the connection")
-        view = view[got:]
+        view = view[recv_into(fd, view):]
     return buf
 
 
-def send_frame(sock: socket.socket, payload: bytes, parts: Sequence[bytes | memoryview] = ()
-               ) -> None:
+def send_frame(fd: int, payload: bytes, parts: Sequence[bytes | memoryview] = ()) -> None:
     """The length-prefixed `payload`, then `parts` as they are (no copy of large ones)."""
-    sock.sendall(_HEAD.pack(len(payload)) + payload)
-    for part in parts:
-        sock.sendall(part)
+    for part in (_HEAD.pack(len(payload)) + payload, *parts):
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
 
 
-def recv_frame(sock: socket.socket) -> bytearray:
-    (size,) = _HEAD.unpack(recv_exact(sock, _HEAD.size))
-    return recv_exact(sock, size)
+def recv_frame(fd: int) -> bytearray:
+    (size,) = _HEAD.unpack(recv_exact(fd, _HEAD.size))
+    return recv_exact(fd, size)
 
 
 class Parts:
@@ -111,19 +115,17 @@ class Parts:
 
 
 class _Received:
-    """The data of a request from the socket: read at once when small, else streamed."""
+    """The data of a request from the relay: read at once when small, else streamed."""
 
-    def __init__(self, sock: socket.socket, total: int) -> None:
-        self._sock = sock
-        self._whole = Parts([memoryview(recv_exact(sock, total))]) if total <= _INLINE else None
+    def __init__(self, fd: int, total: int) -> None:
+        self._fd = fd
+        self._whole = Parts([memoryview(recv_exact(fd, total))]) if total <= INLINE else None
         self._buf = memoryview(bytearray(_CHUNK)) if self._whole is None else memoryview(b"")
 
     def next(self, size: int) -> memoryview:
         if self._whole is not None:
             return self._whole.next(size)
-        got = self._sock.recv_into(self._buf, min(size, _CHUNK))
-        if not got:
-            raise EOFError("the peer closed the connection")
+        got = recv_into(self._fd, self._buf[:min(size, _CHUNK)])
         return self._buf[:got]
 
 
@@ -256,99 +258,20 @@ def commit(staged: list[_Entry], incoming: str, queue: str, trash: str) -> list[
 
 
 def _discard(entry: _Entry, error: OSError) -> str:
+    import shutil  # only here: each module is resident memory of this second interpreter
+
     entry.close()
     shutil.rmtree(entry.dir, ignore_errors=True)
     return f"cannot write the message to the spool: {error.strerror}"
 
 
-Request = tuple[str, str, bytes, Sequence[bytes | memoryview]]
-"""queue id, emptied entry to write over ("" for none), envelope, the message's parts"""
-
-
-def items_of(requests: Sequence[Request]) -> list[Item]:
-    return [(queue_id, reuse, len(env), sum(map(len, parts)))
-            for queue_id, reuse, env, parts in requests]
-
-
-class WriterGone(Exception):
-    """The writer process stopped or could not be started; what it was doing is unknown."""
-
-
-class Writer:
-    """The relay's end: starts the process on first use, and again after it stopped.
-    Used from one thread at a time (the group commit's)."""
-
-    def __init__(self) -> None:
-        self._sock: socket.socket | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def store(self, incoming: str, queue: str, trash: str, items: Sequence[Request]
-              ) -> list[str | None]:
-        """Per message (id, emptied entry or "", envelope, message parts): None or why it
-        was not stored. Raises WriterGone."""
-        header = marshal.dumps((incoming, queue, trash, items_of(items)))
-        data: list[bytes | memoryview] = []
-        for _, _, env, parts in items:
-            data.append(env)
-            data.extend(parts)
-        if sum(map(len, data)) <= _INLINE:
-            data = [b"".join(data)]
-        try:
-            sock = self._connect()
-            send_frame(sock, header, data)
-            answer: list[str | None] = marshal.loads(recv_frame(sock))
-        except (OSError, EOFError, ValueError) as e:
-            self.close()
-            raise WriterGone(f"the spool writer process stopped or could not start ({e})") from None
-        return answer
-
-    def start(self) -> None:
-        """Start the process if it is not running. Raises WriterGone."""
-        try:
-            self._connect()
-        except OSError as e:
-            raise WriterGone(f"the spool writer process could not start ({e})") from None
-
-    def _connect(self) -> socket.socket:
-        if self._sock is None:
-            ours, theirs = socket.socketpair()
-            try:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", __file__, str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            self._sock = ours
-        return self._sock
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def close(self) -> None:
-        """Stop the process (it ends when its connection closes)."""
-        sock, self._sock = self._sock, None
-        proc, self._proc = self._proc, None
-        if sock is not None:
-            sock.close()
-        if proc is not None:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def serve(sock: socket.socket) -> None:
+def serve(fd: int) -> None:
     """Answer requests until the relay closes the connection."""
     try:
         while True:
-            incoming, queue, trash, items = marshal.loads(recv_frame(sock))
-            source = _Received(sock, sum(env_len + msg_len for _, _, env_len, msg_len in items))
-            send_frame(sock, marshal.dumps(store(source, incoming, queue, trash, items)))
+            incoming, queue, trash, items = marshal.loads(recv_frame(fd))
+            source = _Received(fd, sum(env_len + msg_len for _, _, env_len, msg_len in items))
+            send_frame(fd, marshal.dumps(store(source, incoming, queue, trash, items)))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the relay closed the connection, or exited
 
@@ -361,7 +284,7 @@ def main(fd: int) -> None:
     _RELAY = os.getppid()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    serve(socket.socket(fileno=fd))
+    serve(fd)
 
 
 if __name__ == "__main__":

@@ -289,16 +289,16 @@ async def test_commit_writes_in_the_writer_process_never_on_the_event_loop(
     import threading
 
     import relay.spool as spool_module
-    import relay.spool_writer as writer_module
+    import relay.spool_process as process_module
 
     callers: list[str] = []
-    real = writer_module.Writer.store
+    real = process_module.Writer.store
 
-    def recording(self: writer_module.Writer, *args: Any) -> list[str | None]:
+    def recording(self: process_module.Writer, *args: Any) -> list[str | None]:
         callers.append(threading.current_thread().name)
         return real(self, *args)
 
-    monkeypatch.setattr(writer_module.Writer, "store", recording)
+    monkeypatch.setattr(process_module.Writer, "store", recording)
     small, large = envelope(), envelope()
     big = b"y" * (spool_module.INLINE_BYTES + 1)  # more than the writer reads at once
     await asyncio.gather(spool.commit(small, b"z\r\n"), spool.commit(large, [b"x", big]))
@@ -394,9 +394,9 @@ def test_a_commit_syncs_where_names_left_before_where_they_arrive(
 async def test_a_writer_process_that_cannot_start_leaves_the_relay_writing_itself(
         spool: Spool, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    import relay.spool_writer as writer_module
+    import relay.spool_process as process_module
 
-    monkeypatch.setattr(writer_module.sys, "executable", "/nonexistent/python3")
+    monkeypatch.setattr(process_module.sys, "executable", "/nonexistent/python3")
     spool.start_writer()
     first, second = envelope(), envelope()
     await spool.commit(first, b"one\r\n")
