@@ -46,8 +46,11 @@ class Writer:
             data = [b"".join(data)]
         try:
             sock = self._connect()
-            send_frame(sock.fileno(), header, data)
-            answer: list[str | None] = marshal.loads(recv_frame(sock.fileno()))
+            # The socket's own methods, not its descriptor: should `close` run in
+            # another thread meanwhile, they fail rather than reach a file that got
+            # the descriptor's number since.
+            send_frame(sock.send, header, data)
+            answer: list[str | None] = marshal.loads(recv_frame(sock.recv_into))
         except (OSError, EOFError, ValueError) as e:
             self.close()
             raise WriterGone(f"the spool writer process stopped or could not start ({e})"

@@ -27,7 +27,7 @@ import os
 import signal
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 SYNCFS_BATCH = 4
 """From this many messages in one batch, one syncfs(2) replaces an fsync per file."""
@@ -70,33 +70,38 @@ def syncfs(directory: str | os.PathLike[str]) -> bool:
         os.close(fd)
 
 
-def recv_into(fd: int, view: memoryview) -> int:
-    """Read into `view`, at least one byte; EOFError when the peer closed."""
-    got = os.readv(fd, [view])
+Read = Callable[[memoryview], int]
+"""Reads into the view what has come, at least one byte; 0 when the peer closed."""
+Write = Callable[[memoryview], int]
+"""Writes from the view what it can; how much."""
+
+
+def recv_into(read: Read, view: memoryview) -> int:
+    got = read(view)
     if not got:
         raise EOFError("the peer closed the connection")
     return got
 
 
-def recv_exact(fd: int, size: int) -> bytearray:
+def recv_exact(read: Read, size: int) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)
     while view:
-        view = view[recv_into(fd, view):]
+        view = view[recv_into(read, view):]
     return buf
 
 
-def send_frame(fd: int, payload: bytes, parts: Sequence[bytes | memoryview] = ()) -> None:
+def send_frame(write: Write, payload: bytes, parts: Sequence[bytes | memoryview] = ()) -> None:
     """The length-prefixed `payload`, then `parts` as they are (no copy of large ones)."""
     for part in (_HEAD.pack(len(payload)) + payload, *parts):
         view = memoryview(part)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[write(view):]
 
 
-def recv_frame(fd: int) -> bytearray:
-    (size,) = _HEAD.unpack(recv_exact(fd, _HEAD.size))
-    return recv_exact(fd, size)
+def recv_frame(read: Read) -> bytearray:
+    (size,) = _HEAD.unpack(recv_exact(read, _HEAD.size))
+    return recv_exact(read, size)
 
 
 class Parts:
@@ -117,15 +122,15 @@ class Parts:
 class _Received:
     """The data of a request from the relay: read at once when small, else streamed."""
 
-    def __init__(self, fd: int, total: int) -> None:
-        self._fd = fd
-        self._whole = Parts([memoryview(recv_exact(fd, total))]) if total <= INLINE else None
+    def __init__(self, read: Read, total: int) -> None:
+        self._read = read
+        self._whole = Parts([memoryview(recv_exact(read, total))]) if total <= INLINE else None
         self._buf = memoryview(bytearray(_CHUNK)) if self._whole is None else memoryview(b"")
 
     def next(self, size: int) -> memoryview:
         if self._whole is not None:
             return self._whole.next(size)
-        got = recv_into(self._fd, self._buf[:min(size, _CHUNK)])
+        got = recv_into(self._read, self._buf[:min(size, _CHUNK)])
         return self._buf[:got]
 
 
@@ -267,11 +272,18 @@ def _discard(entry: _Entry, error: OSError) -> str:
 
 def serve(fd: int) -> None:
     """Answer requests until the relay closes the connection."""
+
+    def read(view: memoryview) -> int:
+        return os.readv(fd, [view])
+
+    def write(view: memoryview) -> int:
+        return os.write(fd, view)
+
     try:
         while True:
-            incoming, queue, trash, items = marshal.loads(recv_frame(fd))
-            source = _Received(fd, sum(env_len + msg_len for _, _, env_len, msg_len in items))
-            send_frame(fd, marshal.dumps(store(source, incoming, queue, trash, items)))
+            incoming, queue, trash, items = marshal.loads(recv_frame(read))
+            source = _Received(read, sum(env_len + msg_len for _, _, env_len, msg_len in items))
+            send_frame(write, marshal.dumps(store(source, incoming, queue, trash, items)))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the relay closed the connection, or exited
 
