@@ -2,9 +2,9 @@
 
 The event loop hands each batch of received messages to this process in one
 write and reads one answer: the process writes the files into incoming/, makes
-them durable, renames them into queue/ and syncs the directories, exactly as
-`Spool.store_batch` does. Its dozens of file system calls per message then no
-longer take turns with the event loop for the interpreter lock.
+them durable, renames them into queue/ and syncs the directories (`store`). Its
+dozens of file system calls per message then no longer take turns with the event
+loop for the interpreter lock.
 
 Run as a script (`python -I -S spool_writer.py FD`), so it imports only the
 standard library, and little of it (it is a second interpreter beside the relay's,
