@@ -538,13 +538,18 @@ class Spool:
 
     def find(self, queue_id: str) -> tuple[Place, Envelope] | None:
         places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
-        for place in places:
-            if (self._dir(place) / queue_id).is_dir():
-                try:
-                    return place, self.read(queue_id, place)
-                except FileNotFoundError:
-                    continue  # moved on while we read it: claimed, put back or delivered
-        return None
+        for last in [False] * 9 + [True]:
+            for place in places:
+                if (self._dir(place) / queue_id).is_dir():
+                    try:
+                        return place, self.read(queue_id, place)
+                    except FileNotFoundError:
+                        if last:
+                            raise
+                        break  # it moved while we read it (claimed, put back, delivered)
+            else:
+                return None
+        raise AssertionError("unreachable")
 
     def count(self, place: Place) -> int:
         return len(self.ids(place))

@@ -441,6 +441,20 @@ def test_find_does_not_call_an_entry_damaged_that_moved_on_while_it_was_read(
     monkeypatch.setattr(spool_module, "read_regular", delivered_meanwhile)
     assert spool.find(env.id) is None
     monkeypatch.setattr(spool_module, "read_regular", real)
+    put_back = envelope()
+    spool.store(put_back, b"z\r\n")
+    spool.claim(put_back.id)
+
+    def deferred_meanwhile(path: Path) -> bytes:  # back from active/ to queue/, once
+        data = real(path)
+        if path.parent.parent.name == "active":
+            spool.put_back(put_back.id)
+        return data
+
+    monkeypatch.setattr(spool_module, "read_regular", deferred_meanwhile)
+    found = spool.find(put_back.id)
+    assert found is not None and found[0] == "queue"
+    monkeypatch.setattr(spool_module, "read_regular", real)
     damaged = envelope()
     spool.store(damaged, b"y\r\n")
     (spool.root / "queue" / damaged.id / "message").unlink()
