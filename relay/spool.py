@@ -35,7 +35,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -360,13 +360,12 @@ class Spool:
     def store_batch(self, items: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
         """Write, fsync, rename into queue/, fsync queue/ once; one result per message.
         In this thread (`commit` has the writer process do it)."""
-        requests = self._requests(items)
-        parts: list[bytes | memoryview] = []
-        for _, _, env, content in requests:
-            parts.append(env)
-            parts.extend(content)
+        return self._store_here(self._requests(items))
+
+    def _store_here(self, requests: list[spool_process.Request]) -> list[SpoolError | None]:
         return self._results(spool_writer.store(
-            spool_writer.Parts(parts), *self._places(), spool_process.items_of(requests)))
+            spool_writer.Parts(spool_process.data_of(requests)), *self._places(),
+            spool_process.items_of(requests)))
 
     def store_in_writer(self, items: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
         """`store_batch` by the writer process; should it stop, whatever it did not
@@ -386,9 +385,9 @@ class Spool:
         self._writer_failing = True
 
     def _finish_store(self, queue_id: str, reuse: str, env: bytes,
-                      content: list[bytes | memoryview]) -> SpoolError | None:
+                      content: Sequence[bytes | memoryview]) -> SpoolError | None:
         """After the writer stopped: the message is queued and synced, or stored anew."""
-        incoming, queue, trash = self._places()
+        incoming, queue, _ = self._places()
         if os.path.isdir(os.path.join(queue, queue_id)):
             try:
                 spool_writer.fsync_dir(incoming)
@@ -399,15 +398,12 @@ class Spool:
         shutil.rmtree(os.path.join(incoming, queue_id), ignore_errors=True)
         if reuse and os.path.isdir(reuse):
             self._remover.remove(Path(reuse))  # taken for it, not written over
-        (error,) = self._results(spool_writer.store(
-            spool_writer.Parts([env, *content]), incoming, queue, trash,
-            [(queue_id, "", len(env), content_size(content))]))
+        (error,) = self._store_here([(queue_id, "", env, content)])
         return error
 
-    def _requests(self, items: list[tuple[Envelope, Content]]
-                  ) -> list[tuple[str, str, bytes, list[bytes | memoryview]]]:
+    def _requests(self, items: list[tuple[Envelope, Content]]) -> list[spool_process.Request]:
         """Each message with an emptied delivered entry to write it over, if one is kept."""
-        requests = []
+        requests: list[spool_process.Request] = []
         for env, data in items:
             reuse = self._remover.take()
             parts: list[bytes | memoryview] = [data] if isinstance(data, bytes) else data
@@ -537,19 +533,20 @@ class Spool:
                 continue  # claimed or removed while we looked
 
     def find(self, queue_id: str) -> tuple[Place, Envelope] | None:
+        for attempt in range(10):
+            try:
+                return self._find_once(queue_id)
+            except FileNotFoundError:  # it moved while we read it (claimed, put back,
+                if attempt == 9:       # delivered): look again from queue/
+                    raise
+        return None
+
+    def _find_once(self, queue_id: str) -> tuple[Place, Envelope] | None:
         places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
-        for last in [False] * 9 + [True]:
-            for place in places:
-                if (self._dir(place) / queue_id).is_dir():
-                    try:
-                        return place, self.read(queue_id, place)
-                    except FileNotFoundError:
-                        if last:
-                            raise
-                        break  # it moved while we read it (claimed, put back, delivered)
-            else:
-                return None
-        raise AssertionError("unreachable")
+        for place in places:
+            if (self._dir(place) / queue_id).is_dir():
+                return place, self.read(queue_id, place)
+        return None
 
     def count(self, place: Place) -> int:
         return len(self.ids(place))

@@ -21,6 +21,15 @@ def items_of(requests: Sequence[Request]) -> list[Item]:
             for queue_id, reuse, env, parts in requests]
 
 
+def data_of(requests: Sequence[Request]) -> list[bytes | memoryview]:
+    """What follows the header: each message's envelope, then its parts."""
+    data: list[bytes | memoryview] = []
+    for _, _, env, parts in requests:
+        data.append(env)
+        data.extend(parts)
+    return data
+
+
 class WriterGone(Exception):
     """The writer process stopped or could not be started; what it was doing is unknown."""
 
@@ -38,10 +47,7 @@ class Writer:
         """Per message (id, emptied entry or "", envelope, message parts): None or why it
         was not stored. Raises WriterGone."""
         header = marshal.dumps((incoming, queue, trash, items_of(items)))
-        data: list[bytes | memoryview] = []
-        for _, _, env, parts in items:
-            data.append(env)
-            data.extend(parts)
+        data = data_of(items)
         if sum(map(len, data)) <= spool_writer.INLINE:
             data = [b"".join(data)]
         try:
