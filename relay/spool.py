@@ -82,6 +82,14 @@ class Envelope:
     last_reply: str | None = None
     crashes: int = 0
     dead_reason: str | None = None
+    helo: str | None = None
+    """The client's HELO/EHLO name, for the Received line added when the message is sent."""
+    protocol: str = "ESMTP"
+    """SMTP, ESMTP or UTF8SMTP: the `with` of that Received line."""
+    as_received: bool = False
+    """True: `message` holds the client's bytes, and the rewrite for the account as it is
+    when the message is sent is applied on the way out. False: an entry written by an
+    earlier version, whose `message` already holds the bytes to send."""
 
     def __post_init__(self) -> None:
         if not self.age_base:
@@ -107,6 +115,8 @@ class Envelope:
             value = getattr(env, name)
             if not isinstance(value, kinds) or isinstance(value, bool):
                 raise ValueError(f"{name} has the wrong type ({type(value).__name__})")
+        if not isinstance(env.as_received, bool):
+            raise ValueError("as_received is not true or false")
         for rcpt in env.recipients:
             if (not isinstance(rcpt.address, str) or rcpt.state not in _STATES
                     or not isinstance(rcpt.options, list)):
@@ -118,6 +128,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "id": str, "sender": str, "mail_options": list, "received_at": (int, float),
     "age_base": (int, float), "size": int, "client": str, "attempts": int,
     "next_attempt": (int, float), "crashes": int, "mail_from": (str, type(None)),
+    "helo": (str, type(None)), "protocol": str,
 }
 _STATES = ("pending", "delivered", "failed")
 
