@@ -22,7 +22,7 @@ SYSTEM_ADDRESS = "notify@example.com"
 SINK_SERVER = "sink"
 UNAVAILABLE_MARKER = "not available in this version"
 _PENDING_DIRS = ("incoming", "queue", "active")
-"""trash/ is not among them: it holds delivered entries, emptied and kept for reuse."""
+"""trash/ is not among them: it holds delivered entries while they are deleted."""
 
 CONFIG = """# sysmail-relay under benchmark (written by bench/run.py)
 state_dir = "{state_dir}"

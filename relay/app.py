@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import importlib.metadata
 import logging
 import os
@@ -121,7 +120,6 @@ class Relay:
             log.warning("%s", warning)
         for queue_id, reason in recovery.quarantined:
             log.error("%s: moved to quarantine: %s", queue_id, reason)
-        await asyncio.to_thread(self.spool.start_writer)  # before the first message needs it
         self.scheduler = Scheduler(self.spool, self.settings, self.metrics, self.make_upstream)
         self.scheduler.on_dead = self.notifier.dead_letter
         self.notifier.recovered(recovery.crashed_out)
@@ -177,7 +175,7 @@ class Relay:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.notifier.close()
-        await asyncio.to_thread(self.spool.close)  # a commit still running finishes in-process
+        await asyncio.to_thread(self.spool.close)  # writes of messages being received end
         if self.admin is not None:
             await self.admin.stop()
         with contextlib.suppress(FileNotFoundError):
@@ -288,12 +286,6 @@ async def serve(settings: Settings, config_file: Path | None) -> int:
             loop.remove_signal_handler(sig)
         return 2
     started = True
-    # What start-up made (modules, classes, settings: about 60,000 objects) lives as
-    # long as the process. Frozen, the collector's oldest generation no longer walks
-    # it: each full collection under load paused the loop about 11 ms (the tail of
-    # '.' to 250, docs/performance.md).
-    gc.collect()
-    gc.freeze()
     sd.ready(relay.status_line())
     keepalive = asyncio.create_task(_systemd_keepalive(sd, relay), name="systemd")
     try:

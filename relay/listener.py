@@ -3,9 +3,12 @@
 aiosmtpd's protocol, served by `loop.create_server` in the daemon's own loop.
 Connections are accepted only from `listener.allowed_networks` (554 otherwise)
 and up to `listener.max_connections` (421 beyond). SIZE, recipients per message
-and idle time are bounded. A message is rewritten (relay.rewrite), written to the
-spool, and only when the spool has fsynced it does the client get 250; if the
-write fails the client gets 451 4.3.0 and nothing is left behind.
+and idle time are bounded. DATA is streamed into the spool's incoming file as it
+arrives (relay.smtp_data), so a session holds a small buffer whatever the message's
+size; the client's bytes are kept unchanged (the rewrite is applied when the message
+is sent). Only when the spool has made the message durable does the client get 250;
+if the write fails the client gets 451 4.3.0, and a message that is too big or
+interrupted leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,18 +20,17 @@ import logging
 import re
 import socket
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from .errors import SpoolError
 from .metrics import Metrics
-from .rewrite import date_header_value, header_value, received_header, rewrite_parts
+from .rewrite import header_value
 from .settings import Settings
 from .smtp_data import TooBig, read_data
-from .spool import Content, Recipient, Spool, content_size, new_queue_id
 from .spool import Envelope as SpoolEnvelope
+from .spool import Incoming, Recipient, Spool, new_queue_id
 
 log = logging.getLogger("relay.listener")
 
@@ -112,7 +114,8 @@ class RelaySMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
-        """aiosmtpd's DATA, reading the message in chunks (relay.smtp_data)."""
+        """aiosmtpd's DATA, streaming the message into the spool as it arrives
+        (relay.smtp_data), then `Listener.receive` for the reply."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
@@ -123,21 +126,22 @@ class RelaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        message = self._listener.spool.receive(new_queue_id())
         try:
-            data = await read_data(self._reader, self.data_size_limit)
+            await read_data(self._reader, self.data_size_limit, message.write)
         except TooBig:
+            message.discard()
             await self.push("552 Error: Too much mail data")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
-        except asyncio.CancelledError:
+        except BaseException:  # the client left, the idle timer or shutdown closed it
+            message.discard()
             self._writer.close()
             raise
-        # The buffer it was read into, not a copy (aiosmtpd says bytes; a bytearray
-        # reads the same, and IntakeHandler only reads it).
-        self.envelope.content = self.envelope.original_content = data  # type: ignore[assignment]
-        status = await self._call_handler_hook("DATA")
+        assert self.session is not None
+        status = await self._listener.receive(self.session, self.envelope, message)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+        await self.push(status)
 
     def __init__(self, listener: Listener, **kwargs: Any) -> None:
         self._listener = listener
@@ -228,7 +232,7 @@ class RelaySMTP(SMTP):
 
 
 class IntakeHandler:
-    """aiosmtpd hooks: check the envelope, rewrite, spool, then 250."""
+    """aiosmtpd hooks: check the envelope (DATA is RelaySMTP.smtp_DATA's, which streams it)."""
 
     def __dir__(self) -> list[str]:
         return _hook_names(type(self), ("handle_",))
@@ -274,9 +278,6 @@ class IntakeHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.append(" ".join(dsn))  # one entry per recipient
         return "250 2.1.5 Recipient OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        return await self.listener.receive(session, envelope)
 
 
 # aiosmtpd reads handle_EHLO's signature for every connection (which form of the hook
@@ -368,32 +369,25 @@ class Listener:
 
     # --- one message -------------------------------------------------------------------
 
-    async def receive(self, session: Session, envelope: Envelope) -> str:
-        qid = new_queue_id()
-        account = self.settings.system_account
-        data: bytes | bytearray = envelope.original_content or b""
+    async def receive(self, session: Session, envelope: Envelope, message: Incoming) -> str:
+        """Queue a message received into the spool: 250 once it is durable, else 451.
+
+        The spool keeps the client's bytes as they came; the rewrite for the account
+        as it is then is applied when the message is sent (`as_received`)."""
+        qid = message.queue_id
         peer_ip = str(session.peer[0]) if isinstance(session.peer, tuple) else "unknown"
-        now = datetime.now(UTC).astimezone().replace(microsecond=0)
-        domain = account.address.rpartition("@")[2] if account.address else self.hostname
-        received = received_header(
-            helo=session.host_name, peer_ip=peer_ip, by_host=self.hostname, queue_id=qid,
-            recipients=envelope.rcpt_tos, when=now,
-            with_protocol="UTF8SMTP" if envelope.smtp_utf8 else
-            ("ESMTP" if session.extended_smtp else "SMTP"))
-        body = rewrite_parts(
-            data, system_address=account.address or "", received=received,
-            from_header=account.from_header if account.address else "keep",
-            message_id=f"<{qid}@{domain}>", date=date_header_value(now))
         env = SpoolEnvelope(
             id=qid, sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",
-            mail_from=account.address,
+            mail_from=self.settings.system_account.address,
             recipients=[Recipient(a, options=o.split()) for a, o in
                         zip(envelope.rcpt_tos, envelope.rcpt_options, strict=True)],
-            mail_options=list(envelope.mail_options), size=content_size(body), client=peer_ip,
-            subject=header_value(data, "Subject"))
+            mail_options=list(envelope.mail_options), size=message.size, client=peer_ip,
+            subject=subject_of(message.head), helo=session.host_name,
+            protocol="UTF8SMTP" if envelope.smtp_utf8 else
+            ("ESMTP" if session.extended_smtp else "SMTP"), as_received=True)
         # Shielded: if the client goes away meanwhile, a message that reaches the disk is
         # still handed to the scheduler (the client, without a 250, may send it again).
-        queued = asyncio.ensure_future(self._queue(env, body))
+        queued = asyncio.ensure_future(self._queue(env, message))
         queued.add_done_callback(_retrieve)
         try:
             await asyncio.shield(queued)
@@ -403,8 +397,8 @@ class Listener:
             return "451 4.3.0 Could not queue the message on disk; try again later"
         return f"250 2.0.0 OK queued as {qid}"
 
-    async def _queue(self, env: SpoolEnvelope, body: Content) -> None:
-        await self.spool.commit(env, body)
+    async def _queue(self, env: SpoolEnvelope, message: Incoming) -> None:
+        await self.spool.commit(env, message)
         self.metrics.messages_received.inc()
         log.info("%s: queued from=<%s> client=%s size=%d nrcpt=%d", env.id, env.sender,
                  env.client, env.size, len(env.recipients))
@@ -433,6 +427,16 @@ class Listener:
             await asyncio.sleep(0.05)  # shutdown only: wait for transactions to complete
         if self._server is not None:
             await self._server.wait_closed()
+
+
+SUBJECT_CHARS = 200
+"""The Subject kept for logs and the status page is cut to this many characters."""
+
+
+def subject_of(head: bytes | bytearray) -> str | None:
+    """The Subject of a message from its first bytes (`Incoming.head`, bounded), cut short."""
+    value = header_value(head, "Subject")
+    return None if value is None else value[:SUBJECT_CHARS]
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

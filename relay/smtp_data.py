@@ -1,9 +1,10 @@
-"""Reading the message of a DATA command in large chunks.
+"""Reading the message of a DATA command in large chunks, passing it on as it arrives.
 
-aiosmtpd reads DATA line by line in Python, which is most of the listener's work
-for a 100 KiB message. This reads what the socket has, finds the end with one
-search per chunk, and undoes dot-stuffing with one replace: the same result, the
-same rules.
+aiosmtpd reads DATA line by line in Python and keeps the whole message in memory.
+This reads what the socket has, finds the end with one search per chunk, undoes
+dot-stuffing with one replace, and hands each piece to a writer (the spool's
+incoming file) before it reads on: a session holds a chunk and a few bytes
+whatever the message's size.
 
 Only CRLF "." CRLF ends the message: a bare CR or LF around the dot never does, so
 SMTP smuggling (`LF.CRLF`, `CR.LF`, `LF.LF`, ...) leaves the rest inside this
@@ -13,46 +14,55 @@ message. Commands the client pipelined after the final dot stay in the stream.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 END = b"\r\n.\r\n"
 CHUNK = 1 << 16
+_STUFFED = b"\r\n."
+_HELD = len(END) - 1
+"""Bytes kept back from each chunk: an end that starts there may finish in the next one."""
 
 
 class TooBig(Exception):
     """The message exceeded the limit; its bytes were read to the end and dropped."""
 
 
-async def read_data(reader: asyncio.StreamReader, limit: int | None) -> bytearray:
-    """The message up to the final dot, dot-stuffing undone (RFC 5321 4.5.2).
+async def read_data(reader: asyncio.StreamReader, limit: int | None,
+                    write: Callable[[bytearray], Awaitable[None]]) -> None:
+    """Pass the message up to the final dot to `write`, dot-stuffing undone (RFC 5321
+    4.5.2), in pieces as they arrive; each `write` is awaited before more is read.
 
-    A bytearray, the buffer it was read into: a 25 MiB message takes 25 MiB.
-
-    Raises TooBig beyond `limit` bytes (after reading to the final dot, keeping
-    only a few bytes in memory meanwhile) and ConnectionResetError if the client
-    hangs up before the final dot.
+    Raises TooBig beyond `limit` bytes (after reading to the final dot; nothing past
+    the limit is passed on) and ConnectionResetError if the client hangs up before
+    the final dot.
     """
-    data = bytearray(b"\r\n")  # a line end before the first line: ".\r\n" alone ends it too
-    dropped = 0
+    # `held` starts with the two bytes before what is not passed on yet: a dot is
+    # removed when a line end precedes it, which may have been in the last piece. The
+    # line end before the first line makes ".\r\n" alone an end too.
+    held = bytearray(b"\r\n")
+    size = 0  # bytes of the message as sent (dot-stuffed), passed on or dropped
     while True:
         chunk = await reader.read(CHUNK)
         if not chunk:
             raise ConnectionResetError("the client closed the connection during DATA")
-        searched = max(0, len(data) - len(END) + 1)
-        data += chunk
-        end = data.find(END, searched)
+        held += chunk
+        end = held.find(END)
         if end >= 0:
-            if len(data) > end + len(END):  # pipelined commands: give them back to the reader
-                reader._buffer[0:0] = data[end + len(END):]  # type: ignore[attr-defined]
+            if len(held) > end + len(END):  # pipelined commands: give them back to the reader
+                reader._buffer[0:0] = held[end + len(END):]  # type: ignore[attr-defined]
+            cut = end + 2  # the message's last line end is its own
+        else:
+            cut = len(held) - _HELD
+            if cut <= 2:
+                continue
+        size += cut - 2
+        if cut > 2 and (limit is None or size <= limit):
+            if held.find(_STUFFED, 0, cut) >= 0:
+                await write(held[:cut].replace(_STUFFED, b"\r\n")[2:])
+            else:
+                await write(held[2:cut])
+        if end >= 0:
             break
-        if limit is not None and dropped + len(data) - 2 > limit:
-            keep = len(END) - 1  # enough to find an end split across two chunks
-            dropped += len(data) - keep
-            del data[:-keep]
-    if dropped or (limit is not None and end > limit):
+        del held[:cut - 2]
+    if limit is not None and size > limit:
         raise TooBig
-    if data.find(b"\r\n.", 0, end + 2) >= 0:
-        data = data[:end + 2].replace(b"\r\n.", b"\r\n")
-    else:
-        del data[end + 2:]  # in place: a large message is never copied
-    del data[:2]
-    return data

@@ -1,20 +1,21 @@
 """The spool: every accepted message on disk until the upstream has it.
 
-One directory per message, holding `message` (the bytes to send) and
-`envelope.json` (sender, recipients and their states, attempts). Where the
-directory sits is its state:
+One directory per message, holding `message` (the client's bytes; the rewrite is
+applied when it is sent, `Envelope.as_received`) and `envelope.json` (sender,
+recipients and their states, attempts). Where the directory sits is its state:
 
-    incoming/ID    being written; removed at start-up (the client never got 250)
+    incoming/ID    being received or committed; removed at start-up (the client
+                   never got 250) and when a reception is abandoned
     queue/ID       waiting for delivery (queued, deferred or held)
     active/ID      claimed by a delivery; put back at start-up (a crash), counted
     edit/ID        claimed by `queue retry`; put back at start-up
     dead/ID        dead letter, with the reason in the envelope
     quarantine/ID  damaged entries moved aside, never deleted
-    trash/ID       delivered: kept for the next message to be written over (emptied
-                   if not reused within a moment), or removed; all deleted at start-up
+    trash/ID       delivered: being deleted (in a thread); all deleted at start-up
 
-A message is written into incoming/, its files and directory fsynced, then renamed
-into queue/; incoming/ and then queue/ are fsynced: only then does the client get 250. A delivery
+A message is written into incoming/ as it arrives (`Incoming`), made durable and
+renamed into queue/ by `Spool.commit` (whose docstring gives the argument): only
+then does the client get 250. A delivery
 claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
 upstream has accepted it. `claim`, `read` and `finish` only touch the page cache
@@ -24,9 +25,11 @@ method waits for the disk: call it from a thread.
 
 from __future__ import annotations
 
-import collections
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -35,22 +38,20 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import spool_process, spool_writer
 from .errors import DamagedEntry, SpoolError
-from .spool_writer import ENVELOPE, MESSAGE
 from .workers import AwaitedWorker, Worker
 
 log = logging.getLogger("relay.spool")
 
 RecipientState = Literal["pending", "delivered", "failed"]
 Place = Literal["queue", "active", "dead", "edit"]
-Content = bytes | list[bytes | memoryview]
-"""A message's bytes: whole, or in pieces written one after the other."""
+MESSAGE = "message"
+ENVELOPE = "envelope.json"
 _DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash")
 
 
@@ -165,17 +166,25 @@ def read_regular(path: Path) -> bytes:
         os.close(fd)
 
 
-def content_size(data: Content) -> int:
-    return len(data) if isinstance(data, bytes) else sum(map(len, data))
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _write_file(path: Path, data: bytes) -> None:
     """Create a file with `data`, fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -184,18 +193,119 @@ def _write_file(path: Path, data: bytes) -> None:
 INLINE_BYTES = 1 << 20
 """Messages up to this size are read from the event loop (the page cache), larger ones
 from a thread or a chunk at a time."""
-class _GroupCommit(AwaitedWorker[tuple["Envelope", "Content"], None]):
-    """Makes concurrently received messages durable together.
 
-    One thread takes every message waiting and hands them all to the spool writer
-    process (relay/spool_writer.py), which writes them, makes them durable (an fsync
-    per file and directory, or for a larger batch one syncfs of the file system),
-    renames them into queue/ and fsyncs queue/ once: the disk round trips are
-    shared, yet no message is acknowledged before its own files and its directory
-    entry are on disk. The file system calls run beside the event loop, on the other
-    core, without taking turns with it for the interpreter lock (in a thread of this
-    process they cost about a sixth of the throughput); the thread wakes the
-    loop once per batch.
+
+class Incoming:
+    """A message being received into incoming/ID/message, as its bytes arrive.
+
+    Up to BUFFER bytes are kept in memory: a small message is written by the group
+    commit, in the one thread hop that makes it durable. Beyond that, what is
+    buffered is written out in a thread and the session waits for it before it reads
+    on, so a session holds at most about BUFFER bytes whatever the message's size.
+    A write that fails is remembered, the entry removed, and what follows dropped:
+    `Spool.commit` then fails with the cause. `discard` (client gone, too big,
+    shutdown) removes whatever was written. Only the event loop calls `write` and
+    `discard`; the file system calls run in the spool's threads.
+    """
+
+    BUFFER = 1 << 17
+    HEAD = 1 << 16
+
+    def __init__(self, spool: Spool, queue_id: str) -> None:
+        self.queue_id = queue_id
+        self.size = 0
+        self.head = bytearray()
+        """The message's first HEAD bytes: where the header block is, for the Subject."""
+        self._spool = spool
+        self._dir = spool._dir("incoming") / queue_id
+        self._pieces: list[bytes | bytearray] = []
+        self._buffered = 0
+        self._fd: int | None = None
+        self._made = False
+        self._error: OSError | None = None
+        self._writing: concurrent.futures.Future[None] | None = None
+        """The last write handed to a thread."""
+        self._discarded = False
+
+    async def write(self, data: bytes | bytearray) -> None:
+        """Take the next bytes of the message (they must not change afterwards)."""
+        if not data or self._discarded:
+            return
+        self.size += len(data)
+        if len(self.head) < self.HEAD:
+            self.head += data[:self.HEAD - len(self.head)]
+        if self._error is not None:
+            return  # the entry is gone; the rest of the message is read and dropped
+        self._pieces.append(data)
+        self._buffered += len(data)
+        if self._buffered >= self.BUFFER:
+            pieces, self._pieces, self._buffered = self._pieces, [], 0
+            self._writing = self._spool._writes().submit(self._spill, pieces)
+            await asyncio.wrap_future(self._writing)
+
+    def discard(self) -> None:
+        """Remove what was written (in a thread, after a write still running)."""
+        if self._discarded:
+            return
+        self._discarded = True
+        self._pieces, self._buffered = [], 0
+        if self._writing is not None:  # else nothing is on disk yet
+            # Called at once when it is done, else by its thread when it finishes:
+            # never while it still writes, even if the session's wait was cancelled.
+            self._writing.add_done_callback(lambda _: self._spool._remover.submit(self._remove))
+
+    # --- in a thread ---------------------------------------------------------------
+
+    def _spill(self, pieces: list[bytes | bytearray]) -> None:
+        if self._error is not None or self._discarded:
+            return
+        try:
+            self._flush(pieces)
+        except OSError as e:
+            self._error = e
+            self._remove()
+
+    def _flush(self, pieces: list[bytes | bytearray]) -> None:
+        if self._fd is None:
+            os.mkdir(self._dir, 0o700)
+            self._made = True
+            self._fd = os.open(self._dir / MESSAGE,
+                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        for piece in pieces:
+            _write_all(self._fd, piece)
+
+    def _commit(self, envelope: bytes) -> None:
+        """Write what is left and the envelope, make the entry durable, and queue it."""
+        if self._error is not None:
+            raise self._error
+        pieces, self._pieces, self._buffered = self._pieces, [], 0
+        self._flush(pieces)
+        assert self._fd is not None
+        os.fdatasync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        _write_file(self._dir / ENVELOPE, envelope)
+        fsync_dir(self._dir)
+        os.rename(self._dir, self._spool._dir("queue") / self.queue_id)
+
+    def _remove(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self._made:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._made = False
+
+
+class _GroupCommit(AwaitedWorker[tuple["Envelope", Incoming], None]):
+    """Makes concurrently received messages durable together, in one thread.
+
+    Each message of a batch is written out, its file, envelope and entry directory
+    synced and renamed into queue/; then incoming/ and queue/ are synced once for the
+    whole batch. Concurrent sessions share those two directory syncs and the thread's
+    wake-ups, while no message is acknowledged before its own bytes and its name in
+    queue/ are on disk.
     """
 
     MAX_BATCH = 64
@@ -205,110 +315,28 @@ class _GroupCommit(AwaitedWorker[tuple["Envelope", "Content"], None]):
         super().__init__()
         self.spool = spool
 
-    def results(self, args: list[tuple[Envelope, Content]]) -> list[Exception | None]:
-        try:
-            errors: list[Exception | None] = [*self.spool.store_in_writer(args)]
-            return errors
-        except Exception as e:  # a bug must not stop acceptance: fail this batch, go on
-            failure = SpoolError(f"cannot write the message to the spool: {e!r}")
-            return [failure] * len(args)
+    def results(self, args: list[tuple[Envelope, Incoming]]) -> list[Exception | None]:
+        return [*self.spool._commit_batch(args)]
 
 
-_SWEEP = Path()
-"""Handed to the remover: empty the entries kept for reuse that are still full."""
-
-
-class _Remover(Worker[Path]):
-    """Empties delivered entries in trash/, so no delivery waits for it.
-
-    Up to REUSE entries are kept for new messages (`take`): a file system allocates
-    and frees inodes dearly (ext4 without a journal scans past every inode freed in
-    the last seconds for each one it allocates), and reusing them spares three of
-    each per message. The rest are deleted.
-
-    A delivered message up to REUSE_BYTES is kept as it is (`keep`, on the event
-    loop, without waking this thread): under load its entry is taken for a new
-    message within milliseconds, which is written over it. What is still
-    kept SWEEP seconds later is emptied (truncated) here, so a delivered message
-    does not stay on disk. A larger one is emptied at once. An entry is in trash/
-    once it is delivered: whatever is still there at the next start is deleted then.
-    """
+class _Remover(Worker[Callable[[], None]]):
+    """Removes delivered entries and discarded receptions, so no session or delivery
+    waits for it."""
 
     NAME = "spool-remove"
-    REUSE = 256
-    REUSE_BYTES = 1 << 16
-    SWEEP = 0.5
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._empty: collections.deque[Path] = collections.deque()
-        self._full: dict[Path, float] = {}
-        """Kept entries not emptied yet, and when each was kept (monotonic seconds)."""
-        self._sweeping = False
-        self._taking = threading.Lock()
-        """Held while an entry is taken, and while a kept one is emptied: a truncate
-        must never reach a file that already holds the next message."""
-
-    def remove(self, entry: Path) -> None:
-        self.submit(entry)
-
-    def keep(self, entry: Path, size: int) -> bool:
-        """Keep a delivered entry of `size` bytes for reuse as it is, if it is small and
-        there is room; False: `remove` it."""
-        if size > self.REUSE_BYTES or len(self._empty) >= self.REUSE:
-            return False
-        self._full[entry] = time.monotonic()
-        self._empty.append(entry)
-        if not self._sweeping:
-            self._sweeping = True
-            self.submit(_SWEEP)
-        return True
-
-    def take(self) -> Path | None:
-        """An entry in trash/ to write a new message into, if there is one."""
-        with self._taking:
-            try:
-                entry = self._empty.pop()
-            except IndexError:
-                return None
-            self._full.pop(entry, None)
-        return entry
-
-    def handle(self, batch: list[Path]) -> None:
-        for entry in batch:
-            if entry is _SWEEP:
-                self._sweep()
-            elif len(self._empty) >= self.REUSE or not _emptied(entry):
-                _remove_entry(entry)
-            else:
-                self._empty.append(entry)
-
-    def _sweep(self) -> None:
-        """Empty what has been kept SWEEP seconds; what was kept since gets a sweep of
-        its own, behind the deletions handed over meanwhile."""
-        oldest = min(list(self._full.values()), default=None)
-        if oldest is not None:
-            time.sleep(max(0.0, oldest + self.SWEEP - time.monotonic()))
-        due = time.monotonic() - self.SWEEP
-        for entry, kept in list(self._full.items()):
-            if kept <= due:
-                with self._taking:
-                    if self._full.pop(entry, None) is not None:  # else taken meanwhile
-                        _emptied(entry)
-        self._sweeping = False
-        if self._full:
-            self._sweeping = True
-            self.submit(_SWEEP)
+    def handle(self, batch: list[Callable[[], None]]) -> None:
+        for job in batch:
+            job()
 
 
-def _emptied(entry: Path) -> bool:
-    """Truncate a delivered entry's files; False when it is not shaped like one."""
+def _commit_one(envelope: Envelope, message: Incoming) -> SpoolError | None:
     try:
-        os.truncate(entry / MESSAGE, 0)
-        os.truncate(entry / ENVELOPE, 0)
-    except OSError:
-        return False
-    return True
+        message._commit(envelope.to_json())
+    except OSError as e:
+        message._remove()
+        return SpoolError(f"cannot write the message to the spool: {e.strerror}")
+    return None
 
 
 def _remove_entry(entry: Path) -> None:
@@ -331,12 +359,16 @@ class Recovery:
 
 
 class Spool:
+    WRITERS = 8
+    """Threads writing out large messages as they are received, and syncing the
+    messages of a commit side by side."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self._committer = _GroupCommit(self)
         self._remover = _Remover()
-        self._writer = spool_process.Writer()
-        self._writer_failing = False
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def _dir(self, place: str) -> Path:
         return self.root / place
@@ -358,92 +390,73 @@ class Spool:
 
     # --- accepting -------------------------------------------------------------------
 
+    def receive(self, queue_id: str) -> Incoming:
+        """A new message, to be written into with `Incoming.write` and then `commit`ted."""
+        return Incoming(self, queue_id)
+
+    async def commit(self, envelope: Envelope, message: Incoming) -> None:
+        """Make a received message durable in queue/ under `envelope`. Raises SpoolError
+        (and nothing is left behind).
+
+        The message's bytes are written into incoming/ID/message, fdatasync'ed; the
+        envelope is written beside them and fsynced; the entry's directory is fsynced
+        (the two names in it are durable) and renamed into queue/; then incoming/ and
+        queue/ are fsynced, in that order: the rename is durable, and a crash at any
+        earlier point leaves the entry in incoming/, which start-up removes (the client
+        had no 250 and sends again). Only then does this return, and the client get
+        250. Concurrent commits share the two directory syncs (one thread, batches);
+        nothing syncs a whole file system. On a file system without a journal a crash
+        between the two directory syncs leaves the entry in neither directory rather
+        than in both (the client, without its 250, sends again).
+        """
+        await self._committer.call((envelope, message))
+
     def store(self, envelope: Envelope, data: bytes) -> None:
-        """Make the message durable in queue/. Raises SpoolError (nothing is left behind)."""
+        """`commit` of a message already in memory, in this thread (which waits for the disk)."""
         (error,) = self.store_batch([(envelope, data)])
         if error is not None:
             raise error
 
-    async def commit(self, envelope: Envelope, data: Content) -> None:
-        """`store` from the event loop, sharing disk round trips with concurrent messages."""
-        await self._committer.call((envelope, data))
+    def store_batch(self, items: list[tuple[Envelope, bytes]]) -> list[SpoolError | None]:
+        """`store` for several messages, sharing the directory syncs; one result each."""
+        batch = []
+        for envelope, data in items:
+            message = self.receive(envelope.id)
+            message._pieces, message.size = [data], len(data)
+            batch.append((envelope, message))
+        return self._commit_batch(batch)
 
-    def store_batch(self, items: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
-        """Write, fsync, rename into queue/, fsync queue/ once; one result per message.
-        In this thread (`commit` has the writer process do it)."""
-        return self._store_here(self._requests(items))
-
-    def _store_here(self, requests: list[spool_process.Request]) -> list[SpoolError | None]:
-        return self._results(spool_writer.store(
-            spool_writer.Parts(spool_process.data_of(requests)), *self._places(),
-            spool_process.items_of(requests)))
-
-    def store_in_writer(self, items: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
-        """`store_batch` by the writer process; should it stop, whatever it did not
-        finish is done here."""
-        requests = self._requests(items)
-        try:
-            results = self._results(self._writer.store(*self._places(), requests))
-            self._writer_failing = False
-            return results
-        except spool_process.WriterGone as gone:
-            self._writer_gone(gone)
-        return [self._finish_store(*request) for request in requests]
-
-    def _writer_gone(self, gone: spool_process.WriterGone) -> None:
-        if not self._writer_failing:  # once, not for each batch while it cannot start
-            log.warning("%s; the relay writes the messages itself until a new one runs", gone)
-        self._writer_failing = True
-
-    def _finish_store(self, queue_id: str, reuse: str, env: bytes,
-                      content: Sequence[bytes | memoryview]) -> SpoolError | None:
-        """After the writer stopped: the message is queued and synced, or stored anew."""
-        incoming, queue, _ = self._places()
-        if os.path.isdir(os.path.join(queue, queue_id)):
+    def _commit_batch(self, items: list[tuple[Envelope, Incoming]]) -> list[SpoolError | None]:
+        # The messages' own syncs run side by side: a file system that journals
+        # (ext4, xfs) then makes them durable in one commit of its journal.
+        if len(items) == 1:
+            errors = [_commit_one(*items[0])]
+        else:
+            errors = list(self._writes().map(lambda item: _commit_one(*item), items))
+        committed = [i for i, error in enumerate(errors) if error is None]
+        if committed:
             try:
-                spool_writer.fsync_dir(incoming)
-                spool_writer.fsync_dir(queue)
-                return None
-            except OSError as e:
-                return SpoolError(f"cannot sync the spool directory: {e.strerror}")
-        shutil.rmtree(os.path.join(incoming, queue_id), ignore_errors=True)
-        if reuse and os.path.isdir(reuse):
-            self._remover.remove(Path(reuse))  # taken for it, not written over
-        (error,) = self._store_here([(queue_id, "", env, content)])
-        return error
+                fsync_dir(self._dir("incoming"))
+                fsync_dir(self._dir("queue"))
+            except OSError as e:  # in queue/ but perhaps not durable: the client retries
+                for i in committed:
+                    errors[i] = SpoolError(f"cannot sync the spool directory: {e.strerror}")
+        return errors
 
-    def _requests(self, items: list[tuple[Envelope, Content]]) -> list[spool_process.Request]:
-        """Each message with an emptied delivered entry to write it over, if one is kept."""
-        requests: list[spool_process.Request] = []
-        for env, data in items:
-            reuse = self._remover.take()
-            parts: list[bytes | memoryview] = [data] if isinstance(data, bytes) else data
-            requests.append((env.id, str(reuse) if reuse is not None else "", env.to_json(),
-                             parts))
-        return requests
-
-    def _places(self) -> tuple[str, str, str]:
-        return str(self._dir("incoming")), str(self._dir("queue")), str(self._dir("trash"))
-
-    @staticmethod
-    def _results(answers: list[str | None]) -> list[SpoolError | None]:
-        return [None if answer is None else SpoolError(answer) for answer in answers]
-
-    def start_writer(self) -> None:
-        """Start the writer process now rather than at the first `commit`; should it not
-        start, the relay writes the messages itself (and says so)."""
-        try:
-            self._writer.start()
-        except spool_process.WriterGone as gone:
-            self._writer_gone(gone)
+    def _writes(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that write large messages out while they are received."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    self.WRITERS, thread_name_prefix="spool-write")
+            return self._executor
 
     def close(self) -> None:
-        """Stop the writer process (a later `commit` starts it again)."""
-        self._writer.close()
-
-    @property
-    def writer_pid(self) -> int | None:
-        return self._writer.pid
+        """Wait for writes in progress and stop their threads (a later one starts them again)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
 
     # --- delivering ------------------------------------------------------------------
 
@@ -491,7 +504,7 @@ class Spool:
         """Save the envelope and move the entry on (back to queue/, or into dead/)."""
         self.update(envelope, src)
         os.rename(self._dir(src) / envelope.id, self._dir(dst) / envelope.id)
-        spool_writer.fsync_dir(self._dir(dst))
+        fsync_dir(self._dir(dst))
 
     def put_back(self, queue_id: str, src: Place = "active") -> None:
         """Return a claimed entry to the queue unchanged: a rename, which needs no free space."""
@@ -502,11 +515,10 @@ class Spool:
         """The upstream has the message (of `size` bytes, when known): remove it."""
         trash = self._dir("trash") / queue_id
         os.rename(self._dir(place) / queue_id, trash)
-        if size is None or not self._remover.keep(trash, size):
-            self._remover.remove(trash)
+        self._remover.submit(functools.partial(_remove_entry, trash))
 
     def removed(self, timeout: float = 10.0) -> bool:
-        """True once every finished entry is emptied or deleted (it happens in a thread)."""
+        """True once every finished entry is deleted (it happens in a thread)."""
         return self._remover.wait(timeout)
 
     def quarantine(self, queue_id: str, place: str, reason: str) -> None:

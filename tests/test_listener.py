@@ -202,6 +202,42 @@ async def test_actual_size_over_the_limit_is_refused_after_data_and_nothing_is_q
     await client.close()
 
 
+async def test_a_message_over_the_limit_gets_552_and_leaves_nothing_in_incoming(
+        relay_factory: RelayFactory) -> None:
+    """Large enough that part of it was written out before the limit was passed."""
+    relay = await relay_factory(listener={"max_message_size": 1 << 20})
+    client = await ehlo(relay)
+    body = MESSAGE + (b"z" * 998 + b"\r\n") * 2100 + b".\r\n"  # about 2 MiB
+    reply = await client.transaction(body)
+    assert reply.startswith("552 5.3.4"), reply
+    await wait_until(lambda: os.listdir(relay.spool.root / "incoming") == [])
+    assert relay.spool.ids("queue") == []
+    assert (await client.cmd("NOOP")).startswith("250")
+    await client.close()
+
+
+async def test_data_is_written_into_the_spool_as_it_arrives_and_an_abort_removes_it(
+        relay: Relay) -> None:
+    """A client that sends part of a large message and hangs up: what it sent was on
+    disk, not in the relay's memory, and nothing of it stays behind."""
+    client = await ehlo(relay)
+    assert (await client.cmd("MAIL FROM:<app@example.com>")).startswith("250")
+    assert (await client.cmd("RCPT TO:<user@example.com>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send(MESSAGE + (b"w" * 998 + b"\r\n") * 3000)  # about 3 MiB, no end
+    incoming = relay.spool.root / "incoming"
+
+    def written() -> int:
+        return sum(f.stat().st_size for entry in incoming.iterdir() for f in entry.iterdir())
+
+    await wait_until(lambda: written() >= 2 << 20)  # written while the client still sends
+    await client.close()
+    await wait_until(lambda: os.listdir(incoming) == [])
+    assert relay.spool.ids("queue") == []
+    again = await ehlo(relay)  # and the listener serves on
+    await again.close()
+
+
 async def test_max_connections_gives_421_to_the_next_client(relay_factory: RelayFactory) -> None:
     relay = await relay_factory(listener={"max_connections": 2})
     first = await RawSMTP.connect(listener_port(relay))
@@ -467,6 +503,6 @@ async def test_shortened_dir_gives_aiosmtpd_the_same_commands_and_hooks(
     assert sorted(fast._smtp_methods) == sorted(full._smtp_methods)
     assert "DATA" in fast._smtp_methods and "EHLO" in fast._smtp_methods
     assert sorted(fast._auth_methods) == sorted(full._auth_methods)
-    assert sorted(fast._handle_hooks) == sorted(full._handle_hooks) == [
-        "DATA", "EHLO", "MAIL", "RCPT"]
+    # DATA is RelaySMTP.smtp_DATA's, which streams the message into the spool
+    assert sorted(fast._handle_hooks) == sorted(full._handle_hooks) == ["EHLO", "MAIL", "RCPT"]
     assert fast._ehlo_hook_ver == full._ehlo_hook_ver == "new"

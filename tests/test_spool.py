@@ -7,12 +7,11 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from relay.errors import DamagedEntry, SpoolError
-from relay.spool import Envelope, Recipient, Spool, new_queue_id, read_regular
+from relay.spool import Envelope, Incoming, Recipient, Spool, new_queue_id, read_regular
 
 
 def envelope(*rcpts: str) -> Envelope:
@@ -89,86 +88,7 @@ def test_finish_removes_the_entry(spool: Spool) -> None:
     spool.finish(env.id)
     assert spool.find(env.id) is None
     assert spool.removed()
-    kept = list((spool.root / "trash").iterdir())  # emptied, for the next message
-    assert [p.stat().st_size for entry in kept for p in entry.iterdir()] == [0, 0]
-
-
-def test_small_delivered_message_is_overwritten_by_the_next_or_emptied_soon_after(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A small delivered entry is kept as it is (no thread woken per message): the next
-    message is written over it, every byte replaced; one not taken is emptied by the
-    sweep, so delivered mail does not stay on disk."""
-    import relay.spool as spool_module
-
-    monkeypatch.setattr(spool_module._Remover, "SWEEP", 0.05)
-    old = [envelope() for _ in range(2)]
-    assert spool.store_batch([(env, b"old secret\r\n" * 100) for env in old]) == [None] * 2
-    for env in old:
-        spool.claim(env.id)
-        spool.finish(env.id, size=1200)
-    new = envelope()
-    spool.store(new, b"new\r\n")
-    assert spool.message_path(new.id, "queue").read_bytes() == b"new\r\n"
-    assert spool.read(new.id, "queue").id == new.id
-    assert spool.removed()
-    kept = list((spool.root / "trash").iterdir())
-    assert len(kept) == 1 and [p.stat().st_size for p in kept[0].iterdir()] == [0, 0]
-
-
-def test_a_kept_entry_is_emptied_only_once_it_has_been_kept_the_sweep_time(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    import relay.spool as spool_module
-
-    monkeypatch.setattr(spool_module._Remover, "SWEEP", 0.4)
-    first, second = envelope(), envelope()
-    assert spool.store_batch([(e, b"delivered\r\n") for e in (first, second)]) == [None] * 2
-    trash = spool.root / "trash"
-    spool.claim(first.id)
-    spool.finish(first.id, size=11)
-    time.sleep(0.25)
-    spool.claim(second.id)
-    spool.finish(second.id, size=11)
-    deadline = time.monotonic() + 5
-    while (trash / first.id / "message").stat().st_size and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert (trash / first.id / "message").stat().st_size == 0
-    assert (trash / second.id / "message").stat().st_size == 11  # kept 0.15 s: not yet
-    assert spool.removed()
-    assert (trash / second.id / "message").stat().st_size == 0
-
-
-def test_large_delivered_message_is_emptied_at_once(spool: Spool) -> None:
-    env = envelope()
-    spool.store(env, b"x" * 70_000 + b"\r\n")
-    spool.claim(env.id)
-    spool.finish(env.id, size=70_002)
-    assert spool.removed()
-    kept = list((spool.root / "trash").iterdir())
-    assert [p.stat().st_size for entry in kept for p in entry.iterdir()] == [0, 0]
-
-
-def test_emptied_entries_are_reused_for_new_messages_and_the_rest_removed(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    import relay.spool as spool_module
-
-    monkeypatch.setattr(spool_module._Remover, "REUSE", 3)
-    first = [envelope() for _ in range(5)]
-    assert spool.store_batch([(env, b"old secret\r\n" * 100) for env in first]) == [None] * 5
-    inodes = set()
-    for env in first:
-        spool.claim(env.id)
-        inodes.add((spool.root / "active" / env.id / "message").stat().st_ino)
-        spool.finish(env.id)
-    assert spool.removed()
-    assert len(os.listdir(spool.root / "trash")) == 3  # at most REUSE kept, the rest deleted
-    second = [envelope() for _ in range(4)]
-    assert spool.store_batch([(env, b"new\r\n") for env in second]) == [None] * 4
-    reused = {(spool.root / "queue" / env.id / "message").stat().st_ino for env in second}
-    # the three kept were taken (a fresh file may get a freed inode's number too)
-    assert len(reused & inodes) >= 3 and os.listdir(spool.root / "trash") == []
-    for env in second:
-        assert (spool.root / "queue" / env.id / "message").read_bytes() == b"new\r\n"
-        assert spool.read(env.id, "queue").id == env.id
+    assert os.listdir(spool.root / "trash") == []  # deleted, not kept for reuse
 
 
 def test_failed_write_leaves_nothing_behind(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,85 +167,108 @@ def test_unwritable_spool_directory_is_a_clear_error(tmp_path: Path) -> None:
         Spool(blocker / "spool").open()
 
 
-def test_a_batch_is_committed_together_with_one_syncfs(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    import relay.spool_writer as writer_module
-
-    calls: list[str | os.PathLike[str]] = []
-    real = writer_module.syncfs
-
-    def counting(directory: str | os.PathLike[str]) -> bool:
-        calls.append(directory)
-        return real(directory)
-
-    monkeypatch.setattr(writer_module, "syncfs", counting)
-    envelopes = [envelope() for _ in range(6)]
-    errors = spool.store_batch([(env, b"x\r\n") for env in envelopes])
-    assert errors == [None] * 6 and len(calls) == 1
-    assert spool.ids("queue") == sorted(env.id for env in envelopes)
-    assert os.listdir(spool.root / "incoming") == []
-    assert spool.store_batch([(envelope(), b"y\r\n")]) == [None] and len(calls) == 1  # small: fsync
+async def received(spool: Spool, env: Envelope, *pieces: bytes) -> Incoming:
+    """A message received into the spool in `pieces`, as the listener hands them over."""
+    message = spool.receive(env.id)
+    for piece in pieces:
+        await message.write(bytearray(piece))
+    return message
 
 
 async def test_commit_from_many_tasks_stores_every_message(spool: Spool) -> None:
     import asyncio
 
     envelopes = [envelope() for _ in range(50)]
-    await asyncio.gather(*(spool.commit(env, b"z\r\n") for env in envelopes))
+    messages = [await received(spool, env, b"z\r\n") for env in envelopes]
+    await asyncio.gather(*map(spool.commit, envelopes, messages))
     assert spool.ids("queue") == sorted(env.id for env in envelopes)
+    assert os.listdir(spool.root / "incoming") == []
 
 
-def _cmdline(pid: int) -> list[bytes]:
-    """The process's arguments; [] once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    except FileNotFoundError:
-        return []
-
-
-async def test_commit_writes_in_the_writer_process_never_on_the_event_loop(
+async def test_a_large_message_is_written_as_it_arrives_from_a_thread(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    import asyncio
+    """Beyond the buffer, a message goes to incoming/ID/message before its end has
+    come, written by the spool's threads, never by the event loop's."""
     import threading
 
     import relay.spool as spool_module
-    import relay.spool_process as process_module
 
-    callers: list[str] = []
-    real = process_module.Writer.store
+    writers: list[str] = []
+    real = spool_module._write_all
 
-    def recording(self: process_module.Writer, *args: Any) -> list[str | None]:
-        callers.append(threading.current_thread().name)
-        return real(self, *args)
+    def recording(fd: int, data: bytes | bytearray | memoryview) -> None:
+        writers.append(threading.current_thread().name)
+        real(fd, data)
 
-    monkeypatch.setattr(process_module.Writer, "store", recording)
+    monkeypatch.setattr(spool_module, "_write_all", recording)
+    env = envelope()
+    piece = b"y" * 1000 + b"\r\n"
+    count = Incoming.BUFFER // len(piece) * 3
+    message = await received(spool, env, *[piece] * count)
+    partial = spool.root / "incoming" / env.id / "message"
+    assert 0 < partial.stat().st_size < len(piece) * count  # on disk before the end came
+    await spool.commit(env, message)
+    assert (spool.root / "queue" / env.id / "message").read_bytes() == piece * count
+    assert writers and threading.main_thread().name not in writers
+    assert os.listdir(spool.root / "incoming") == [] and message.size == len(piece) * count
+
+
+async def test_a_discarded_message_leaves_nothing_in_incoming(spool: Spool) -> None:
     small, large = envelope(), envelope()
-    big = b"y" * (spool_module.INLINE_BYTES + 1)  # more than the writer reads at once
-    await asyncio.gather(spool.commit(small, b"z\r\n"), spool.commit(large, [b"x", big]))
-    assert callers and set(callers) == {"spool-commit"}
-    pid = spool.writer_pid
-    assert pid is not None and pid != os.getpid()
-    assert _cmdline(pid)[-2].endswith(b"spool_writer.py")
-    assert (spool.root / "queue" / large.id / "message").read_bytes() == b"x" + big
-    assert spool.read(small.id, "queue").id == small.id
-    spool.close()
-    assert not _cmdline(pid)  # stopped and reaped
+    kept_in_memory = await received(spool, small, b"short\r\n")
+    written_out = await received(spool, large, b"x" * (Incoming.BUFFER + 1))
+    assert os.listdir(spool.root / "incoming") == [large.id]
+    kept_in_memory.discard()
+    written_out.discard()
+    assert spool.removed()
+    assert os.listdir(spool.root / "incoming") == [] and spool.ids("queue") == []
+
+
+def test_a_commit_syncs_the_files_and_directories_never_the_file_system(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each message's data and entry are synced before it is renamed into queue/;
+    a batch syncs incoming/ and then queue/ once (a crash between the two leaves an
+    entry in neither place, never in both: start-up empties incoming/)."""
+    import relay.spool as spool_module
+
+    synced: list[str] = []
+    real = spool_module.fsync_dir
+
+    def recording(path: str | os.PathLike[str]) -> None:
+        synced.append(Path(path).name if Path(path).parent == spool.root else "entry")
+        real(path)
+
+    monkeypatch.setattr(spool_module, "fsync_dir", recording)
+    datasyncs: list[int] = []
+    real_datasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (datasyncs.append(fd), real_datasync(fd)))
+    spool.store(envelope(), b"new\r\n")
+    assert synced == ["entry", "incoming", "queue"] and len(datasyncs) == 1
+    synced.clear()
+    batch = [(env, spool.receive(env.id)) for env in (envelope() for _ in range(5))]
+    for _, message in batch:
+        message._pieces = [b"n\r\n"]
+    assert spool._commit_batch(batch) == [None] * 5
+    assert synced == ["entry"] * 5 + ["incoming", "queue"]
+    assert len(spool.ids("queue")) == 6
 
 
 async def test_a_message_that_does_not_fit_fails_alone_and_the_batch_goes_on(
         small_disk: Path) -> None:
-    """A real ENOSPC inside the writer process, in the middle of a streamed message:
-    the messages before and after it in the same batch are stored intact."""
+    """A real ENOSPC while a large message is written out: the messages before and
+    after it in the same batch are stored intact, and the large one leaves nothing."""
     import asyncio
 
     spool = Spool(small_disk / "spool")
     spool.open()
     try:
         before, too_big, after = envelope(), envelope(), envelope()
-        huge = [b"h" * (1 << 20)] * 3  # 3 MiB on a 2 MiB file system
+        first = await received(spool, before, b"first\r\n")
+        huge = await received(spool, too_big, *[b"h" * (1 << 20)] * 3)  # 3 MiB on 2 MiB
+        last = await received(spool, after, b"last\r\n" * 1000)
         results = await asyncio.gather(
-            spool.commit(before, b"first\r\n"), spool.commit(too_big, huge),
-            spool.commit(after, b"last\r\n" * 1000), return_exceptions=True)
+            spool.commit(before, first), spool.commit(too_big, huge),
+            spool.commit(after, last), return_exceptions=True)
         assert results[0] is None and results[2] is None, results
         assert isinstance(results[1], SpoolError) and "No space left" in str(results[1])
         assert spool.ids("queue") == sorted([before.id, after.id])
@@ -333,93 +276,6 @@ async def test_a_message_that_does_not_fit_fails_alone_and_the_batch_goes_on(
         assert os.listdir(spool.root / "incoming") == []
     finally:
         spool.close()
-
-
-async def test_a_writer_process_that_died_is_replaced_and_nothing_is_lost(
-        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
-    import asyncio
-    import signal
-
-    await spool.commit(envelope(), b"one\r\n")
-    first = spool.writer_pid
-    assert first is not None
-    os.kill(first, signal.SIGKILL)
-    await asyncio.sleep(0.1)
-    second = envelope()
-    await spool.commit(second, b"two\r\n")  # written by the relay itself
-    assert "the spool writer process stopped" in caplog.text
-    assert (spool.root / "queue" / second.id / "message").read_bytes() == b"two\r\n"
-    third = envelope()
-    await spool.commit(third, b"three\r\n")
-    assert spool.writer_pid not in (None, first)
-    assert len(spool.ids("queue")) == 3 and os.listdir(spool.root / "incoming") == []
-
-
-def test_a_message_the_stopped_writer_had_queued_is_kept_not_written_twice(
-        spool: Spool) -> None:
-    env = envelope()
-    spool.store(env, b"queued by the writer before it stopped\r\n")
-    request = (env.id, "", env.to_json(), [b"must not replace it\r\n"])
-    assert spool._finish_store(*request) is None
-    assert (spool.root / "queue" / env.id / "message").read_bytes() == (
-        b"queued by the writer before it stopped\r\n")
-
-
-def test_a_commit_syncs_where_names_left_before_where_they_arrive(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a journal, a crash between two directory syncs must leave an entry in
-    neither place rather than in both: start-up empties incoming/ and trash/."""
-    import relay.spool_writer as writer_module
-
-    old = envelope()
-    spool.store(old, b"delivered\r\n")
-    spool.claim(old.id)
-    spool.finish(old.id)
-    assert spool.removed()
-    synced: list[str] = []
-    real = writer_module.fsync_dir
-
-    def recording(path: str | os.PathLike[str]) -> None:
-        synced.append(Path(path).name if Path(path).parent == spool.root else "entry")
-        real(path)
-
-    monkeypatch.setattr(writer_module, "fsync_dir", recording)
-    spool.store(envelope(), b"new\r\n")  # one message: reuses the emptied entry
-    assert synced == ["trash", "entry", "incoming", "queue"]
-    synced.clear()
-    assert spool.store_batch([(envelope(), b"n\r\n") for _ in range(5)]) == [None] * 5
-    assert synced == ["incoming", "queue"]  # a batch: syncfs first, then both directories
-
-
-async def test_a_writer_process_that_cannot_start_leaves_the_relay_writing_itself(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    import relay.spool_process as process_module
-
-    monkeypatch.setattr(process_module.sys, "executable", "/nonexistent/python3")
-    spool.start_writer()
-    first, second = envelope(), envelope()
-    await spool.commit(first, b"one\r\n")
-    await spool.commit(second, b"two\r\n")
-    assert spool.ids("queue") == sorted([first.id, second.id])
-    assert spool.writer_pid is None
-    warnings = [r.getMessage() for r in caplog.records if "spool writer" in r.getMessage()]
-    assert len(warnings) == 1, warnings  # said once, not for every batch
-    assert "could not start" in warnings[0] and "/nonexistent/python3" in warnings[0]
-
-
-def test_a_writer_whose_relay_was_killed_queues_nothing(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A relay starting after a kill empties incoming/: the old writer must not move
-    entries into queue/ behind its back. (Here the writer's checks run in this process,
-    with a relay pid that is not this process's parent.)"""
-    import relay.spool_writer as writer_module
-
-    monkeypatch.setattr(writer_module, "_RELAY", os.getpid())
-    env = envelope()
-    with pytest.raises(SystemExit):
-        spool.store(env, b"nobody waits for this\r\n")
-    assert spool.ids("queue") == [] and os.listdir(spool.root / "incoming") == [env.id]
 
 
 def test_find_does_not_call_an_entry_damaged_that_moved_on_while_it_was_read(
