@@ -238,6 +238,46 @@ async def test_data_is_written_into_the_spool_as_it_arrives_and_an_abort_removes
     await again.close()
 
 
+async def test_the_subject_kept_for_logs_comes_from_the_head_and_is_cut_short(
+        relay_factory: RelayFactory) -> None:
+    """A Subject of 320 KB of encoded words: what the envelope keeps (for the log and
+    the status page) is read from the message's first 64 KiB and cut to 200 characters;
+    the message itself is kept whole."""
+    relay = await relay_factory(system_account={"active": False})
+    client = await ehlo(relay)
+    head = b"Subject: " + b"=?utf-8?q?abc?= " * 20_000 + b"\r\n"
+    reply = await client.transaction(head + b"\r\nbody\r\n.\r\n")
+    assert reply.startswith("250"), reply
+    queue_id = reply.rsplit(" ", 1)[1]
+    env = relay.spool.read(queue_id, "queue")
+    assert env.subject is not None and env.subject.startswith("abc")
+    assert len(env.subject) == 200
+    stored = relay.spool.message_path(queue_id, "queue").read_bytes()
+    assert stored == head + b"\r\nbody\r\n" and env.size == len(stored)
+    await client.close()
+
+
+@pytest.mark.parametrize(("greeting", "mail_params", "protocol"), [
+    ("HELO", "", "SMTP"), ("EHLO", "", "ESMTP"), ("EHLO", " SMTPUTF8", "UTF8SMTP")])
+async def test_intake_keeps_the_clients_bytes_and_what_the_received_line_needs(
+        relay_factory: RelayFactory, greeting: str, mail_params: str, protocol: str) -> None:
+    """The spool holds the message as the client sent it (dot-stuffing undone): the
+    rewrite for the account as it is when the message is sent happens then."""
+    relay = await relay_factory(system_account={"active": False})
+    client = await RawSMTP.connect(listener_port(relay))
+    assert (await client.cmd(f"{greeting} app.example.com")).startswith("250")
+    reply = await client.transaction(MESSAGE + b"..dotted\r\n.\r\n", mail_params=mail_params)
+    assert reply.startswith("250"), reply
+    queue_id = reply.rsplit(" ", 1)[1]
+    stored = relay.spool.message_path(queue_id, "queue").read_bytes()
+    assert stored == MESSAGE + b".dotted\r\n"
+    env = relay.spool.read(queue_id, "queue")
+    assert env.as_received and env.helo == "app.example.com" and env.protocol == protocol
+    assert env.client == "127.0.0.1" and env.size == len(stored)
+    assert env.subject == "Invoice ready" and env.received_at > 0
+    await client.close()
+
+
 async def test_max_connections_gives_421_to_the_next_client(relay_factory: RelayFactory) -> None:
     relay = await relay_factory(listener={"max_connections": 2})
     first = await RawSMTP.connect(listener_port(relay))
