@@ -3,9 +3,9 @@
 Run as the operator runs it (the installed `sysmail-relay`, a TOML file): a second
 `serve` on the same state_dir exits 1 naming the first while a client sends, and
 every message that got 250 is delivered; the lock goes with a killed holder;
-files and directories are 0600/0700 under umask 000; planted symbolic links (pid
-file, lock file, spool entries) are never followed and their targets stay as they
-were.
+`queue retry|delete` go through the running daemon; files and directories are
+0600/0700 under umask 000; planted symbolic links (pid file, lock file, spool
+entries) are never followed and their targets stay as they were.
 """
 
 from __future__ import annotations
@@ -164,6 +164,42 @@ def test_lock_is_released_when_the_holder_is_killed_with_sigkill(
         client.sendmail("app@apps.example.com", ["ops@example.com"], message("after"))
     wait_for(lambda: "after" in delivered_ids(state))
     assert second.stop() == 0
+
+
+def test_queue_retry_and_delete_while_the_daemon_runs_go_through_the_daemon(
+        tmp_path: Path, daemons: list[Daemon]) -> None:
+    state = tmp_path / "state"
+    port = free_port()
+    config = write_config(tmp_path / "relay.toml", state, port, active=False)
+    d = start(daemons, config, port, tmp_path / "relay.log")
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        for n in ("a", "b", "c"):
+            client.sendmail("app@apps.example.com", ["ops@example.com"], message(n))
+    first, second, third = sorted(os.listdir(state / "spool" / "queue"))
+
+    deleted = run_cli(config, "queue", "delete", first)
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout == f"{first}: deleted\n"
+    retried = run_cli(config, "queue", "retry", second)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout == f"{second}: due now\n"
+    every = run_cli(config, "queue", "retry", "--all")
+    assert every.returncode == 0 and every.stdout == "2 messages due now\n", every
+    missing = run_cli(config, "queue", "delete", first)
+    assert missing.returncode == 1 and "no message" in missing.stderr, missing
+    log = d.log_text()
+    assert f"{first}: deleted from the admin listener (command line)" in log
+    assert f"{second}: made due now from the admin listener (command line)" in log
+    assert "2 waiting messages made due now from the command line" in log
+    assert sorted(os.listdir(state / "spool" / "queue")) == [second, third]
+    assert os.listdir(state / "spool" / "edit") == []
+
+    assert d.stop() == 0  # no daemon: the command takes the lock and changes the files
+    alone = run_cli(config, "queue", "delete", third)
+    assert alone.returncode == 0, alone.stderr
+    assert "the daemon is not running" in alone.stdout
+    assert os.listdir(state / "spool" / "queue") == [second]
+    assert not (state / "relay.pid").exists()
 
 
 # --- item 11: files ------------------------------------------------------------------------
