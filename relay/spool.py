@@ -17,9 +17,12 @@ A message is written into incoming/, its files and directory fsynced, then renam
 into queue/; incoming/ and then queue/ are fsynced: only then does the client get 250. A delivery
 claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
-upstream has accepted it. `claim`, `read` and `finish` only touch the page cache
-and may run on the event loop (for messages up to INLINE_BYTES); every other
-method waits for the disk: call it from a thread.
+upstream has accepted it. Directories are 0700 and files 0600; an entry that is a
+symbolic link, or whose message or envelope is one, is quarantined when it is
+claimed or recovered, never followed (its target is neither sent nor truncated).
+`claim`, `read` and `finish` only touch the page cache and may run on the event loop
+(for messages up to INLINE_BYTES); every other method waits for the disk: call it
+from a thread.
 """
 
 from __future__ import annotations

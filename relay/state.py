@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 import time
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StateLocked
+
+log = logging.getLogger("relay.state")
 
 LOCK_FILE = "relay.lock"
 PID_FILE = "relay.pid"
@@ -149,6 +152,7 @@ class StateLock:
         fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         deadline = time.monotonic() + wait
         unknown_until = time.monotonic() + _UNKNOWN_WAIT
+        waiting = False
         try:
             while True:
                 try:
@@ -159,6 +163,10 @@ class StateLock:
                     now = time.monotonic()
                     if not _alive(holder.pid) and now < unknown_until:
                         pass  # taken a moment ago: its holder is writing its name
+                    elif holder.role != SERVE and now < deadline and not waiting:
+                        waiting = True
+                        log.info("waiting up to %.0f s for %s to finish with %s", wait,
+                                 holder.describe(), self.state_dir)
                     elif holder.role == SERVE or now >= deadline:
                         raise StateLocked(
                             f"the state directory {self.state_dir} is in use by "

@@ -25,6 +25,7 @@ import pytest
 
 from relay.app import Relay
 from relay.spool import Envelope, Recipient, new_queue_id
+from relay.state import StateLock
 
 from .support import Daemon, RelayFactory, free_port, relay_command, wait_until
 
@@ -164,6 +165,33 @@ def test_lock_is_released_when_the_holder_is_killed_with_sigkill(
         client.sendmail("app@apps.example.com", ["ops@example.com"], message("after"))
     wait_for(lambda: "after" in delivered_ids(state))
     assert second.stop() == 0
+
+
+def test_serve_waits_for_a_queue_command_that_holds_the_lock_then_starts(
+        tmp_path: Path, daemons: list[Daemon]) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    port = free_port()
+    config = write_config(tmp_path / "relay.toml", state, port)
+    command = StateLock(state)
+    command.acquire("queue retry")  # as `queue retry` holds it while no daemon runs
+    log = tmp_path / "relay.log"
+    d = Daemon(config, log, port)
+    daemons.append(d)
+    with log.open("ab") as out:
+        d.proc = subprocess.Popen([relay_command(), "serve", "--config", str(config)],
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        wait_for(lambda: f"for sysmail-relay queue retry (pid {os.getpid()}) to finish"
+                 in d.log_text())
+        assert not (state / "spool").exists()  # nothing touched while it waits
+    finally:
+        command.release()
+    wait_for(lambda: (state / "relay.pid").exists())
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("app@apps.example.com", ["ops@example.com"], message("after"))
+    wait_for(lambda: "after" in delivered_ids(state))
+    assert d.stop() == 0
 
 
 def test_queue_retry_and_delete_while_the_daemon_runs_go_through_the_daemon(
