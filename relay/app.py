@@ -153,7 +153,7 @@ class Relay:
 
     def _prepare_state(self) -> None:
         try:
-            state.private_dir(self.settings.state_dir)
+            state.private_dir(self.settings.state_dir, follow=True)  # StateDirectory= links
         except OSError as e:
             raise SpoolError(f"cannot create state_dir {self.settings.state_dir}: {e.strerror}; "
                              "create it for the relay's user or set state_dir") from None

@@ -16,7 +16,7 @@ lock file lets two processes each lock a file of that name.
 
 Every file and directory made here is created 0600/0700 whatever the umask, and
 never through a symbolic link (O_NOFOLLOW; a directory that is a symbolic link is
-refused).
+refused), but for state_dir itself, which may be one.
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ _UNKNOWN_WAIT = 1.0
 """How long to wait for a new holder to write its name before reporting it unknown."""
 
 
-def private_dir(path: Path) -> None:
+def private_dir(path: Path, follow: bool = False) -> None:
     """Make `path` (and missing parents) a directory of mode 0700, whatever the umask.
 
     An existing one is kept, made 0700 when others may use it (it is ours); one that is
-    a symbolic link, or not a directory, raises OSError."""
+    a symbolic link (unless `follow`), or not a directory, raises OSError. `follow` is
+    for state_dir itself, which the operator names: systemd's DynamicUser= makes
+    /var/lib/NAME a symbolic link to /var/lib/private/NAME."""
     missing: list[Path] = []
     here = path
     while not os.path.lexists(here) and here != here.parent:
@@ -58,7 +60,7 @@ def private_dir(path: Path) -> None:
     for directory in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made meanwhile: checked below
             os.mkdir(directory, 0o700)
-    info = os.lstat(path)
+    info = os.stat(path) if follow else os.lstat(path)
     if stat.S_ISLNK(info.st_mode):
         raise OSError(errno.ELOOP, "is a symbolic link, not a directory (remove it)", str(path))
     if not stat.S_ISDIR(info.st_mode):

@@ -285,6 +285,22 @@ async def test_relay_in_process_under_umask_000_creates_only_private_files(
     assert private_tree(state_dir) == {}
 
 
+def test_state_dir_may_be_a_symbolic_link_as_systemd_dynamic_user_makes_it(
+        tmp_path: Path, daemons: list[Daemon]) -> None:
+    """/var/lib/NAME -> private/NAME: the operator's state_dir is followed, nothing in it."""
+    (tmp_path / "private" / "state").mkdir(parents=True, mode=0o700)
+    state = tmp_path / "state"
+    state.symlink_to(Path("private") / "state")
+    port = free_port()
+    d = start(daemons, write_config(tmp_path / "relay.toml", state, port), port,
+              tmp_path / "relay.log")
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("app@apps.example.com", ["ops@example.com"], message("m"))
+    wait_for(lambda: "m" in delivered_ids(tmp_path / "private" / "state"))
+    assert (tmp_path / "private" / "state" / "relay.lock").is_file()
+    assert d.stop() == 0
+
+
 def test_planted_pid_file_symlink_is_replaced_not_followed(
         tmp_path: Path, daemons: list[Daemon]) -> None:
     state = tmp_path / "state"
