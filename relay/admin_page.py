@@ -5,7 +5,9 @@ Inactive, system e-mail address, outgoing server, encryption, time-out,
 authentication, POP before SMTP, OAuth authorization Granted / Not granted with its
 "Sign in with ..." button), queue counts, the latest results with the server's
 reply, and the waiting and dead messages with Retry and Delete buttons (POST, CSRF
-protected). "Send test message" submits through the listener, as an application
+protected). With `Accept: application/json` the buttons, and /queue/retry-all, answer
+JSON: that is how `sysmail-relay queue retry|delete` changes the spool while the
+daemon holds it. "Send test message" submits through the listener, as an application
 does, and shows the listener's and the upstream's answers. Never shows a secret.
 """
 
@@ -44,6 +46,7 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/", details)
     app.router.add_post("/queue/{id}/retry", retry)
     app.router.add_post("/queue/{id}/delete", delete)
+    app.router.add_post("/queue/retry-all", retry_all)
     app.router.add_post("/send-test", send_test)
     app.router.add_get("/oauth/start", oauth_start)
     app.router.add_get("/oauth/callback", oauth_callback)
@@ -161,22 +164,44 @@ async def delete(request: web.Request) -> web.Response:
     return await _queue_action(request, "delete")
 
 
+async def retry_all(request: web.Request) -> web.Response:
+    """Every waiting message due now (`queue retry --all`); JSON only."""
+    check_csrf(request, await request.post())
+    relay = request.app[RELAY]
+    count = await asyncio.to_thread(queue_admin.retry_all, relay.spool)
+    log.info("%d waiting messages made due now from the command line", count)
+    await relay.rescan()
+    return web.json_response({"count": count})
+
+
+def _wants_json(request: web.Request) -> bool:
+    return request.headers.get("Accept", "") == "application/json"
+
+
 async def _queue_action(request: web.Request, action: str) -> web.Response:
     check_csrf(request, await request.post())
     relay = request.app[RELAY]
     queue_id = request.match_info["id"]
     if not QUEUE_ID.match(queue_id):
+        if _wants_json(request):
+            return web.json_response({"error": f"{queue_id} is not a queue id"}, status=404)
         return message(request, "No such message", "That is not a queue id.", 404)
     try:
         if action == "retry":
-            await asyncio.to_thread(queue_admin.retry, relay.spool, queue_id)
+            place = await asyncio.to_thread(queue_admin.retry, relay.spool, queue_id)
         else:
             await asyncio.to_thread(queue_admin.delete, relay.spool, queue_id)
+            place = "deleted"
     except queue_admin.QueueItemError as e:
+        if _wants_json(request):
+            return web.json_response({"error": str(e)}, status=409)
         return message(request, "Cannot change this message", str(e), 409)
-    log.info("%s: %s from the admin page", queue_id,
-             "made due now" if action == "retry" else "deleted")
+    log.info("%s: %s from the admin %s", queue_id,
+             "made due now" if action == "retry" else "deleted",
+             "listener (command line)" if _wants_json(request) else "page")
     await relay.rescan()
+    if _wants_json(request):
+        return web.json_response({"id": queue_id, "place": place})
     done = "retried" if action == "retry" else "deleted"
     raise web.HTTPSeeOther(f"/?done={done}&id={queue_id}#messages")
 

@@ -1,10 +1,12 @@
 """The daemon's lifecycle: start-up, main loop, reload, shutdown.
 
-start: open and recover the spool, load the delivery index, bind the listener,
-start the scheduler. SIGTERM/SIGINT: stop accepting, let sessions and deliveries in
-flight finish (bounded), exit; a second signal stops at once. SIGHUP: reload the
-configuration (a bad one is refused and the running one kept). SIGUSR1: re-read
-the queue after `sysmail-relay queue retry|delete`.
+start: take the state directory's lock (relay.state; a second `serve` on the same
+state_dir exits 1 naming the holder, before it touches anything), open and recover
+the spool, load the delivery index, bind the listener, start the scheduler, write
+the pid file. SIGTERM/SIGINT: stop accepting, let sessions and deliveries in flight
+finish (bounded), remove the pid file, drop the lock last, exit; a second signal stops
+at once. SIGHUP: reload the configuration (a bad one is refused and the running one
+kept). SIGUSR1: re-read the queue (after a change to the spool made outside the daemon).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import logs, queue_admin, systemd
+from . import logs, queue_admin, state, systemd
 from .admin import AdminServer
 from .delivery import Scheduler, UpstreamFactory, backoff
-from .errors import ConfigError, RelayError, SpoolError
+from .errors import ConfigError, RelayError, SpoolError, StateLocked
 from .listener import Listener
 from .metrics import Metrics
 from .notify import Notifier
@@ -39,7 +41,10 @@ from .upstream import Upstream
 log = logging.getLogger("relay.app")
 
 SHUTDOWN_GRACE = 10.0
-PID_FILE = "relay.pid"
+PID_FILE = state.PID_FILE
+LOCK_WAIT = 10.0
+"""How long start-up waits for a `queue retry|delete` that holds the state directory's
+lock for a moment (another `serve` holding it is not waited for)."""
 
 
 def make_upstream(settings: Settings, metrics: Metrics | None = None,
@@ -66,7 +71,7 @@ def check_connect(settings: Settings, emit: Callable[[str], None]) -> bool:
             outbox = LocalOutbox(settings.outbox)
             outbox.ensure()
             scratch = settings.outbox / "tmp" / f".check-{os.getpid()}"
-            scratch.write_bytes(b"")
+            os.close(state.open_private(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
             scratch.unlink()
         except OSError as e:
             emit(f"outbox   FAILED  {settings.outbox}: {e.strerror}")
@@ -91,6 +96,7 @@ class Relay:
         self.make_upstream: UpstreamFactory = upstreams or functools.partial(
             make_upstream, metrics=self.metrics, oauth=self.oauth)
         self.spool = Spool(settings.spool_dir)
+        self.lock = state.StateLock(settings.state_dir)
         self.scheduler: Scheduler | None = None
         self.listener: Listener | None = None
         self.admin: AdminServer | None = None
@@ -105,7 +111,8 @@ class Relay:
         return self.settings.state_dir / PID_FILE
 
     async def start(self, listen_socket: socket.socket | None = None) -> None:
-        """Raises SpoolError, ConfigError or OSError when the relay cannot start."""
+        """Raises StateLocked (another process holds state_dir), SpoolError, ConfigError
+        or OSError when the relay cannot start."""
         self.admin = AdminServer(self)  # refuses a non-loopback admin.host without a token
         await asyncio.to_thread(self._prepare_state)
         recovery = await asyncio.to_thread(
@@ -135,7 +142,7 @@ class Relay:
         self._load_task = asyncio.create_task(self.scheduler.load(), name="queue-index")
         self._run_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._oauth_task = asyncio.create_task(self.oauth.run(), name="oauth-keep-alive")
-        self.pid_file.write_text(f"{os.getpid()}\n")
+        self._publish()
         log.info("sysmail-relay started: account %s <%s> via %s; event loop %s; reading the "
                  "queue's index",
                  "active" if self.settings.system_account.active else "INACTIVE (mail is held)",
@@ -144,10 +151,16 @@ class Relay:
 
     def _prepare_state(self) -> None:
         try:
-            self.settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state.private_dir(self.settings.state_dir, follow=True)  # StateDirectory= links
         except OSError as e:
             raise SpoolError(f"cannot create state_dir {self.settings.state_dir}: {e.strerror}; "
                              "create it for the relay's user or set state_dir") from None
+        try:  # before anything in state_dir changes: recovery must not run on a live spool
+            self.lock.acquire(state.SERVE, wait=LOCK_WAIT)
+        except OSError as e:
+            raise SpoolError(f"cannot lock the state directory ({self.lock.path}): "
+                             f"{e.strerror}; make state_dir writable by the relay's user "
+                             "and remove anything else of that name") from None
         self.spool.open()
         if self.settings.system_account.server == LOCAL_SERVER:
             try:
@@ -155,6 +168,24 @@ class Relay:
             except OSError as e:
                 raise SpoolError(f"cannot create the outbox {self.settings.outbox}: "
                                  f"{e.strerror}") from None
+
+    def _publish(self) -> None:
+        """Once serving: the lock file names the admin listener (where `queue retry|delete`
+        reach the daemon) and the pid file is written, by the lock's holder only."""
+        address = self.admin.address if self.admin is not None else None
+        admin = ""
+        if address is not None:
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address[0], address[0])
+            admin = f"http://{f'[{host}]' if ':' in host else host}:{address[1]}"
+        self.lock.note(state.Holder(os.getpid(), state.SERVE, admin))
+        state.write_private(self.pid_file, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        """Remove the pid file and drop the lock (after `stop`, or a failed start)."""
+        if self.lock.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.pid_file.unlink()
+            self.lock.release()
 
     def _queued(self, env: Envelope) -> None:
         assert self.scheduler is not None
@@ -178,8 +209,7 @@ class Relay:
         await asyncio.to_thread(self.spool.close)  # writes of messages being received end
         if self.admin is not None:
             await self.admin.stop()
-        with contextlib.suppress(FileNotFoundError):
-            self.pid_file.unlink()
+        self.release()
         log.info("stopped")
 
     def reload(self) -> bool:
@@ -280,11 +310,12 @@ async def serve(settings: Settings, config_file: Path | None) -> int:
     passed = systemd.listen_sockets()  # socket activation (sysmail-relay.socket)
     try:
         await relay.start(passed[0] if passed else None)
-    except (SpoolError, ConfigError, OSError) as e:
+    except (StateLocked, SpoolError, ConfigError, OSError) as e:
         log.error("cannot start: %s", e)
+        relay.release()
         for sig in handlers:
             loop.remove_signal_handler(sig)
-        return 2
+        return 1 if isinstance(e, StateLocked) else 2
     started = True
     sd.ready(relay.status_line())
     keepalive = asyncio.create_task(_systemd_keepalive(sd, relay), name="systemd")
@@ -334,6 +365,10 @@ def loop_name() -> str:
 
 def run(settings: Settings, config_file: Path | None) -> int:
     logs.configure(settings.log)
+    # Whatever umask the daemon was started with, what it creates in state_dir is its
+    # own: files and directories are created 0600/0700 explicitly, and this covers any
+    # that a library or a later change creates without a mode.
+    os.umask(0o077)
     try:
         with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
             return runner.run(serve(settings, config_file))

@@ -79,20 +79,20 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(json.dumps(queue_admin.show(spool, args.id), indent=2, ensure_ascii=False))
         return OK
-    if args.action == "retry":
-        if args.all:
-            print(f"{queue_admin.retry_all(spool)} messages due now")
-        elif args.id:
-            place = queue_admin.retry(spool, args.id)
-            print(f"{args.id}: due now" + (" (back from the dead letters)" if place == "dead"
-                                          else ""))
-        else:
-            print("queue retry: name a queue ID or --all", file=sys.stderr)
-            return USAGE
-    elif args.action == "delete":
-        queue_admin.delete(spool, args.id)
+    if args.action == "retry" and not (args.all or args.id):
+        print("queue retry: name a queue ID or --all", file=sys.stderr)
+        return USAGE
+    if args.action == "retry" and args.all:
+        done = queue_admin.change(settings, "retry-all")
+        print(f"{done.count} messages due now")
+    elif args.action == "retry":
+        done = queue_admin.change(settings, "retry", args.id)
+        print(f"{args.id}: due now" + (" (back from the dead letters)" if done.place == "dead"
+                                      else ""))
+    else:
+        done = queue_admin.change(settings, "delete", args.id)
         print(f"{args.id}: deleted")
-    if not queue_admin.notify_daemon(settings):
+    if not done.by_daemon:
         print("(the daemon is not running: the change applies when it starts)")
     return OK
 

@@ -4,6 +4,7 @@
     ├── ConfigError (ValueError)            the configuration is invalid; .problems, one line each
     ├── SpoolError (OSError)                the spool could not store, read or move an entry
     │   └── DamagedEntry                    an entry on disk cannot be read back (quarantined)
+    ├── StateLocked                         another process holds the state directory's lock
     ├── DeliveryFailure                     an attempt to hand a message to the upstream failed
     │   ├── TemporaryFailure                try again later (4xx, timeouts, connections, auth)
     │   │   ├── UpstreamTimeout (TimeoutError)
@@ -25,6 +26,8 @@ Every message names the cause and what to do about it; none contains a secret.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RelayError(Exception):
@@ -48,6 +51,15 @@ class SpoolError(RelayError, OSError):
 
 class DamagedEntry(SpoolError):
     """An entry on disk cannot be read back; it is moved to quarantine."""
+
+
+class StateLocked(RelayError):
+    """Another process holds the state directory's lock; `holder` (a relay.state.Holder)
+    says who."""
+
+    def __init__(self, message: str, holder: Any) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class DeliveryFailure(RelayError):

@@ -40,7 +40,6 @@ from .oauth import (
 from .oauth_provider import ProviderClient
 from .oauth_store import TokenStore
 from .settings import Settings
-from .spool import Spool
 
 Emit = Callable[[str], None]
 PAGE = ("<!doctype html><meta charset=utf-8><title>sysmail-relay</title>"
@@ -76,15 +75,15 @@ def authorize(settings: Settings, client: str | None, *, device: bool, browser: 
 
 
 def release_held(settings: Settings) -> str:
-    """Make waiting mail due now and tell a running daemon (it was held for the token)."""
+    """Make waiting mail due now (it was held for the token): through the running
+    daemon, or under the state directory's lock when none runs."""
     if not (settings.spool_dir / "queue").is_dir():
         return ""
-    count = queue_admin.retry_all(Spool(settings.spool_dir))
-    told = queue_admin.notify_daemon(settings)
-    if not count:
+    done = queue_admin.change(settings, "retry-all")
+    if not done.count:
         return ""
-    return f"{count} waiting messages are due now" + (
-        "" if told else " (the daemon is not running: they go when it starts)")
+    return f"{done.count} waiting messages are due now" + (
+        "" if done.by_daemon else " (the daemon is not running: they go when it starts)")
 
 
 async def _device(oauth: OAuth, client: str, emit: Emit) -> Authorization:

@@ -1,8 +1,9 @@
 """The token store: one JSON file per OAuth client and account under `<state_dir>/tokens`.
 
-The directory is mode 0700 and every file 0600, written to a temporary name, fsynced
-and renamed into place (then the directory fsynced), so a crash leaves the old token
-or the new one, never half of one. A file that group or others could read is refused
+The directory is mode 0700 and every file 0600 whatever the umask (neither is made
+through a symbolic link), written to a temporary name, fsynced and renamed into place
+(then the directory fsynced), so a crash leaves the old token or the new one, never
+half of one. A file that group or others could read is refused
 (the tokens in it may have leaked): the error names the file and the `chmod` that
 fixes it. Nothing here ever puts a token into a message, a log line or a repr.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from . import state
 from .errors import TokenStoreError
 
 SUFFIX = ".json"
@@ -122,7 +124,7 @@ class TokenStore:
         data = json.dumps(asdict(token), indent=2).encode()
         try:
             self._directory()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = state.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             try:
                 os.write(fd, data)
                 os.fsync(fd)
@@ -150,9 +152,7 @@ class TokenStore:
         return True
 
     def _directory(self) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if stat.S_IMODE(self.directory.stat().st_mode) & 0o077:
-            os.chmod(self.directory, 0o700)
+        state.private_dir(self.directory)
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)

@@ -3,7 +3,9 @@
 It shows what the relay would send: the bytes as they would go on the wire, with
 `Return-Path:` (the envelope sender) and one `Delivered-To:` per recipient put in
 front, as a mail server's local delivery does. Written to tmp/, fsynced, renamed
-into new/ (the Maildir protocol), so a reader never sees half a message.
+into new/ (the Maildir protocol), so a reader never sees half a message. The
+directories are 0700 and the files 0600 whatever the umask, never made through a
+symbolic link.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 import time
 from pathlib import Path
 
+from . import state
 from .errors import TemporaryFailure
 from .upstream import Outcome, Outgoing
 
@@ -31,8 +34,9 @@ class LocalOutbox:
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
     def ensure(self) -> None:
+        state.private_dir(self.maildir)
         for sub in ("tmp", "new", "cur"):
-            (self.maildir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            state.private_dir(self.maildir / sub)
 
     async def deliver(self, message: Outgoing) -> list[Outcome]:
         try:
@@ -51,7 +55,7 @@ class LocalOutbox:
         head = f"Return-Path: <{message.mail_from}>\r\n".encode() + b"".join(
             f"Delivered-To: {r.address}\r\n".encode() for r in message.recipients)
         tmp = self.maildir / "tmp" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = state.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             with os.fdopen(fd, "wb", closefd=False) as out, message.path.open("rb") as src:
                 out.write(head)

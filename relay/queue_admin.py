@@ -1,22 +1,33 @@
 """`sysmail-relay queue list|show|retry|delete`: inspect and act on the spool.
 
-Works on the files directly, daemon running or not. An entry is taken by renaming
-it into edit/ (the same claim-by-rename the scheduler uses), changed, and put
-back; the running daemon is then told (SIGUSR1) to re-read the queue.
+`list` and `show` read the files, daemon running or not. An entry is changed by
+taking it into edit/ (the same claim-by-rename the scheduler uses), changing it and
+putting it back: done by whoever holds the state directory's lock (relay.state).
+`change`, for the command line: when the daemon holds the lock, the daemon does it
+(a POST to its admin listener, whose address the lock file gives, as the page's
+Retry and Delete buttons do); when nobody does, the command takes the lock (a
+daemon starting meanwhile waits for it) and changes the files itself.
 """
 
 from __future__ import annotations
 
-import os
-import signal
+import http.client
+import json
+import secrets
 import time
-from dataclasses import asdict
-from typing import Any
+import urllib.parse
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
-from .errors import DamagedEntry, RelayError
-from .settings import Settings
+from .errors import ConfigError, DamagedEntry, RelayError, StateLocked
+from .settings import Settings, read_secret_file
 from .spool import Envelope, Place, Spool
-from .status import daemon_pid
+from .state import SERVE, Holder, StateLock
+
+Action = Literal["retry", "delete", "retry-all"]
+DAEMON_WAIT = 15.0
+"""How long a command waits for a daemon that holds the lock but does not answer yet
+(starting, or stopping), and for another command that holds it."""
 
 
 class QueueItemError(RelayError):
@@ -54,7 +65,12 @@ def show(spool: Spool, queue_id: str) -> dict[str, Any]:
 def _take(spool: Spool, queue_id: str) -> tuple[Place, Envelope]:
     places: tuple[Place, ...] = ("queue", "dead")
     for place in places:
-        env = spool.claim(queue_id, place, "edit")
+        try:
+            env = spool.claim(queue_id, place, "edit")
+        except DamagedEntry as e:
+            spool.quarantine(queue_id, "edit", str(e))
+            raise QueueItemError(f"{queue_id} is damaged and was moved to quarantine: {e}"
+                                 ) from None
         if env is not None:
             return place, env
     if spool.find(queue_id) is not None:
@@ -81,7 +97,11 @@ def retry_all(spool: Spool) -> int:
     """Make every waiting (deferred) entry due now. Dead letters stay: retry them by id."""
     done = 0
     for queue_id in spool.ids("queue"):
-        env = spool.claim(queue_id, "queue", "edit")
+        try:
+            env = spool.claim(queue_id, "queue", "edit")
+        except DamagedEntry as e:
+            spool.quarantine(queue_id, "edit", str(e))
+            continue
         if env is not None:
             env.next_attempt = 0.0
             spool.release(env, "edit", "queue")
@@ -94,13 +114,107 @@ def delete(spool: Spool, queue_id: str) -> None:
     spool.finish(queue_id, "edit")
 
 
-def notify_daemon(settings: Settings) -> bool:
-    """Ask the running daemon to re-read the queue. False when none runs."""
-    pid = daemon_pid(settings)
-    if pid is None:
-        return False
+@dataclass
+class Changed:
+    """What `change` did: `place` the retried message came from ("queue", "dead"),
+    `count` messages made due, and whether the running daemon did it."""
+
+    place: str = ""
+    count: int = 0
+    by_daemon: bool = False
+
+
+def change(settings: Settings, action: Action, queue_id: str | None = None) -> Changed:
+    """Retry or delete one message, or retry every waiting one, through the daemon
+    that holds the state directory, or here under its lock. Raises QueueItemError."""
+    lock = StateLock(settings.state_dir)
+    deadline = time.monotonic() + DAEMON_WAIT
+    while True:
+        try:
+            lock.acquire(f"queue {action}", wait=DAEMON_WAIT)
+        except FileNotFoundError:  # no state directory: no spool and no daemon
+            return _apply(Spool(settings.spool_dir), action, queue_id)
+        except PermissionError as e:
+            raise QueueItemError(f"cannot open {lock.path}: {e.strerror}; run the command as "
+                                 "the relay's user") from None
+        except StateLocked as e:
+            holder: Holder = e.holder
+            if holder.role != SERVE:
+                raise QueueItemError(str(e)) from None
+            if holder.admin:
+                try:
+                    return _ask_daemon(settings, holder, action, queue_id)
+                except OSError:
+                    pass  # stopping or starting: its listener comes or the lock goes
+            if time.monotonic() >= deadline:
+                raise QueueItemError(
+                    f"the relay (pid {holder.pid}) holds {settings.state_dir} but its admin "
+                    f"listener {holder.admin or '(not listening yet)'} did not answer for "
+                    f"{DAEMON_WAIT:.0f} s; try again once it has started (or stopped)") from None
+            time.sleep(0.2)
+            continue
+        try:
+            return _apply(Spool(settings.spool_dir), action, queue_id)
+        finally:
+            lock.release()
+
+
+def _apply(spool: Spool, action: Action, queue_id: str | None) -> Changed:
+    if action == "retry-all":
+        return Changed(count=retry_all(spool))
+    assert queue_id is not None
+    if action == "retry":
+        return Changed(place=retry(spool, queue_id), count=1)
+    delete(spool, queue_id)
+    return Changed()
+
+
+def _ask_daemon(settings: Settings, holder: Holder, action: Action,
+                queue_id: str | None) -> Changed:
+    """POST the change to the daemon's admin listener (its page's buttons), as JSON.
+    OSError when it does not answer."""
+    url = urllib.parse.urlsplit(holder.admin)
+    path = "/queue/retry-all" if action == "retry-all" else \
+        f"/queue/{urllib.parse.quote(queue_id or '', safe='')}/{action}"
+    csrf = secrets.token_urlsafe(32)  # the page's double-submitted cookie
+    headers = {"Accept": "application/json", "Cookie": f"relay_csrf={csrf}",
+               "Content-Type": "application/x-www-form-urlencoded"}
+    token = _admin_token(settings)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
     try:
-        os.kill(pid, signal.SIGUSR1)
-    except OSError:
-        return False
-    return True
+        conn.request("POST", path, urllib.parse.urlencode({"csrf": csrf}), headers)
+        response = conn.getresponse()
+        raw = response.read()
+    except http.client.HTTPException as e:
+        raise ConnectionError(f"{holder.admin}: {e}") from None
+    finally:
+        conn.close()
+    try:
+        answer: dict[str, Any] = json.loads(raw)
+    except ValueError:
+        answer = {}
+    if response.status == 200:
+        return Changed(place=str(answer.get("place", "")), count=int(answer.get("count", 1)),
+                       by_daemon=True)
+    if response.status == 401:
+        raise QueueItemError(f"the relay's admin listener {holder.admin} refused the command "
+                             "(401): this configuration's admin.token or admin.token_file is "
+                             "not the running relay's; use the same configuration file")
+    if "error" in answer:
+        raise QueueItemError(str(answer["error"]))
+    raise QueueItemError(f"the relay's admin listener {holder.admin} answered HTTP "
+                         f"{response.status} {response.reason} to POST {path}; see its log")
+
+
+def _admin_token(settings: Settings) -> str | None:
+    admin = settings.admin
+    if admin.token is not None:
+        return admin.token.get_secret_value() or None
+    if admin.token_file is not None:
+        try:
+            return read_secret_file(admin.token_file) or None
+        except ValueError as e:
+            raise ConfigError([f"admin.token_file: {e}"]) from None
+    return None

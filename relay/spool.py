@@ -18,9 +18,12 @@ renamed into queue/ by `Spool.commit` (whose docstring gives the argument): only
 then does the client get 250. A delivery
 claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
-upstream has accepted it. `claim`, `read` and `finish` only touch the page cache
-and may run on the event loop (for messages up to INLINE_BYTES); every other
-method waits for the disk: call it from a thread.
+upstream has accepted it. Directories are 0700 and files 0600; an entry that is a
+symbolic link, or whose message or envelope is one, is quarantined when it is
+claimed or recovered, never followed (its target is neither sent nor truncated).
+`claim`, `read` and `finish` only touch the page cache and may run on the event loop
+(for messages up to INLINE_BYTES); every other method waits for the disk: call it
+from a thread.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import state
 from .errors import DamagedEntry, SpoolError
 from .workers import AwaitedWorker, Worker
 
@@ -144,11 +148,17 @@ def new_queue_id() -> str:
 
 
 def read_regular(path: Path) -> bytes:
-    """A file's bytes; OSError when it is not a regular file (a FIFO must not block us).
+    """A file's bytes; OSError when it is not a regular file (a FIFO must not block us)
+    or is a symbolic link (never followed: its target is not ours to send or truncate).
 
     Open, fstat, one read (a file that grew meanwhile: more), close: a spool file is
     read on the event loop, from the page cache, without Python's file objects."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symbolic link (not followed)", str(path)) from None
+        raise
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
@@ -348,6 +358,15 @@ def _remove_entry(entry: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove a directory tree; a symbolic link is removed itself, its target untouched."""
+    if os.path.islink(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass
 class Recovery:
     """What start-up found: entries put back, dead after too many crashes, removed, quarantined."""
@@ -374,13 +393,14 @@ class Spool:
         return self.root / place
 
     def open(self) -> None:
-        """Create the directories and prove we can write there. Raises SpoolError."""
+        """Create the directories (0700, never through a symbolic link) and prove we can
+        write there. Raises SpoolError."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state.private_dir(self.root)
             for name in _DIRS:
-                (self.root / name).mkdir(exist_ok=True, mode=0o700)
+                state.private_dir(self.root / name)
             probe = self._dir("incoming") / f".probe-{os.getpid()}"
-            probe.write_bytes(b"")
+            os.close(state.open_private(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
             probe.unlink()
         except OSError as e:
             raise SpoolError(
@@ -461,12 +481,30 @@ class Spool:
     # --- delivering ------------------------------------------------------------------
 
     def claim(self, queue_id: str, src: Place = "queue", dst: Place = "active") -> Envelope | None:
-        """Take an entry by renaming it; None if someone else took or deleted it."""
+        """Take an entry by renaming it; None if someone else took or deleted it.
+
+        DamagedEntry (the caller quarantines it from `dst`) when the entry, its message
+        or its envelope is a symbolic link: it is never followed, so its target is
+        neither sent nor truncated after delivery."""
         try:
             os.rename(self._dir(src) / queue_id, self._dir(dst) / queue_id)
+            self._not_linked(self._dir(dst) / queue_id)
             return self.read(queue_id, dst)
         except FileNotFoundError:
             return None
+
+    @staticmethod
+    def _not_linked(entry: Path) -> None:
+        for path in (entry, entry / MESSAGE, entry / ENVELOPE):
+            try:
+                linked = stat.S_ISLNK(os.lstat(path).st_mode)
+            except FileNotFoundError:
+                if path is entry:
+                    raise
+                continue  # `read` says what is missing
+            if linked:
+                raise DamagedEntry(f"{path}: is a symbolic link (not followed; its target "
+                                   f"{os.readlink(path)} is left untouched)")
 
     def message_path(self, queue_id: str, place: Place = "active") -> Path:
         return self._dir(place) / queue_id / MESSAGE
@@ -533,7 +571,11 @@ class Spool:
             else:
                 dst.mkdir(mode=0o700)
                 os.rename(src, dst / queue_id)
-            (dst / "REASON").write_text(reason + "\n")
+            fd = state.open_private(dst / "REASON", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                os.write(fd, (reason + "\n").encode("utf-8", "replace"))
+            finally:
+                os.close(fd)
         except OSError:
             pass  # gone meanwhile, or the disk refuses: the next start finds it again
 
@@ -585,13 +627,19 @@ class Spool:
         """
         report = Recovery()
         for name in os.listdir(self._dir("incoming")):
-            shutil.rmtree(self._dir("incoming") / name, ignore_errors=True)
+            _remove_tree(self._dir("incoming") / name)
             report.removed_incoming += 1
         for name in os.listdir(self._dir("trash")):
-            shutil.rmtree(self._dir("trash") / name, ignore_errors=True)
+            _remove_tree(self._dir("trash") / name)
         places: tuple[Place, ...] = ("edit", "active")
         for place in places:
             for queue_id, env in list(self.scan(place)):
+                try:  # a planted symbolic link: quarantined, its target never written
+                    self._not_linked(self._dir(place) / queue_id)
+                except DamagedEntry as e:
+                    env = e
+                except FileNotFoundError:
+                    continue
                 if isinstance(env, DamagedEntry):
                     self.quarantine(queue_id, place, str(env))
                     report.quarantined.append((queue_id, str(env)))
