@@ -142,12 +142,13 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1000:013X}{_ID_BITS.getrandbits(32):08X}"
 
 
-def read_regular(path: Path) -> bytes:
-    """A file's bytes; OSError when it is not a regular file (a FIFO must not block us).
+def read_regular(path: Path | str, dir_fd: int | None = None) -> bytes:
+    """A file's bytes; OSError when it is not a regular file (a FIFO must not block us)
+    or is a symlink. `path` is relative to the directory `dir_fd` when one is given.
 
-    Open, fstat, one read (a file that grew meanwhile: more), close: a spool file is
-    read on the event loop, from the page cache, without Python's file objects."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    Open, fstat, one read (a file that grew meanwhile: more), close: without Python's
+    file objects."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
@@ -163,6 +164,39 @@ def read_regular(path: Path) -> bytes:
         return b"".join(parts)
     finally:
         os.close(fd)
+
+
+def _read_entry(fd: int, queue_id: str) -> Envelope | str:
+    """The envelope in the entry directory `fd`, or what is wrong with the entry (the
+    text that follows the entry's path in the DamagedEntry)."""
+    try:
+        env = Envelope.from_json(read_regular(ENVELOPE, dir_fd=fd))
+    except FileNotFoundError:
+        return f"/{ENVELOPE}: the envelope is missing"
+    except (ValueError, TypeError, KeyError) as e:
+        return f"/{ENVELOPE}: the envelope cannot be read ({e})"
+    except OSError as e:
+        return f"/{ENVELOPE}: {e.strerror}"
+    if env.id != queue_id:
+        return f"/{ENVELOPE}: the envelope belongs to {env.id}, not {queue_id}"
+    try:
+        if not stat.S_ISREG(os.stat(MESSAGE, dir_fd=fd, follow_symlinks=False).st_mode):
+            return ": the message file is missing (a directory, link or device in its place)"
+    except FileNotFoundError:
+        return ": the message file is missing"
+    except OSError as e:
+        return f"/{MESSAGE}: {e.strerror}"
+    return env
+
+
+def _still_at(fd: int, entry: Path) -> bool:
+    """Whether the directory open as `fd` is still the one at `entry`."""
+    try:
+        there = os.stat(entry, follow_symlinks=False)
+    except OSError:
+        return False
+    here = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
 def content_size(data: Content) -> int:
@@ -459,24 +493,31 @@ class Spool:
         return self._dir(place) / queue_id / MESSAGE
 
     def read(self, queue_id: str, place: Place) -> Envelope:
-        path = self._dir(place) / queue_id / ENVELOPE
+        """The envelope of an entry, read from one directory whatever moves meanwhile.
+
+        The entry's directory is opened once (a symlink is not followed) and its envelope
+        and message are looked at relative to that descriptor: an entry that is claimed,
+        put back or delivered while it is read is read whole, or not found; never taken
+        for damaged. FileNotFoundError: no entry there (any more); DamagedEntry: the
+        entry that is there cannot be read back."""
+        entry = self._dir(place) / queue_id
         try:
-            env = Envelope.from_json(read_regular(path))
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            if (self._dir(place) / queue_id).is_dir():
-                raise DamagedEntry(f"{path}: the envelope is missing") from None
             raise
-        except (ValueError, TypeError, KeyError) as e:
-            raise DamagedEntry(f"{path}: the envelope cannot be read ({e})") from None
-        except OSError as e:
-            raise DamagedEntry(f"{path}: {e.strerror}") from None
-        if not (self._dir(place) / queue_id / MESSAGE).is_file():
-            if not path.parent.is_dir():  # moved on (claimed, delivered) while we read
-                raise FileNotFoundError(errno.ENOENT, "moved on meanwhile", str(path.parent))
-            raise DamagedEntry(f"{path.parent}: the message file is missing")
-        if env.id != queue_id:
-            raise DamagedEntry(f"{path}: the envelope belongs to {env.id}, not {queue_id}")
-        return env
+        except OSError as e:  # a symlink or a file where an entry belongs, or unreadable
+            what = ("a symbolic link, not an entry (not followed)" if os.path.islink(entry)
+                    else e.strerror)
+            raise DamagedEntry(f"{entry}: {what}") from None
+        try:
+            found = _read_entry(fd, queue_id)
+            if isinstance(found, Envelope):
+                return found
+            if not _still_at(fd, entry):  # delivered, its directory emptied or reused
+                raise FileNotFoundError(errno.ENOENT, "moved on while it was read", str(entry))
+            raise DamagedEntry(f"{entry}{found}")
+        finally:
+            os.close(fd)
 
     def update(self, envelope: Envelope, place: Place = "active") -> None:
         """Replace the envelope atomically (per-recipient states, attempts)."""
