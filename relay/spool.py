@@ -17,9 +17,10 @@ A message is written into incoming/, its files and directory fsynced, then renam
 into queue/; incoming/ and then queue/ are fsynced: only then does the client get 250. A delivery
 claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
-upstream has accepted it. `claim`, `read` and `finish` only touch the page cache
-and may run on the event loop (for messages up to INLINE_BYTES); every other
-method waits for the disk: call it from a thread.
+upstream has accepted it. `read` takes an entry from one open directory, so an
+entry that moves meanwhile is read whole or not found, never called damaged. Every
+method here waits for the disk: call it from a thread (the scheduler does, once to
+claim and read a message, once to finish it).
 """
 
 from __future__ import annotations
@@ -216,8 +217,8 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 INLINE_BYTES = 1 << 20
-"""Messages up to this size are read from the event loop (the page cache), larger ones
-from a thread or a chunk at a time."""
+"""Messages up to this size are read whole when they are claimed (in the same thread),
+larger ones a chunk at a time as they are sent."""
 class _GroupCommit(AwaitedWorker[tuple["Envelope", "Content"], None]):
     """Makes concurrently received messages durable together.
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,7 +68,9 @@ async def test_permanent_failure_fails_that_recipient_only(relay_factory: RelayF
     assert {r.address: r.state for r in dead.recipients} == {"ok@example.com": "delivered",
                                                              "gone@example.com": "failed"}
     assert dead.dead_reason == "<gone@example.com>: 550 5.1.1 <gone@example.com>: no such user"
-    assert counter(relay, "failed") == 1 and relay.scheduler.counts()["dead"] == 1  # type: ignore[union-attr]
+    # the count follows the move into dead/ once the thread that moved it hands back
+    await wait_until(lambda: relay.scheduler.counts()["dead"] == 1)  # type: ignore[union-attr]
+    assert counter(relay, "failed") == 1
 
 
 async def test_mixed_results_retry_only_the_deferred_recipient(
@@ -78,16 +84,27 @@ async def test_mixed_results_retry_only_the_deferred_recipient(
 
 
 async def test_message_older_than_max_age_becomes_a_dead_letter_with_the_last_reply(
-        relay_factory: RelayFactory) -> None:
+        relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import relay.delivery as delivery
+
+    clock = FrozenClock()
+    monkeypatch.setattr(delivery, "time", clock)
     upstream = ScriptedUpstream({"user@example.com": ["421 4.7.0 server busy"]})
     relay = await relay_factory(upstreams=scripted(upstream),
-                                queue={**FAST_RETRY, "max_age": "0.3s"})
+                                queue={"retry_initial": "30s", "retry_max": "30s",
+                                       "max_age": "100s"})
     queue_id = await send(relay)
+    await wait_until(lambda: upstream.attempts.get("user@example.com") == 1)
+    clock.now += 34  # the second attempt, within max_age: deferred again
+    await _wake_and_settle(relay)
+    await wait_until(lambda: upstream.attempts.get("user@example.com") == 2)
+    clock.now += 80  # the third, past max_age: a dead letter
+    await _wake_and_settle(relay)
     await wait_until(lambda: relay.spool.ids("dead") == [queue_id])
     dead = relay.spool.read(queue_id, "dead")
     assert dead.dead_reason is not None
     assert "queue.max_age" in dead.dead_reason and "421 4.7.0 server busy" in dead.dead_reason
-    assert dead.attempts >= 2
+    assert dead.attempts == 2 and upstream.attempts == {"user@example.com": 3}
 
 
 async def test_whole_message_failure_defers_every_recipient(relay_factory: RelayFactory) -> None:
@@ -260,3 +277,89 @@ async def test_listener_accepts_while_a_large_queue_is_indexed_and_all_is_sent(
     gate.set()
     await wait_until(lambda: len(upstream.received) == 3001, within=30)
     assert relay.spool.find(queue_id) is None
+
+
+class FrozenClock:
+    """The scheduler's `time` module with a wall clock the test moves: due times and
+    backoffs are compared with it, so the test counts attempts, never measures time."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+        self.monotonic = time.monotonic
+
+    def time(self) -> float:
+        return self.now
+
+
+async def _wake_and_settle(relay: Relay, times: int = 1) -> None:
+    """Wake the scheduler `times` times and wait until no delivery is running."""
+    scheduler = relay.scheduler
+    assert scheduler is not None
+    for _ in range(times):
+        scheduler.wake()
+        for _ in range(3):  # the run loop resumes, dispatches, the task starts
+            await asyncio.sleep(0)
+        await wait_until(lambda: scheduler.counts()["active"] == 0)
+
+
+async def test_a_spool_error_on_claim_backs_off_exponentially_and_is_logged_once(
+        relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """EIO (or EACCES, ENOSPC) when a delivery takes its entry: not a spin of thousands of
+    claims a second with an exception nobody retrieves, but a deferral like a 4xx."""
+    import relay.delivery as delivery
+
+    clock = FrozenClock()
+    monkeypatch.setattr(delivery, "time", clock)
+    real_rename = os.rename
+    claims: list[str] = []
+    failing = [True]
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(dst).parent.name == "active" and Path(src).parent.name == "queue":
+            claims.append(Path(src).name)
+            if failing[0]:
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    upstream = ScriptedUpstream()
+    relay = await relay_factory(upstreams=scripted(upstream),
+                                queue={"retry_initial": "30s", "retry_max": "15m"})
+    queue_id = await send(relay)
+    await wait_until(lambda: len(claims) >= 1)
+    for _ in range(50):  # fifty turns of the event loop
+        await asyncio.sleep(0)
+    assert len(claims) == 1, f"{len(claims)} claims of one entry in 50 turns of the loop"
+    await _wake_and_settle(relay, times=20)  # nothing is due: twenty wake-ups, no claim
+    assert claims == [queue_id]
+
+    def complaints() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "relay.delivery"
+                and r.levelno >= logging.ERROR and queue_id in r.getMessage()]
+
+    (first,) = complaints()
+    assert "cannot take the message from the spool" in first.getMessage()
+    assert "Input/output error [EIO]" in first.getMessage()
+    assert "check the file system" in first.getMessage()
+    assert relay.spool.ids("queue") == [queue_id] and relay.spool.ids("active") == []
+    assert relay.scheduler.counts()["deferred"] == 1  # type: ignore[union-attr]
+
+    clock.now += 34  # past retry_initial (30 s, 10 % jitter): the second try
+    await _wake_and_settle(relay, times=3)
+    assert claims == [queue_id] * 2
+    clock.now += 34  # not yet past the doubled delay (60 s)
+    await _wake_and_settle(relay, times=3)
+    assert claims == [queue_id] * 2
+    clock.now += 34  # now past it: the third try
+    await _wake_and_settle(relay, times=3)
+    assert claims == [queue_id] * 3
+    assert len(complaints()) == 1  # once for this entry and cause, not at each try
+
+    failing[0] = False  # the disk is repaired
+    clock.now += 140  # past the fourth delay (120 s)
+    await _wake_and_settle(relay)
+    await wait_until(lambda: len(upstream.received) == 1)
+    await wait_until(lambda: relay.spool.find(queue_id) is None)
+    assert claims == [queue_id] * 4
+    assert f"{queue_id}: the spool works again for this message" in caplog.text
