@@ -559,13 +559,27 @@ class Spool:
             dst = dst.with_name(f"{queue_id}.{time.time_ns()}")
         try:
             if src.is_dir() and not src.is_symlink():
+                with contextlib.suppress(OSError):  # the reason arrives with the entry
+                    (src / "REASON").write_text(reason + "\n")
                 os.rename(src, dst)
             else:
                 dst.mkdir(mode=0o700)
                 os.rename(src, dst / queue_id)
-            (dst / "REASON").write_text(reason + "\n")
+            if not (dst / "REASON").is_file():
+                (dst / "REASON").write_text(reason + "\n")
         except OSError:
             pass  # gone meanwhile, or the disk refuses: the next start finds it again
+
+    def quarantined(self, queue_id: str) -> str | None:
+        """Why an entry was moved to quarantine/ (its REASON), or None if it was not."""
+        found = sorted(p for p in self._dir("quarantine").glob(f"{queue_id}*")
+                       if p.name == queue_id or p.name.startswith(f"{queue_id}."))
+        if not found:
+            return None
+        try:
+            return (found[-1] / "REASON").read_text(errors="replace").strip()
+        except OSError:
+            return f"no reason recorded in {found[-1]}"
 
     # --- looking ---------------------------------------------------------------------
 
