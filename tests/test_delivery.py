@@ -363,3 +363,43 @@ async def test_a_spool_error_on_claim_backs_off_exponentially_and_is_logged_once
     await wait_until(lambda: relay.spool.find(queue_id) is None)
     assert claims == [queue_id] * 4
     assert f"{queue_id}: the spool works again for this message" in caplog.text
+
+
+async def test_a_delivery_touches_the_spool_only_from_threads_in_two_hops(
+        relay_factory: RelayFactory, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claim and read of a small message in one thread hop, removal in another; no
+    file-system call of the delivery on the event loop (where it stalls every session)."""
+    import threading
+
+    upstream = ScriptedUpstream(wants_data=True)  # the message is read with its claim
+    relay = await relay_factory(upstreams=scripted(upstream))
+    loop_thread = threading.get_ident()
+    spool_root = str(state_dir / "spool")
+    on_loop: list[str] = []
+
+    def watch(name: str, real: Any) -> Any:
+        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == loop_thread and not isinstance(path, int):
+                named = os.fsdecode(path)
+                if named.startswith(spool_root) or kwargs.get("dir_fd") is not None:
+                    on_loop.append(f"os.{name}({named})")
+            return real(path, *args, **kwargs)
+        return call
+
+    for name in ("open", "rename", "replace", "stat", "unlink"):
+        monkeypatch.setattr(os, name, watch(name, getattr(os, name)))
+    hops: list[tuple[str, object]] = []
+    real_to_thread = asyncio.to_thread
+
+    async def to_thread(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append((getattr(func, "__name__", repr(func)), args[0] if args else None))
+        return await real_to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    queue_id = await send(relay)
+    await wait_until(lambda: len(upstream.received) == 1)
+    await wait_until(lambda: relay.spool.ids("active") == [] and relay.spool.ids("queue") == [])
+    assert upstream.data_given == [True]
+    assert on_loop == []
+    assert [name for name, first in hops if first == queue_id] == ["_claim", "finish"]
+    assert relay.spool.find(queue_id) is None
