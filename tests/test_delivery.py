@@ -21,6 +21,7 @@ from .support import (
     ScriptedUpstream,
     listener_port,
     outbox_files,
+    settings_for,
     wait_until,
 )
 
@@ -403,3 +404,49 @@ async def test_a_delivery_touches_the_spool_only_from_threads_in_two_hops(
     assert on_loop == []
     assert [name for name, first in hops if first == queue_id] == ["_claim", "finish"]
     assert relay.spool.find(queue_id) is None
+
+
+async def remount(mount: Path, mode: str) -> None:
+    proc = await asyncio.create_subprocess_exec("mount", "-o", f"remount,{mode}", str(mount))
+    assert await proc.wait() == 0
+
+
+async def test_a_read_only_spool_defers_the_message_until_it_is_writable_again(
+        small_disk: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A real condition, no injected fault: the file system under the spool turns
+    read-only (ext4's errors=remount-ro after an I/O error does this)."""
+    import relay.delivery as delivery
+
+    caplog.set_level(logging.DEBUG, logger="relay.delivery")
+    clock = FrozenClock()
+    monkeypatch.setattr(delivery, "time", clock)
+    upstream = ScriptedUpstream()
+    state = small_disk / "state"
+    sections: dict[str, Any] = {"queue": {"retry_initial": "30s", "retry_max": "15m"}}
+    relay = Relay(settings_for(state, system_account={"active": False}, **sections),
+                  upstreams=scripted(upstream))
+    await relay.start()
+    try:
+        queue_id = await send(relay)  # held: the account is inactive
+        await remount(small_disk, "ro")
+        try:
+            assert relay.scheduler is not None
+            relay.scheduler.reconfigure(settings_for(state, **sections))  # Activate
+            await wait_until(lambda: any(queue_id in r.getMessage() and "EROFS" in r.getMessage()
+                                         for r in caplog.records))
+            await _wake_and_settle(relay, times=20)
+            clock.now += 34  # past the first delay: one more try, no second error line
+            await _wake_and_settle(relay, times=3)
+            tries = [r for r in caplog.records if queue_id in r.getMessage()
+                     and "Read-only file system [EROFS]" in r.getMessage()]
+            assert [r.levelname for r in tries] == ["ERROR", "DEBUG"]
+            assert upstream.received == []
+        finally:
+            await remount(small_disk, "rw")
+        clock.now += 70  # past the doubled delay
+        await _wake_and_settle(relay)
+        await wait_until(lambda: len(upstream.received) == 1)
+        await wait_until(lambda: relay.spool.find(queue_id) is None)
+    finally:
+        await relay.stop(grace=1)
