@@ -450,3 +450,33 @@ async def test_a_read_only_spool_defers_the_message_until_it_is_writable_again(
         await wait_until(lambda: relay.spool.find(queue_id) is None)
     finally:
         await relay.stop(grace=1)
+
+
+async def test_stop_while_a_claim_runs_in_its_thread_puts_the_entry_back(
+        relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim runs in a thread, which a cancelled delivery cannot stop: what it has
+    claimed by the time it ends goes back to the queue, not counted as a crash."""
+    import threading
+
+    entered, gate = threading.Event(), threading.Event()
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(dst).parent.name == "active" and Path(src).parent.name == "queue":
+            entered.set()
+            gate.wait(10)  # the disk is slow: the claim is still running at the stop
+        real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    upstream = ScriptedUpstream()
+    relay = await relay_factory(upstreams=scripted(upstream))
+    queue_id = await send(relay)
+    await wait_until(entered.is_set)
+    task = relay.scheduler._inflight[queue_id]  # type: ignore[union-attr]
+    stopping = asyncio.create_task(relay.stop(grace=0.05))
+    await wait_until(lambda: task.cancelling() > 0)
+    gate.set()
+    await stopping
+    assert relay.spool.ids("queue") == [queue_id] and relay.spool.ids("active") == []
+    assert relay.spool.read(queue_id, "queue").crashes == 0
+    assert upstream.received == []
