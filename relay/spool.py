@@ -167,7 +167,12 @@ def read_regular(path: Path | str, dir_fd: int | None = None) -> bytes:
         os.close(fd)
 
 
-def _read_entry(fd: int, queue_id: str) -> Envelope | str:
+_SYSTEM_ERRORS = frozenset({errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
+                            errno.ENOMEM, errno.EAGAIN, errno.EINTR})
+"""Errors reading an entry that say nothing about the entry itself."""
+
+
+def _read_entry(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | str:
     """The envelope in the entry directory `fd`, or what is wrong with the entry (the
     text that follows the entry's path in the DamagedEntry)."""
     try:
@@ -177,6 +182,8 @@ def _read_entry(fd: int, queue_id: str) -> Envelope | str:
     except (ValueError, TypeError, KeyError) as e:
         return f"/{ENVELOPE}: the envelope cannot be read ({e})"
     except OSError as e:
+        if system_errors and e.errno in _SYSTEM_ERRORS:
+            raise
         return f"/{ENVELOPE}: {e.strerror}"
     if env.id != queue_id:
         return f"/{ENVELOPE}: the envelope belongs to {env.id}, not {queue_id}"
@@ -186,6 +193,8 @@ def _read_entry(fd: int, queue_id: str) -> Envelope | str:
     except FileNotFoundError:
         return ": the message file is missing"
     except OSError as e:
+        if system_errors and e.errno in _SYSTEM_ERRORS:
+            raise
         return f"/{MESSAGE}: {e.strerror}"
     return env
 
@@ -483,35 +492,58 @@ class Spool:
     # --- delivering ------------------------------------------------------------------
 
     def claim(self, queue_id: str, src: Place = "queue", dst: Place = "active") -> Envelope | None:
-        """Take an entry by renaming it; None if someone else took or deleted it."""
+        """Take an entry by renaming it; None if someone else took or deleted it.
+
+        A damaged entry raises DamagedEntry (in `dst`, for quarantine). When the system
+        refuses to read it (an I/O error, permissions, no file descriptor left: nothing
+        says the entry is damaged) it goes back to `src` and SpoolError says why."""
+        entry = self._dir(src) / queue_id
         try:
-            os.rename(self._dir(src) / queue_id, self._dir(dst) / queue_id)
-            return self.read(queue_id, dst)
+            os.rename(entry, self._dir(dst) / queue_id)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise SpoolError(e.errno, e.strerror, str(entry)) from e
+        try:
+            return self._read(queue_id, dst, system_errors=True)
+        except FileNotFoundError:
+            return None
+        except SpoolError:
+            raise
+        except OSError as e:  # a system error while reading: untaken, not damaged
+            with contextlib.suppress(OSError):
+                os.rename(self._dir(dst) / queue_id, entry)
+            raise SpoolError(e.errno, e.strerror, str(entry / os.fsdecode(e.filename or ""))
+                             ) from e
 
     def message_path(self, queue_id: str, place: Place = "active") -> Path:
         return self._dir(place) / queue_id / MESSAGE
 
     def read(self, queue_id: str, place: Place) -> Envelope:
+        return self._read(queue_id, place)
+
+    def _read(self, queue_id: str, place: Place, system_errors: bool = False) -> Envelope:
         """The envelope of an entry, read from one directory whatever moves meanwhile.
 
         The entry's directory is opened once (a symlink is not followed) and its envelope
         and message are looked at relative to that descriptor: an entry that is claimed,
         put back or delivered while it is read is read whole, or not found; never taken
         for damaged. FileNotFoundError: no entry there (any more); DamagedEntry: the
-        entry that is there cannot be read back."""
+        entry that is there cannot be read back. With `system_errors`, an error that
+        says nothing about the entry (_SYSTEM_ERRORS) is raised as it is instead."""
         entry = self._dir(place) / queue_id
         try:
             fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise
         except OSError as e:  # a symlink or a file where an entry belongs, or unreadable
+            if system_errors and e.errno in _SYSTEM_ERRORS:
+                raise
             what = ("a symbolic link, not an entry (not followed)" if os.path.islink(entry)
                     else e.strerror)
             raise DamagedEntry(f"{entry}: {what}") from None
         try:
-            found = _read_entry(fd, queue_id)
+            found = _read_entry(fd, queue_id, system_errors)
             if isinstance(found, Envelope):
                 return found
             if not _still_at(fd, entry):  # delivered, its directory emptied or reused

@@ -303,27 +303,45 @@ async def _wake_and_settle(relay: Relay, times: int = 1) -> None:
         await wait_until(lambda: scheduler.counts()["active"] == 0)
 
 
+@pytest.mark.parametrize("where", ["rename", "read"])
 async def test_a_spool_error_on_claim_backs_off_exponentially_and_is_logged_once(
-        relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """EIO (or EACCES, ENOSPC) when a delivery takes its entry: not a spin of thousands of
-    claims a second with an exception nobody retrieves, but a deferral like a 4xx."""
+        relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch, state_dir: Path,
+        caplog: pytest.LogCaptureFixture, where: str) -> None:
+    """EIO (or EACCES, ENOSPC) when a delivery takes its entry (the rename into active/,
+    or reading its envelope there): not a spin of thousands of claims a second with an
+    exception nobody retrieves, nor a quarantine, but a deferral like a 4xx."""
+    import threading
+
     import relay.delivery as delivery
 
     clock = FrozenClock()
     monkeypatch.setattr(delivery, "time", clock)
-    real_rename = os.rename
     claims: list[str] = []
     failing = [True]
+    if where == "rename":
+        real_rename = os.rename
 
-    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        if Path(dst).parent.name == "active" and Path(src).parent.name == "queue":
-            claims.append(Path(src).name)
-            if failing[0]:
-                raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
-        real_rename(src, dst, *args, **kwargs)
+        def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(dst).parent.name == "active" and Path(src).parent.name == "queue":
+                claims.append(Path(src).name)
+                if failing[0]:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+            real_rename(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "rename", rename)
+    else:
+        real_open = os.open
+        main = threading.get_ident()
+
+        def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if (path == "envelope.json" and kwargs.get("dir_fd") is not None
+                    and threading.get_ident() != main):  # the delivery's claim, in its thread
+                claims.append(Path(os.readlink(f"/proc/self/fd/{kwargs['dir_fd']}")).name)
+                if failing[0]:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", open_)
     upstream = ScriptedUpstream()
     relay = await relay_factory(upstreams=scripted(upstream),
                                 queue={"retry_initial": "30s", "retry_max": "15m"})
@@ -344,6 +362,7 @@ async def test_a_spool_error_on_claim_backs_off_exponentially_and_is_logged_once
     assert "Input/output error [EIO]" in first.getMessage()
     assert "check the file system" in first.getMessage()
     assert relay.spool.ids("queue") == [queue_id] and relay.spool.ids("active") == []
+    assert os.listdir(state_dir / "spool" / "quarantine") == []
     assert relay.scheduler.counts()["deferred"] == 1  # type: ignore[union-attr]
 
     clock.now += 34  # past retry_initial (30 s, 10 % jitter): the second try
