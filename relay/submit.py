@@ -509,7 +509,8 @@ def wait_for_outcome(settings: Settings, queue_id: str, timeout: float) -> tuple
         except FileNotFoundError:  # it kept moving while it was looked at: look again
             pass
         except DamagedEntry as e:
-            return "failed", f"damaged in the spool, moved to quarantine and not sent: {e}"
+            return "failed", ("damaged in the spool and not sent (the relay moves it to "
+                              f"quarantine): {e}")
         except OSError as e:
             return "unknown", (f"cannot read the spool at {spool.root}: {e.strerror}; run this "
                                "as the relay's user")
