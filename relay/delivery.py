@@ -14,7 +14,9 @@ back as it was and waits with the same backoff, counted in memory; that is logge
 once per entry and cause, not at every try. No exception leaves a delivery task.
 
 Every file-system call of a delivery runs in a thread: one hop to claim the entry
-and read a small message, one to remove it once delivered.
+and read a small message, one to remove it once delivered, both in batches (one
+thread for every delivery's claims and removals: _DiskWork); what waits for the
+disk (fsync on a deferral or a dead letter) in asyncio's threads.
 
 A delivery also reads its entry before it sends and removes it after: so that
 the connections never wait for the disk, up to twice as many deliveries as
@@ -36,14 +38,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
 from .metrics import Metrics
 from .settings import QueueSettings, Settings
 from .spool import INLINE_BYTES, Envelope, Spool, read_regular
 from .upstream import Outcome, Outgoing, Upstream
+from .workers import AwaitedWorker
 
 log = logging.getLogger("relay.delivery")
+T = TypeVar("T")
 
 UpstreamFactory = Callable[[Settings], Upstream]
 _LOCAL_POOL = 4
@@ -69,6 +74,27 @@ class Result:
     subject: str | None
 
 
+class _DiskWork(AwaitedWorker[Callable[[], object], object]):
+    """Runs the page-cache work of deliveries (a claim with its read, a removal) in one
+    thread, taking every call waiting at once: under load a batch costs one thread
+    wake-up and one wake-up of the event loop, not two per message. What waits for
+    the disk itself (fsync: a deferral, a dead letter) goes to asyncio.to_thread."""
+
+    NAME = "delivery-spool"
+
+    def results(self, args: list[Callable[[], object]]) -> list[object | Exception]:
+        done: list[object | Exception] = []
+        for call in args:
+            try:
+                done.append(call())
+            except Exception as e:  # that call's caller gets it
+                done.append(e)
+        return done
+
+    async def run(self, call: Callable[[], T]) -> T:
+        return cast(T, await self.call(call))
+
+
 class Scheduler:
     def __init__(self, spool: Spool, settings: Settings, metrics: Metrics,
                  make_upstream: UpstreamFactory) -> None:
@@ -81,6 +107,7 @@ class Scheduler:
         self._age: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._disk = _DiskWork()
         self._troubles: dict[str, tuple[str, int]] = {}
         """Entries the relay itself could not handle: the cause, and tries in a row."""
         self._wake = asyncio.Event()
@@ -277,7 +304,7 @@ class Scheduler:
             await self._trouble(queue_id, e, "internal error in the relay")
 
     async def _deliver_entry(self, queue_id: str) -> None:
-        claiming = asyncio.ensure_future(asyncio.to_thread(self._claim, queue_id))
+        claiming = asyncio.ensure_future(self._disk.run(functools.partial(self._claim, queue_id)))
         try:
             claimed = await asyncio.shield(claiming)  # claim and, when small, the bytes: one hop
         except DamagedEntry as e:
@@ -406,7 +433,7 @@ class Scheduler:
                 env.dead_reason = "; ".join(f"<{r.address}>: {r.reply}" for r in failed)
                 await self._bury(env)
             else:
-                await asyncio.to_thread(self.spool.finish, env.id, size=env.size)
+                await self._disk.run(functools.partial(self.spool.finish, env.id, size=env.size))
                 self._forget(env.id)
             return
         if now - env.age_base > self.settings.queue.max_age:

@@ -408,7 +408,7 @@ async def test_a_delivery_touches_the_spool_only_from_threads_in_two_hops(
 
     for name in ("open", "rename", "replace", "stat", "unlink"):
         monkeypatch.setattr(os, name, watch(name, getattr(os, name)))
-    hops: list[tuple[str, object]] = []
+    hops: list[tuple[str, object]] = []  # trips to a thread: asyncio's, or the scheduler's
     real_to_thread = asyncio.to_thread
 
     async def to_thread(func: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -416,6 +416,14 @@ async def test_a_delivery_touches_the_spool_only_from_threads_in_two_hops(
         return await real_to_thread(func, *args, **kwargs)
 
     monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    disk = relay.scheduler._disk  # type: ignore[union-attr]
+    real_run = disk.run
+
+    async def run(call: Any) -> Any:
+        hops.append((call.func.__name__, call.args[0]))
+        return await real_run(call)
+
+    monkeypatch.setattr(disk, "run", run)
     queue_id = await send(relay)
     await wait_until(lambda: len(upstream.received) == 1)
     await wait_until(lambda: relay.spool.ids("active") == [] and relay.spool.ids("queue") == [])
