@@ -8,7 +8,15 @@ authentication failures defer the message with exponential backoff
 (`queue.retry_initial` doubling up to `queue.retry_max`); a 5xx fails that
 recipient; a message older than `queue.max_age` becomes a dead letter with the
 last reply as its reason. While the system account is inactive nothing is sent
-(state `held`).
+(state `held`). When the spool itself refuses (EIO, EACCES, ENOSPC: the entry
+cannot be taken, or the result not recorded) or the relay has a bug, the entry is put
+back as it was and waits with the same backoff, counted in memory; that is logged
+once per entry and cause, not at every try. No exception leaves a delivery task.
+
+Every file-system call of a delivery runs in a thread: one hop to claim the entry
+and read a small message, one to remove it once delivered, both in batches (one
+thread for every delivery's claims and removals: _DiskWork); what waits for the
+disk (fsync on a deferral or a dead letter) in asyncio's threads.
 
 A delivery also reads its entry before it sends and removes it after: so that
 the connections never wait for the disk, up to twice as many deliveries as
@@ -20,6 +28,8 @@ as many more wait for the reply to their final dot). No more: every entry in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
 import heapq
 import logging
@@ -28,14 +38,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
 from .metrics import Metrics
 from .settings import QueueSettings, Settings
 from .spool import INLINE_BYTES, Envelope, Spool, read_regular
 from .upstream import Outcome, Outgoing, Upstream
+from .workers import AwaitedWorker
 
 log = logging.getLogger("relay.delivery")
+T = TypeVar("T")
 
 UpstreamFactory = Callable[[Settings], Upstream]
 _LOCAL_POOL = 4
@@ -61,6 +74,27 @@ class Result:
     subject: str | None
 
 
+class _DiskWork(AwaitedWorker[Callable[[], object], object]):
+    """Runs the page-cache work of deliveries (a claim with its read, a removal) in one
+    thread, taking every call waiting at once: under load a batch costs one thread
+    wake-up and one wake-up of the event loop, not two per message. What waits for
+    the disk itself (fsync: a deferral, a dead letter) goes to asyncio.to_thread."""
+
+    NAME = "delivery-spool"
+
+    def results(self, args: list[Callable[[], object]]) -> list[object | Exception]:
+        done: list[object | Exception] = []
+        for call in args:
+            try:
+                done.append(call())
+            except Exception as e:  # that call's caller gets it
+                done.append(e)
+        return done
+
+    async def run(self, call: Callable[[], T]) -> T:
+        return cast(T, await self.call(call))
+
+
 class Scheduler:
     def __init__(self, spool: Spool, settings: Settings, metrics: Metrics,
                  make_upstream: UpstreamFactory) -> None:
@@ -73,6 +107,9 @@ class Scheduler:
         self._age: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._disk = _DiskWork()
+        self._troubles: dict[str, tuple[str, int]] = {}
+        """Entries the relay itself could not handle: the cause, and tries in a row."""
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -158,6 +195,7 @@ class Scheduler:
     def _forget(self, queue_id: str) -> None:
         self._due.pop(queue_id, None)
         self._age.pop(queue_id, None)
+        self._troubles.pop(queue_id, None)
 
     @property
     def held(self) -> bool:
@@ -216,7 +254,9 @@ class Scheduler:
             task.add_done_callback(functools.partial(self._forget_task, queue_id))
         return None if not self._heap else max(0.0, self._heap[0][0] - now)
 
-    def _forget_task(self, queue_id: str, _task: asyncio.Task[None]) -> None:
+    def _forget_task(self, queue_id: str, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._defer_in_trouble(queue_id, error, "internal error in the relay")
         self._done(queue_id)
 
     def _done(self, queue_id: str) -> None:
@@ -253,17 +293,38 @@ class Scheduler:
     # --- one delivery -----------------------------------------------------------------
 
     async def _deliver(self, queue_id: str) -> None:
+        """One delivery. Whatever goes wrong in the relay itself (the spool refuses: EIO,
+        EACCES, ENOSPC; or a bug), the entry goes back to the queue and waits like a
+        deferred message; nothing escapes the task."""
         try:
-            claimed = self._claim(queue_id)
+            await self._deliver_entry(queue_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self._trouble(queue_id, e, "internal error in the relay")
+
+    async def _deliver_entry(self, queue_id: str) -> None:
+        claiming = asyncio.ensure_future(self._disk.run(functools.partial(self._claim, queue_id)))
+        try:
+            claimed = await asyncio.shield(claiming)  # claim and, when small, the bytes: one hop
         except DamagedEntry as e:
             await asyncio.to_thread(self.spool.quarantine, queue_id, "active", str(e))
             log.error("%s: moved to quarantine: %s", queue_id, e)
             self._forget(queue_id)
             return
+        except OSError as e:
+            await self._trouble(queue_id, e, "cannot take the message from the spool")
+            return
+        except asyncio.CancelledError:  # stopping: the thread finishes; undo its claim
+            with contextlib.suppress(Exception):
+                if await claiming is not None:
+                    await asyncio.to_thread(self.spool.put_back, queue_id)
+            raise
         if claimed is None:  # deleted or taken by `queue retry|delete`
             self._forget(queue_id)
             return
         env, data = claimed
+        troubled = queue_id in self._troubles
         try:
             outcomes = await self._attempt(env, data)
         except asyncio.CancelledError:
@@ -271,12 +332,39 @@ class Scheduler:
             raise
         try:
             await self._settle(env, outcomes)
-        except OSError as e:  # the spool cannot record the result (disk full, I/O error)
-            log.error("%s: cannot record the delivery result in the spool (%s); the message "
-                      "goes back to the queue as it was and is tried again", env.id, e)
-            await asyncio.to_thread(self.spool.put_back, env.id)
-            env.attempts += 1
-            self._due[env.id] = time.time() + self.backoff(env.attempts)
+        except OSError as e:  # disk full, I/O error: the upstream may have it already
+            await self._trouble(env.id, e, "cannot record the delivery result in the spool "
+                                           "(the message may arrive twice)")
+            return
+        self._troubles.pop(queue_id, None)
+        if troubled:
+            log.info("%s: the spool works again for this message", queue_id)
+
+    async def _trouble(self, queue_id: str, error: Exception, what: str) -> None:
+        """Put a taken entry back as it is (a rename: needs no free space) and let it wait."""
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.spool.put_back, queue_id)
+        self._defer_in_trouble(queue_id, error, what)
+
+    def _defer_in_trouble(self, queue_id: str, error: BaseException, what: str) -> None:
+        """Back off an entry the relay could not handle, with the delays of a deferred
+        message, counted here (the spool may not take a new attempt count). Logged when
+        the entry first meets this cause, not at every try."""
+        cause = f"{what}: {_describe(error)}"
+        previous, tries = self._troubles.get(queue_id, ("", 0))
+        self._troubles[queue_id] = (cause, tries + 1)
+        delay = self.backoff(tries + 1)
+        self._due[queue_id] = time.time() + delay  # `_done` puts it back on the heap
+        self._age.setdefault(queue_id, time.time())
+        if cause == previous:
+            log.debug("%s: %s; tried again in %.0f s", queue_id, cause, delay)
+            return
+        fix = (f"check the file system of {self.spool.root} (free space, the relay user's "
+               "permissions, I/O errors in the kernel log)" if isinstance(error, OSError)
+               else "please report this with the log")
+        log.error("%s: %s; the message stays in the queue and is tried again in %.0f s, then "
+                  "with growing delays (logged again when the cause changes); %s", queue_id,
+                  cause, delay, fix, exc_info=None if isinstance(error, OSError) else error)
 
     def _claim(self, queue_id: str) -> tuple[Envelope, bytes | None] | None:
         """Take the entry and, when the upstream wants them and the message is not large,
@@ -345,7 +433,7 @@ class Scheduler:
                 env.dead_reason = "; ".join(f"<{r.address}>: {r.reply}" for r in failed)
                 await self._bury(env)
             else:
-                self.spool.finish(env.id, size=env.size)
+                await self._disk.run(functools.partial(self.spool.finish, env.id, size=env.size))
                 self._forget(env.id)
             return
         if now - env.age_base > self.settings.queue.max_age:
@@ -376,6 +464,14 @@ class Scheduler:
 
     def backoff(self, attempts: int) -> float:
         return backoff(self.settings.queue, attempts)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        name = errno.errorcode.get(error.errno or 0, "")
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or error}{f' [{name}]' if name else ''}{where}"
+    return repr(error)
 
 
 def backoff(queue: QueueSettings, attempts: int) -> float:

@@ -21,9 +21,10 @@ the command line) never hold the same entry. Nothing is removed before the
 upstream has accepted it. Directories are 0700 and files 0600; an entry that is a
 symbolic link, or whose message or envelope is one, is quarantined when it is
 claimed or recovered, never followed (its target is neither sent nor truncated).
-`claim`, `read` and `finish` only touch the page cache and may run on the event loop
-(for messages up to INLINE_BYTES); every other method waits for the disk: call it
-from a thread.
+`read` takes an entry from one open directory, so an entry that moves meanwhile is
+read whole or not found, never called damaged. Every method here waits for the
+disk: call it from a thread (the scheduler does, once to claim and read a message,
+once to finish it).
 """
 
 from __future__ import annotations
@@ -147,14 +148,16 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1000:013X}{_ID_BITS.getrandbits(32):08X}"
 
 
-def read_regular(path: Path) -> bytes:
+def read_regular(path: Path | str, dir_fd: int | None = None) -> bytes:
     """A file's bytes; OSError when it is not a regular file (a FIFO must not block us)
     or is a symbolic link (never followed: its target is not ours to send or truncate).
+    `path` is relative to the directory `dir_fd` when one is given.
 
-    Open, fstat, one read (a file that grew meanwhile: more), close: a spool file is
-    read on the event loop, from the page cache, without Python's file objects."""
+    Open, fstat, one read (a file that grew meanwhile: more), close: without Python's
+    file objects."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, "is a symbolic link (not followed)", str(path)) from None
@@ -190,6 +193,52 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+_SYSTEM_ERRORS = frozenset({errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
+                            errno.ENOMEM, errno.EAGAIN, errno.EINTR})
+"""Errors reading an entry that say nothing about the entry itself."""
+
+
+def _read_entry(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | str:
+    """The envelope in the entry directory `fd`, or what is wrong with the entry (the
+    text that follows the entry's path in the DamagedEntry)."""
+    try:
+        env = Envelope.from_json(read_regular(ENVELOPE, dir_fd=fd))
+    except FileNotFoundError:
+        return f"/{ENVELOPE}: the envelope is missing"
+    except (ValueError, TypeError, KeyError) as e:
+        return f"/{ENVELOPE}: the envelope cannot be read ({e})"
+    except OSError as e:
+        if system_errors and e.errno in _SYSTEM_ERRORS:
+            raise
+        return f"/{ENVELOPE}: {e.strerror}"
+    if env.id != queue_id:
+        return f"/{ENVELOPE}: the envelope belongs to {env.id}, not {queue_id}"
+    try:
+        mode = os.stat(MESSAGE, dir_fd=fd, follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            return (f"/{MESSAGE}: is a symbolic link (not followed; its target "
+                    f"{os.readlink(MESSAGE, dir_fd=fd)} is left untouched)")
+        if not stat.S_ISREG(mode):
+            return ": the message file is missing (a directory or device in its place)"
+    except FileNotFoundError:
+        return ": the message file is missing"
+    except OSError as e:
+        if system_errors and e.errno in _SYSTEM_ERRORS:
+            raise
+        return f"/{MESSAGE}: {e.strerror}"
+    return env
+
+
+def _still_at(fd: int, entry: Path) -> bool:
+    """Whether the directory open as `fd` is still the one at `entry`."""
+    try:
+        there = os.stat(entry, follow_symlinks=False)
+    except OSError:
+        return False
+    here = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
 def _write_file(path: Path, data: bytes) -> None:
     """Create a file with `data`, fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -200,9 +249,18 @@ def _write_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def _write_reason(entry: Path, reason: str) -> None:
+    """The REASON file of a quarantined entry (private, never through a link)."""
+    fd = state.open_private(entry / "REASON", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, (reason + "\n").encode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+
+
 INLINE_BYTES = 1 << 20
-"""Messages up to this size are read from the event loop (the page cache), larger ones
-from a thread or a chunk at a time."""
+"""Messages up to this size are read whole when they are claimed (in the same thread),
+larger ones a chunk at a time as they are sent."""
 
 
 class Incoming:
@@ -483,15 +541,28 @@ class Spool:
     def claim(self, queue_id: str, src: Place = "queue", dst: Place = "active") -> Envelope | None:
         """Take an entry by renaming it; None if someone else took or deleted it.
 
-        DamagedEntry (the caller quarantines it from `dst`) when the entry, its message
-        or its envelope is a symbolic link: it is never followed, so its target is
-        neither sent nor truncated after delivery."""
+        A damaged entry raises DamagedEntry (in `dst`, for quarantine). When the system
+        refuses to read it (an I/O error, permissions, no file descriptor left: nothing
+        says the entry is damaged) it goes back to `src` and SpoolError says why."""
+        entry = self._dir(src) / queue_id
         try:
-            os.rename(self._dir(src) / queue_id, self._dir(dst) / queue_id)
-            self._not_linked(self._dir(dst) / queue_id)
-            return self.read(queue_id, dst)
+            os.rename(entry, self._dir(dst) / queue_id)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise SpoolError(e.errno, e.strerror, str(entry)) from e
+        try:
+            self._not_linked(self._dir(dst) / queue_id)
+            return self._read(queue_id, dst, system_errors=True)
+        except FileNotFoundError:
+            return None
+        except SpoolError:
+            raise
+        except OSError as e:  # a system error while reading: untaken, not damaged
+            with contextlib.suppress(OSError):
+                os.rename(self._dir(dst) / queue_id, entry)
+            raise SpoolError(e.errno, e.strerror, str(entry / os.fsdecode(e.filename or ""))
+                             ) from e
 
     @staticmethod
     def _not_linked(entry: Path) -> None:
@@ -510,24 +581,37 @@ class Spool:
         return self._dir(place) / queue_id / MESSAGE
 
     def read(self, queue_id: str, place: Place) -> Envelope:
-        path = self._dir(place) / queue_id / ENVELOPE
+        return self._read(queue_id, place)
+
+    def _read(self, queue_id: str, place: Place, system_errors: bool = False) -> Envelope:
+        """The envelope of an entry, read from one directory whatever moves meanwhile.
+
+        The entry's directory is opened once (a symlink is not followed) and its envelope
+        and message are looked at relative to that descriptor: an entry that is claimed,
+        put back or delivered while it is read is read whole, or not found; never taken
+        for damaged. FileNotFoundError: no entry there (any more); DamagedEntry: the
+        entry that is there cannot be read back. With `system_errors`, an error that
+        says nothing about the entry (_SYSTEM_ERRORS) is raised as it is instead."""
+        entry = self._dir(place) / queue_id
         try:
-            env = Envelope.from_json(read_regular(path))
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            if (self._dir(place) / queue_id).is_dir():
-                raise DamagedEntry(f"{path}: the envelope is missing") from None
             raise
-        except (ValueError, TypeError, KeyError) as e:
-            raise DamagedEntry(f"{path}: the envelope cannot be read ({e})") from None
-        except OSError as e:
-            raise DamagedEntry(f"{path}: {e.strerror}") from None
-        if not (self._dir(place) / queue_id / MESSAGE).is_file():
-            if not path.parent.is_dir():  # moved on (claimed, delivered) while we read
-                raise FileNotFoundError(errno.ENOENT, "moved on meanwhile", str(path.parent))
-            raise DamagedEntry(f"{path.parent}: the message file is missing")
-        if env.id != queue_id:
-            raise DamagedEntry(f"{path}: the envelope belongs to {env.id}, not {queue_id}")
-        return env
+        except OSError as e:  # a symlink or a file where an entry belongs, or unreadable
+            if system_errors and e.errno in _SYSTEM_ERRORS:
+                raise
+            what = ("a symbolic link, not an entry (not followed)" if os.path.islink(entry)
+                    else e.strerror)
+            raise DamagedEntry(f"{entry}: {what}") from None
+        try:
+            found = _read_entry(fd, queue_id, system_errors)
+            if isinstance(found, Envelope):
+                return found
+            if not _still_at(fd, entry):  # delivered, its directory emptied or reused
+                raise FileNotFoundError(errno.ENOENT, "moved on while it was read", str(entry))
+            raise DamagedEntry(f"{entry}{found}")
+        finally:
+            os.close(fd)
 
     def update(self, envelope: Envelope, place: Place = "active") -> None:
         """Replace the envelope atomically (per-recipient states, attempts)."""
@@ -567,17 +651,27 @@ class Spool:
             dst = dst.with_name(f"{queue_id}.{time.time_ns()}")
         try:
             if src.is_dir() and not src.is_symlink():
+                with contextlib.suppress(OSError):  # the reason arrives with the entry
+                    _write_reason(src, reason)
                 os.rename(src, dst)
             else:
                 dst.mkdir(mode=0o700)
                 os.rename(src, dst / queue_id)
-            fd = state.open_private(dst / "REASON", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            try:
-                os.write(fd, (reason + "\n").encode("utf-8", "replace"))
-            finally:
-                os.close(fd)
+            if not (dst / "REASON").is_file():
+                _write_reason(dst, reason)
         except OSError:
             pass  # gone meanwhile, or the disk refuses: the next start finds it again
+
+    def quarantined(self, queue_id: str) -> str | None:
+        """Why an entry was moved to quarantine/ (its REASON), or None if it was not."""
+        found = sorted(p for p in self._dir("quarantine").glob(f"{queue_id}*")
+                       if p.name == queue_id or p.name.startswith(f"{queue_id}."))
+        if not found:
+            return None
+        try:
+            return (found[-1] / "REASON").read_text(errors="replace").strip()
+        except OSError:
+            return f"no reason recorded in {found[-1]}"
 
     # --- looking ---------------------------------------------------------------------
 

@@ -491,20 +491,41 @@ def _drop_headers(data: bytes, names: set[bytes]) -> bytes:
 
 
 def wait_for_outcome(settings: Settings, queue_id: str, timeout: float) -> tuple[str, str]:
-    """Follow a queued message: ("delivered"|"failed"|"waiting", what happened)."""
+    """Follow a queued message for at most `timeout` seconds: ("delivered" | "failed" |
+    "waiting" | "unknown", what happened).
+
+    Failed: a dead letter, or an entry damaged on disk (the daemon moves it to
+    quarantine and never sends it). Unknown: this process cannot see the daemon's
+    spool (another user, another state_dir)."""
     spool = Spool(settings.spool_dir)
     deadline = time.monotonic() + timeout
+    if not (spool.root / "queue").is_dir():
+        return "unknown", (f"there is no spool at {spool.root}: run this as the relay's user, "
+                           "with its configuration (state_dir)")
+    last = "no attempt finished yet"
     while True:
         try:
             found = spool.find(queue_id)
-        except (FileNotFoundError, DamagedEntry):  # moving between places: look again
-            time.sleep(0.05)
-            continue
-        if found is None:
-            return "delivered", f"delivered through {settings.system_account.server!r}"
-        place, env = found
-        if place == "dead":
-            return "failed", env.dead_reason or "dead letter"
-        if time.monotonic() >= deadline:
-            return "waiting", f"not delivered yet: {env.last_reply or 'no attempt finished yet'}"
-        time.sleep(0.1)
+        except FileNotFoundError:  # it kept moving while it was looked at: look again
+            pass
+        except DamagedEntry as e:
+            return "failed", ("damaged in the spool and not sent (the relay moves it to "
+                              f"quarantine): {e}")
+        except OSError as e:
+            return "unknown", (f"cannot read the spool at {spool.root}: {e.strerror}; run this "
+                               "as the relay's user")
+        else:
+            if found is None:
+                reason = spool.quarantined(queue_id)
+                if reason is not None:
+                    return "failed", ("damaged in the spool, moved to quarantine and not sent: "
+                                      f"{reason}")
+                return "delivered", f"delivered through {settings.system_account.server!r}"
+            place, env = found
+            if place == "dead":
+                return "failed", env.dead_reason or "dead letter"
+            last = env.last_reply or last
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "waiting", f"not delivered yet: {last}"
+        time.sleep(min(0.1, left))

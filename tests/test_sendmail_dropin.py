@@ -25,7 +25,7 @@ import pytest
 from relay import submit
 from relay.submit import parse_sendmail_args
 
-from .support import Daemon, free_port
+from .support import Daemon, free_port, relay_command
 
 SYSMAIL_SENDMAIL = Path(sys.executable).parent / "sysmail-sendmail"
 
@@ -337,3 +337,93 @@ def test_what_sendmail_cannot_do_is_a_usage_error(argv: list[str]) -> None:
         return
     with pytest.raises(ValueError):
         parse_sendmail_args(argv)
+
+
+# --- send-test waiting for the outcome ---------------------------------------------------------
+
+def held_daemon(tmp_path: Path) -> Daemon:
+    """A daemon whose account is inactive: what it accepts stays in queue/."""
+    port = free_port()
+    config = write_config(tmp_path, port)
+    config.write_text(config.read_text().replace('address = "notify@example.com"',
+                                                 'address = "notify@example.com"\nactive = false'))
+    daemon = Daemon(config, tmp_path / "relay.log", port)
+    daemon.start()
+    return daemon
+
+
+def start_send_test(daemon: Daemon, wait: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [relay_command(), "send-test", "--config", str(daemon.config), "--to", "ops@example.com",
+         "--wait", wait], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+def queued_entry(tmp_path: Path) -> Path:
+    queue = tmp_path / "state" / "spool" / "queue"
+    wait_for(lambda: len(os.listdir(queue)) == 1)
+    return queue / os.listdir(queue)[0]
+
+
+def finish(cli: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        out, err = cli.communicate(timeout=60)  # a guard against a hang, not a measurement
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    return cli.returncode, out + err
+
+
+def test_send_test_reports_a_message_moved_to_quarantine_as_failed(tmp_path: Path) -> None:
+    daemon = held_daemon(tmp_path)
+    try:
+        cli = start_send_test(daemon, wait="60")
+        entry = queued_entry(tmp_path)
+        cli.send_signal(signal.SIGSTOP)  # the daemon quarantines it while the command looks away
+        try:
+            (entry / "message").unlink()
+            daemon.config.write_text(daemon.config.read_text().replace("active = false",
+                                                                       "active = true"))
+            daemon.send_signal(signal.SIGHUP)
+            reason = tmp_path / "state" / "spool" / "quarantine" / entry.name / "REASON"
+            wait_for(reason.is_file)
+        finally:
+            cli.send_signal(signal.SIGCONT)
+        code, output = finish(cli)
+        assert code == 1, output
+        assert (f"{entry.name}: failed: damaged in the spool, moved to quarantine and not sent: "
+                in output), output
+        assert "the message file is missing" in output
+    finally:
+        daemon.stop(signal.SIGKILL)
+
+
+def test_send_test_on_an_entry_damaged_while_it_waits_fails_at_once_with_the_reason(
+        tmp_path: Path) -> None:
+    """It used to look again and again, past --wait, for as long as the entry stayed."""
+    daemon = held_daemon(tmp_path)
+    try:
+        cli = start_send_test(daemon, wait="5")
+        entry = queued_entry(tmp_path)
+        (entry / "envelope.json").write_bytes(b'{"id": "trunc')
+        code, output = finish(cli)
+        assert code == 1, output
+        assert f"{entry.name}: failed: damaged in the spool" in output, output
+        assert "envelope.json: the envelope cannot be read" in output
+    finally:
+        daemon.stop(signal.SIGKILL)
+
+
+def test_send_test_as_a_user_without_the_daemons_spool_does_not_claim_delivery(
+        tmp_path: Path, daemon: Daemon) -> None:
+    """Another state_dir (another user's $XDG_STATE_HOME): the message cannot be followed,
+    which is not the same as delivered."""
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(daemon.config.read_text().replace(
+        f'state_dir = "{tmp_path / "state"}"', f'state_dir = "{tmp_path / "other"}"'))
+    result = subprocess.run(
+        [relay_command(), "send-test", "--config", str(elsewhere), "--to", "ops@example.com"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"there is no spool at {tmp_path / 'other' / 'spool'}" in result.stdout

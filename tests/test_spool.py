@@ -5,8 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -278,41 +279,93 @@ async def test_a_message_that_does_not_fit_fails_alone_and_the_batch_goes_on(
         spool.close()
 
 
-def test_find_does_not_call_an_entry_damaged_that_moved_on_while_it_was_read(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`queue show` while the entry is being delivered: it leaves active/ for trash/
-    between reading its envelope and looking at its message file."""
-    import relay.spool as spool_module
+def _when_the_envelope_is_opened(monkeypatch: pytest.MonkeyPatch,
+                                 before: Callable[[], None],
+                                 after: Callable[[], None] = lambda: None) -> list[bool]:
+    """Run `before` and `after` around the first open of an envelope, whichever way
+    `Spool.read` opens it (a path, or a name in a directory it holds open): the
+    entry moves at the same point between the file system calls on every run."""
+    real = os.open
+    fired: list[bool] = []
 
+    def hooked(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if fired or not os.fspath(path).endswith("envelope.json"):
+            return real(path, flags, *args, **kwargs)
+        fired.append(True)
+        before()
+        try:
+            return real(path, flags, *args, **kwargs)
+        finally:
+            after()
+
+    monkeypatch.setattr(os, "open", hooked)
+    return fired
+
+
+def test_read_of_an_entry_deferred_between_its_two_reads_is_not_called_damaged(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flaky CI failure: a reader of queue/ID (`find`, the scheduler's index, a test)
+    while a delivery claims the entry and puts it back (queue/ to active/ and back)
+    between the reader's first look and its reading of the envelope."""
     env = envelope()
     spool.store(env, b"x\r\n")
-    spool.claim(env.id)
-    real = spool_module.read_regular
+    fired = _when_the_envelope_is_opened(
+        monkeypatch,
+        before=lambda: os.rename(spool.root / "queue" / env.id, spool.root / "active" / env.id),
+        after=lambda: spool.put_back(env.id))
+    back = spool.read(env.id, "queue")
+    assert fired == [True] and back.id == env.id
+    assert spool.ids("queue") == [env.id]
 
-    def delivered_meanwhile(path: Path) -> bytes:
-        data = real(path)
-        spool.finish(env.id)
-        return data
 
-    monkeypatch.setattr(spool_module, "read_regular", delivered_meanwhile)
-    assert spool.find(env.id) is None
-    monkeypatch.setattr(spool_module, "read_regular", real)
-    put_back = envelope()
-    spool.store(put_back, b"z\r\n")
-    spool.claim(put_back.id)
+def test_find_of_an_entry_deferred_while_it_is_looked_for_finds_it(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    assert spool.claim(env.id) is not None
+    fired = _when_the_envelope_is_opened(monkeypatch, before=lambda: spool.put_back(env.id))
+    found = spool.find(env.id)
+    assert fired == [True] and found is not None and found[1].id == env.id
 
-    def deferred_meanwhile(path: Path) -> bytes:  # back from active/ to queue/, once
-        data = real(path)
-        if path.parent.parent.name == "active":
-            spool.put_back(put_back.id)
-        return data
 
-    monkeypatch.setattr(spool_module, "read_regular", deferred_meanwhile)
-    found = spool.find(put_back.id)
-    assert found is not None and found[0] == "queue"
-    monkeypatch.setattr(spool_module, "read_regular", real)
+def test_read_of_an_entry_delivered_while_it_is_read_is_not_found_not_damaged(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`queue show` while the entry is delivered: gone (or emptied for reuse) between
+    the reader's first look and its reading of the envelope."""
+    gone, emptied = envelope(), envelope()
+    for env in (gone, emptied):
+        spool.store(env, b"x\r\n")
+        assert spool.claim(env.id) is not None
+
+    def delivered() -> None:
+        spool.finish(gone.id)  # a size unknown: removed, not kept
+        assert spool.removed()
+
+    _when_the_envelope_is_opened(monkeypatch, before=delivered)
+    with pytest.raises(FileNotFoundError):
+        spool.read(gone.id, "active")
+    assert spool.find(gone.id) is None
+
+    def emptied_for_reuse() -> None:
+        trash = spool.root / "trash" / emptied.id
+        os.rename(spool.root / "active" / emptied.id, trash)
+        os.truncate(trash / "envelope.json", 0)
+        os.truncate(trash / "message", 0)
+
+    _when_the_envelope_is_opened(monkeypatch, before=emptied_for_reuse)
+    with pytest.raises(FileNotFoundError):
+        spool.read(emptied.id, "active")
+
+
+def test_an_entry_damaged_where_it_stays_is_damaged(spool: Spool) -> None:
     damaged = envelope()
     spool.store(damaged, b"y\r\n")
     (spool.root / "queue" / damaged.id / "message").unlink()
     with pytest.raises(DamagedEntry, match="the message file is missing"):
         spool.find(damaged.id)
+    linked = envelope()
+    spool.store(linked, b"z\r\n")
+    os.rename(spool.root / "queue" / linked.id, spool.root / "edit" / linked.id)
+    (spool.root / "queue" / linked.id).symlink_to(spool.root / "edit" / linked.id)
+    with pytest.raises(DamagedEntry, match="a symbolic link, not an entry"):
+        spool.read(linked.id, "queue")
