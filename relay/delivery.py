@@ -24,13 +24,23 @@ import functools
 import heapq
 import logging
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
 from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
 from .metrics import Metrics
+from .rewrite import (
+    RewriteArguments,
+    date_header_value,
+    received_header,
+    rewrite_head,
+    rewrite_message,
+)
 from .settings import QueueSettings, Settings
 from .spool import INLINE_BYTES, Envelope, Spool, read_regular
 from .upstream import Outcome, Outgoing, Upstream
@@ -39,6 +49,8 @@ log = logging.getLogger("relay.delivery")
 
 UpstreamFactory = Callable[[Settings], Upstream]
 _LOCAL_POOL = 4
+_HEAD_CHUNK = 1 << 16
+"""The first read of a large message's header block (then twice as much each time)."""
 _LOAD_SLICE = 2000
 """Envelopes read per trip to the loading thread at start-up."""
 _READ_AHEAD = 2
@@ -295,10 +307,9 @@ class Scheduler:
     async def _attempt(self, env: Envelope, data: bytes | None = None) -> list[Outcome]:
         server = self.settings.system_account.server
         pending = env.pending
-        message = Outgoing(env, self.spool.message_path(env.id), env.mail_from or "", pending,
-                           data)
         started = time.monotonic()
         try:
+            message = await self._outgoing(env, data)
             outcomes = await self.upstream.deliver(message)
         except DeliveryFailure as failure:
             outcomes = [Outcome(r.address, failure.reply, failure) for r in pending]
@@ -308,6 +319,24 @@ class Scheduler:
             outcomes = [Outcome(r.address, bug.reply, bug) for r in pending]
         self.metrics.delivery_seconds.labels(server).observe(time.monotonic() - started)
         return outcomes
+
+    async def _outgoing(self, env: Envelope, data: bytes | None) -> Outgoing:
+        """The message as it is sent now. An entry that holds the client's bytes gets the
+        rewrite for the system account as it is at this attempt (held mail follows a changed
+        address); Date, Message-ID and Received come from the envelope, so every attempt
+        sends the same ones. An entry written by an earlier version is sent as stored."""
+        path = self.spool.message_path(env.id)
+        if not env.as_received:
+            return Outgoing(env, path, env.mail_from or "", env.pending, data)
+        edit = _edit(env, self.settings)
+        if data is not None:
+            return Outgoing(env, path, edit.address, env.pending, rewrite_message(
+                data, **edit.arguments))
+        try:
+            head, offset = await asyncio.to_thread(_read_head, path, edit)
+        except OSError as e:
+            raise TemporaryFailure(f"cannot read {path}: {e.strerror}", stage="spool") from e
+        return Outgoing(env, path, edit.address, env.pending, head=head, offset=offset)
 
     async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
         server = self.settings.system_account.server
@@ -376,6 +405,45 @@ class Scheduler:
 
     def backoff(self, attempts: int) -> float:
         return backoff(self.settings.queue, attempts)
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """What the rewrite of one entry needs: the current account and the entry's trace."""
+
+    address: str
+    arguments: RewriteArguments
+
+
+def _edit(env: Envelope, settings: Settings) -> _Edit:
+    account = settings.system_account
+    by_host = settings.listener.hostname or socket.gethostname()
+    when = datetime.fromtimestamp(int(env.received_at), UTC).astimezone()
+    domain = account.address.rpartition("@")[2] if account.address else by_host
+    received = received_header(helo=env.helo, peer_ip=env.client or "unknown", by_host=by_host,
+                               queue_id=env.id, recipients=[r.address for r in env.recipients],
+                               when=when, with_protocol=env.protocol)
+    return _Edit(account.address or "", RewriteArguments(
+        system_address=account.address or "", received=received,
+        from_header=account.from_header if account.address else "keep",
+        message_id=f"<{env.id}@{domain}>", date=date_header_value(when)))
+
+
+def _read_head(path: Path, edit: _Edit) -> tuple[bytes, int]:
+    """The rewritten header block of a large message and where its body starts in the file,
+    reading the header block only, in chunks (each twice the last: linear work)."""
+    chunks: list[bytes] = []
+    size = _HEAD_CHUNK
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(size)
+            chunks.append(chunk)
+            prefix = b"".join(chunks)
+            found = rewrite_head(prefix, complete=not chunk, **edit.arguments)
+            if found is not None:
+                return found
+            chunks = [prefix]
+            size *= 2
 
 
 def backoff(queue: QueueSettings, attempts: int) -> float:

@@ -3,8 +3,9 @@
 aiosmtpd's protocol, served by `loop.create_server` in the daemon's own loop.
 Connections are accepted only from `listener.allowed_networks` (554 otherwise)
 and up to `listener.max_connections` (421 beyond). SIZE, recipients per message
-and idle time are bounded. A message is rewritten (relay.rewrite), written to the
-spool, and only when the spool has fsynced it does the client get 250; if the
+and idle time are bounded. A message is written to the spool as the client sent it
+(the delivery applies relay.rewrite when it sends it), and only when the spool has
+fsynced it does the client get 250; if the
 write fails the client gets 451 4.3.0 and nothing is left behind.
 """
 
@@ -17,14 +18,13 @@ import logging
 import re
 import socket
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from .errors import SpoolError
 from .metrics import Metrics
-from .rewrite import date_header_value, header_value, received_header, rewrite_parts
+from .rewrite import header_value
 from .settings import Settings
 from .smtp_data import TooBig, read_data
 from .spool import Content, Recipient, Spool, content_size, new_queue_id
@@ -228,7 +228,7 @@ class RelaySMTP(SMTP):
 
 
 class IntakeHandler:
-    """aiosmtpd hooks: check the envelope, rewrite, spool, then 250."""
+    """aiosmtpd hooks: check the envelope, spool, then 250."""
 
     def __dir__(self) -> list[str]:
         return _hook_names(type(self), ("handle_",))
@@ -370,27 +370,20 @@ class Listener:
 
     async def receive(self, session: Session, envelope: Envelope) -> str:
         qid = new_queue_id()
-        account = self.settings.system_account
         data: bytes | bytearray = envelope.original_content or b""
         peer_ip = str(session.peer[0]) if isinstance(session.peer, tuple) else "unknown"
-        now = datetime.now(UTC).astimezone().replace(microsecond=0)
-        domain = account.address.rpartition("@")[2] if account.address else self.hostname
-        received = received_header(
-            helo=session.host_name, peer_ip=peer_ip, by_host=self.hostname, queue_id=qid,
-            recipients=envelope.rcpt_tos, when=now,
-            with_protocol="UTF8SMTP" if envelope.smtp_utf8 else
-            ("ESMTP" if session.extended_smtp else "SMTP"))
-        body = rewrite_parts(
-            data, system_address=account.address or "", received=received,
-            from_header=account.from_header if account.address else "keep",
-            message_id=f"<{qid}@{domain}>", date=date_header_value(now))
+        # The client's bytes, as they came: the delivery rewrites them for the system
+        # account as it is when the message is sent (relay.delivery).
+        body: list[bytes | memoryview] = [memoryview(data)]
         env = SpoolEnvelope(
             id=qid, sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",
-            mail_from=account.address,
+            mail_from=self.settings.system_account.address,
             recipients=[Recipient(a, options=o.split()) for a, o in
                         zip(envelope.rcpt_tos, envelope.rcpt_options, strict=True)],
             mail_options=list(envelope.mail_options), size=content_size(body), client=peer_ip,
-            subject=header_value(data, "Subject"))
+            subject=header_value(data, "Subject"), helo=session.host_name, as_received=True,
+            protocol="UTF8SMTP" if envelope.smtp_utf8 else
+            ("ESMTP" if session.extended_smtp else "SMTP"))
         # Shielded: if the client goes away meanwhile, a message that reaches the disk is
         # still handed to the scheduler (the client, without a 250, may send it again).
         queued = asyncio.ensure_future(self._queue(env, body))

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
-from typing import Literal
+from typing import Literal, TypedDict
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # ftext, obsolete blanks, colon
@@ -74,6 +74,16 @@ _SENDER_FIELDS = frozenset((b"from", b"sender", b"resent-from", b"resent-sender"
 """Removed by from_header="rewrite" (a From line for the system address replaces them)."""
 
 Token = tuple[str, int, int]  # kind, start, end
+
+
+class RewriteArguments(TypedDict):
+    """The account's and the entry's values a rewrite takes (`rewrite_message(data, **a)`)."""
+
+    system_address: str
+    from_header: Literal["rewrite", "keep"]
+    received: bytes
+    message_id: str
+    date: str
 
 
 @dataclass(slots=True)
