@@ -10,6 +10,14 @@ recipient; a message older than `queue.max_age` becomes a dead letter with the
 last reply as its reason. While the system account is inactive nothing is sent
 (state `held`).
 
+The spool holds what the client sent; each attempt applies the rewrite
+(relay.rewrite) for the system account as it is at that attempt: MAIL FROM and From
+are the current system address, so held mail follows an address changed meanwhile.
+Received, Date and Message-ID are built from the envelope (queue id, client, HELO,
+time of receipt), so every attempt of one message sends the same ones. A message
+up to spool.INLINE_BYTES is rewritten in memory; of a larger one only the header
+block is read (in growing chunks, from a thread) and the body is sent from the file.
+
 A delivery also reads its entry before it sends and removes it after: so that
 the connections never wait for the disk, up to twice as many deliveries as
 there are connections run at once (the upstream lets `pool_size` of them send, and
