@@ -50,6 +50,7 @@ from typing import Literal, TypedDict
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # ftext, obsolete blanks, colon
+_NAME_SO_FAR = re.compile(rb"[!-9;-~]*[ \t]*")  # what may still become a field name
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # all but tab
 _CTL_STR = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_HOST = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
@@ -118,28 +119,27 @@ def split_header(data: bytes | bytearray, *, complete: bool = True) -> Header | 
     pos, size = 0, len(data)
     while pos < size:
         m = _LINE_END.search(data, pos)
-        if m is None:
-            if not complete:
-                return None  # the line may go on, or be continued
-            line_end = end = size
-        else:
-            line_end, end = m.start(), m.end()
-            if not complete and end == size:
-                return None  # a CR's LF may follow; the next line may be a continuation
+        line_end, end = (size, size) if m is None else m.span()
         if line_end == pos:
             return Header(fields, pos, False)
         if data[pos] in b" \t":
             if not fields:
                 return Header(fields, pos, True)
+            if not complete and end == size:
+                return None  # more of this field may follow
             fields[-1].end = end
         else:
             name = _FIELD_NAME.match(data, pos, line_end)
             if name is None:
+                if not complete and m is None and _NAME_SO_FAR.fullmatch(data, pos, size):
+                    return None  # the rest of the line may make it a field
                 return Header(fields, pos, True)
-            fields.append(_Field(bytes(data[pos : name.end() - 1]).rstrip(b" \t").lower(), pos, end,
-                                 name.end()))
+            if not complete and end == size:
+                return None  # a CR's LF, or a continuation line, may follow
+            fields.append(_Field(bytes(data[pos : name.end() - 1]).rstrip(b" \t").lower(), pos,
+                                 end, name.end()))
         pos = end
-    return Header(fields, size, False)
+    return Header(fields, size, False) if complete else None
 
 
 def _newline(data: bytes | bytearray) -> bytes:

@@ -15,7 +15,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from relay.rewrite import rewrite_message
+from relay.rewrite import rewrite_message, split_header
 
 from .rewrite_shapes import SHAPES, Shape
 
@@ -57,3 +57,19 @@ def test_rewritten_message_has_exactly_one_from_the_system_address(shape: Shape)
         assert tuple(a.addr_spec for h in reply_to for a in h.addresses) == shape.reply_to
     assert msg.get_payload(decode=True) == re.sub(rb"\r\n|\r|\n", b"\r\n", shape.body)
 
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
+def test_a_prefix_decides_the_header_block_as_the_whole_message_does_or_asks_for_more(
+        shape: Shape) -> None:
+    # A large message's header block is read from its file a chunk at a time.
+    whole = split_header(shape.message)
+    assert whole is not None
+    decided = 0
+    for cut in range(len(shape.message) + 1):
+        part = split_header(shape.message[:cut], complete=False)
+        if part is not None:
+            decided += 1
+            assert (part.end, part.body_line, part.fields) == (whole.end, whole.body_line,
+                                                               whole.fields), cut
+    assert decided or whole.end == len(shape.message)  # a body settles it before its end
