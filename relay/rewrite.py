@@ -71,6 +71,8 @@ _TOKEN = re.compile(  # the lexical tokens of an address list (comments nest one
 )
 _HELO_LIMIT = 255
 _ADDR_LIMIT = 320
+VALUE_LIMIT = 16384
+"""How much of a header field's value `header_value` decodes."""
 _SENDER_FIELDS = frozenset((b"from", b"sender", b"resent-from", b"resent-sender"))
 """Removed by from_header="rewrite" (a From line for the system address replaces them)."""
 
@@ -117,9 +119,15 @@ def split_header(data: bytes | bytearray, *, complete: bool = True) -> Header | 
     """
     fields: list[_Field] = []
     pos, size = 0, len(data)
+    cr = lf = -1  # the next CR and LF at or after pos (size: none); each byte is seen once
     while pos < size:
-        m = _LINE_END.search(data, pos)
-        line_end, end = (size, size) if m is None else m.span()
+        if cr < pos:
+            cr = data.find(b"\r", pos) % (size + 1)
+        if lf < pos:
+            lf = data.find(b"\n", pos) % (size + 1)
+        line_end = min(cr, lf)
+        terminated = line_end < size
+        end = line_end + (2 if lf == cr + 1 else 1) if terminated else size
         if line_end == pos:
             return Header(fields, pos, False)
         if data[pos] in b" \t":
@@ -131,7 +139,7 @@ def split_header(data: bytes | bytearray, *, complete: bool = True) -> Header | 
         else:
             name = _FIELD_NAME.match(data, pos, line_end)
             if name is None:
-                if not complete and m is None and _NAME_SO_FAR.fullmatch(data, pos, size):
+                if not complete and not terminated and _NAME_SO_FAR.fullmatch(data, pos, size):
                     return None  # the rest of the line may make it a field
                 return Header(fields, pos, True)
             if not complete and end == size:
@@ -343,13 +351,16 @@ def _decode_words(text: str) -> str:
 def header_value(data: bytes | bytearray, name: str) -> str | None:
     """First `name` header, unfolded and RFC 2047 decoded, control characters as spaces.
 
-    For logs: never raises on malformed input. None when the header is absent.
+    For logs and the envelope: never raises on malformed input, and reads at most the
+    first VALUE_LIMIT bytes of the value (a 24 MiB Subject is shown by its start). None
+    when the header is absent.
     """
     key = name.strip().lower().encode("ascii", "replace")
     header = split_header(data)
     assert header is not None
     for field in header.fields:
         if field.name == key:
+            field.end = min(field.end, field.value_start + VALUE_LIMIT)
             text = _decode_words(_one_line(_value(data, field)).decode("utf-8", "replace"))
             return _CTL_STR.sub(" ", text).strip()
     return None
