@@ -299,12 +299,13 @@ class Scheduler:
             self._due[env.id] = time.time() + self.backoff(env.attempts)
 
     def _claim(self, queue_id: str) -> tuple[Envelope, bytes | None] | None:
-        """Take the entry and, when the upstream wants them and the message is not large,
-        its bytes (the page cache's work; a large message is read as it is sent)."""
+        """Take the entry and, when the message is not large and the upstream wants its
+        bytes or they are to be rewritten, its bytes (the page cache's work; a large
+        message is read as it is sent)."""
         env = self.spool.claim(queue_id)
         if env is None:
             return None
-        if not self.upstream.wants_data or env.size > INLINE_BYTES:
+        if not (self.upstream.wants_data or env.as_received) or env.size > INLINE_BYTES:
             return env, None
         path = self.spool.message_path(env.id)
         try:
