@@ -130,7 +130,12 @@ async def test_an_entry_written_by_an_earlier_version_is_sent_as_stored(
     assert (script.messages[0].mail_from, script.messages[0].data) == (OLD, stored)
 
 
-@pytest.mark.parametrize("message", [CLIENT_MESSAGE, b"Hello world\r\n"])
+LARGE_BODY = (b"y" * 998 + b"\r\n") * (INLINE_BYTES // 1000 + 1)
+
+
+@pytest.mark.parametrize("message", [CLIENT_MESSAGE, b"Hello world\r\n",
+                                     CLIENT_MESSAGE + LARGE_BODY, LARGE_BODY],
+                         ids=["small", "no-header", "large", "large-no-header"])
 async def test_the_local_outbox_holds_the_message_as_rewritten_when_sent(
         relay_factory: RelayFactory, state_dir: Path, message: bytes) -> None:
     relay = await relay_factory()
@@ -141,5 +146,6 @@ async def test_the_local_outbox_holds_the_message_as_rewritten_when_sent(
                            b"Received: from app.example.com ([127.0.0.1])")
     msg = parsed(data)
     assert addresses(msg, "From") == ["relay@localhost"] and msg.defects == []
-    assert msg.get_payload(decode=True) == re.sub(rb"\r\n|\r|\n", b"\r\n",
-                                                  message.split(b"\r\n\r\n")[-1])
+    body = message.split(b"\r\n\r\n", 1)[-1]
+    assert msg.get_payload(decode=True) == re.sub(rb"\r\n|\r|\n", b"\r\n", body)
+    assert data.endswith(body)
