@@ -18,6 +18,14 @@ and read a small message, one to remove it once delivered, both in batches (one
 thread for every delivery's claims and removals: _DiskWork); what waits for the
 disk (fsync on a deferral or a dead letter) in asyncio's threads.
 
+The spool holds what the client sent; each attempt applies the rewrite
+(relay.rewrite) for the system account as it is at that attempt: MAIL FROM and From
+are the current system address, so held mail follows an address changed meanwhile.
+Received, Date and Message-ID are built from the envelope (queue id, client, HELO,
+time of receipt), so every attempt of one message sends the same ones. A message
+up to spool.INLINE_BYTES is rewritten in memory; of a larger one only the header
+block is read (in growing chunks, from a thread) and the body is sent from the file.
+
 A delivery also reads its entry before it sends and removes it after: so that
 the connections never wait for the disk, up to twice as many deliveries as
 there are connections run at once (the upstream lets `pool_size` of them send, and
@@ -34,14 +42,24 @@ import functools
 import heapq
 import logging
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TypeVar, cast
 
 from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
 from .metrics import Metrics
+from .rewrite import (
+    RewriteArguments,
+    date_header_value,
+    received_header,
+    rewrite_head,
+    rewrite_message,
+)
 from .settings import QueueSettings, Settings
 from .spool import INLINE_BYTES, Envelope, Spool, read_regular
 from .upstream import Outcome, Outgoing, Upstream
@@ -52,6 +70,8 @@ T = TypeVar("T")
 
 UpstreamFactory = Callable[[Settings], Upstream]
 _LOCAL_POOL = 4
+_HEAD_CHUNK = 1 << 16
+"""The first read of a large message's header block (then twice as much each time)."""
 _LOAD_SLICE = 2000
 """Envelopes read per trip to the loading thread at start-up."""
 _READ_AHEAD = 2
@@ -367,12 +387,13 @@ class Scheduler:
                   cause, delay, fix, exc_info=None if isinstance(error, OSError) else error)
 
     def _claim(self, queue_id: str) -> tuple[Envelope, bytes | None] | None:
-        """Take the entry and, when the upstream wants them and the message is not large,
-        its bytes (the page cache's work; a large message is read as it is sent)."""
+        """Take the entry and, when the message is not large and the upstream wants its
+        bytes or they are to be rewritten, its bytes (the page cache's work; a large
+        message is read as it is sent)."""
         env = self.spool.claim(queue_id)
         if env is None:
             return None
-        if not self.upstream.wants_data or env.size > INLINE_BYTES:
+        if not (self.upstream.wants_data or env.as_received) or env.size > INLINE_BYTES:
             return env, None
         path = self.spool.message_path(env.id)
         try:
@@ -383,10 +404,9 @@ class Scheduler:
     async def _attempt(self, env: Envelope, data: bytes | None = None) -> list[Outcome]:
         server = self.settings.system_account.server
         pending = env.pending
-        message = Outgoing(env, self.spool.message_path(env.id), env.mail_from or "", pending,
-                           data)
         started = time.monotonic()
         try:
+            message = await self._outgoing(env, data)
             outcomes = await self.upstream.deliver(message)
         except DeliveryFailure as failure:
             outcomes = [Outcome(r.address, failure.reply, failure) for r in pending]
@@ -396,6 +416,24 @@ class Scheduler:
             outcomes = [Outcome(r.address, bug.reply, bug) for r in pending]
         self.metrics.delivery_seconds.labels(server).observe(time.monotonic() - started)
         return outcomes
+
+    async def _outgoing(self, env: Envelope, data: bytes | None) -> Outgoing:
+        """The message as it is sent now. An entry that holds the client's bytes gets the
+        rewrite for the system account as it is at this attempt (held mail follows a changed
+        address); Date, Message-ID and Received come from the envelope, so every attempt
+        sends the same ones. An entry written by an earlier version is sent as stored."""
+        path = self.spool.message_path(env.id)
+        if not env.as_received:
+            return Outgoing(env, path, env.mail_from or "", env.pending, data)
+        edit = _edit(env, self.settings)
+        if data is not None:
+            return Outgoing(env, path, edit.address, env.pending, rewrite_message(
+                data, **edit.arguments))
+        try:
+            head, offset = await asyncio.to_thread(_read_head, path, edit)
+        except OSError as e:
+            raise TemporaryFailure(f"cannot read {path}: {e.strerror}", stage="spool") from e
+        return Outgoing(env, path, edit.address, env.pending, head=head, offset=offset)
 
     async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
         server = self.settings.system_account.server
@@ -472,6 +510,43 @@ def _describe(error: BaseException) -> str:
         where = f" ({error.filename})" if error.filename else ""
         return f"{error.strerror or error}{f' [{name}]' if name else ''}{where}"
     return repr(error)
+@dataclass(frozen=True)
+class _Edit:
+    """What the rewrite of one entry needs: the current account and the entry's trace."""
+
+    address: str
+    arguments: RewriteArguments
+
+
+def _edit(env: Envelope, settings: Settings) -> _Edit:
+    account = settings.system_account
+    by_host = settings.listener.hostname or socket.gethostname()
+    when = datetime.fromtimestamp(int(env.received_at), UTC).astimezone()
+    domain = account.address.rpartition("@")[2] if account.address else by_host
+    received = received_header(helo=env.helo, peer_ip=env.client or "unknown", by_host=by_host,
+                               queue_id=env.id, recipients=[r.address for r in env.recipients],
+                               when=when, with_protocol=env.protocol)
+    return _Edit(account.address or "", RewriteArguments(
+        system_address=account.address or "", received=received,
+        from_header=account.from_header if account.address else "keep",
+        message_id=f"<{env.id}@{domain}>", date=date_header_value(when)))
+
+
+def _read_head(path: Path, edit: _Edit) -> tuple[bytes, int]:
+    """The rewritten header block of a large message and where its body starts in the file,
+    reading the header block only, in chunks (each twice the last: linear work)."""
+    chunks: list[bytes] = []
+    size = _HEAD_CHUNK
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(size)
+            chunks.append(chunk)
+            prefix = b"".join(chunks)
+            found = rewrite_head(prefix, complete=not chunk, **edit.arguments)
+            if found is not None:
+                return found
+            chunks = [prefix]
+            size *= 2
 
 
 def backoff(queue: QueueSettings, attempts: int) -> float:

@@ -1,6 +1,6 @@
 """The built-in server `local`: each message becomes one file in the Maildir `<state_dir>/outbox`.
 
-It shows what the relay would send: the bytes as they would go on the wire, with
+It shows what the relay would send: the message as the delivery rewrote it, with
 `Return-Path:` (the envelope sender) and one `Delivered-To:` per recipient put in
 front, as a mail server's local delivery does. Written to tmp/, fsynced, renamed
 into new/ (the Maildir protocol), so a reader never sees half a message. The
@@ -59,8 +59,13 @@ class LocalOutbox:
         try:
             with os.fdopen(fd, "wb", closefd=False) as out, message.path.open("rb") as src:
                 out.write(head)
-                while chunk := src.read(_COPY_CHUNK):
-                    out.write(chunk)
+                if message.data is not None:
+                    out.write(message.data)
+                else:
+                    out.write(message.head)
+                    src.seek(message.offset)
+                    while chunk := src.read(_COPY_CHUNK):
+                        out.write(chunk)
             os.fsync(fd)
         finally:
             os.close(fd)

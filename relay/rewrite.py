@@ -1,19 +1,39 @@
 """Rewrite a message's bytes so that the system address becomes its sender.
 
-Only the header block is parsed; every other byte (body, the other headers, their
+Pure: the client's bytes and the account's values in, the bytes to send out. Only
+the header block is parsed; every other byte (body, the other header fields, their
 order, folding, line endings, 8-bit content, a missing final line ending) is kept.
+
+The header block is split the way receiving servers split it (and the way the
+relay's own upstream path sends it, every line ending as CRLF): CRLF, a bare CR and
+a bare LF each end a line; a line starting with space or tab continues the field
+above; a field line is a name of printable ASCII (RFC 5322 ftext), optional blanks
+(obsolete syntax: ``From :``) and a colon. The block ends at the first empty line,
+or at the first other line: that line starts the body (a message without any header,
+``Hello world``, is all body).
+
 The edits, all in the header block:
 
 - the Received trace line (see `received_header`) goes first;
-- ``from_header="rewrite"``: the first From: becomes one line, the original display
-  name of its first mailbox (as written, quoted only when it must be) before the
-  system address, or the bare system address when there is none; when the message
-  has no Reply-To:, one with the original From: value (verbatim, folding included)
-  follows it;
-- From: (when absent), Date: and Message-ID: (when missing) are added at the end.
+- ``from_header="rewrite"``: every From field is removed, and at the place of the
+  first one goes exactly one From line: the display name of the first mailbox of the
+  first From field (as written, quoted only when it must be) before the system
+  address, or the bare system address when it has none. When the message has no
+  Reply-To, one follows it with the original senders: the values of every From
+  field, folding kept, joined by commas. Sender, Resent-From and Resent-Sender are
+  removed too: they name someone other than the system account (a spoofing signal
+  next to its From, and Exchange refuses a Sender the account does not own);
+- ``from_header="keep"``: no field is changed or removed;
+- From (when there is none), Date and Message-ID (when missing) are added at the end
+  of the header block, and when the body started with a line that is not a header
+  field (not an empty line), an empty line follows them.
 
 Added lines use the message's own line ending: bare LF when its first line ends in a
-bare LF, CRLF otherwise (the Received line is converted to match).
+bare LF, CRLF otherwise (the Received line is converted to match). Nothing the rewrite
+writes can start a new field: values it copies are unfolded or keep only their own
+folds, and control characters become spaces.
+
+Every function here is linear in the size of its input.
 """
 
 from __future__ import annotations
@@ -26,9 +46,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
-from typing import Literal
+from typing import Literal, TypedDict
 
-_BLANK_LINE = re.compile(rb"\n\r?\n")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # ftext, obsolete blanks, colon
+_NAME_SO_FAR = re.compile(rb"[!-9;-~]*[ \t]*")  # what may still become a field name
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # all but tab
 _CTL_STR = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_HOST = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
@@ -49,26 +71,83 @@ _TOKEN = re.compile(  # the lexical tokens of an address list (comments nest one
 )
 _HELO_LIMIT = 255
 _ADDR_LIMIT = 320
+VALUE_LIMIT = 16384
+"""How much of a header field's value `header_value` decodes."""
+_SENDER_FIELDS = frozenset((b"from", b"sender", b"resent-from", b"resent-sender"))
+"""Removed by from_header="rewrite" (a From line for the system address replaces them)."""
 
 Token = tuple[str, int, int]  # kind, start, end
 
 
+class RewriteArguments(TypedDict):
+    """The account's and the entry's values a rewrite takes (`rewrite_message(data, **a)`)."""
+
+    system_address: str
+    from_header: Literal["rewrite", "keep"]
+    received: bytes
+    message_id: str
+    date: str
+
+
 @dataclass(slots=True)
 class _Field:
-    """One header field of the header block: its lowercased name and byte range."""
+    """One header field: its lowercased name and byte range."""
 
-    name: bytes  # b"" for a line that is not a header
+    name: bytes
     start: int
     end: int  # after the line ending of its last line
     value_start: int  # after the colon
 
 
-def _header_end(data: bytes | bytearray) -> int:
-    """Offset where the header block ends (the empty line, or the end of data)."""
-    if data.startswith((b"\n", b"\r\n")):
-        return 0
-    m = _BLANK_LINE.search(data)
-    return len(data) if m is None else m.start() + 1
+@dataclass(slots=True)
+class Header:
+    """Where the header block of a message is, and its fields."""
+
+    fields: list[_Field]
+    end: int
+    """Offset of the first byte after the block: the empty line, the first line of the
+    body, or the end of the message."""
+    body_line: bool
+    """The block ended at a line that is not a header field (not an empty line)."""
+
+
+def split_header(data: bytes | bytearray, *, complete: bool = True) -> Header | None:
+    """Split the header block of `data` into fields, as receiving servers do.
+
+    `complete`: `data` is the whole message. Otherwise it is a prefix, and None means
+    that the prefix does not yet show where the header block ends (read more).
+    """
+    fields: list[_Field] = []
+    pos, size = 0, len(data)
+    cr = lf = -1  # the next CR and LF at or after pos (size: none); each byte is seen once
+    while pos < size:
+        if cr < pos:
+            cr = data.find(b"\r", pos) % (size + 1)
+        if lf < pos:
+            lf = data.find(b"\n", pos) % (size + 1)
+        line_end = min(cr, lf)
+        terminated = line_end < size
+        end = line_end + (2 if lf == cr + 1 else 1) if terminated else size
+        if line_end == pos:
+            return Header(fields, pos, False)
+        if data[pos] in b" \t":
+            if not fields:
+                return Header(fields, pos, True)
+            if not complete and end == size:
+                return None  # more of this field may follow
+            fields[-1].end = end
+        else:
+            name = _FIELD_NAME.match(data, pos, line_end)
+            if name is None:
+                if not complete and not terminated and _NAME_SO_FAR.fullmatch(data, pos, size):
+                    return None  # the rest of the line may make it a field
+                return Header(fields, pos, True)
+            if not complete and end == size:
+                return None  # a CR's LF, or a continuation line, may follow
+            fields.append(_Field(bytes(data[pos : name.end() - 1]).rstrip(b" \t").lower(), pos,
+                                 end, name.end()))
+        pos = end
+    return Header(fields, size, False) if complete else None
 
 
 def _newline(data: bytes | bytearray) -> bytes:
@@ -76,33 +155,17 @@ def _newline(data: bytes | bytearray) -> bytes:
     return b"\n" if i == 0 or (i > 0 and data[i - 1] != 0x0D) else b"\r\n"
 
 
-def _fields(block: bytes) -> list[_Field]:
-    """Split a header block into fields; continuation lines join the field above."""
-    fields: list[_Field] = []
-    pos, size = 0, len(block)
-    while pos < size:
-        nl = block.find(b"\n", pos)
-        end = size if nl < 0 else nl + 1
-        if block[pos] in b" \t" and fields:
-            fields[-1].end = end
-        else:
-            colon = block.find(b":", pos, end)
-            name = block[pos:colon].rstrip(b" \t").lower() if colon >= 0 else b""
-            fields.append(_Field(name, pos, end, colon + 1 if colon >= 0 else pos))
-        pos = end
-    return fields
-
-
-def _split_value(block: bytes, field: _Field) -> tuple[bytes, bytes]:
-    """A field's raw value (folding kept) and its final line ending (maybe empty)."""
-    raw = block[field.value_start : field.end]
-    ending = b"\r\n" if raw.endswith(b"\r\n") else b"\n" if raw.endswith(b"\n") else b""
-    return raw[: len(raw) - len(ending)], ending
+def _value(data: bytes | bytearray, field: _Field) -> bytes:
+    """A field's raw value, folds kept, without its final line ending."""
+    raw = bytes(data[field.value_start : field.end])
+    if raw.endswith(b"\r\n"):
+        return raw[:-2]
+    return raw[:-1] if raw.endswith((b"\r", b"\n")) else raw
 
 
 def _one_line(value: bytes) -> bytes:
     """Unfold and turn control bytes but tab into spaces: the result cannot start a line."""
-    return _CTL.sub(b" ", value.replace(b"\r\n", b"").replace(b"\n", b""))
+    return _CTL.sub(b" ", _LINE_END.sub(b"", value))
 
 
 def _quote(text: bytes) -> bytes:
@@ -111,20 +174,20 @@ def _quote(text: bytes) -> bytes:
 
 def _phrase(v: bytes, tokens: list[Token]) -> bytes | None:
     """The display name as written when it is a valid phrase, else re-quoted."""
-    words = [t for t in tokens if t[0] != "ws"]
-    if not words:
+    first = next((i for i, t in enumerate(tokens) if t[0] != "ws"), None)
+    if first is None:
         return None
-    written = v[words[0][1] : words[-1][2]]
+    last = max(i for i, t in enumerate(tokens) if t[0] != "ws")
+    words = [t for t in tokens[first : last + 1] if t[0] != "ws"]
     if all(
         kind in ("quoted", "comment") or (kind == "atom" and all(b in _ATEXT for b in v[s:e]))
         for kind, s, e in words
     ):
-        return written
-    text = b"".join(
+        return v[tokens[first][1] : tokens[last][2]]
+    return _quote(b"".join(
         re.sub(rb"\\(.)", rb"\1", v[s + 1 : e - 1], flags=re.S) if kind == "quoted" else v[s:e]
-        for kind, s, e in tokens[tokens.index(words[0]) : tokens.index(words[-1]) + 1]
-    )
-    return _quote(text)
+        for kind, s, e in tokens[first : last + 1]
+    ))
 
 
 def _display_name(value: bytes) -> bytes | None:
@@ -144,15 +207,15 @@ def _display_name(value: bytes) -> bytes | None:
     return None
 
 
-def _new_from(block: bytes, field: _Field, address: bytes, add_reply_to: bool,
-              nl: bytes) -> bytes:
-    """The From: line (plus Reply-To: when wanted) that replaces `field`."""
-    value, ending = _split_value(block, field)
-    name = _display_name(value)
-    lines = [b"From: " + (address if name is None else name + b" <" + address + b">")]
-    if add_reply_to and value.strip(b" \t\r\n"):
-        lines.append(b"Reply-To:" + value)
-    return nl.join(lines) + ending
+def _sender_lines(data: bytes | bytearray, froms: list[_Field], address: bytes,
+                  reply_to: bool, nl: bytes) -> list[bytes]:
+    """The one From line (and the Reply-To line) that replace every sender field."""
+    name = _display_name(_value(data, froms[0]))
+    lines = [b"From: " + (address if name is None else name + b" <" + address + b">") + nl]
+    originals = [v for v in (_value(data, f) for f in froms) if v.strip(b" \t\r\n")]
+    if reply_to and originals:  # folds kept, each line ending the message's own
+        lines.append(b"Reply-To:" + _LINE_END.sub(nl, b",".join(originals)) + nl)
+    return lines
 
 
 def rewrite_message(
@@ -172,34 +235,56 @@ def rewrite_parts(
     data: bytes | bytearray, *, system_address: str, from_header: Literal["rewrite", "keep"],
     received: bytes, message_id: str, date: str,
 ) -> list[bytes | memoryview]:
-    """`rewrite_message` as pieces, the body a view into `data`: nothing is copied."""
+    """`rewrite_message` as two pieces, the new header block and a view of the rest."""
+    head = rewrite_head(data, complete=True, system_address=system_address,
+                        from_header=from_header, received=received, message_id=message_id,
+                        date=date)
+    assert head is not None  # a complete message always shows where its header block ends
+    return [head[0], memoryview(data)[head[1]:]]
+
+
+def rewrite_head(
+    data: bytes | bytearray, *, complete: bool, system_address: str,
+    from_header: Literal["rewrite", "keep"], received: bytes, message_id: str, date: str,
+) -> tuple[bytes, int] | None:
+    """The header block to send and the offset in `data` where the rest (sent as it is)
+    starts; None when `data` is a prefix (`complete` false) too short to tell."""
     if from_header == "rewrite" and not system_address:
         raise ValueError("from_header='rewrite' needs a system address")
-    end = _header_end(data)
-    block = bytes(data[:end])
+    header = split_header(data, complete=complete)
+    if header is None:
+        return None
+    fields, end = header.fields, header.end
     nl = _newline(data)
-    fields = _fields(block)
     names = {f.name for f in fields}
     address = _one_line(system_address.encode())
-    out: list[bytes | memoryview] = [received.replace(b"\r\n", nl)]
-    from_field = next((f for f in fields if f.name == b"from"), None)
-    if from_header == "rewrite" and from_field is not None:
-        out += [block[: from_field.start],
-                _new_from(block, from_field, address, b"reply-to" not in names, nl),
-                block[from_field.end :]]
+    froms = [f for f in fields if f.name == b"from"]
+    out: list[bytes] = [received.replace(b"\r\n", nl)]
+    if from_header == "rewrite":
+        kept = 0  # the start of the bytes not copied yet
+        for field in fields:
+            if field.name in _SENDER_FIELDS:
+                out.append(bytes(data[kept : field.start]))
+                if froms and field is froms[0]:
+                    out += _sender_lines(data, froms, address, b"reply-to" not in names, nl)
+                kept = field.end
+        out.append(bytes(data[kept:end]))
     else:
-        out.append(block)
-    added = [b"From: " + address] if from_field is None and address else []
+        out.append(bytes(data[:end]))
+    added = [b"From: " + address] if not froms and address else []
     if b"date" not in names:
         added.append(b"Date: " + _one_line(date.encode()))
     if b"message-id" not in names:
         added.append(b"Message-ID: " + _one_line(message_id.encode()))
-    if block and not block.endswith(b"\n"):  # unterminated last line (no body): keep it so
-        out += [nl + line for line in added]
+    last = fields[-1] if fields else None
+    if last is not None and last.end == end and not _LINE_END.search(data, end - 1, end) \
+            and (from_header == "keep" or last.name not in _SENDER_FIELDS):
+        out += [nl + line for line in added]  # an unterminated last line (no body): kept so
     else:
         out += [line + nl for line in added]
-    out.append(memoryview(data)[end:])
-    return out
+    if header.body_line:
+        out.append(nl)
+    return b"".join(out), end
 
 
 @functools.lru_cache(maxsize=2)
@@ -234,17 +319,19 @@ def _word_bytes(encoding: str, payload: str) -> bytes:
         return raw
 
 
-def _to_text(raw: bytes, charset: str) -> str:
+def _to_text(raw: list[bytes], charset: str) -> str:
+    joined = b"".join(raw)  # once per run of words: joining as they come is quadratic
     try:
-        return raw.decode(charset, "replace")
+        return joined.decode(charset, "replace")
     except (LookupError, ValueError, TypeError):
-        return raw.decode("utf-8", "replace")
+        return joined.decode("utf-8", "replace")
 
 
 def _decode_words(text: str) -> str:
     """Decode RFC 2047 encoded words; adjacent words in one charset are joined first."""
     out: list[str] = []
-    pending, charset, pos = b"", "", 0
+    pending: list[bytes] = []
+    charset, pos = "", 0
     for m in _ENCODED_WORD.finditer(text):
         gap = text[pos : m.start()]
         word_charset = m[1].split("*")[0].lower()
@@ -252,8 +339,8 @@ def _decode_words(text: str) -> str:
             if charset:
                 out.append(_to_text(pending, charset))
             out.append(gap if pos == 0 or gap.strip() else "")
-            pending, charset = b"", word_charset
-        pending += _word_bytes(m[2], m[3])
+            pending, charset = [], word_charset
+        pending.append(_word_bytes(m[2], m[3]))
         pos = m.end()
     if charset:
         out.append(_to_text(pending, charset))
@@ -264,13 +351,16 @@ def _decode_words(text: str) -> str:
 def header_value(data: bytes | bytearray, name: str) -> str | None:
     """First `name` header, unfolded and RFC 2047 decoded, control characters as spaces.
 
-    For logs: never raises on malformed input. None when the header is absent.
+    For logs and the envelope: never raises on malformed input, and reads at most the
+    first VALUE_LIMIT bytes of the value (a 24 MiB Subject is shown by its start). None
+    when the header is absent.
     """
-    block = bytes(data[: _header_end(data)])
     key = name.strip().lower().encode("ascii", "replace")
-    for field in _fields(block):
+    header = split_header(data)
+    assert header is not None
+    for field in header.fields:
         if field.name == key:
-            value, _ = _split_value(block, field)
-            text = _decode_words(_one_line(value).decode("utf-8", "replace"))
+            field.end = min(field.end, field.value_start + VALUE_LIMIT)
+            text = _decode_words(_one_line(_value(data, field)).decode("utf-8", "replace"))
             return _CTL_STR.sub(" ", text).strip()
     return None

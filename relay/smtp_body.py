@@ -1,8 +1,9 @@
 """The message a transaction sends, after DATA: from memory, or from its spool file.
 
 A message up to `spool.INLINE_BYTES` comes from the scheduler in memory; a larger
-one is sent from its file a chunk at a time, so that the relay never holds more than
-a chunk of it. Either way the bytes on the wire are what aiosmtplib's own DATA
+one is sent from its file a chunk at a time (after its rewritten header block, when
+the file holds the client's bytes), so that the relay never holds more than a chunk
+of its body. Either way the bytes on the wire are what aiosmtplib's own DATA
 would send (a bare CR or LF becomes CRLF, a line starting with "." gets another),
 without its two passes of regular expressions over every message: the usual
 message, CRLF only and no line starting with a dot, goes out as it is.
@@ -32,8 +33,10 @@ class Body:
     """Only 7-bit bytes (else BODY=8BITMIME is needed)."""
     headers_ascii: bool
     data: bytes | None
-    """The bytes, or None: send them from `path`."""
+    """The bytes, or None: send `head`, then `path` from `offset` on."""
     path: Path
+    head: bytes = b""
+    offset: int = 0
 
     @classmethod
     async def of(cls, message: Outgoing) -> Body:
@@ -43,8 +46,14 @@ class Body:
             end = data.find(_HEADER_END)
             headers = seven_bit or (data if end < 0 else data[:end]).isascii()
             return cls(len(data), seven_bit, headers, data, message.path)
-        size, ascii_, headers_ascii = await asyncio.to_thread(_scan, message.path)
-        return cls(size, ascii_, headers_ascii, None, message.path)
+        head = message.head
+        size, ascii_, headers_ascii = await asyncio.to_thread(_scan, message.path,
+                                                              message.offset)
+        if head:  # the whole header block: what follows it in the file is the body
+            headers_ascii = head.isascii()
+            ascii_ = ascii_ and headers_ascii
+        return cls(size + len(head), ascii_, headers_ascii, None, message.path, head,
+                   message.offset)
 
     async def write(self, out: Replies, wait: float) -> None:
         """The message and the final dot, after the server's 354 to DATA.
@@ -59,14 +68,15 @@ class Body:
                 out.write(wire)
                 out.write(end)
             return
-        crlf = await _write_file(out, self.path, wait)
+        crlf = await _write_file(out, self.path, wait, self.head, self.offset)
         out.write(b".\r\n" if crlf else b"\r\n.\r\n")
 
 
-def _scan(path: Path) -> tuple[int, bool, bool]:
-    """Size, all 7-bit, headers 7-bit: read a chunk at a time."""
+def _scan(path: Path, offset: int = 0) -> tuple[int, bool, bool]:
+    """Size, all 7-bit, headers 7-bit of the file from `offset`: read a chunk at a time."""
     size, all_ascii, headers_ascii, in_headers, tail = 0, True, True, True, b""
     with path.open("rb") as f:
+        f.seek(offset)
         while chunk := f.read(CHUNK):
             size += len(chunk)
             all_ascii = all_ascii and chunk.isascii()
@@ -96,10 +106,13 @@ def _wire_form(block: bytes, *, line_start: bool) -> bytes:
     return block
 
 
-async def _write_file(out: Replies, path: Path, wait: float) -> bool:
-    """Send the file a chunk at a time; True when what was sent ends with CRLF."""
-    carry, line_start, crlf = b"", True, False
+async def _write_file(out: Replies, path: Path, wait: float, head: bytes = b"",
+                      offset: int = 0) -> bool:
+    """Send `head`, then the file from `offset` a chunk at a time; True when what was sent
+    ends with CRLF."""
+    carry, line_start, crlf = head, True, False
     with path.open("rb") as f:
+        f.seek(offset)
         while True:
             chunk = await asyncio.to_thread(f.read, CHUNK)
             block = carry + chunk

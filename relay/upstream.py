@@ -32,9 +32,12 @@ from .spool import Envelope, Recipient
 class Outgoing:
     """One message to send: its envelope, the file with its bytes, the sender to announce.
 
-    `data` holds the file's bytes when the upstream asked for them (`wants_data`) and the
-    message is not larger than spool.INLINE_BYTES: the scheduler reads them with the
-    claim. Otherwise the upstream reads `path` itself.
+    `data` holds the bytes to send when the message is not larger than
+    spool.INLINE_BYTES and the upstream asked for them (`wants_data`) or the scheduler
+    rewrote them: it reads them with the claim. Otherwise the bytes to send are `head`
+    followed by the file `path` from `offset` on, which the upstream reads itself
+    (`head` is the rewritten header block; empty, and `offset` 0, for a message stored
+    as it is sent).
     """
 
     envelope: Envelope
@@ -42,6 +45,8 @@ class Outgoing:
     mail_from: str
     recipients: list[Recipient]
     data: bytes | None = None
+    head: bytes = b""
+    offset: int = 0
 
 
 @dataclass(frozen=True)

@@ -117,12 +117,16 @@ class ScriptedUpstream:
             else:
                 accepted.append(rcpt.address)
             outcomes.append(Outcome(rcpt.address, reply, failure))
-        if accepted:
+        if accepted:  # the bytes sent: data, else head and the file from offset
             on_disk = message.path.read_bytes()
-            if message.data is not None:
+            from_file = message.head + on_disk[message.offset:]
+            if message.data is not None and not message.envelope.as_received:
                 assert message.data == on_disk, "Outgoing.data differs from the spool's file"
+            if message.data is None or not message.envelope.as_received:
+                assert message.head or not message.offset
             self.data_given.append(message.data is not None)
-            self.received.append((message.mail_from, accepted, on_disk))
+            self.received.append((message.mail_from, accepted,
+                                  from_file if message.data is None else message.data))
         return outcomes
 
     async def close(self) -> None:

@@ -114,10 +114,14 @@ async def test_random_sessions_never_crash_or_hang_the_listener(
     assert (await reader.readline()).startswith(b"220 ")
     writer.close()
     # nothing left half-written (a message whose client left during its commit still
-    # finishes it), and whatever was acknowledged is whole: one message per entry
+    # finishes it), and whatever was acknowledged is whole: one message per entry, the
+    # client's bytes as they came (the Received line is added when it is sent)
     await wait_until(lambda: os.listdir(relay.spool.root / "incoming") == [])
     for queue_id in relay.spool.ids("queue"):
         data = relay.spool.message_path(queue_id, "queue").read_bytes()
         # the client's bytes as they came (the rewrite comes when it is sent): one
         # message, from its first line
         assert data.startswith(b"Subject: fuzz\r\n\r\n") and data.count(b"Subject: fuzz") == 1
+        env = relay.spool.read(queue_id, "queue")
+        assert env.as_received and env.size == len(data)
+        assert data.count(b"\r\nReceived: ") + data.startswith(b"Received: ") == 0

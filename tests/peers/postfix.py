@@ -32,6 +32,12 @@ FAIL_AFTER_DATA = r"""# Injected failure after the final dot: sender, or the onl
 /^data554-[^@]*@/   554 5.7.1 Message refused after DATA (injected by test peer)
 """
 
+SENDER_FIELDS = r"""# cleanup(8) logs each sender field as it splits the header: a second reading
+# of what the relay sent (tests/integration/test_rewrite_postfix.py).
+/^From[ \t]*:/                                WARN sender field From
+/^(Sender|Resent-From|Resent-Sender)[ \t]*:/  WARN sender field other
+"""
+
 MAIN_CF = """# Private Postfix for sysmail-relay integration tests. Never the system instance.
 compatibility_level = 3.6
 queue_directory = {dir}/queue
@@ -70,6 +76,7 @@ virtual_gid_maps = static:{uid}
 virtual_mailbox_limit = 0
 message_size_limit = {size}
 
+header_checks = regexp:{dir}/sender-fields.regexp
 smtpd_relay_restrictions = reject_unauth_destination
 peer_fail_injection = check_recipient_access regexp:{dir}/fail-at-rcpt.regexp
 smtpd_recipient_restrictions = $peer_fail_injection, permit
@@ -210,6 +217,7 @@ def configure(
     make_dir(directory / "mail", 0o755, owner=MAIL_USER)
     write_file(directory / "fail-at-rcpt.regexp", FAIL_AT_RCPT)
     write_file(directory / "fail-after-data.regexp", FAIL_AFTER_DATA)
+    write_file(directory / "sender-fields.regexp", SENDER_FIELDS)
     defined = [*listeners(pki), *extra]
     missing = {listener.name for listener in defined} - set(ports)
     if missing:
