@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import admin_change, admin_page, status
 from .admin_web import RELAY, TEMPLATES, templates
 from .errors import ConfigError
-from .settings import AdminSettings, read_secret_file
+from .settings import AdminSettings, admin_token
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -66,24 +66,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_token(admin: AdminSettings) -> str | None:
-    """The admin token from `admin.token` or `admin.token_file`. Raises ConfigError."""
-    if admin.token is not None:
-        return admin.token.get_secret_value() or None
-    if admin.token_file is not None:
-        try:
-            return read_secret_file(admin.token_file) or None
-        except ValueError as e:
-            raise ConfigError([f"admin.token_file: {e}"]) from None
-    return None
-
-
 class Access:
     """Who may use the admin listener: the token check and the Host check."""
 
     def __init__(self, admin: AdminSettings) -> None:
         self.loopback = is_loopback(admin.host)
-        self.token = read_token(admin)
+        self.token = admin_token(admin)
         self._admin = admin
         if not self.loopback and self.token is None:
             raise ConfigError([
@@ -97,7 +85,7 @@ class Access:
             return
         self._admin = admin
         try:
-            self.token = read_token(admin) or self.token
+            self.token = admin_token(admin) or self.token
         except ConfigError as e:
             log.error("admin token not changed: %s", "; ".join(e.problems))
 

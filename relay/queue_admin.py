@@ -19,8 +19,8 @@ import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from .errors import ConfigError, DamagedEntry, RelayError, StateLocked
-from .settings import Settings, read_secret_file
+from .errors import DamagedEntry, RelayError, StateLocked
+from .settings import Settings, admin_token
 from .spool import Envelope, Place, Spool
 from .state import SERVE, Holder, StateLock
 
@@ -179,7 +179,7 @@ def _ask_daemon(settings: Settings, holder: Holder, action: Action,
     csrf = secrets.token_urlsafe(32)  # the page's double-submitted cookie
     headers = {"Accept": "application/json", "Cookie": f"relay_csrf={csrf}",
                "Content-Type": "application/x-www-form-urlencoded"}
-    token = _admin_token(settings)
+    token = admin_token(settings.admin)
     if token:
         headers["Authorization"] = f"Bearer {token}"
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
@@ -206,15 +206,3 @@ def _ask_daemon(settings: Settings, holder: Holder, action: Action,
         raise QueueItemError(str(answer["error"]))
     raise QueueItemError(f"the relay's admin listener {holder.admin} answered HTTP "
                          f"{response.status} {response.reason} to POST {path}; see its log")
-
-
-def _admin_token(settings: Settings) -> str | None:
-    admin = settings.admin
-    if admin.token is not None:
-        return admin.token.get_secret_value() or None
-    if admin.token_file is not None:
-        try:
-            return read_secret_file(admin.token_file) or None
-        except ValueError as e:
-            raise ConfigError([f"admin.token_file: {e}"]) from None
-    return None

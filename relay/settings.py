@@ -505,3 +505,15 @@ def warnings(settings: Settings) -> list[str]:
             found.append(f"servers.{name}: the password is sent without encryption "
                          "(encryption = \"none\")")
     return found
+
+
+def admin_token(admin: AdminSettings) -> str | None:
+    """The admin token from `admin.token` or `admin.token_file`. Raises ConfigError."""
+    if admin.token is not None:
+        return admin.token.get_secret_value() or None
+    if admin.token_file is not None:
+        try:
+            return read_secret_file(admin.token_file) or None
+        except ValueError as e:
+            raise ConfigError([f"admin.token_file: {e}"]) from None
+    return None

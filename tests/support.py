@@ -227,3 +227,21 @@ async def wait_until(predicate: Callable[[], bool], within: float = 10.0) -> Non
 def outbox_files(state_dir: Path) -> list[Path]:
     new = state_dir / "outbox" / "new"
     return sorted(new.iterdir()) if new.is_dir() else []
+
+
+def daemon_config(path: Path, state: Path, port: int, active: bool = True) -> Path:
+    """A TOML file for `sysmail-relay serve`: the outbox, quick retries, a free admin port."""
+    path.write_text(f"""
+state_dir = "{state}"
+[listener]
+port = {port}
+[system_account]
+address = "notify@example.com"
+active = {str(active).lower()}
+[queue]
+retry_initial = "0.5s"
+retry_max = "1s"
+[admin]
+port = 0
+""")
+    return path

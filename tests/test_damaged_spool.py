@@ -24,28 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from .support import Daemon, free_port
+from .support import Daemon, daemon_config, free_port
 
 MESSAGE = ("From: App <app@apps.example.com>\r\nTo: ops@example.com\r\n"
            "Subject: Alert {n}\r\nMessage-ID: <{n}@apps.example.com>\r\n\r\nDisk {n} is fine.\r\n")
-
-
-def write_config(tmp_path: Path, port: int, active: bool) -> Path:
-    config = tmp_path / "relay.toml"
-    config.write_text(f"""
-state_dir = "{tmp_path / 'state'}"
-[listener]
-port = {port}
-[system_account]
-address = "notify@example.com"
-active = {str(active).lower()}
-[queue]
-retry_initial = "0.5s"
-retry_max = "1s"
-[admin]
-port = 0
-""")
-    return config
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
@@ -61,7 +43,8 @@ class Relay:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
         self.port = free_port()
-        self.config = write_config(tmp_path, self.port, active=False)
+        self.config = daemon_config(tmp_path / "relay.toml", tmp_path / "state", self.port,
+                                    active=False)
         self.daemon = Daemon(self.config, tmp_path / "relay.log", self.port)
         self.spool = tmp_path / "state" / "spool"
 

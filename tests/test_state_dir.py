@@ -27,24 +27,14 @@ from relay.app import Relay
 from relay.spool import Envelope, Recipient, new_queue_id
 from relay.state import StateLock
 
-from .support import Daemon, RelayFactory, free_port, relay_command, wait_until
-
-
-def write_config(path: Path, state: Path, port: int, active: bool = True) -> Path:
-    path.write_text(f"""
-state_dir = "{state}"
-[listener]
-port = {port}
-[system_account]
-address = "notify@example.com"
-active = {str(active).lower()}
-[queue]
-retry_initial = "0.5s"
-retry_max = "1s"
-[admin]
-port = 0
-""")
-    return path
+from .support import (
+    Daemon,
+    RelayFactory,
+    daemon_config,
+    free_port,
+    relay_command,
+    wait_until,
+)
 
 
 def run_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -121,14 +111,14 @@ def test_second_serve_exits_1_naming_the_first_and_every_250_is_delivered(
         tmp_path: Path, daemons: list[Daemon]) -> None:
     state = tmp_path / "state"
     port = free_port()
-    first_config = write_config(tmp_path / "first.toml", state, port)
+    first_config = daemon_config(tmp_path / "first.toml", state, port)
     first = start(daemons, first_config, port, tmp_path / "first.log")
     assert first.proc is not None
     sender = Sender(port)
     sender.start()
     wait_for(lambda: len(sender.acknowledged) >= 5)
     # Other ports on the same state directory, then the very same configuration.
-    other = write_config(tmp_path / "second.toml", state, free_port())
+    other = daemon_config(tmp_path / "second.toml", state, free_port())
     for config in (other, first_config):
         second = subprocess.run([relay_command(), "serve", "--config", str(config)],
                                 capture_output=True, text=True, timeout=30)
@@ -155,7 +145,7 @@ def test_lock_is_released_when_the_holder_is_killed_with_sigkill(
         tmp_path: Path, daemons: list[Daemon]) -> None:
     state = tmp_path / "state"
     port = free_port()
-    config = write_config(tmp_path / "relay.toml", state, port)
+    config = daemon_config(tmp_path / "relay.toml", state, port)
     first = start(daemons, config, port, tmp_path / "first.log")
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     second = start(daemons, config, port, tmp_path / "second.log")
@@ -172,7 +162,7 @@ def test_serve_waits_for_a_queue_command_that_holds_the_lock_then_starts(
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     port = free_port()
-    config = write_config(tmp_path / "relay.toml", state, port)
+    config = daemon_config(tmp_path / "relay.toml", state, port)
     command = StateLock(state)
     command.acquire("queue retry")  # as `queue retry` holds it while no daemon runs
     log = tmp_path / "relay.log"
@@ -198,7 +188,7 @@ def test_queue_retry_and_delete_while_the_daemon_runs_go_through_the_daemon(
         tmp_path: Path, daemons: list[Daemon]) -> None:
     state = tmp_path / "state"
     port = free_port()
-    config = write_config(tmp_path / "relay.toml", state, port, active=False)
+    config = daemon_config(tmp_path / "relay.toml", state, port, active=False)
     d = start(daemons, config, port, tmp_path / "relay.log")
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         for n in ("a", "b", "c"):
@@ -264,7 +254,7 @@ def test_serve_under_umask_000_makes_state_files_0600_and_directories_0700(
         tmp_path: Path, daemons: list[Daemon], umask_000: None) -> None:
     state = tmp_path / "deep" / "state"
     port = free_port()
-    config = write_config(tmp_path / "relay.toml", state, port)
+    config = daemon_config(tmp_path / "relay.toml", state, port)
     d = start(daemons, config, port, tmp_path / "relay.log")
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.sendmail("app@apps.example.com", ["ops@example.com"], message("m"))
@@ -292,7 +282,7 @@ def test_state_dir_may_be_a_symbolic_link_as_systemd_dynamic_user_makes_it(
     state = tmp_path / "state"
     state.symlink_to(Path("private") / "state")
     port = free_port()
-    d = start(daemons, write_config(tmp_path / "relay.toml", state, port), port,
+    d = start(daemons, daemon_config(tmp_path / "relay.toml", state, port), port,
               tmp_path / "relay.log")
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.sendmail("app@apps.example.com", ["ops@example.com"], message("m"))
@@ -309,7 +299,7 @@ def test_planted_pid_file_symlink_is_replaced_not_followed(
     victim.write_bytes(b"precious\n")
     (state / "relay.pid").symlink_to(victim)
     port = free_port()
-    d = start(daemons, write_config(tmp_path / "relay.toml", state, port), port,
+    d = start(daemons, daemon_config(tmp_path / "relay.toml", state, port), port,
               tmp_path / "relay.log")
     assert d.proc is not None
     assert victim.read_bytes() == b"precious\n"
@@ -325,7 +315,7 @@ def test_planted_lock_file_symlink_stops_start_up_and_is_not_followed(tmp_path: 
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious\n")
     (state / "relay.lock").symlink_to(victim)
-    config = write_config(tmp_path / "relay.toml", state, free_port())
+    config = daemon_config(tmp_path / "relay.toml", state, free_port())
     result = subprocess.run([relay_command(), "serve", "--config", str(config)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result.stderr
@@ -353,7 +343,7 @@ def test_symlinked_spool_entry_is_quarantined_and_its_target_untouched(
         tmp_path: Path, daemons: list[Daemon], link: str) -> None:
     state = tmp_path / "state"
     port = free_port()
-    config = write_config(tmp_path / "relay.toml", state, port, active=False)
+    config = daemon_config(tmp_path / "relay.toml", state, port, active=False)
     d = start(daemons, config, port, tmp_path / "relay.log")
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.sendmail("app@apps.example.com", ["ops@example.com"], message("good"))
@@ -378,7 +368,7 @@ def test_symlinked_spool_entry_is_quarantined_and_its_target_untouched(
         watched = [target]
     before = {path: path.read_bytes() for path in watched}
 
-    write_config(config, state, port, active=True)
+    daemon_config(config, state, port, active=True)
     d = start(daemons, config, port, tmp_path / "relay2.log")
     wait_for(lambda: "good" in delivered_ids(state)
              and not os.listdir(spool / "queue") and not os.listdir(spool / "active"))

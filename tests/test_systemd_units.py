@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.admin import read_token
-from relay.settings import load_settings
+from relay.settings import admin_token, load_settings
 
 from .containers import ROOT, base_image, find_engine, run
 from .support import relay_command
@@ -291,4 +290,4 @@ def test_relative_secret_files_are_read_from_the_credentials_directory(
     server = settings.active_server
     assert server is not None and server.auth is not None
     assert server.auth.secret() == "from-systemd"
-    assert read_token(settings.admin) == "token-from-systemd"
+    assert admin_token(settings.admin) == "token-from-systemd"
