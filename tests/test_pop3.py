@@ -316,6 +316,17 @@ async def test_overlong_line_is_refused_without_reading_it_all() -> None:
             await login(port)
 
 
+async def test_capa_answer_over_64_kib_is_refused_though_under_1000_lines() -> None:
+    stub = Pop3Stub(capabilities=[f"X-{i} " + "y" * 8000 for i in range(500)])  # 4 MB
+    async with running(stub) as port:
+        client = await Pop3Client.connect(
+            "127.0.0.1", port, encryption="none", ssl_context=None, timeout=5
+        )
+        async with client:
+            with pytest.raises(Pop3Error, match="longer than 1000 lines or 65536 bytes"):
+                await client.capa()
+
+
 async def test_non_ascii_password_is_sent_as_utf8() -> None:
     stub = Pop3Stub(users={"notify": "pässwörd €"})
     async with running(stub) as port:
