@@ -3,7 +3,8 @@
 Server-rendered, no JavaScript: the account in the terms operators know (Active /
 Inactive, system e-mail address, outgoing server, encryption, time-out,
 authentication, POP before SMTP, OAuth authorization Granted / Not granted with its
-"Sign in with ..." button), queue counts, the latest results with the server's
+"Sign in with ..." button), the configuration's warnings (a password sent in clear,
+a certificate not checked), queue counts, the latest results with the server's
 reply, and the waiting and dead messages with Retry and Delete buttons (POST, CSRF
 protected). "Send test message" submits through the listener, as an application
 does, and shows the listener's and the upstream's answers. Never shows a secret.
@@ -22,7 +23,7 @@ from . import queue_admin, submit
 from .admin_web import ENCRYPTION, QUEUE_ID, RELAY, check_csrf, message, render
 from .delivery import Result
 from .errors import OAuthError, SubmitError
-from .settings import LOCAL_SERVER, ServerSettings, Settings
+from .settings import LOCAL_SERVER, ServerSettings, Settings, warnings
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -137,6 +138,7 @@ async def details_page(request: web.Request, status: int = 200,
         if done in _DONE else None
     context = {
         "rows": account_rows(settings),
+        "warnings": warnings(settings),
         "oauth": oauth_state(relay),
         "counts": counts,
         "oldest": relay.scheduler.oldest_age() if relay.scheduler is not None else 0,
