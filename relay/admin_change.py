@@ -8,6 +8,10 @@ new layer over it is validated by the settings model, so a bad value is refused
 with the same line `sysmail-relay check` prints and nothing changes. Then the
 relay reloads, as on SIGHUP, keeping its queue. Passwords are write-only: an empty
 password field keeps the one in use, and none is ever sent back to the browser.
+The stored password is kept only for the same server: a change of host, port or
+encryption of the SMTP server (or of the POP server, for its password) is refused
+unless the password is typed in again, so that whoever can post the form cannot
+point the account at a server of theirs and receive the password.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from .errors import ConfigError
 from .settings import (
     LOCAL_SERVER,
     OVERRIDES_FILE,
+    PopBeforeSmtpSettings,
+    ServerSettings,
     Settings,
     overlay,
     read_config_file,
@@ -149,9 +155,39 @@ def save(relay: Relay, form: Mapping[str, str]) -> bytes | None:
     if new.state_dir != relay.settings.state_dir:
         raise ConfigError([f"state_dir cannot change while running "
                            f"({relay.settings.state_dir} -> {new.state_dir})"])
+    name = form.get("edited_server", "").strip()
+    if problems := moved_passwords(relay.settings.servers.get(name), new.servers.get(name),
+                                   name, form):
+        raise ConfigError(problems)
     previous = path.read_bytes() if path.exists() else None
     write_atomically(path, (_HEADER + dump_toml(layer)).encode())
     return previous
+
+
+def moved_passwords(old: ServerSettings | None, new: ServerSettings | None, name: str,
+                    form: Mapping[str, str]) -> list[str]:
+    """The stored passwords the form would send to another server than they were for.
+
+    A password kept from the running configuration (its field left empty) may only go
+    to the same host, port and encryption; after a change it must be typed in again."""
+    if old is None or new is None:
+        return []
+    problems = []
+    kept = " The stored password is kept only for the same host, port and encryption"
+    was, now = _endpoint(old), _endpoint(new)
+    if old.auth and new.auth and not form.get("auth_password") and was != now:
+        problems.append(f"servers.{name}: the server changes ({was} -> {now}): enter the "
+                        "password for sending again." + kept)
+    pop_old, pop_new = old.pop_before_smtp, new.pop_before_smtp
+    if pop_old and pop_new and not form.get("pop_password") \
+            and (was := _endpoint(pop_old)) != (now := _endpoint(pop_new)):
+        problems.append(f"servers.{name}.pop_before_smtp: the POP server changes ({was} -> "
+                        f"{now}): enter the password for receiving again." + kept)
+    return problems
+
+
+def _endpoint(server: ServerSettings | PopBeforeSmtpSettings) -> str:
+    return f"{server.host}:{server.port}, encryption {server.encryption}"
 
 
 def restore(settings: Settings, previous: bytes | None) -> None:

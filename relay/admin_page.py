@@ -3,7 +3,8 @@
 Server-rendered, no JavaScript: the account in the terms operators know (Active /
 Inactive, system e-mail address, outgoing server, encryption, time-out,
 authentication, POP before SMTP, OAuth authorization Granted / Not granted with its
-"Sign in with ..." button), queue counts, the latest results with the server's
+"Sign in with ..." button), the configuration's warnings (a password sent in clear,
+a certificate not checked), queue counts, the latest results with the server's
 reply, and the waiting and dead messages with Retry and Delete buttons (POST, CSRF
 protected). With `Accept: application/json` the buttons, and /queue/retry-all, answer
 JSON: that is how `sysmail-relay queue retry|delete` changes the spool while the
@@ -24,7 +25,7 @@ from . import queue_admin, submit
 from .admin_web import ENCRYPTION, QUEUE_ID, RELAY, check_csrf, message, render
 from .delivery import Result
 from .errors import OAuthError, SubmitError
-from .settings import LOCAL_SERVER, ServerSettings, Settings
+from .settings import LOCAL_SERVER, ServerSettings, Settings, warnings
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -140,6 +141,7 @@ async def details_page(request: web.Request, status: int = 200,
         if done in _DONE else None
     context = {
         "rows": account_rows(settings),
+        "warnings": warnings(settings),
         "oauth": oauth_state(relay),
         "counts": counts,
         "oldest": relay.scheduler.oldest_age() if relay.scheduler is not None else 0,

@@ -241,6 +241,8 @@ class Relay:
         self.oauth.reconfigure(new)
         self.scheduler.reconfigure(new)
         self.metrics.config_reloads.labels("ok").inc()
+        for warning in warnings(new):  # the same as at start-up
+            log.warning("%s", warning)
         log.info("configuration reloaded: account %s <%s> via %s",
                  "active" if new.system_account.active else "INACTIVE (mail is held)",
                  new.system_account.address, new.system_account.server)

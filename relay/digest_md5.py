@@ -55,14 +55,17 @@ _PAIR = re.compile(
 )
 _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _NC = "00000001"
+_ONCE = frozenset({"nonce", "qop", "algorithm", "charset", "maxbuf", "stale"})
 
 
 def parse_challenge(data: bytes) -> dict[str, str]:
     """Parse a digest-challenge (or the server's `rspauth=...` final payload).
 
     Keys are lower-cased; quoted values are unquoted and unescaped. A directive
-    given twice (realm, typically) keeps its first value. Raises SaslError when
-    the text is not a list of key=value pairs.
+    given twice (realm, typically) keeps its first value, but one that RFC 2831
+    2.1.1 allows only once (nonce, qop, algorithm, charset, maxbuf, stale) aborts:
+    the client cannot know which one the server means. Raises SaslError then, and
+    when the text is not a list of key=value pairs.
     """
     try:
         text = data.decode("utf-8")
@@ -76,7 +79,13 @@ def parse_challenge(data: bytes) -> dict[str, str]:
             raise SaslError(f"cannot parse the server's DIGEST-MD5 challenge near {text[pos:]!r}")
         quoted = match.group("quoted")
         value = _UNESCAPE.sub(r"\1", quoted) if quoted is not None else match.group("token")
-        result.setdefault(match.group("key").lower(), value)
+        key = match.group("key").lower()
+        if key in result and key in _ONCE:
+            raise SaslError(
+                f"the server's DIGEST-MD5 challenge has {key} more than once, which RFC 2831 "
+                "(2.1.1) forbids: authentication aborted; fix the server, or use another "
+                "mechanism (auth.method)")
+        result.setdefault(key, value)
         pos = match.end()
     return result
 
@@ -130,9 +139,13 @@ def build_response(
     nonce = challenge.get("nonce")
     if not nonce:
         raise SaslError("the server's DIGEST-MD5 challenge has no nonce")
-    algorithm = challenge.get("algorithm", "md5-sess").lower()
-    if algorithm != "md5-sess":
-        raise SaslError(f"the server's DIGEST-MD5 challenge asks for algorithm={algorithm!r}")
+    algorithm = challenge.get("algorithm")
+    if algorithm is None or algorithm.lower() != "md5-sess":
+        asked = "has no algorithm" if algorithm is None else f"asks for algorithm={algorithm!r}"
+        raise SaslError(
+            f"the server's DIGEST-MD5 challenge {asked}; RFC 2831 (2.1.1) requires "
+            "algorithm=md5-sess: authentication aborted; fix the server, or use another "
+            "mechanism (auth.method)")
     utf8 = challenge.get("charset", "").lower() == "utf-8"
     if realm is None:
         realm = challenge.get("realm")

@@ -9,6 +9,12 @@ size; the client's bytes are kept unchanged (the rewrite is applied when the mes
 is sent). Only when the spool has made the message durable does the client get 250;
 if the write fails the client gets 451 4.3.0, and a message that is too big or
 interrupted leaves nothing behind.
+
+Every 2xx, 4xx and 5xx reply but the greeting and EHLO's carries an enhanced status
+code (RFC 2034, advertised as ENHANCEDSTATUSCODES); HELP lists only what the relay
+takes (no AUTH). `RCPT TO:<postmaster>` without a domain is taken (RFC 5321 4.5.1)
+for queue.notify, else the system address; a local part over 64 octets or a domain
+over 255 gets 553.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from .spool import Incoming, Recipient, Spool, new_queue_id
 
 log = logging.getLogger("relay.listener")
 
+LOCAL_PART_MAX = 64
+DOMAIN_MAX = 255
 _ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"\\\x00-\x1f\x7f]+@[^\s@<>()\[\],;:\"\\\x00-\x1f\x7f]+$")
 _KEPT_MAIL_OPTIONS = ("BODY=8BITMIME", "SMTPUTF8")
 _DSN = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}
@@ -85,6 +93,40 @@ def plain_angle_addr(arg: str) -> tuple[str, str] | None:
     if m is None or arg.startswith("(", m.end()):
         return None
     return m.group(1), arg[m.end():]
+
+
+def _over_limits(address: str) -> str | None:
+    """What is too long in `address` (RFC 5321 4.5.3.1: local part 64 octets, domain 255),
+    or None."""
+    local, _, domain = address.rpartition("@")
+    if (size := len(local.encode("utf-8"))) > LOCAL_PART_MAX:
+        return f"has a local part of {size} octets: at most {LOCAL_PART_MAX} (RFC 5321 4.5.3.1.1)"
+    if (size := len(domain.encode("utf-8"))) > DOMAIN_MAX:
+        return f"has a domain of {size} octets: at most {DOMAIN_MAX} (RFC 5321 4.5.3.1.2)"
+    return None
+
+
+_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0", "220": "2.0.0", "250": "2.0.0", "252": "2.5.0",
+    "421": "4.3.2", "451": "4.3.0", "452": "4.5.3", "454": "4.7.0",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "550": "5.1.1", "552": "5.3.4", "553": "5.1.3", "554": "5.7.1",
+    "555": "5.5.4",
+}
+
+
+def with_enhanced_codes(reply: str) -> str:
+    """Every 2xx, 4xx and 5xx line of `reply` with an enhanced status code (RFC 2034 and
+    RFC 3463): the one it has, or the usual one for its reply code."""
+    lines = reply.split("\r\n")
+    for i, line in enumerate(lines):
+        code = line[:3]
+        if line[:1] not in "245" or not code.isdigit() or _ENHANCED.match(line):
+            continue
+        enhanced = _DEFAULT_ENHANCED.get(code, f"{code[0]}.0.0")
+        lines[i] = f"{line[:4]}{enhanced} {line[4:]}".rstrip(" ")
+    return "\r\n".join(lines)
 
 
 _HOOK_NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
@@ -221,14 +263,42 @@ class RelaySMTP(SMTP):
             super().eof_received()
         return False
 
+    _greeting = False
+    """The reply being written is the greeting, or EHLO's or HELO's 250: no enhanced
+    status code there (RFC 2034, section 4)."""
+
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
+            status = self._listener.better_reply(status)
+            if not (self._greeting or status.startswith(f"220 {self.hostname} ")):
+                status = with_enhanced_codes(status)
             # A reply may echo what the client sent (VRFY's argument): bytes that were
             # not UTF-8 go back as '?', where aiosmtpd's encoding would raise.
-            await super().push(
-                self._listener.better_reply(status).encode("utf-8", "replace"))
+            await super().push(status.encode("utf-8", "replace"))
         else:
             await super().push(status)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._greeting = bool(hostname)
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._greeting = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._greeting = bool(hostname)
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._greeting = False
+
+    def _syntax_available(self, method: Callable[..., Any]) -> bool:
+        """HELP lists only what this relay takes: not AUTH, which it never offers."""
+        if getattr(method, "__name__", "") == "smtp_AUTH":
+            return False
+        return bool(super()._syntax_available(method))
 
 
 class IntakeHandler:
@@ -242,10 +312,12 @@ class IntakeHandler:
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
-        """aiosmtpd's lines plus DSN, as one reply: aiosmtpd writes each line it is given
-        with a system call (and a TCP segment) of its own; the lines are the same."""
+        """aiosmtpd's lines plus DSN and ENHANCEDSTATUSCODES (RFC 2034), as one reply:
+        aiosmtpd writes each line it is given with a system call (and a TCP segment) of
+        its own; the lines are the same."""
         session.host_name = hostname
-        return ["\r\n".join([*responses[:-1], "250-DSN", responses[-1]])]
+        return ["\r\n".join([*responses[:-1], "250-DSN", "250-ENHANCEDSTATUSCODES",
+                             responses[-1]])]
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -253,6 +325,8 @@ class IntakeHandler:
             return f"553 5.1.7 Sender address {address!r} is not of the form local-part@domain"
         if not _utf8(address):
             return "553 5.6.7 Sender address is not valid UTF-8"
+        if address != "<>" and (too_long := _over_limits(address)):
+            return f"553 5.1.7 Sender address {too_long}"
         dsn = dsn_parameters(getattr(server, "_raw_arg", None), "MAIL")
         if dsn is None:
             return "501 5.5.4 Invalid RET or ENVID parameter (RFC 3461)"
@@ -268,10 +342,14 @@ class IntakeHandler:
             self.listener.metrics.messages_rejected.labels("recipients").inc()
             return f"452 4.5.3 Too many recipients: at most {limit} per message, send the rest " \
                    "in another transaction"
-        if not _ADDRESS.match(address):
+        if address.lower() == "postmaster":  # RFC 5321 4.5.1: taken without a domain
+            address = self.listener.postmaster() or address
+        elif not _ADDRESS.match(address):
             return f"553 5.1.3 Recipient address {address!r} is not of the form local-part@domain"
         if not _utf8(address):
             return "553 5.6.7 Recipient address is not valid UTF-8"
+        if too_long := _over_limits(address):
+            return f"553 5.1.3 Recipient address {too_long}"
         dsn = dsn_parameters(getattr(server, "_raw_arg", None), "RCPT")
         if dsn is None:
             return "501 5.5.4 Invalid NOTIFY or ORCPT parameter (RFC 3461)"
@@ -352,6 +430,11 @@ class Listener:
     def forget(self, session: RelaySMTP) -> None:
         self._sessions.discard(session)
         self.metrics.smtp_sessions.set(len(self._sessions))
+
+    def postmaster(self) -> str | None:
+        """Where mail to `<postmaster>` (no domain) goes: queue.notify, else the system
+        address; None when neither is set (then it is passed on as it came)."""
+        return self.settings.queue.notify or self.settings.system_account.address
 
     def better_reply(self, status: str) -> str:
         """Give aiosmtpd's stock replies enhanced status codes and a reason."""

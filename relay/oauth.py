@@ -33,7 +33,7 @@ from typing import Any
 
 from .errors import NotGranted, OAuthError, ProviderRefused
 from .metrics import Metrics
-from .oauth_provider import ProviderClient
+from .oauth_provider import ProviderClient, provider_text
 from .oauth_state import (
     Authorization,
     account_for,
@@ -135,6 +135,7 @@ class OAuth:
                              "nothing was stored: start it again")
         cfg = client_settings(self.settings, sign_in.client)
         if error:
+            error, description = provider_text(error, description, (state,))
             why = f"{error}: {description}" if description else error
             raise OAuthError(f"the sign-in at {cfg.provider} was refused or cancelled ({why});"
                              f" nothing was stored. Sign in again as {sign_in.account} and "

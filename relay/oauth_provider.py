@@ -7,18 +7,22 @@ credentials: authlib builds and checks the OAuth messages (authorization URL wit
 PKCE S256, token requests, client authentication, revocation), httpx carries them,
 and every way it can go wrong leaves this module as ProviderRefused (the provider
 said no, with its error code), ProviderUnreachable (no answer, 5xx) or OAuthError.
-No message here contains a token, a code or a secret.
+No message here contains a token, a code or a secret: a provider's error code and
+`error_description` are shown only through `provider_text`, which takes out anything
+the request carried (a provider may echo it), control characters and all but the
+first DESCRIPTION_MAX characters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 from authlib.oauth2.auth import ClientAuth  # type: ignore[import-untyped]
@@ -33,6 +37,12 @@ from .errors import OAuthError, ProviderRefused, ProviderUnreachable
 from .settings import OAuthClientSettings
 
 HTTP_TIMEOUT = 15.0
+DESCRIPTION_MAX = 200
+"""Characters of a provider's error_description shown (in `check`, logs, the page)."""
+_ERROR_CODE = re.compile(r"^[\x20-\x21\x23-\x5b\x5d-\x7e]{1,64}$")  # RFC 6749 5.2
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_SENT_MIN = 8
+"""Shorter values sent (grant_type=..., a scope) are not worth hiding and would blank words."""
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 GOOGLE = {"authorize": "https://accounts.google.com/o/oauth2/v2/auth",
           "token": "https://oauth2.googleapis.com/token",
@@ -204,7 +214,11 @@ class ProviderClient:
         url, headers, body = self._auth.prepare("POST", url, headers, body)
         async with _http(url, what, self.timeout) as http:
             response = await http.post(url, content=body, headers=headers)
-        return _answer(response, url, what, tolerate or set())
+        sent = [value for _, value in parse_qsl(body)]
+        sent += [headers.get("Authorization", "").partition(" ")[2], self.client.client_id]
+        if self.client.client_secret is not None:
+            sent.append(self.client.client_secret.get_secret_value())
+        return _answer(response, url, what, tolerate or set(), sent)
 
 
 @contextlib.asynccontextmanager
@@ -221,8 +235,26 @@ async def _http(url: str, what: str, seconds: float) -> AsyncIterator[httpx.Asyn
                                   "later") from None
 
 
+def provider_text(error: object, description: object,
+                  sent: list[str] | tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """A provider's OAuth error code and description as they may be shown: the code when
+    it is one (RFC 6749 5.2 characters, at most 64), the description with every value in
+    `sent` replaced by "[sent value]", control characters removed and at most
+    DESCRIPTION_MAX characters."""
+    code = error if isinstance(error, str) and _ERROR_CODE.match(error) else "invalid_error_code"
+    if not isinstance(description, str) or not description.strip():
+        return code, None
+    text = description
+    for value in sorted({v for v in sent if len(v) >= _SENT_MIN}, key=len, reverse=True):
+        text = text.replace(value, "[sent value]")
+    text = " ".join(_UNPRINTABLE.sub(" ", text).split())
+    if len(text) > DESCRIPTION_MAX:
+        text = text[:DESCRIPTION_MAX] + f"... ({len(description)} characters in all)"
+    return code, text
+
+
 def _answer(response: httpx.Response, url: str, what: str,
-            tolerate: set[str]) -> dict[str, Any]:
+            tolerate: set[str], sent: list[str]) -> dict[str, Any]:
     status = response.status_code
     if status >= 500:
         raise ProviderUnreachable(f"{what} {url} answered HTTP {status}; trying again later")
@@ -235,11 +267,10 @@ def _answer(response: httpx.Response, url: str, what: str,
                          "URL right?")
     error = data.get("error")
     if isinstance(error, str) and error not in tolerate:
-        description = data.get("error_description")
-        text = f"{error}: {description}" if isinstance(description, str) else error
-        raise ProviderRefused(f"{what} {url} refused: {text}", error=error,
-                              description=description if isinstance(description, str)
-                              else None)
+        code, description = provider_text(error, data.get("error_description"), sent)
+        text = f"{code}: {description}" if description else code
+        raise ProviderRefused(f"{what} {url} refused: {text}", error=code,
+                              description=description)
     if status >= 400 and error is None:
         raise OAuthError(f"{what} {url} answered HTTP {status} without an OAuth error")
     return data

@@ -6,8 +6,9 @@ USER/PASS or APOP, QUIT. It reads no mail.
 
 Every step (connect, TLS handshake, each reply) is bounded by `timeout` and fails
 with Pop3Timeout naming the step; a -ERR or a broken dialogue fails with Pop3Error
-carrying the server's answer and the step. Lines are capped at 8 KiB and buffered
-input at 64 KiB, so a hostile server cannot exhaust memory. The password never
+carrying the server's answer and the step. Lines are capped at 8 KiB, buffered
+input at 64 KiB (reading pauses beyond it) and a multi-line answer at 1000 lines and
+64 KiB, so a hostile server cannot exhaust memory. The password never
 appears in an error, a step report or a log line; with `apop=True` it never
 crosses the wire at all, and there is no silent fallback to USER/PASS.
 
@@ -356,10 +357,13 @@ class Pop3Client:
     async def _read_multiline(self, step: str) -> list[str]:
         """The lines of a multi-line answer up to the lone ".", dot-unstuffed."""
         lines: list[str] = []
+        size = 0
         while (line := await self._read_line(step)) != ".":
-            if len(lines) >= _MAX_LINES:
+            size += len(line) + 2
+            if len(lines) >= _MAX_LINES or size > _MAX_BUFFER:
                 raise Pop3Error(
-                    f"the POP3 server's answer to {step} has more than {_MAX_LINES} lines",
+                    f"the POP3 server's answer to {step} is longer than {_MAX_LINES} lines "
+                    f"or {_MAX_BUFFER} bytes",
                     stage=step,
                 )
             lines.append(line[1:] if line.startswith(".") else line)

@@ -169,6 +169,7 @@ class PopBeforeSmtpSettings(_Secret):
     host: str
     port: Port | None = None
     encryption: Encryption = "none"
+    ca_file: Path | None = None
     apop: bool = False
     username: str
     timeout: Timeout = 10
@@ -501,9 +502,15 @@ def warnings(settings: Settings) -> list[str]:
         if not server.tls_verify:
             found.append(f"servers.{name}.tls_verify = false: the server's certificate is not "
                          "checked, so anyone on the path can read the mail and the password")
-        if server.encryption == "none" and (server.auth or server.pop_before_smtp):
+        if server.encryption == "none" and server.auth is not None:
             found.append(f"servers.{name}: the password is sent without encryption "
-                         "(encryption = \"none\")")
+                         "(encryption = \"none\"): choose encryption = \"starttls\" or "
+                         "\"tls\"")
+        pop = server.pop_before_smtp
+        if pop is not None and pop.encryption == "none" and not pop.apop:
+            found.append(f"servers.{name}.pop_before_smtp: the POP password is sent without "
+                         "encryption (encryption = \"none\", apop = false): choose "
+                         "encryption = \"tls\" or \"starttls\", or apop = true")
     return found
 
 

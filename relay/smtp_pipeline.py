@@ -9,6 +9,12 @@ writing) still reach aiosmtplib's protocol, which owns the connection before and
 after. Two transactions may overlap (the next one's commands follow the final dot
 of the one before): each `with` block counts as one user, and the last one out
 hands the connection back.
+
+What is held is bounded as aiosmtplib bounds it (`aiosmtplib.protocol`): a reply
+line over MAX_LINE bytes, or one reply (all its lines) over MAX_REPLY bytes, fails
+the transaction as a temporary failure naming the cause, and the connection is
+closed; replies that arrived before they were asked for stop the reading from the
+socket once more than MAX_HELD bytes of them wait (the server waits, not our memory).
 """
 
 from __future__ import annotations
@@ -25,7 +31,16 @@ from aiosmtplib.protocol import SMTPProtocol
 
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux
 MAX_LINE = 8192
-"""Longest reply line taken (aiosmtplib's own limit); a longer one breaks the connection."""
+"""Longest reply line taken (aiosmtplib.protocol.MAX_LINE_LENGTH); a longer one breaks the
+connection."""
+MAX_REPLY = 4 * MAX_LINE
+"""Longest reply taken, all its lines together (aiosmtplib.protocol.MAX_RESPONSE_LENGTH)."""
+MAX_HELD = MAX_REPLY
+"""Bytes of replies not yet asked for above which reading pauses until they are."""
+
+
+class ReplyTooLong(aiosmtplib.SMTPException):
+    """The server's reply is over a limit: no reply of a working server is (not a refusal)."""
 
 
 class Replies(asyncio.Protocol):
@@ -39,7 +54,14 @@ class Replies(asyncio.Protocol):
         self._installed = False
         self._buffer = bytearray()
         self._lines: list[bytes] = []
-        self._ready: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
+        self._reply_size = 0
+        """Bytes in `_lines`: the reply being read so far."""
+        self._ready: collections.deque[tuple[aiosmtplib.SMTPResponse, int]] = \
+            collections.deque()
+        """Replies not yet asked for, each with its size on the wire."""
+        self._held = 0
+        """Bytes of the replies in `_ready`, as they came."""
+        self._paused = False
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._users = 0
@@ -67,6 +89,7 @@ class Replies(asyncio.Protocol):
             return
         if self._users or not self._installed or self._transport.is_closing():
             return
+        self._resume()
         self._transport.set_protocol(self._inner)
         self._installed = False
         if self._buffer or self._lines or self._ready:  # a reply nobody asked for
@@ -74,13 +97,17 @@ class Replies(asyncio.Protocol):
 
     def _out_of_step(self) -> None:
         """No later reply can be matched to its command: whoever asks next is told the
-        connection is gone, and it is closed."""
+        connection is gone, and it is closed at once (abort: a close would first wait to
+        send what is still buffered, to a server that may read nothing more)."""
         if self._error is None:
             self._error = aiosmtplib.SMTPServerDisconnected(
                 "Connection closed: out of step with the server")
         self._ready.clear()
         self._buffer.clear()
         self._lines.clear()
+        self._reply_size = self._held = 0
+        if self._installed:
+            self._transport.abort()  # what is still unsent is of no use now
         self._client.close()
         self._wake()
 
@@ -118,7 +145,11 @@ class Replies(asyncio.Protocol):
                 timer.cancel()
                 self._waiter = None
         if self._ready:
-            return self._ready.popleft()
+            reply, size = self._ready.popleft()
+            self._held -= size
+            if self._held <= MAX_HELD:
+                self._resume()
+            return reply
         assert self._error is not None
         raise self._error
 
@@ -134,7 +165,10 @@ class Replies(asyncio.Protocol):
             if not self._line(line):
                 return
         if len(self._buffer) > MAX_LINE:
-            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+            self._fail(ReplyTooLong(f"Response too long: a reply line over {MAX_LINE} bytes"))
+        elif self._held > MAX_HELD and not self._paused:
+            self._paused = True  # resumed by `next` once the replies are taken
+            self._transport.pause_reading()
 
     def _ack_now(self) -> None:
         """Acknowledge what just arrived at once, not up to 40 ms later (delayed ACK).
@@ -150,7 +184,13 @@ class Replies(asyncio.Protocol):
 
     def _line(self, line: bytes) -> bool:
         if len(line) > MAX_LINE:
-            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+            self._fail(ReplyTooLong(f"Response too long: a reply line over {MAX_LINE} bytes"))
+            return False
+        self._reply_size += len(line)
+        if self._reply_size > MAX_REPLY:
+            self._fail(ReplyTooLong(
+                f"Response too long: a reply over {MAX_REPLY} bytes (aiosmtplib's limit), "
+                f"{len(self._lines) + 1} lines so far"))
             return False
         if not line[:3].isdigit():
             shown = line[:100].decode(errors="replace")
@@ -160,9 +200,11 @@ class Replies(asyncio.Protocol):
         self._lines.append(line)
         if line[3:4] != b"-":
             text = b"\n".join(part[4:].strip(b" \t\r\n") for part in self._lines)
-            self._ready.append(aiosmtplib.SMTPResponse(
-                int(line[:3]), text.decode("utf-8", "surrogateescape")))
+            reply = aiosmtplib.SMTPResponse(int(line[:3]), text.decode("utf-8", "surrogateescape"))
+            self._ready.append((reply, self._reply_size))
+            self._held += self._reply_size
             self._lines.clear()
+            self._reply_size = 0
             self._wake()
         return True
 
@@ -170,8 +212,15 @@ class Replies(asyncio.Protocol):
         """The server broke the protocol: nothing more is read from this connection."""
         self._error = error
         self._buffer.clear()
-        self._transport.close()
+        self._lines.clear()
+        self._reply_size = 0
+        self._transport.abort()
         self._wake()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

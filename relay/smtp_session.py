@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import aiosmtplib
@@ -61,7 +62,7 @@ async def pop_before_smtp(name: str, server: ServerSettings,
     pop = server.pop_before_smtp
     assert pop is not None and pop.port is not None
     where = f"{name}: POP before SMTP at {pop.host}:{pop.port}"
-    context = tls_context(server) if pop.encryption != "none" else None
+    context = tls_context(server, pop.ca_file) if pop.encryption != "none" else None
 
     def step(stage: str, seconds: float, answer: str) -> None:
         if on_step is not None:
@@ -80,12 +81,14 @@ async def pop_before_smtp(name: str, server: ServerSettings,
         raise kind(f"{where}: {e.reply}", stage=f"POP {e.stage or 'login'}") from None
 
 
-def tls_context(server: ServerSettings) -> ssl.SSLContext:
-    """System trust (plus ca_file), the server's name checked, TLS 1.2 or newer."""
+def tls_context(server: ServerSettings, ca_file: Path | None = None) -> ssl.SSLContext:
+    """System trust (plus `ca_file`, else the server's ca_file), the server's name checked,
+    TLS 1.2 or newer. The POP connection passes `pop_before_smtp.ca_file`."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if server.ca_file is not None:
-        context.load_verify_locations(cafile=str(server.ca_file))
+    extra = ca_file or server.ca_file
+    if extra is not None:
+        context.load_verify_locations(cafile=str(extra))
     if not server.tls_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -14,7 +14,7 @@ from typing import Any
 
 from .oauth import authorization as oauth_authorization
 from .oauth import describe as describe_oauth
-from .settings import LOCAL_SERVER, Settings
+from .settings import LOCAL_SERVER, Settings, warnings
 from .spool import Envelope, Spool
 
 
@@ -87,6 +87,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         if Path(settings.spool_dir, "queue").is_dir() else None,
         "daemon": {"running": pid is not None, "pid": pid},
         "state_dir": str(settings.state_dir),
+        "warnings": warnings(settings),
     }
 
 
@@ -131,6 +132,8 @@ def render(status: dict[str, Any]) -> str:
             lines.append(f"  {queue['damaged']} damaged entries (the daemon quarantines them)")
         if queue["oldest_seconds"]:
             lines.append(f"  oldest waiting message: {queue['oldest_seconds']:.0f} s")
+    for warning in status.get("warnings", []):
+        lines.append(f"Warning: {warning}")
     daemon = status["daemon"]
     running = f"running, pid {daemon['pid']}" if daemon["running"] else "not running"
     lines.append(f"Daemon: {running} (state_dir {status['state_dir']})")

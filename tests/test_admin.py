@@ -555,6 +555,94 @@ async def test_authentication_can_be_switched_off_and_a_new_password_is_write_on
     assert "SMTP authentication method</th><td>(Unused)" in (await admin.get("/"))[1]
 
 
+@pytest.mark.parametrize("change", [{"host": "attacker.example"}, {"port": "2525"},
+                                    {"encryption": "tls"}], ids=["host", "port", "encryption"])
+async def test_moving_the_server_without_entering_the_password_again_is_refused(
+        file_relay: Callable[..., Any], http: aiohttp.ClientSession,
+        change: dict[str, str]) -> None:
+    relay: Relay = await file_relay(ScriptedUpstream(), "[admin]\nallow_changes = true\n")
+    admin = Admin(relay, http)
+    page = (await admin.get("/change"))[1]
+    assert "for the same server only" in page
+    form = form_from(page)
+    form.update(change)
+    status, page, _ = await admin.post("/change", form)
+    assert status == 400 and "Nothing was changed" in page
+    assert "enter the password for sending again" in page and SECRET not in page
+    assert not (relay.settings.state_dir / OVERRIDES_FILE).exists()
+    assert relay.settings.servers["system"].host == "127.0.0.1"
+    form.update(auth_password="Typed-Again-1")  # the password for the new server: saved
+    assert (await admin.post("/change", form))[0] == 303
+    moved = relay.settings.servers["system"]
+    assert moved.auth is not None and moved.auth.secret() == "Typed-Again-1"
+    assert SECRET not in (relay.settings.state_dir / OVERRIDES_FILE).read_text()
+
+
+POP_CONFIG = """[admin]
+allow_changes = true
+[servers.mail]
+host = "127.0.0.1"
+port = 3
+encryption = "starttls"
+[servers.mail.pop_before_smtp]
+host = "pop.example.com"
+encryption = "tls"
+username = "notify"
+password = "Pop-S3cret"
+"""
+
+
+async def test_moving_the_pop_server_without_entering_its_password_again_is_refused(
+        file_relay: Callable[..., Any], http: aiohttp.ClientSession) -> None:
+    relay: Relay = await file_relay(ScriptedUpstream(), POP_CONFIG)
+    admin = Admin(relay, http)
+    form = form_from((await admin.get("/change"))[1])
+    form.update(server="mail", edited_server="mail", host="127.0.0.1", port="3",
+                encryption="starttls", auth_method="", pop="set", pop_host="pop.example.com",
+                pop_encryption="tls", pop_username="notify", pop_port="", pop_timeout="10",
+                pop_wait="0")
+    assert (await admin.post("/change", form))[0] == 303  # same POP server: kept
+    pop = relay.settings.servers["mail"].pop_before_smtp
+    assert pop is not None and pop.secret() == "Pop-S3cret"
+    form.update(pop_host="pop.attacker.example")
+    status, page, _ = await admin.post("/change", form)
+    assert status == 400 and "enter the password for receiving again" in page
+    pop = relay.settings.servers["mail"].pop_before_smtp
+    assert pop is not None and pop.host == "pop.example.com"
+
+
+async def test_a_reload_that_leaves_auth_in_clear_logs_the_start_up_warning(
+        file_relay: Callable[..., Any], http: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    relay: Relay = await file_relay(ScriptedUpstream(), "[admin]\nallow_changes = true\n")
+    admin = Admin(relay, http)
+    form = form_from((await admin.get("/change"))[1])
+    caplog.clear()
+    form.update(timeout="20")
+    assert (await admin.post("/change", form))[0] == 303
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("servers.system: the password is sent without encryption" in w
+               for w in warned), warned
+    caplog.clear()
+    assert relay.reload()  # what SIGHUP does
+    assert any("the password is sent without encryption" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+
+
+async def test_pop_password_in_clear_is_warned_on_the_page_status_and_reload(
+        file_relay: Callable[..., Any], http: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    in_clear = POP_CONFIG.replace('encryption = "tls"\nusername', 'username')
+    relay: Relay = await file_relay(ScriptedUpstream(), in_clear)
+    admin = Admin(relay, http)
+    expected = "servers.mail.pop_before_smtp: the POP password is sent without encryption"
+    assert expected in (await admin.get("/"))[1]
+    assert any(expected in w for w in json.loads((await admin.get("/status"))[1])["warnings"])
+    caplog.clear()
+    assert relay.reload()
+    assert any(expected in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
 def test_the_override_file_writer_round_trips_through_tomllib() -> None:
     data = {"system_account": {"active": False, "address": "a@b.example", "server": "system"},
             "servers": {"system": {"host": "smtp.example.com", "port": 587, "timeout": 30,

@@ -141,7 +141,7 @@ def test_response_to_cyrus_uses_its_realm_and_smtp_service() -> None:
 
 
 def test_without_any_realm_offered_the_realm_is_omitted_and_empty_in_the_hash() -> None:
-    challenge = {"nonce": "n1", "qop": "auth", "charset": "utf-8"}
+    challenge = {"nonce": "n1", "qop": "auth", "charset": "utf-8", "algorithm": "md5-sess"}
     response, _ = build_response(challenge, username="u", password="p", host="h", cnonce="c")
     fields = parse_challenge(response)
     assert "realm" not in fields
@@ -177,7 +177,7 @@ def test_utf8_credentials_outside_latin1_are_sent_and_hashed_as_utf8() -> None:
 
 
 def test_latin1_credentials_without_charset_are_sent_in_latin1() -> None:
-    challenge = {"nonce": "n1", "qop": "auth", "realm": "r"}
+    challenge = {"nonce": "n1", "qop": "auth", "realm": "r", "algorithm": "md5-sess"}
     response, _ = build_response(
         challenge, username="jürgen", password="pässwort", host="h", cnonce="c"
     )
@@ -196,7 +196,8 @@ def test_latin1_credentials_without_charset_are_sent_in_latin1() -> None:
 
 def test_credentials_outside_latin1_without_charset_are_refused() -> None:
     with pytest.raises(SaslError, match="charset=utf-8"):
-        build_response({"nonce": "n", "qop": "auth"}, username="u", password="€", host="h")
+        build_response({"nonce": "n", "qop": "auth", "algorithm": "md5-sess"}, username="u",
+                       password="€", host="h")
 
 
 def test_challenge_without_qop_auth_is_refused_naming_what_was_offered() -> None:
@@ -209,6 +210,25 @@ def test_challenge_without_qop_auth_is_refused_naming_what_was_offered() -> None
 def test_challenge_without_nonce_is_refused() -> None:
     with pytest.raises(SaslError, match="nonce"):
         build_response({"qop": "auth"}, username="u", password="p", host="h")
+
+
+@pytest.mark.parametrize("challenge", [
+    b'nonce="a",nonce="b",qop="auth",algorithm=md5-sess',
+    b'nonce="a",qop="auth",qop="auth-int",algorithm=md5-sess',
+    b'nonce="a",qop="auth",algorithm=md5-sess,algorithm=md5-sess',
+], ids=["nonce twice", "qop twice", "algorithm twice"])
+def test_challenge_with_a_directive_allowed_once_given_twice_aborts(challenge: bytes) -> None:
+    with pytest.raises(SaslError, match="more than once, which RFC 2831"):
+        parse_challenge(challenge)
+
+
+@pytest.mark.parametrize("challenge", [
+    {"nonce": "n", "qop": "auth", "charset": "utf-8"},
+    {"nonce": "n", "qop": "auth", "algorithm": "md5"},
+], ids=["no algorithm", "algorithm md5"])
+def test_challenge_without_algorithm_md5_sess_aborts(challenge: dict[str, str]) -> None:
+    with pytest.raises(SaslError, match=r"RFC 2831 \(2\.1\.1\) requires algorithm=md5-sess"):
+        build_response(challenge, username="u", password="p", host="h")
 
 
 def test_authzid_is_sent_and_enters_a1() -> None:

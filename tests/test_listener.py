@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import smtplib
 import socket
 from typing import AnyStr
@@ -125,8 +126,94 @@ async def test_ehlo_reply_lines_go_out_in_one_write(
     features = await client.cmd("EHLO app.example.com")
     hostname = relay.settings.listener.hostname or socket.gethostname()
     assert features.split("\n") == [f"250-{hostname}", "250-SIZE 26214400", "250-8BITMIME",
-                                     "250-SMTPUTF8", "250-DSN", "250 HELP"]
+                                     "250-SMTPUTF8", "250-DSN", "250-ENHANCEDSTATUSCODES",
+                                     "250 HELP"]
     assert len(writes) == 2  # the greeting, then the whole EHLO reply
+    await client.close()
+
+
+ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+COMMANDS = [
+    "MAIL FROM:<app@example.com>",  # before EHLO
+    "EHLO",  # no name
+    "HELO",
+    "EHLO app.example.com",
+    "NOOP", "NOOP extra", "HELP", "HELP MAIL", "HELP RCPT", "HELP AUTH", "HELP FOO",
+    "VRFY", "VRFY <user@example.com>", "VRFY a b", "EXPN list", "FOO bar", "AUTH PLAIN",
+    "AUTH", "STARTTLS", "RSET", "RSET now", "DATA", "RCPT TO:<user@example.com>", "MAIL",
+    "MAIL FROM:", "MAIL FROM:<not an address>", "MAIL FROM:<app@example.com> BODY=9BIT",
+    "MAIL FROM:<app@example.com> SIZE=999999999999", "MAIL FROM:<app@example.com> FOO=bar",
+    "MAIL FROM:<app@example.com> RET=NONSENSE", "MAIL FROM:<app@example.com> SMTPUTF8=x",
+    f"MAIL FROM:<{'a' * 65}@example.com>",
+    "MAIL FROM:<app@example.com>", "MAIL FROM:<app@example.com>", "RCPT",
+    "RCPT TO:", "RCPT TO:<no-at-sign>", "RCPT TO:<user@example.com> NOTIFY=SOMETIMES",
+    "RCPT TO:<user@example.com> FOO=bar", f"RCPT TO:<{'a' * 65}@example.com>",
+    "RCPT TO:<user@example.com>", "DATA now", "x" * 70000, "HELO app.example.com",
+    "EHLO app.example.com", "QUIT now", "QUIT",
+]
+
+
+async def test_every_reply_carries_an_enhanced_status_code(relay: Relay) -> None:
+    """RFC 2034: every 2xx, 4xx and 5xx line but the greeting's and EHLO's or HELO's 250."""
+    client = await RawSMTP.connect(listener_port(relay))
+    seen: list[tuple[str, str]] = []
+    for command in COMMANDS:
+        reply = await client.cmd(command)
+        seen.append((command[:40], reply))
+    await client.close()
+    for command, reply in seen:
+        assert reply, command
+        if command.startswith(("EHLO ", "HELO ")) and reply.startswith("250"):
+            continue
+        for line in reply.split("\n"):
+            assert ENHANCED.match(line), (command, reply)
+    replies: dict[str, str] = {}
+    for command, reply in seen:
+        replies.setdefault(command, reply)  # the first time each was sent
+    assert replies["x" * 40].startswith("500 5.5.2")
+    assert replies["RCPT TO:<user@example.com>"].startswith("503 5.5.1")
+    assert replies["VRFY a b"].startswith(("501 5.5.4", "502 5.5.1", "252 2."))
+
+
+async def test_help_does_not_list_auth_which_is_not_offered(relay: Relay) -> None:
+    client = await ehlo(relay)
+    commands = await client.cmd("HELP")
+    assert commands.startswith("250 2.0.0 Supported commands:") and "MAIL" in commands
+    assert "AUTH" not in commands
+    assert (await client.cmd("HELP AUTH")).startswith("501 5.5.4")
+    await client.close()
+
+
+@pytest.mark.parametrize("postmaster", ["postmaster", "Postmaster", "POSTMASTER"])
+async def test_rcpt_to_postmaster_without_a_domain_is_accepted(
+        relay_factory: RelayFactory, postmaster: str) -> None:
+    relay = await relay_factory(queue={"notify": "ops@example.com"})
+    client = await ehlo(relay)
+    reply = await client.transaction(MESSAGE + b".\r\n", rcpts=(postmaster,))
+    assert reply.startswith("250"), reply
+    await client.close()
+    await wait_until(lambda: len(outbox_files(relay.settings.state_dir)) == 1)
+    assert b"ops@example.com" in sent_files(relay)[0]
+
+
+@pytest.mark.parametrize(("address", "fits"), [
+    ("a" * 64 + "@example.com", True),
+    ("a" * 65 + "@example.com", False),
+    ("user@" + ".".join(["d" * 63] * 4), True),  # 255 octets
+    ("user@" + ".".join(["d" * 63] * 4) + "x", False),
+    ("ü" * 32 + "@example.com", True),  # 64 octets in UTF-8
+    ("ü" * 33 + "@example.com", False),
+])
+async def test_local_part_over_64_or_domain_over_255_octets_gets_553(
+        relay: Relay, address: str, fits: bool) -> None:
+    client = await ehlo(relay)
+    sender = await client.cmd(f"MAIL FROM:<{address}> SMTPUTF8")
+    assert sender.startswith("250" if fits else "553 5.1.7"), sender
+    if not fits:
+        assert "octets" in sender
+        assert (await client.cmd("MAIL FROM:<app@example.com> SMTPUTF8")).startswith("250")
+    rcpt = await client.cmd(f"RCPT TO:<{address}>")
+    assert rcpt.startswith("250" if fits else "553 5.1.3"), rcpt
     await client.close()
 
 

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from aiohttp import web
 from prometheus_client import generate_latest
 
 from relay import oauth_flow, status
@@ -34,14 +35,15 @@ from relay.errors import (
     Held,
     NotGranted,
     OAuthError,
+    ProviderRefused,
     ProviderUnreachable,
     TokenStoreError,
 )
 from relay.metrics import Metrics
 from relay.oauth import IDLE_REFRESH, OAuth
-from relay.oauth_provider import ProviderClient
+from relay.oauth_provider import DESCRIPTION_MAX, ProviderClient
 from relay.oauth_store import StoredToken, TokenStore
-from relay.settings import Settings
+from relay.settings import OAuthClientSettings, Settings
 from relay.smtp_session import Session, probe
 
 from .oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer, redirect_query
@@ -531,3 +533,40 @@ async def test_no_token_or_secret_in_logs_status_metrics_or_errors(
     assert "Not granted" in visible
     for secret in [*provider.issued(), CLIENT_SECRET]:
         assert secret not in visible
+
+
+async def test_provider_error_description_is_shown_sanitized_and_bounded() -> None:
+    """A provider may echo what it was sent in error_description: `check` and the logs
+    show its error code and a description without it, without control characters, and
+    at most DESCRIPTION_MAX characters of it."""
+    refresh_token = "1//0gRefresh-Token-Never-Show-Me"
+    description = (f"refresh_token {refresh_token} is invalid for client {CLIENT_ID} "
+                   f"(secret {CLIENT_SECRET})\x1b[2J\r\nInjected: line" + " padding" * 500)
+
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"error": "invalid_grant", "error_description": description},
+                                 status=400)
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        cfg = OAuthClientSettings.model_validate({
+            "provider": "generic", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+            "authorize_url": f"http://127.0.0.1:{port}/authorize",
+            "token_url": f"http://127.0.0.1:{port}/token", "scopes": ["smtp"]})
+        with pytest.raises(ProviderRefused) as refused:
+            await ProviderClient("test", cfg).refresh(refresh_token)
+    finally:
+        await runner.cleanup()
+    shown = str(refused.value)
+    assert refused.value.error == "invalid_grant" and "invalid_grant" in shown
+    assert refresh_token not in shown and CLIENT_SECRET not in shown
+    assert "[sent value]" in shown
+    assert "\x1b" not in shown and "\r" not in shown and "\n" not in shown
+    assert len(refused.value.description or "") <= DESCRIPTION_MAX + 40
+    assert len(shown) < 500

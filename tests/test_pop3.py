@@ -9,12 +9,15 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trustme
 
-from relay.errors import Pop3Error, Pop3Timeout
+from relay.errors import Pop3Error, Pop3Timeout, TemporaryFailure
 from relay.pop3 import Pop3Client, pop_login
+from relay.settings import ServerSettings
+from relay.smtp_session import pop_before_smtp
 
 TIMESTAMP = "<1896.697170952@dbc.mtview.ca.us>"
 
@@ -316,6 +319,17 @@ async def test_overlong_line_is_refused_without_reading_it_all() -> None:
             await login(port)
 
 
+async def test_capa_answer_over_64_kib_is_refused_though_under_1000_lines() -> None:
+    stub = Pop3Stub(capabilities=[f"X-{i} " + "y" * 8000 for i in range(500)])  # 4 MB
+    async with running(stub) as port:
+        client = await Pop3Client.connect(
+            "127.0.0.1", port, encryption="none", ssl_context=None, timeout=5
+        )
+        async with client:
+            with pytest.raises(Pop3Error, match="longer than 1000 lines or 65536 bytes"):
+                await client.capa()
+
+
 async def test_non_ascii_password_is_sent_as_utf8() -> None:
     stub = Pop3Stub(users={"notify": "pässwörd €"})
     async with running(stub) as port:
@@ -349,3 +363,22 @@ async def test_context_manager_sends_quit_and_closes() -> None:
         with pytest.raises(Pop3Error, match="closed"):
             await client.capa()
     assert stub.received[-1] == b"QUIT\r\n"
+
+
+async def test_pop_before_smtp_trusts_the_ca_file_of_its_own_section(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca_file = tmp_path / "pop-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with running(Pop3Stub(), server_tls) as port:
+        server = ServerSettings.model_validate({
+            "host": "smtp.example.com", "port": 587, "encryption": "starttls",
+            "pop_before_smtp": {"host": "127.0.0.1", "port": port, "encryption": "tls",
+                                "ca_file": str(ca_file), "username": "notify",
+                                "password": "secret", "timeout": 5}})
+        assert await pop_before_smtp("mail", server) == "Logged in."
+        untrusted = server.model_copy(update={"pop_before_smtp": server.pop_before_smtp
+                                              .model_copy(update={"ca_file": None})})
+        with pytest.raises(TemporaryFailure, match="failed certificate verification"):
+            await pop_before_smtp("mail", untrusted)

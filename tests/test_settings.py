@@ -19,6 +19,8 @@ from relay.settings import (
     parse_duration,
 )
 
+from .support import relay_command
+
 
 def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:
     path = tmp_path / name
@@ -379,3 +381,37 @@ def test_uvloop_asked_for_but_not_installed_is_refused_with_the_fix(
 def test_uvloop_runs_on_uvloop() -> None:
     import uvloop
     assert loop_factory("uvloop") is uvloop.new_event_loop
+
+
+POP_IN_CLEAR = """state_dir = "{state}"
+[system_account]
+address = "notify@example.com"
+server = "mail"
+[servers.mail]
+host = "smtp.example.com"
+encryption = "starttls"
+[servers.mail.pop_before_smtp]
+host = "pop.example.com"
+username = "notify"
+password = "Pop-S3cret"
+{more}
+"""
+POP_WARNING = ("servers.mail.pop_before_smtp: the POP password is sent without encryption "
+               "(encryption = \"none\", apop = false)")
+
+
+@pytest.mark.parametrize("more, warned", [("", True), ("apop = true", False),
+                                          ('encryption = "tls"', False)],
+                         ids=["USER/PASS in clear", "APOP", "POP3S"])
+def test_check_and_status_warn_when_the_pop_password_travels_in_clear(
+        tmp_path: Path, more: str, warned: bool) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(POP_IN_CLEAR.format(state=tmp_path / "state", more=more))
+    for command in ("check", "status"):
+        done = subprocess.run([relay_command(), command, "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert (POP_WARNING in done.stdout) is warned, done.stdout
+        assert "Pop-S3cret" not in done.stdout + done.stderr
+        # the SMTP server's own encryption is not what decides it
+        assert "servers.mail: the password is sent without encryption" not in done.stdout

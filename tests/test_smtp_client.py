@@ -444,6 +444,74 @@ async def test_malformed_reply_defers_the_message_and_drops_the_connection(
     assert sessions_gauge(upstream) == 0  # not given back to the pool
 
 
+class Flood:
+    """A raw server offering PIPELINING that answers MAIL with `head`, then writes `line`
+    over and over (up to `limit` bytes, then `tail`) without reading what the client sends;
+    it counts what it managed to write before the client hung up."""
+
+    def __init__(self, head: bytes, line: bytes, tail: bytes, limit: int) -> None:
+        self.head, self.line, self.tail, self.limit = head, line, tail, limit
+        self.sent = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        await reader.readline()
+        writer.write(self.head)
+        chunk = self.line * (65536 // len(self.line))
+        while self.sent < self.limit:
+            writer.write(chunk)
+            await writer.drain()  # raises once the client has closed the connection
+            self.sent += len(chunk)
+        writer.write(self.tail)
+        await reader.read()
+
+
+FLOOD = 48 * 1024 * 1024
+HELD_AT_MOST = 12 * 1024 * 1024
+"""What the kernel's socket buffers take on loopback (about 4 MiB here), with room: more
+sent means the client read it and held it."""
+
+
+async def test_huge_multiline_reply_defers_the_message_and_is_not_held_in_memory(
+        client: Client) -> None:
+    servers = Servers()
+    line = b"250-" + b"x" * 96 + b"\r\n"
+    server = Flood(b"", line, b"250 ok\r\n", FLOOD)
+    upstream = client.upstream(await servers.raw(server))
+    try:
+        with pytest.raises(TemporaryFailure) as too_long:
+            await upstream.deliver(client.message())
+    finally:
+        await servers.close()
+    reply = too_long.value.reply
+    assert "Response too long" in reply and f"{smtp_pipeline.MAX_REPLY} bytes" in reply
+    assert too_long.value.stage == "MAIL FROM" and len(reply) < 300
+    assert server.sent < HELD_AT_MOST  # the connection was closed, not read to its end
+    assert sessions_gauge(upstream) == 0
+
+
+async def test_replies_not_asked_for_stop_the_reading_instead_of_filling_memory(
+        client: Client) -> None:
+    """Replies arriving while the message is still being written (the server reads none
+    of it until it has sent 16 MiB of them) wait in the socket once MAX_HELD bytes of them
+    are held: the server cannot send that much, and the message times out."""
+    servers = Servers()
+    head = b"250 ok\r\n250 ok\r\n354 go ahead\r\n"
+    line = b"250 2.0.0 " + b"x" * 8000 + b"\r\n"
+    server = Flood(head, line, b"", 16 * 1024 * 1024)
+    upstream = client.upstream(await servers.raw(server))
+    big = BODY + (b"x" * 76 + b"\r\n") * (HELD_AT_MOST // 78 * 2)  # more than the buffers take
+    try:
+        with pytest.raises(TemporaryFailure) as unread:
+            await upstream.deliver(client.message(data=big, in_memory=False))
+    finally:
+        await servers.close()
+    assert unread.value.stage == "DATA"
+    assert server.sent < HELD_AT_MOST
+
+
 async def test_data_taken_with_no_recipient_is_ended_empty_and_the_session_reused(
         servers: Servers, client: Client) -> None:
     server = Pipelined(rcpt_replies={"x@example.com": b"550 5.1.1 no such user"})
