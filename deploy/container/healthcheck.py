@@ -24,14 +24,13 @@ import urllib.request
 
 
 def from_configuration() -> tuple[str, str | None]:
-    from relay.admin import read_token
-    from relay.settings import config_path, load_settings
+    from relay.settings import admin_token, config_path, load_settings
 
     admin = load_settings(config_path(None, os.environ)).admin
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{admin.port}", read_token(admin)
+    return f"http://{host}:{admin.port}", admin_token(admin)
 
 
 def main() -> int:
