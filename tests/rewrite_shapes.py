@@ -8,7 +8,11 @@ must carry (None: the bare system address), the addresses the added Reply-To mus
 
 from __future__ import annotations
 
+import email
+import email.policy
+import re
 from dataclasses import dataclass
+from email.message import EmailMessage
 
 
 @dataclass(frozen=True)
@@ -90,3 +94,12 @@ SHAPES: list[Shape] = [
           ("b@b.example",)),
     Shape("unterminated-last-from", _DM + b"From: A <a@a.example>", "A", ("a@a.example",), b""),
 ]
+
+
+def as_sent(data: bytes) -> EmailMessage:
+    """`data` parsed by Python's `email` (default policy) after every bare CR or LF became
+    CRLF, as the relay's upstream path sends it."""
+    wire = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    msg = email.message_from_bytes(wire, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg

@@ -8,27 +8,17 @@ shapes through the relay to the test Postfix, for a second, independent reading.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import re
-from email.message import EmailMessage
 
 import pytest
 
 from relay.rewrite import rewrite_message, split_header
 
-from .rewrite_shapes import SHAPES, Shape
+from .rewrite_shapes import SHAPES, Shape, as_sent
 
 SYSTEM = "notify@example.com"
 RCVD = (b"Received: from app ([127.0.0.1])\r\n\tby relay (sysmail-relay) with ESMTP id Q1;"
         b"\r\n\tD\r\n")
-
-
-def as_sent(data: bytes) -> EmailMessage:
-    wire = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
-    msg = email.message_from_bytes(wire, policy=email.policy.default)
-    assert isinstance(msg, EmailMessage)
-    return msg
 
 
 def test_there_are_at_least_30_shapes_with_distinct_names() -> None:

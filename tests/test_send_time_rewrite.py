@@ -9,8 +9,6 @@ envelope, so that every attempt sends the same message. Against a real SMTP serv
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import re
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
@@ -22,19 +20,13 @@ from relay.app import Relay
 from relay.settings import load_settings
 from relay.spool import INLINE_BYTES, Envelope, Recipient, Spool, new_queue_id
 
+from .rewrite_shapes import as_sent
 from .support import RawSMTP, RelayFactory, listener_port, outbox_files, wait_until
 from .upstream_servers import Script, Servers
 
 OLD, NEW = "old-notify@old.example", "new-notify@new.example"
 CLIENT_MESSAGE = (b"From: App <app@a.example>\rFrom: Director <director@bank.example>\r\n"
                   b"Sender: Other <other@evil.example>\r\nSubject: approve\r\n\r\nPlease.\r\n")
-
-
-def parsed(data: bytes) -> EmailMessage:
-    wire = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
-    msg = email.message_from_bytes(wire, policy=email.policy.default)
-    assert isinstance(msg, EmailMessage)
-    return msg
 
 
 def addresses(msg: EmailMessage, name: str) -> list[str]:
@@ -85,7 +77,7 @@ async def test_held_mail_goes_out_with_the_address_the_account_has_when_it_is_se
         await relay.stop(grace=1)
     (sent,) = script.messages
     assert sent.mail_from == NEW
-    msg = parsed(sent.data)
+    msg = as_sent(sent.data)
     assert addresses(msg, "From") == [NEW]
     assert msg["From"].addresses[0].display_name == "App"
     assert addresses(msg, "Reply-To") == ["app@a.example", "director@bank.example"]
@@ -109,7 +101,7 @@ async def test_a_retry_after_a_partial_delivery_sends_the_same_message_id_date_a
     first, second = script.messages
     assert (first.rcpt_tos, second.rcpt_tos) == (["now@example.com"], ["later@example.com"])
     assert first.data == second.data  # Received, Date, Message-ID: all the same bytes
-    msg = parsed(first.data)
+    msg = as_sent(first.data)
     assert msg["Message-ID"] and msg["Date"] and len(msg.get_all("Received") or []) == 1
 
 
@@ -144,7 +136,7 @@ async def test_the_local_outbox_holds_the_message_as_rewritten_when_sent(
     data = outbox_files(state_dir)[0].read_bytes()
     assert data.startswith(b"Return-Path: <relay@localhost>\r\nDelivered-To: boss@example.com\r\n"
                            b"Received: from app.example.com ([127.0.0.1])")
-    msg = parsed(data)
+    msg = as_sent(data)
     assert addresses(msg, "From") == ["relay@localhost"] and msg.defects == []
     body = message.split(b"\r\n\r\n", 1)[-1]
     assert msg.get_payload(decode=True) == re.sub(rb"\r\n|\r|\n", b"\r\n", body)
