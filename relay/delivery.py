@@ -61,7 +61,7 @@ from .rewrite import (
     rewrite_message,
 )
 from .settings import QueueSettings, Settings
-from .spool import INLINE_BYTES, Envelope, Spool, read_regular
+from .spool import INLINE_BYTES, Envelope, Spool
 from .upstream import Outcome, Outgoing, Upstream
 from .workers import AwaitedWorker
 
@@ -395,11 +395,10 @@ class Scheduler:
             return None
         if not (self.upstream.wants_data or env.as_received) or env.size > INLINE_BYTES:
             return env, None
-        path = self.spool.message_path(env.id)
         try:
-            return env, read_regular(path)
+            return env, self.spool.read_message(env.id)
         except OSError as e:
-            raise DamagedEntry(f"{path}: {e.strerror}") from None
+            raise DamagedEntry(f"{self.spool.message_path(env.id)}: {e.strerror}") from None
 
     async def _attempt(self, env: Envelope, data: bytes | None = None) -> list[Outcome]:
         server = self.settings.system_account.server
@@ -423,17 +422,24 @@ class Scheduler:
         address); Date, Message-ID and Received come from the envelope, so every attempt
         sends the same ones. An entry written by an earlier version is sent as stored."""
         path = self.spool.message_path(env.id)
+        if data is None:
+            try:  # the message follows the entry's header in the file
+                start = await asyncio.to_thread(self.spool.message_start, path)
+            except OSError as e:
+                raise TemporaryFailure(f"cannot read {path}: {e.strerror}", stage="spool") from e
         if not env.as_received:
-            return Outgoing(env, path, env.mail_from or "", env.pending, data)
+            if data is not None:
+                return Outgoing(env, path, env.mail_from or "", env.pending, data)
+            return Outgoing(env, path, env.mail_from or "", env.pending, offset=start)
         edit = _edit(env, self.settings)
         if data is not None:
             return Outgoing(env, path, edit.address, env.pending, rewrite_message(
                 data, **edit.arguments))
         try:
-            head, offset = await asyncio.to_thread(_read_head, path, edit)
+            head, offset = await asyncio.to_thread(_read_head, path, edit, start)
         except OSError as e:
             raise TemporaryFailure(f"cannot read {path}: {e.strerror}", stage="spool") from e
-        return Outgoing(env, path, edit.address, env.pending, head=head, offset=offset)
+        return Outgoing(env, path, edit.address, env.pending, head=head, offset=start + offset)
 
     async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
         server = self.settings.system_account.server
@@ -532,12 +538,14 @@ def _edit(env: Envelope, settings: Settings) -> _Edit:
         message_id=f"<{env.id}@{domain}>", date=date_header_value(when)))
 
 
-def _read_head(path: Path, edit: _Edit) -> tuple[bytes, int]:
-    """The rewritten header block of a large message and where its body starts in the file,
-    reading the header block only, in chunks (each twice the last: linear work)."""
+def _read_head(path: Path, edit: _Edit, start: int = 0) -> tuple[bytes, int]:
+    """The rewritten header block of a large message (which begins at `start` in the file)
+    and where its body starts after `start`, reading the header block only, in chunks
+    (each twice the last: linear work)."""
     chunks: list[bytes] = []
     size = _HEAD_CHUNK
     with path.open("rb") as f:
+        f.seek(start)
         while True:
             chunk = f.read(size)
             chunks.append(chunk)

@@ -47,8 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import state
+from . import spool_file, state
 from .errors import DamagedEntry, SpoolError
+from .spool_file import fsync_dir, read_regular
 from .workers import AwaitedWorker, Worker
 
 log = logging.getLogger("relay.spool")
@@ -57,7 +58,9 @@ RecipientState = Literal["pending", "delivered", "failed"]
 Place = Literal["queue", "active", "dead", "edit"]
 MESSAGE = "message"
 ENVELOPE = "envelope.json"
-_DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash")
+"""The two files of an entry of the earlier layout (a directory); read, never written."""
+ENVELOPES = "envelopes"
+_DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash", ENVELOPES)
 
 
 @dataclass
@@ -148,59 +151,20 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1000:013X}{_ID_BITS.getrandbits(32):08X}"
 
 
-def read_regular(path: Path | str, dir_fd: int | None = None) -> bytes:
-    """A file's bytes; OSError when it is not a regular file (a FIFO must not block us)
-    or is a symbolic link (never followed: its target is not ours to send or truncate).
-    `path` is relative to the directory `dir_fd` when one is given.
-
-    Open, fstat, one read (a file that grew meanwhile: more), close: without Python's
-    file objects."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "is a symbolic link (not followed)", str(path)) from None
-        raise
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        data = os.read(fd, info.st_size + 1)  # short only at the end of the file
-        if len(data) <= info.st_size:
-            return data
-        parts = [data]
-        while part := os.read(fd, 1 << 20):
-            parts.append(part)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 _SYSTEM_ERRORS = frozenset({errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
                             errno.ENOMEM, errno.EAGAIN, errno.EINTR})
 """Errors reading an entry that say nothing about the entry itself."""
 
 
-def _read_entry(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | str:
-    """The envelope in the entry directory `fd`, or what is wrong with the entry (the
-    text that follows the entry's path in the DamagedEntry)."""
+def _system(e: OSError, system_errors: bool) -> None:
+    if system_errors and e.errno in _SYSTEM_ERRORS:
+        raise e
+
+
+def _read_old(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | str:
+    """The envelope in the entry directory `fd` (the layout before one file per entry),
+    or what is wrong with the entry (the text that follows the entry's path in the
+    DamagedEntry)."""
     try:
         env = Envelope.from_json(read_regular(ENVELOPE, dir_fd=fd))
     except FileNotFoundError:
@@ -208,8 +172,7 @@ def _read_entry(fd: int, queue_id: str, system_errors: bool = False) -> Envelope
     except (ValueError, TypeError, KeyError) as e:
         return f"/{ENVELOPE}: the envelope cannot be read ({e})"
     except OSError as e:
-        if system_errors and e.errno in _SYSTEM_ERRORS:
-            raise
+        _system(e, system_errors)
         return f"/{ENVELOPE}: {e.strerror}"
     if env.id != queue_id:
         return f"/{ENVELOPE}: the envelope belongs to {env.id}, not {queue_id}"
@@ -223,30 +186,53 @@ def _read_entry(fd: int, queue_id: str, system_errors: bool = False) -> Envelope
     except FileNotFoundError:
         return ": the message file is missing"
     except OSError as e:
-        if system_errors and e.errno in _SYSTEM_ERRORS:
-            raise
+        _system(e, system_errors)
         return f"/{MESSAGE}: {e.strerror}"
     return env
 
 
+def _read_file(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | str:
+    """The envelope in the header of the entry file `fd`, or what is wrong with it."""
+    try:
+        raw, _ = spool_file.read_header(fd)
+        env = Envelope.from_json(raw)
+    except spool_file.BadHeader as e:
+        return f": not a spool entry: {e}"
+    except (ValueError, TypeError, KeyError) as e:
+        return f": the envelope in its header cannot be read ({e})"
+    except OSError as e:
+        _system(e, system_errors)
+        return f": {e.strerror}"
+    if env.id != queue_id:
+        return f": the envelope in its header belongs to {env.id}, not {queue_id}"
+    return env
+
+
+def _read_latest(path: Path, queue_id: str, system_errors: bool) -> Envelope | str | None:
+    """The envelope saved since the commit (ENVELOPES/ID), None when there is none, or
+    what is wrong with it."""
+    try:
+        env = Envelope.from_json(read_regular(path))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError) as e:
+        return f"{path}: the envelope cannot be read ({e})"
+    except OSError as e:
+        _system(e, system_errors)
+        return f"{path}: {e.strerror}"
+    if env.id != queue_id:
+        return f"{path}: the envelope belongs to {env.id}, not {queue_id}"
+    return env
+
+
 def _still_at(fd: int, entry: Path) -> bool:
-    """Whether the directory open as `fd` is still the one at `entry`."""
+    """Whether the entry open as `fd` is still the one at `entry`."""
     try:
         there = os.stat(entry, follow_symlinks=False)
     except OSError:
         return False
     here = os.fstat(fd)
     return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Create a file with `data`, fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_reason(entry: Path, reason: str) -> None:
@@ -264,11 +250,13 @@ larger ones a chunk at a time as they are sent."""
 
 
 class Incoming:
-    """A message being received into incoming/ID/message, as its bytes arrive.
+    """A message being received into the file incoming/ID, as its bytes arrive.
 
     Up to BUFFER bytes are kept in memory: a small message is written by the group
-    commit, in the one thread hop that makes it durable. Beyond that, what is
-    buffered is written out in a thread and the session waits for it before it reads
+    commit, header and message in one write, in the one thread hop that makes it
+    durable. Beyond that, the file is created with room for the header (whose
+    envelope is known only at the end), and what is buffered is written out in a
+    thread and the session waits for it before it reads
     on, so a session holds at most about BUFFER bytes whatever the message's size.
     A write that fails is remembered, the entry removed, and what follows dropped:
     `Spool.commit` then fails with the cause. `discard` (client gone, too big,
@@ -285,7 +273,7 @@ class Incoming:
         self.head = bytearray()
         """The message's first HEAD bytes: where the header block is, for the Subject."""
         self._spool = spool
-        self._dir = spool._dir("incoming") / queue_id
+        self._path = spool._dir("incoming") / queue_id
         self._pieces: list[bytes | bytearray] = []
         self._buffered = 0
         self._fd: int | None = None
@@ -335,26 +323,66 @@ class Incoming:
 
     def _flush(self, pieces: list[bytes | bytearray]) -> None:
         if self._fd is None:
-            os.mkdir(self._dir, 0o700)
+            self._fd = self._create()
             self._made = True
-            self._fd = os.open(self._dir / MESSAGE,
-                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            spool_file.write_all(self._fd, spool_file.placeholder())
         for piece in pieces:
-            _write_all(self._fd, piece)
+            spool_file.write_all(self._fd, piece)
+
+    def _create(self) -> int:
+        return os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o600)
 
     def _commit(self, envelope: bytes) -> None:
-        """Write what is left and the envelope, make the entry durable, and queue it."""
+        """Write the header and what is left, make the file durable (one fdatasync), and
+        rename it into queue/ (whose fsync, shared by the batch, is the caller's)."""
         if self._error is not None:
             raise self._error
         pieces, self._pieces, self._buffered = self._pieces, [], 0
-        self._flush(pieces)
-        assert self._fd is not None
+        if self._fd is None:  # all of it in memory: one write
+            self._fd = self._create()
+            self._made = True
+            spool_file.write_all(self._fd, b"".join([spool_file.header(envelope), *pieces]))
+        else:
+            self._flush(pieces)
+            head = spool_file.header(envelope, spool_file.RESERVED)
+            if len(head) == spool_file.RESERVED:
+                os.pwrite(self._fd, head, 0)
+            else:
+                self._fd = self._rewrite(head)
         os.fdatasync(self._fd)
         os.close(self._fd)
         self._fd = None
-        _write_file(self._dir / ENVELOPE, envelope)
-        fsync_dir(self._dir)
-        os.rename(self._dir, self._spool._dir("queue") / self.queue_id)
+        os.rename(self._path, self._spool._dir("queue") / self.queue_id)
+        self._made = False
+
+    def _rewrite(self, head: bytes) -> int:
+        """An envelope larger than the room kept for it: a new file with the header and
+        the message copied after it, in place of the first (rare: thousands of recipients)."""
+        assert self._fd is not None
+        old, self._fd = self._fd, None
+        size = os.fstat(old).st_size - spool_file.RESERVED
+        bigger = self._path.with_name(self.queue_id + ".header")
+        fd = os.open(bigger, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            spool_file.write_all(fd, head)
+            offset = spool_file.RESERVED
+            while offset < spool_file.RESERVED + size:
+                chunk = os.pread(old, 1 << 20, offset)
+                if not chunk:
+                    break
+                spool_file.write_all(fd, chunk)
+                offset += len(chunk)
+            os.rename(bigger, self._path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(bigger)
+            self._fd = old
+            raise
+        os.close(old)
+        return fd
 
     def _remove(self) -> None:
         if self._fd is not None:
@@ -362,18 +390,19 @@ class Incoming:
                 os.close(self._fd)
             self._fd = None
         if self._made:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
             self._made = False
 
 
 class _GroupCommit(AwaitedWorker[tuple["Envelope", Incoming], None]):
     """Makes concurrently received messages durable together, in one thread.
 
-    Each message of a batch is written out, its file, envelope and entry directory
-    synced and renamed into queue/; then incoming/ and queue/ are synced once for the
-    whole batch. Concurrent sessions share those two directory syncs and the thread's
-    wake-ups, while no message is acknowledged before its own bytes and its name in
-    queue/ are on disk.
+    Each message of a batch gets its header, is fdatasync'ed (the threads of
+    `Spool.WRITERS` do this side by side: a journaling file system makes them durable
+    in one commit of its journal) and renamed into queue/; then queue/ is fsynced
+    once for the whole batch. No message is acknowledged before its own bytes and
+    its name in queue/ are on disk.
     """
 
     MAX_BATCH = 64
@@ -401,24 +430,36 @@ class _Remover(Worker[Callable[[], None]]):
 def _commit_one(envelope: Envelope, message: Incoming) -> SpoolError | None:
     try:
         message._commit(envelope.to_json())
-    except OSError as e:
+    except (OSError, ValueError) as e:
         message._remove()
-        return SpoolError(f"cannot write the message to the spool: {e.strerror}")
+        cause = e.strerror if isinstance(e, OSError) else str(e)
+        return SpoolError(f"cannot write the message to the spool: {cause}")
     return None
 
 
-def _remove_entry(entry: Path) -> None:
-    try:  # the files a finished entry has; anything else there: the slow way
-        os.unlink(entry / MESSAGE)
-        os.unlink(entry / ENVELOPE)
-        os.rmdir(entry)
+def _remove_entry(entry: Path, latest: Path) -> None:
+    """Remove a finished entry (a file, or a directory of the earlier layout), then the
+    envelope saved beside it and its marks."""
+    try:
+        os.unlink(entry)
+    except IsADirectoryError:
+        try:  # the files an entry of the earlier layout has; anything else: the slow way
+            os.unlink(entry / MESSAGE)
+            os.unlink(entry / ENVELOPE)
+            os.rmdir(entry)
+        except OSError:
+            shutil.rmtree(entry, ignore_errors=True)
     except OSError:
-        shutil.rmtree(entry, ignore_errors=True)
+        pass
+    for path in (latest, *latest.parent.glob(f"{latest.name}.*")):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a directory tree; a symbolic link is removed itself, its target untouched."""
-    if os.path.islink(path):
+    """Remove a file, or a directory tree; a symbolic link is removed itself, its target
+    untouched."""
+    if os.path.islink(path) or not os.path.isdir(path):
         with contextlib.suppress(OSError):
             os.unlink(path)
     else:
@@ -476,16 +517,22 @@ class Spool:
         """Make a received message durable in queue/ under `envelope`. Raises SpoolError
         (and nothing is left behind).
 
-        The message's bytes are written into incoming/ID/message, fdatasync'ed; the
-        envelope is written beside them and fsynced; the entry's directory is fsynced
-        (the two names in it are durable) and renamed into queue/; then incoming/ and
-        queue/ are fsynced, in that order: the rename is durable, and a crash at any
-        earlier point leaves the entry in incoming/, which start-up removes (the client
-        had no 250 and sends again). Only then does this return, and the client get
-        250. Concurrent commits share the two directory syncs (one thread, batches);
-        nothing syncs a whole file system. On a file system without a journal a crash
-        between the two directory syncs leaves the entry in neither directory rather
-        than in both (the client, without its 250, sends again).
+        The durability argument. The message and its envelope are one file,
+        incoming/ID: the header (the envelope) is written, the message's last bytes
+        follow, and one fdatasync makes all of its bytes and its length durable (the
+        file's data, and the metadata needed to read it back). Only then is it renamed
+        into queue/ID, and queue/ is fsynced: the new name is durable. Only then does
+        this return, and the client get 250. A crash (or a power loss that drops every
+        unsynced write) before the rename leaves the file in incoming/, which start-up
+        removes: the client had no 250 and sends again. A crash after the rename but
+        before queue/'s fsync returned leaves it in queue/ complete (its bytes were
+        synced before its name moved) or in incoming/: delivered, or sent again by the
+        client; never half a message under a name in queue/. A file system without a
+        journal may keep the old name in incoming/ as well: start-up removes that name,
+        the entry in queue/ stays. So: at least once, never zero times.
+
+        Concurrent commits share queue/'s fsync (one thread takes them in batches, and
+        the fdatasyncs of a batch run side by side); nothing syncs a whole file system.
         """
         await self._committer.call((envelope, message))
 
@@ -496,7 +543,7 @@ class Spool:
             raise error
 
     def store_batch(self, items: list[tuple[Envelope, bytes]]) -> list[SpoolError | None]:
-        """`store` for several messages, sharing the directory syncs; one result each."""
+        """`store` for several messages, sharing the directory sync; one result each."""
         batch = []
         for envelope, data in items:
             message = self.receive(envelope.id)
@@ -514,7 +561,6 @@ class Spool:
         committed = [i for i, error in enumerate(errors) if error is None]
         if committed:
             try:
-                fsync_dir(self._dir("incoming"))
                 fsync_dir(self._dir("queue"))
             except OSError as e:  # in queue/ but perhaps not durable: the client retries
                 for i in committed:
@@ -564,9 +610,11 @@ class Spool:
             raise SpoolError(e.errno, e.strerror, str(entry / os.fsdecode(e.filename or ""))
                              ) from e
 
-    @staticmethod
-    def _not_linked(entry: Path) -> None:
-        for path in (entry, entry / MESSAGE, entry / ENVELOPE):
+    def _not_linked(self, entry: Path) -> None:
+        paths = [entry, self._latest(entry.name)]
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            paths += [entry / MESSAGE, entry / ENVELOPE]
+        for path in paths:
             try:
                 linked = stat.S_ISLNK(os.lstat(path).st_mode)
             except FileNotFoundError:
@@ -577,50 +625,104 @@ class Spool:
                 raise DamagedEntry(f"{path}: is a symbolic link (not followed; its target "
                                    f"{os.readlink(path)} is left untouched)")
 
+    def _latest(self, queue_id: str) -> Path:
+        """Where the envelope of an entry is saved once it changed after the commit."""
+        return self._dir(ENVELOPES) / queue_id
+
     def message_path(self, queue_id: str, place: Place = "active") -> Path:
-        return self._dir(place) / queue_id / MESSAGE
+        """The file that holds the entry's message: the entry itself, or for an entry of
+        the earlier layout its `message` (`message_start` says where the message begins)."""
+        entry = self._dir(place) / queue_id
+        return entry / MESSAGE if os.path.isdir(entry) and not os.path.islink(entry) else entry
+
+    @staticmethod
+    def message_start(path: Path) -> int:
+        """Where the message begins in `message_path`'s file. OSError, or DamagedEntry when
+        the file is no entry."""
+        if path.name == MESSAGE:
+            return 0
+        fd = spool_file.open_regular(path)
+        try:
+            return spool_file.message_start(fd)
+        except spool_file.BadHeader as e:
+            raise DamagedEntry(f"{path}: not a spool entry: {e}") from None
+        finally:
+            os.close(fd)
+
+    def read_message(self, queue_id: str, place: Place = "active") -> bytes:
+        """The message's bytes as the client sent them (without the entry's header)."""
+        path = self.message_path(queue_id, place)
+        fd = spool_file.open_regular(path)
+        try:
+            if path.name == MESSAGE:
+                return spool_file.read_fd(fd)
+            return spool_file.read_fd(fd, spool_file.message_start(fd))
+        except spool_file.BadHeader as e:
+            raise DamagedEntry(f"{path}: not a spool entry: {e}") from None
+        finally:
+            os.close(fd)
 
     def read(self, queue_id: str, place: Place) -> Envelope:
         return self._read(queue_id, place)
 
     def _read(self, queue_id: str, place: Place, system_errors: bool = False) -> Envelope:
-        """The envelope of an entry, read from one directory whatever moves meanwhile.
+        """The envelope of an entry, read from one open file whatever moves meanwhile.
 
-        The entry's directory is opened once (a symlink is not followed) and its envelope
-        and message are looked at relative to that descriptor: an entry that is claimed,
-        put back or delivered while it is read is read whole, or not found; never taken
-        for damaged. FileNotFoundError: no entry there (any more); DamagedEntry: the
-        entry that is there cannot be read back. With `system_errors`, an error that
-        says nothing about the entry (_SYSTEM_ERRORS) is raised as it is instead."""
+        The entry (a file, or a directory of the earlier layout) is opened once (a symlink
+        is not followed) and read through that descriptor; then the envelope saved since
+        the commit, if any, is read, and one that is absent is confirmed by the entry still
+        being there: an entry that is claimed, put back or delivered while it is read is
+        read whole, or not found; never taken for damaged. FileNotFoundError: no entry
+        there (any more); DamagedEntry: the entry that is there cannot be read back. With
+        `system_errors`, an error that says nothing about the entry (_SYSTEM_ERRORS) is
+        raised as it is instead."""
         entry = self._dir(place) / queue_id
         try:
-            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            mode = os.lstat(entry).st_mode
+            if stat.S_ISLNK(mode):
+                raise DamagedEntry(f"{entry}: a symbolic link, not an entry (not followed)")
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise DamagedEntry(f"{entry}: not a spool entry (neither a file nor a "
+                                   "directory)")
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise
-        except OSError as e:  # a symlink or a file where an entry belongs, or unreadable
-            if system_errors and e.errno in _SYSTEM_ERRORS:
-                raise
+        except OSError as e:  # unreadable, or changed into a symlink meanwhile
+            _system(e, system_errors)
             what = ("a symbolic link, not an entry (not followed)" if os.path.islink(entry)
                     else e.strerror)
             raise DamagedEntry(f"{entry}: {what}") from None
         try:
-            found = _read_entry(fd, queue_id, system_errors)
+            mode = os.fstat(fd).st_mode
+            found: Envelope | str
+            if stat.S_ISDIR(mode):
+                found = _read_old(fd, queue_id, system_errors)
+            elif stat.S_ISREG(mode):
+                found = _read_file(fd, queue_id, system_errors)
+            else:
+                found = ": not a spool entry (neither a file nor a directory)"
             if isinstance(found, Envelope):
-                return found
-            if not _still_at(fd, entry):  # delivered, its directory emptied or reused
+                latest = _read_latest(self._latest(queue_id), queue_id, system_errors)
+                if isinstance(latest, Envelope):
+                    return latest
+                if latest is None and _still_at(fd, entry):
+                    return found
+                if latest is not None:
+                    found = f": its saved envelope {latest}"
+            if not _still_at(fd, entry):  # delivered, or moved on
                 raise FileNotFoundError(errno.ENOENT, "moved on while it was read", str(entry))
             raise DamagedEntry(f"{entry}{found}")
         finally:
             os.close(fd)
 
     def update(self, envelope: Envelope, place: Place = "active") -> None:
-        """Replace the envelope atomically (per-recipient states, attempts)."""
-        entry = self._dir(place) / envelope.id
-        tmp = entry / (ENVELOPE + ".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        _write_file(tmp, envelope.to_json())
-        os.replace(tmp, entry / ENVELOPE)
+        """Save the envelope (per-recipient states, attempts) of an entry this process has
+        claimed (in `place`): atomically and durably, in a file beside the spool's places,
+        which `read` takes over the header's."""
+        if not os.path.lexists(self._dir(place) / envelope.id):
+            raise FileNotFoundError(errno.ENOENT, "no such entry", str(self._dir(place) /
+                                                                        envelope.id))
+        spool_file.write_atomically(self._latest(envelope.id), envelope.to_json())
 
     def release(self, envelope: Envelope, src: Place = "active", dst: Place = "queue") -> None:
         """Save the envelope and move the entry on (back to queue/, or into dead/)."""
@@ -637,14 +739,15 @@ class Spool:
         """The upstream has the message (of `size` bytes, when known): remove it."""
         trash = self._dir("trash") / queue_id
         os.rename(self._dir(place) / queue_id, trash)
-        self._remover.submit(functools.partial(_remove_entry, trash))
+        self._remover.submit(functools.partial(_remove_entry, trash, self._latest(queue_id)))
 
     def removed(self, timeout: float = 10.0) -> bool:
         """True once every finished entry is deleted (it happens in a thread)."""
         return self._remover.wait(timeout)
 
     def quarantine(self, queue_id: str, place: str, reason: str) -> None:
-        """Move a damaged entry (a directory, or a stray file) aside; never raises."""
+        """Move a damaged entry (a file, a directory, or anything else) aside, with the
+        envelope saved beside it if any; never raises."""
         src = self._dir(place) / queue_id
         dst = self._dir("quarantine") / queue_id
         if dst.exists():
@@ -659,8 +762,22 @@ class Spool:
                 os.rename(src, dst / queue_id)
             if not (dst / "REASON").is_file():
                 _write_reason(dst, reason)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self._latest(queue_id), dst / f"{ENVELOPES}.{queue_id}")
         except OSError:
             pass  # gone meanwhile, or the disk refuses: the next start finds it again
+
+    def mark_once(self, queue_id: str, place: Place, mark: str) -> bool:
+        """Record `mark` (e.g. "notified") for an entry in `place`: True the first time,
+        False when it was recorded before or the entry is not there. Removed with it."""
+        if not os.path.lexists(self._dir(place) / queue_id):
+            return False
+        try:
+            os.close(state.open_private(self._dir(ENVELOPES) / f"{queue_id}.{mark}",
+                                        os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        return True
 
     def quarantined(self, queue_id: str) -> str | None:
         """Why an entry was moved to quarantine/ (its REASON), or None if it was not."""
@@ -703,7 +820,7 @@ class Spool:
     def _find_once(self, queue_id: str) -> tuple[Place, Envelope] | None:
         places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
         for place in places:
-            if (self._dir(place) / queue_id).is_dir():
+            if os.path.lexists(self._dir(place) / queue_id):
                 return place, self.read(queue_id, place)
         return None
 
@@ -725,6 +842,8 @@ class Spool:
             report.removed_incoming += 1
         for name in os.listdir(self._dir("trash")):
             _remove_tree(self._dir("trash") / name)
+            with contextlib.suppress(OSError):
+                os.unlink(self._latest(name))
         places: tuple[Place, ...] = ("edit", "active")
         for place in places:
             for queue_id, env in list(self.scan(place)):
@@ -750,4 +869,15 @@ class Spool:
                         env.next_attempt = time.time() + backoff(env.crashes)
                     self.release(env, place, "queue")
                     report.requeued.append(queue_id)
+        self._remove_strays()
         return report
+
+    def _remove_strays(self) -> None:
+        """Saved envelopes and marks whose entry is gone (delivered before a crash ended
+        their removal), and temporary files of writes a crash interrupted."""
+        places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
+        for name in os.listdir(self._dir(ENVELOPES)):
+            queue_id = name.split(".")[0] if not name.startswith(".") else ""
+            if queue_id and any(os.path.lexists(self._dir(p) / queue_id) for p in places):
+                continue
+            _remove_tree(self._dir(ENVELOPES) / name)

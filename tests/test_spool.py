@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,19 @@ def envelope(*rcpts: str) -> Envelope:
                     mail_from="notify@example.com")
 
 
+def old_layout(spool: Spool, queue_id: str, place: str = "queue") -> Path:
+    """Turn an entry into the layout of earlier versions: a directory with `message`
+    and `envelope.json` (what an upgrade finds on disk)."""
+    entry = spool.root / place / queue_id
+    data = entry.read_bytes()
+    start = int(data[8:15], 16)
+    entry.unlink()
+    entry.mkdir(mode=0o700)
+    (entry / "envelope.json").write_bytes(data[16:start].strip())
+    (entry / "message").write_bytes(data[start:])
+    return entry
+
+
 @pytest.fixture
 def spool(tmp_path: Path) -> Iterator[Spool]:
     s = Spool(tmp_path / "spool")
@@ -36,8 +50,10 @@ def test_stored_message_is_in_the_queue_with_its_envelope(spool: Spool) -> None:
     assert spool.ids("incoming") == []
     back = spool.read(env.id, "queue")
     assert [r.address for r in back.recipients] == ["a@example.com", "b@example.com"]
-    stored = (spool.root / "queue" / env.id / "message").read_bytes()
-    assert stored == b"Subject: hi\r\n\r\nbody\r\n"
+    assert spool.read_message(env.id, "queue") == b"Subject: hi\r\n\r\nbody\r\n"
+    entry = spool.root / "queue" / env.id  # one file: the header, then the message
+    assert entry.is_file() and entry.read_bytes().endswith(b"}\nSubject: hi\r\n\r\nbody\r\n")
+    assert entry.stat().st_mode & 0o777 == 0o600
 
 
 def test_queue_ids_sort_by_arrival_and_are_unique() -> None:
@@ -146,7 +162,7 @@ def test_recovery_returns_entries_taken_by_the_command_line(spool: Spool) -> Non
 def test_damaged_entries_are_recognised_and_quarantined(spool: Spool, damage: str) -> None:
     env = envelope()
     spool.store(env, b"x\r\n")
-    entry = spool.root / "queue" / env.id
+    entry = old_layout(spool, env.id)
     if damage == "truncated envelope":
         (entry / "envelope.json").write_bytes((entry / "envelope.json").read_bytes()[:20])
     elif damage == "no envelope":
@@ -195,21 +211,21 @@ async def test_a_large_message_is_written_as_it_arrives_from_a_thread(
     import relay.spool as spool_module
 
     writers: list[str] = []
-    real = spool_module._write_all
+    real = spool_module.spool_file.write_all
 
     def recording(fd: int, data: bytes | bytearray | memoryview) -> None:
         writers.append(threading.current_thread().name)
         real(fd, data)
 
-    monkeypatch.setattr(spool_module, "_write_all", recording)
+    monkeypatch.setattr(spool_module.spool_file, "write_all", recording)
     env = envelope()
     piece = b"y" * 1000 + b"\r\n"
     count = Incoming.BUFFER // len(piece) * 3
     message = await received(spool, env, *[piece] * count)
-    partial = spool.root / "incoming" / env.id / "message"
+    partial = spool.root / "incoming" / env.id
     assert 0 < partial.stat().st_size < len(piece) * count  # on disk before the end came
     await spool.commit(env, message)
-    assert (spool.root / "queue" / env.id / "message").read_bytes() == piece * count
+    assert spool.read_message(env.id, "queue") == piece * count
     assert writers and threading.main_thread().name not in writers
     assert os.listdir(spool.root / "incoming") == [] and message.size == len(piece) * count
 
@@ -225,32 +241,46 @@ async def test_a_discarded_message_leaves_nothing_in_incoming(spool: Spool) -> N
     assert os.listdir(spool.root / "incoming") == [] and spool.ids("queue") == []
 
 
-def test_a_commit_syncs_the_files_and_directories_never_the_file_system(
+def test_a_commit_syncs_each_message_once_and_the_queue_once_per_batch(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each message's data and entry are synced before it is renamed into queue/;
-    a batch syncs incoming/ and then queue/ once (a crash between the two leaves an
-    entry in neither place, never in both: start-up empties incoming/)."""
+    """One fdatasync per message (its one file holds the envelope and the message),
+    before its rename into queue/; queue/ is fsynced once per batch; nothing else, and
+    never the whole file system."""
     import relay.spool as spool_module
 
-    synced: list[str] = []
+    events: list[str] = []
     real = spool_module.fsync_dir
 
     def recording(path: str | os.PathLike[str]) -> None:
-        synced.append(Path(path).name if Path(path).parent == spool.root else "entry")
+        events.append(f"fsync {Path(path).name}")
         real(path)
 
     monkeypatch.setattr(spool_module, "fsync_dir", recording)
-    datasyncs: list[int] = []
-    real_datasync = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (datasyncs.append(fd), real_datasync(fd)))
+    real_datasync, real_fsync, real_rename = os.fdatasync, os.fsync, os.rename
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("fdatasync"),
+                                                     real_datasync(fd))[1])
+    def file_fsync(fd: int) -> None:  # a directory's: recorded by fsync_dir
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append("fsync")
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any) -> None:
+        events.append(f"rename {Path(dst).parent.name}")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", file_fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    if hasattr(os, "syncfs"):
+        monkeypatch.setattr(os, "syncfs", lambda fd: events.append("syncfs"))
     spool.store(envelope(), b"new\r\n")
-    assert synced == ["entry", "incoming", "queue"] and len(datasyncs) == 1
-    synced.clear()
+    assert events == ["fdatasync", "rename queue", "fsync queue"]
+    events.clear()
     batch = [(env, spool.receive(env.id)) for env in (envelope() for _ in range(5))]
     for _, message in batch:
         message._pieces = [b"n\r\n"]
     assert spool._commit_batch(batch) == [None] * 5
-    assert synced == ["entry"] * 5 + ["incoming", "queue"]
+    assert sorted(events) == sorted(["fdatasync", "rename queue"] * 5 + ["fsync queue"])
+    assert events[-1] == "fsync queue"
     assert len(spool.ids("queue")) == 6
 
 
@@ -273,7 +303,7 @@ async def test_a_message_that_does_not_fit_fails_alone_and_the_batch_goes_on(
         assert results[0] is None and results[2] is None, results
         assert isinstance(results[1], SpoolError) and "No space left" in str(results[1])
         assert spool.ids("queue") == sorted([before.id, after.id])
-        assert (spool.root / "queue" / after.id / "message").read_bytes() == b"last\r\n" * 1000
+        assert spool.read_message(after.id, "queue") == b"last\r\n" * 1000
         assert os.listdir(spool.root / "incoming") == []
     finally:
         spool.close()
@@ -289,7 +319,8 @@ def _when_the_envelope_is_opened(monkeypatch: pytest.MonkeyPatch,
     fired: list[bool] = []
 
     def hooked(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if fired or not os.fspath(path).endswith("envelope.json"):
+        name = os.fspath(path)
+        if fired or not (name.endswith("envelope.json") or "/envelopes/" in name):
             return real(path, flags, *args, **kwargs)
         fired.append(True)
         before()
@@ -349,8 +380,7 @@ def test_read_of_an_entry_delivered_while_it_is_read_is_not_found_not_damaged(
     def emptied_for_reuse() -> None:
         trash = spool.root / "trash" / emptied.id
         os.rename(spool.root / "active" / emptied.id, trash)
-        os.truncate(trash / "envelope.json", 0)
-        os.truncate(trash / "message", 0)
+        os.truncate(trash, 0)
 
     _when_the_envelope_is_opened(monkeypatch, before=emptied_for_reuse)
     with pytest.raises(FileNotFoundError):
@@ -360,8 +390,8 @@ def test_read_of_an_entry_delivered_while_it_is_read_is_not_found_not_damaged(
 def test_an_entry_damaged_where_it_stays_is_damaged(spool: Spool) -> None:
     damaged = envelope()
     spool.store(damaged, b"y\r\n")
-    (spool.root / "queue" / damaged.id / "message").unlink()
-    with pytest.raises(DamagedEntry, match="the message file is missing"):
+    os.truncate(spool.root / "queue" / damaged.id, 30)
+    with pytest.raises(DamagedEntry, match="cut short in its header"):
         spool.find(damaged.id)
     linked = envelope()
     spool.store(linked, b"z\r\n")
