@@ -191,10 +191,12 @@ def _read_old(fd: int, queue_id: str, system_errors: bool = False) -> Envelope |
     return env
 
 
-def _read_file(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | str:
-    """The envelope in the header of the entry file `fd`, or what is wrong with it."""
+def _read_file(fd: int, queue_id: str, system_errors: bool = False
+               ) -> tuple[Envelope, int] | str:
+    """The envelope in the header of the entry file `fd` and where its message starts,
+    or what is wrong with it."""
     try:
-        raw, _ = spool_file.read_header(fd)
+        raw, start = spool_file.read_header(fd)
         env = Envelope.from_json(raw)
     except spool_file.BadHeader as e:
         return f": not a spool entry: {e}"
@@ -205,7 +207,7 @@ def _read_file(fd: int, queue_id: str, system_errors: bool = False) -> Envelope 
         return f": {e.strerror}"
     if env.id != queue_id:
         return f": the envelope in its header belongs to {env.id}, not {queue_id}"
-    return env
+    return env, start
 
 
 def _read_latest(path: Path, queue_id: str, system_errors: bool) -> Envelope | str | None:
@@ -225,6 +227,17 @@ def _read_latest(path: Path, queue_id: str, system_errors: bool) -> Envelope | s
     return env
 
 
+def _read_message(fd: int, start: int, mode: int, system_errors: bool, entry: Path) -> bytes:
+    """The message of the entry open as `fd` (a file, or a directory of the earlier layout)."""
+    try:
+        if stat.S_ISDIR(mode):
+            return read_regular(MESSAGE, dir_fd=fd)
+        return spool_file.read_fd(fd, start)
+    except OSError as e:
+        _system(e, system_errors)
+        raise DamagedEntry(f"{entry}: the message cannot be read: {e.strerror}") from None
+
+
 def _still_at(fd: int, entry: Path) -> bool:
     """Whether the entry open as `fd` is still the one at `entry`."""
     try:
@@ -242,6 +255,18 @@ def _write_reason(entry: Path, reason: str) -> None:
         os.write(fd, (reason + "\n").encode("utf-8", "replace"))
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An entry as `Spool.take` read it: its envelope, the file holding its message and
+    where the message begins in it (after the header), and the message's bytes when
+    they were asked for."""
+
+    envelope: Envelope
+    path: Path
+    start: int
+    data: bytes | None = None
 
 
 INLINE_BYTES = 1 << 20
@@ -330,7 +355,7 @@ class Incoming:
             spool_file.write_all(self._fd, piece)
 
     def _create(self) -> int:
-        return os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        return os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                        | os.O_CLOEXEC, 0o600)
 
     def _commit(self, envelope: bytes) -> None:
@@ -590,6 +615,13 @@ class Spool:
         A damaged entry raises DamagedEntry (in `dst`, for quarantine). When the system
         refuses to read it (an I/O error, permissions, no file descriptor left: nothing
         says the entry is damaged) it goes back to `src` and SpoolError says why."""
+        taken = self.take(queue_id, src=src, dst=dst)
+        return None if taken is None else taken.envelope
+
+    def take(self, queue_id: str, inline: int = -1, src: Place = "queue",
+             dst: Place = "active") -> Claimed | None:
+        """`claim`, and where its message is; with its bytes too when the message is not
+        larger than `inline` (read through the same open file, in this thread)."""
         entry = self._dir(src) / queue_id
         try:
             os.rename(entry, self._dir(dst) / queue_id)
@@ -599,7 +631,7 @@ class Spool:
             raise SpoolError(e.errno, e.strerror, str(entry)) from e
         try:
             self._not_linked(self._dir(dst) / queue_id)
-            return self._read(queue_id, dst, system_errors=True)
+            return self._read(queue_id, dst, system_errors=True, inline=inline)
         except FileNotFoundError:
             return None
         except SpoolError:
@@ -663,9 +695,10 @@ class Spool:
             os.close(fd)
 
     def read(self, queue_id: str, place: Place) -> Envelope:
-        return self._read(queue_id, place)
+        return self._read(queue_id, place).envelope
 
-    def _read(self, queue_id: str, place: Place, system_errors: bool = False) -> Envelope:
+    def _read(self, queue_id: str, place: Place, system_errors: bool = False,
+              inline: int = -1) -> Claimed:
         """The envelope of an entry, read from one open file whatever moves meanwhile.
 
         The entry (a file, or a directory of the earlier layout) is opened once (a symlink
@@ -675,7 +708,7 @@ class Spool:
         read whole, or not found; never taken for damaged. FileNotFoundError: no entry
         there (any more); DamagedEntry: the entry that is there cannot be read back. With
         `system_errors`, an error that says nothing about the entry (_SYSTEM_ERRORS) is
-        raised as it is instead."""
+        raised as it is instead. With `inline` >= 0, a message up to that size is read."""
         entry = self._dir(place) / queue_id
         try:
             mode = os.lstat(entry).st_mode
@@ -697,18 +730,25 @@ class Spool:
             found: Envelope | str
             if stat.S_ISDIR(mode):
                 found = _read_old(fd, queue_id, system_errors)
+                path, start = entry / MESSAGE, 0
             elif stat.S_ISREG(mode):
-                found = _read_file(fd, queue_id, system_errors)
+                read = _read_file(fd, queue_id, system_errors)
+                found, start = read if isinstance(read, tuple) else (read, 0)
+                path = entry
             else:
                 found = ": not a spool entry (neither a file nor a directory)"
             if isinstance(found, Envelope):
                 latest = _read_latest(self._latest(queue_id), queue_id, system_errors)
-                if isinstance(latest, Envelope):
-                    return latest
-                if latest is None and _still_at(fd, entry):
-                    return found
-                if latest is not None:
-                    found = f": its saved envelope {latest}"
+                if latest is None and not _still_at(fd, entry):
+                    raise FileNotFoundError(errno.ENOENT, "moved on while it was read",
+                                            str(entry))
+                if latest is None or isinstance(latest, Envelope):
+                    env = found if latest is None else latest
+                    data = None
+                    if 0 <= env.size <= inline:
+                        data = _read_message(fd, start, mode, system_errors, entry)
+                    return Claimed(env, path, start, data)
+                found = f": its saved envelope {latest}"
             if not _still_at(fd, entry):  # delivered, or moved on
                 raise FileNotFoundError(errno.ENOENT, "moved on while it was read", str(entry))
             raise DamagedEntry(f"{entry}{found}")
@@ -722,7 +762,7 @@ class Spool:
         if not os.path.lexists(self._dir(place) / envelope.id):
             raise FileNotFoundError(errno.ENOENT, "no such entry", str(self._dir(place) /
                                                                         envelope.id))
-        spool_file.write_atomically(self._latest(envelope.id), envelope.to_json())
+        state.write_atomically(self._latest(envelope.id), envelope.to_json())
 
     def release(self, envelope: Envelope, src: Place = "active", dst: Place = "queue") -> None:
         """Save the envelope and move the entry on (back to queue/, or into dead/)."""

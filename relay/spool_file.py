@@ -13,7 +13,8 @@ client sent it:
 One file, so one fdatasync makes the envelope and the message durable together.
 Later changes of the envelope (attempts, recipient states, the dead letter's
 reason) are not written into it: `write_atomically` puts them in a file of their
-own, which the spool reads instead of the header's envelope.
+own (`state.write_atomically`), which the spool reads instead of the header's
+envelope.
 
 Entries written before this layout (a directory holding `message` and
 `envelope.json`) are still read and delivered; nothing here writes one.
@@ -22,10 +23,8 @@ Only the standard library: no settings, no network code.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import random
 import stat
 from pathlib import Path
 
@@ -139,32 +138,3 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-_TEMP_BITS = random.Random()
-
-
-def write_atomically(path: Path, data: bytes, sync_dir: bool = True) -> None:
-    """Replace (or create) the file `path` with `data`, whole or not at all, durably.
-
-    The bytes go to a temporary file beside it (".NAME.RANDOM.tmp", 0600, never
-    through a symbolic link), which is fsynced and renamed over `path`; then the
-    directory is fsynced (unless the caller syncs it itself). A crash leaves the old
-    file or the new one, and at worst a temporary file that readers ignore (its name
-    starts with a dot). A symbolic link at `path` is replaced, its target untouched."""
-    tmp = path.with_name(f".{path.name}.{_TEMP_BITS.getrandbits(48):012x}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    try:
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)

@@ -399,3 +399,208 @@ def test_an_entry_damaged_where_it_stays_is_damaged(spool: Spool) -> None:
     (spool.root / "queue" / linked.id).symlink_to(spool.root / "edit" / linked.id)
     with pytest.raises(DamagedEntry, match="a symbolic link, not an entry"):
         spool.read(linked.id, "queue")
+
+
+# --- the layout: one file per entry, envelopes saved beside, the earlier layout read ---
+
+
+def test_an_entry_of_the_earlier_layout_is_read_claimed_updated_and_finished(
+        spool: Spool) -> None:
+    """What an upgrade finds on disk (a directory with message and envelope.json) is read,
+    claimed, its message read, its envelope saved, and removed like any entry."""
+    env = envelope("a@example.com", "b@example.com")
+    spool.store(env, b"Subject: old\r\n\r\nkept\r\n")
+    entry = old_layout(spool, env.id)
+    assert spool.read(env.id, "queue").id == env.id
+    claimed = spool.claim(env.id)
+    assert claimed is not None and spool.read_message(env.id) == b"Subject: old\r\n\r\nkept\r\n"
+    path = spool.message_path(env.id)
+    assert path == spool.root / "active" / env.id / "message" and spool.message_start(path) == 0
+    claimed.recipients[0].state = "delivered"
+    spool.release(claimed)
+    assert [r.state for r in spool.read(env.id, "queue").recipients] == ["delivered", "pending"]
+    assert spool.claim(env.id) is not None
+    spool.finish(env.id)
+    assert spool.removed() and not entry.exists() and spool.find(env.id) is None
+    assert os.listdir(spool.root / "envelopes") == []
+
+
+def test_a_saved_envelope_wins_over_the_header_and_leaves_with_the_entry(spool: Spool) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    header = (spool.root / "queue" / env.id).read_bytes()
+    claimed = spool.claim(env.id)
+    assert claimed is not None
+    claimed.attempts, claimed.last_reply = 2, "451 try later"
+    spool.release(claimed)
+    assert (spool.root / "queue" / env.id).read_bytes() == header  # never rewritten
+    assert spool.read(env.id, "queue").attempts == 2
+    assert os.listdir(spool.root / "envelopes") == [env.id]
+    assert (spool.root / "envelopes" / env.id).stat().st_mode & 0o777 == 0o600
+    assert spool.claim(env.id) is not None
+    spool.finish(env.id)
+    assert spool.removed() and os.listdir(spool.root / "envelopes") == []
+
+
+def test_update_of_an_entry_that_is_not_there_writes_nothing(spool: Spool) -> None:
+    env = envelope()
+    with pytest.raises(FileNotFoundError):
+        spool.update(env)
+    assert os.listdir(spool.root / "envelopes") == []
+
+
+async def test_an_envelope_larger_than_the_room_kept_for_it_is_still_stored(
+        spool: Spool) -> None:
+    """A message written out as it arrives keeps RESERVED bytes for its header; an
+    envelope that does not fit (thousands of recipients) gets a larger header."""
+    from relay import spool_file
+
+    env = envelope(*(f"{'r' * 60}{i}@example.com" for i in range(400)))
+    assert len(env.to_json()) > spool_file.RESERVED
+    body = b"b" * 998 + b"\r\n"
+    message = await received(spool, env, *[body] * (Incoming.BUFFER // 1000 + 5))
+    await spool.commit(env, message)
+    assert spool.read_message(env.id, "queue") == body * (Incoming.BUFFER // 1000 + 5)
+    assert len(spool.read(env.id, "queue").recipients) == 400
+    assert os.listdir(spool.root / "incoming") == []
+
+
+async def test_a_message_written_out_as_it_arrives_starts_page_aligned(spool: Spool) -> None:
+    from relay import spool_file
+
+    env = envelope()
+    body = b"p" * 998 + b"\r\n"
+    message = await received(spool, env, *[body] * (Incoming.BUFFER // 1000 + 1))
+    await spool.commit(env, message)
+    path = spool.message_path(env.id, "queue")
+    assert path == spool.root / "queue" / env.id
+    assert spool.message_start(path) == spool_file.RESERVED
+    assert spool.read(env.id, "queue").id == env.id
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda data: b"Subject: not an entry\r\n\r\n", "does not begin with the spool's header"),
+    (lambda data: data[:40], "cut short in its header"),
+    (lambda data: data[:16] + b"]" + data[17:], "the envelope in its header cannot be read"),
+    (lambda data: data[:8] + b"zzzzzzz" + data[15:], "header's length is not a number"),
+    (lambda data: data.replace(b'"id":"', b'"id":"X', 1)[:-1],
+     "the envelope in its header belongs to X"),
+], ids=["not an entry", "truncated", "bad json", "bad length", "another id"])
+def test_a_damaged_entry_file_is_quarantined_with_its_reason(
+        spool: Spool, damage: Callable[[bytes], bytes], reason: str) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    entry = spool.root / "queue" / env.id
+    damaged = damage(entry.read_bytes())
+    if b'"id":"X' in damaged:  # keep the header's length right
+        damaged = damaged[:8] + b"%07X" % (int(damaged[8:15], 16) + 1) + damaged[15:]
+    entry.write_bytes(damaged)
+    with pytest.raises(DamagedEntry, match=reason):
+        spool.read(env.id, "queue")
+    with pytest.raises(DamagedEntry, match=reason):
+        spool.claim(env.id)
+    spool.quarantine(env.id, "active", "damaged")
+    assert (spool.root / "quarantine" / env.id / env.id).read_bytes() == damaged
+
+
+def test_a_saved_envelope_that_is_a_symlink_is_quarantined_not_followed(
+        spool: Spool, tmp_path: Path) -> None:
+    env = envelope()
+    spool.store(env, b"x\r\n")
+    target = tmp_path / "precious"
+    target.write_bytes(b"not the relay's\n")
+    (spool.root / "envelopes" / env.id).symlink_to(target)
+    with pytest.raises(DamagedEntry, match="symbolic link"):
+        spool.claim(env.id)
+    spool.quarantine(env.id, "active", "linked")
+    assert target.read_bytes() == b"not the relay's\n"
+    assert (spool.root / "quarantine" / env.id / f"envelopes.{env.id}").is_symlink()
+    assert os.listdir(spool.root / "envelopes") == []
+
+
+def test_start_up_removes_saved_envelopes_and_temporary_files_without_an_entry(
+        spool: Spool) -> None:
+    kept, gone = envelope(), envelope()
+    for env in (kept, gone):
+        spool.store(env, b"x\r\n")
+        claimed = spool.claim(env.id)
+        assert claimed is not None
+        spool.release(claimed)
+    assert spool.mark_once(kept.id, "queue", "notified")
+    assert not spool.mark_once(kept.id, "queue", "notified")
+    os.rename(spool.root / "queue" / gone.id, spool.root / "trash" / gone.id)  # a crash
+    (spool.root / "envelopes" / f".{kept.id}.123456789abc.tmp").write_bytes(b"{")
+    spool.recover(max_crashes=5)
+    assert sorted(os.listdir(spool.root / "envelopes")) == [kept.id, f"{kept.id}.notified"]
+    assert os.listdir(spool.root / "trash") == []
+    assert spool.read(kept.id, "queue").id == kept.id
+
+
+def _crash_in_commit(spool_root: Path, env: Envelope, data: bytes, at: str) -> None:
+    """In a child process: commit `data` and die with SIGKILL at the step `at`."""
+    import signal
+
+    def die(*args: Any, **kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    spool = Spool(spool_root)
+    real_rename = os.rename
+    if at == "before the fdatasync":
+        os.fdatasync = die  # type: ignore[assignment]
+    elif at == "before the rename":
+        os.rename = die  # type: ignore[assignment]
+    elif at == "before the queue's fsync":
+        import relay.spool as spool_module
+        spool_module.fsync_dir = die  # type: ignore[assignment]
+    elif at == "in the header of a large message":
+        os.pwrite = die  # type: ignore[assignment]
+    elif at == "after the rename":
+        def rename_then_die(src: Any, dst: Any) -> None:
+            real_rename(src, dst)
+            die()
+        os.rename = rename_then_die  # type: ignore[assignment]
+    spool.store(env, data)
+    os._exit(0)  # not reached
+
+
+@pytest.mark.parametrize("at, kept", [
+    ("before the fdatasync", False), ("in the header of a large message", False),
+    ("before the rename", False), ("after the rename", True),
+    ("before the queue's fsync", True),
+])
+def test_a_crash_between_the_steps_of_a_commit_leaves_the_message_whole_or_not_at_all(
+        spool: Spool, at: str, kept: bool) -> None:
+    """kill -9 at each step of a commit, then start-up: the entry is in queue/ whole
+    (and deliverable) or nowhere (the client had no 250 and sends again); incoming/
+    is emptied."""
+    import multiprocessing
+
+    env = envelope()
+    data = b"Subject: crash\r\n\r\n" + b"c" * (3 * Incoming.BUFFER)
+    if at == "in the header of a large message":  # written out while received
+        async def stream() -> None:
+            message = await received(spool, env, *[data[i:i + 4096]
+                                                    for i in range(0, len(data), 4096)])
+            os.pwrite = die_now  # type: ignore[assignment]
+            await spool.commit(env, message)
+
+        def die_now(*args: Any) -> int:
+            os.kill(os.getpid(), 9)
+            return 0
+
+        import asyncio
+        child = multiprocessing.get_context("fork").Process(target=lambda: asyncio.run(stream()))
+    else:
+        child = multiprocessing.get_context("fork").Process(
+            target=_crash_in_commit, args=(spool.root, env, data, at))
+    child.start()
+    child.join(30)
+    assert child.exitcode == -9
+    report = spool.recover(max_crashes=5)
+    assert os.listdir(spool.root / "incoming") == []
+    if kept:
+        assert spool.ids("queue") == [env.id] and report.removed_incoming == 0
+        assert spool.read(env.id, "queue").recipients[0].address == "a@example.com"
+        assert spool.read_message(env.id, "queue") == data
+    else:
+        assert spool.ids("queue") == [] and report.removed_incoming == 1
