@@ -712,11 +712,16 @@ class Spool:
         entry = self._dir(place) / queue_id
         try:
             mode = os.lstat(entry).st_mode
-            if stat.S_ISLNK(mode):
-                raise DamagedEntry(f"{entry}: a symbolic link, not an entry (not followed)")
-            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                raise DamagedEntry(f"{entry}: not a spool entry (neither a file nor a "
-                                   "directory)")
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            _system(e, system_errors)
+            raise DamagedEntry(f"{entry}: {e.strerror}") from None
+        if stat.S_ISLNK(mode):
+            raise DamagedEntry(f"{entry}: a symbolic link, not an entry (not followed)")
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # never opened (a FIFO blocks)
+            raise DamagedEntry(f"{entry}: not a spool entry (neither a file nor a directory)")
+        try:
             fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise

@@ -250,3 +250,16 @@ retry_max = "1s"
 port = 0
 """)
     return path
+
+
+def to_old_layout(entry: Path) -> Path:
+    """Turn a spool entry (one file: header, then the message) into the layout of
+    earlier versions, a directory with `envelope.json` and `message`: what an upgrade
+    finds on disk."""
+    data = entry.read_bytes()
+    start = int(data[len(spool_file.MAGIC):spool_file.PREAMBLE - 1], 16)
+    entry.unlink()
+    entry.mkdir(mode=0o700)
+    (entry / "envelope.json").write_bytes(data[spool_file.PREAMBLE:start].strip())
+    (entry / "message").write_bytes(data[start:])
+    return entry
