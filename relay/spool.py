@@ -1,8 +1,12 @@
 """The spool: every accepted message on disk until the upstream has it.
 
-One directory per message, holding `message` (the client's bytes; the rewrite is
-applied when it is sent, `Envelope.as_received`) and `envelope.json` (sender,
-recipients and their states, attempts). Where the directory sits is its state:
+An entry is one file (`relay.spool_file` gives its format): a header holding the
+envelope (sender, recipients and their states, attempts) as it was at the commit,
+then the message (the client's bytes; the rewrite is applied when it is sent,
+`Envelope.as_received`). A later envelope is saved atomically in envelopes/ID
+and read instead of the header's; the entry's file is never written again.
+Entries of the earlier layout (a directory holding `message` and `envelope.json`)
+are read, moved and removed the same way. Where the entry sits is its state:
 
     incoming/ID    being received or committed; removed at start-up (the client
                    never got 250) and when a reception is abandoned
@@ -10,21 +14,25 @@ recipients and their states, attempts). Where the directory sits is its state:
     active/ID      claimed by a delivery; put back at start-up (a crash), counted
     edit/ID        claimed by `queue retry`; put back at start-up
     dead/ID        dead letter, with the reason in the envelope
-    quarantine/ID  damaged entries moved aside, never deleted
+    quarantine/ID  damaged entries moved aside (with their saved envelope), never deleted
     trash/ID       delivered: being deleted (in a thread); all deleted at start-up
+    envelopes/ID   the envelope saved since the commit, if it changed; ID.MARK the
+                   marks of `mark_once`; removed with the entry (at start-up, those
+                   whose entry is gone)
 
-A message is written into incoming/ as it arrives (`Incoming`), made durable and
-renamed into queue/ by `Spool.commit` (whose docstring gives the argument): only
-then does the client get 250. A delivery
+A message is written into incoming/ as it arrives (`Incoming`), made durable with
+one fdatasync and renamed into queue/ by `Spool.commit` (whose docstring gives the
+argument): only then does the client get 250. A delivery
 claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
 upstream has accepted it. Directories are 0700 and files 0600; an entry that is a
-symbolic link, or whose message or envelope is one, is quarantined when it is
-claimed or recovered, never followed (its target is neither sent nor truncated).
-`read` takes an entry from one open directory, so an entry that moves meanwhile is
-read whole or not found, never called damaged. Every method here waits for the
-disk: call it from a thread (the scheduler does, once to claim and read a message,
-once to finish it).
+symbolic link, or whose saved envelope (or, in the earlier layout, message or
+envelope) is one, is quarantined when it is claimed or recovered, never followed
+(its target is neither sent nor truncated).
+`read` takes an entry from one open file (or directory), so an entry that moves
+meanwhile is read whole or not found, never called damaged. Every method here
+waits for the disk: call it from a thread (the scheduler does, once to claim and
+read a message, once to finish it).
 """
 
 from __future__ import annotations
