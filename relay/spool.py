@@ -37,223 +37,38 @@ read a message, once to finish it).
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import errno
 import functools
-import json
 import logging
 import os
-import random
 import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from . import spool_file, state
 from .errors import DamagedEntry, SpoolError
-from .spool_file import fsync_dir, read_regular
-from .workers import AwaitedWorker, Worker
+from .spool_envelope import Envelope as Envelope
+from .spool_envelope import Recipient as Recipient
+from .spool_envelope import RecipientState as RecipientState
+from .spool_envelope import new_queue_id as new_queue_id
+from .spool_file import ENVELOPE, MESSAGE, fsync_dir
+from .spool_file import read_regular as read_regular
+from .spool_incoming import GroupCommit, commit_one
+from .spool_incoming import Incoming as Incoming
+from .workers import Worker
 
 log = logging.getLogger("relay.spool")
 
-RecipientState = Literal["pending", "delivered", "failed"]
 Place = Literal["queue", "active", "dead", "edit"]
-MESSAGE = "message"
-ENVELOPE = "envelope.json"
-"""The two files of an entry of the earlier layout (a directory); read, never written."""
 ENVELOPES = "envelopes"
 _DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash", ENVELOPES)
-
-
-@dataclass
-class Recipient:
-    address: str
-    state: RecipientState = "pending"
-    reply: str | None = None
-    options: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Envelope:
-    id: str
-    sender: str
-    """The client's MAIL FROM, before the rewrite ('' for the null sender)."""
-    recipients: list[Recipient]
-    mail_from: str | None = None
-    """The system address the message goes out with; None until the account has one."""
-    mail_options: list[str] = field(default_factory=list)
-    received_at: float = field(default_factory=time.time)
-    age_base: float = 0.0
-    """Age for queue.max_age counts from here: receipt, or the last manual retry."""
-    size: int = 0
-    client: str = ""
-    subject: str | None = None
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_reply: str | None = None
-    crashes: int = 0
-    dead_reason: str | None = None
-    helo: str | None = None
-    """The client's HELO/EHLO name, for the Received line added when the message is sent."""
-    protocol: str = "ESMTP"
-    """SMTP, ESMTP or UTF8SMTP: the `with` of that Received line."""
-    as_received: bool = False
-    """True: `message` holds the client's bytes, and the rewrite for the account as it is
-    when the message is sent is applied on the way out. False: an entry written by an
-    earlier version, whose `message` already holds the bytes to send."""
-
-    def __post_init__(self) -> None:
-        if not self.age_base:
-            self.age_base = self.received_at
-
-    @property
-    def pending(self) -> list[Recipient]:
-        return [r for r in self.recipients if r.state == "pending"]
-
-    def to_json(self) -> bytes:
-        # ASCII escapes: always valid UTF-8 JSON, whatever bytes a client put in an address
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Envelope:
-        """Parse and check an envelope; ValueError/TypeError/KeyError when it is not one."""
-        data: dict[str, Any] = json.loads(raw)
-        data["recipients"] = [Recipient(**r) for r in data["recipients"]]
-        env = cls(**data)
-        if not env.id or not env.recipients:
-            raise ValueError("no id or no recipients")
-        for name, kinds in _FIELD_TYPES.items():
-            value = getattr(env, name)
-            if not isinstance(value, kinds) or isinstance(value, bool):
-                raise ValueError(f"{name} has the wrong type ({type(value).__name__})")
-        if not isinstance(env.as_received, bool):
-            raise ValueError("as_received is not true or false")
-        for rcpt in env.recipients:
-            if (not isinstance(rcpt.address, str) or rcpt.state not in _STATES
-                    or not isinstance(rcpt.options, list)):
-                raise ValueError(f"recipient {rcpt.address!r} is malformed")
-        return env
-
-
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "id": str, "sender": str, "mail_options": list, "received_at": (int, float),
-    "age_base": (int, float), "size": int, "client": str, "attempts": int,
-    "next_attempt": (int, float), "crashes": int, "mail_from": (str, type(None)),
-    "helo": (str, type(None)), "protocol": str,
-}
-_STATES = ("pending", "delivered", "failed")
-
-
-_ID_BITS = random.Random()
-"""Seeded from the operating system's randomness once; an id needs to be unique, not secret."""
-
-
-def new_queue_id() -> str:
-    """Sortable by arrival time, unique without coordination: 13 hex digits of µs + 8 random."""
-    return f"{time.time_ns() // 1000:013X}{_ID_BITS.getrandbits(32):08X}"
-
-
-_SYSTEM_ERRORS = frozenset({errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
-                            errno.ENOMEM, errno.EAGAIN, errno.EINTR})
-"""Errors reading an entry that say nothing about the entry itself."""
-
-
-def _system(e: OSError, system_errors: bool) -> None:
-    if system_errors and e.errno in _SYSTEM_ERRORS:
-        raise e
-
-
-def _read_old(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | str:
-    """The envelope in the entry directory `fd` (the layout before one file per entry),
-    or what is wrong with the entry (the text that follows the entry's path in the
-    DamagedEntry)."""
-    try:
-        env = Envelope.from_json(read_regular(ENVELOPE, dir_fd=fd))
-    except FileNotFoundError:
-        return f"/{ENVELOPE}: the envelope is missing"
-    except (ValueError, TypeError, KeyError) as e:
-        return f"/{ENVELOPE}: the envelope cannot be read ({e})"
-    except OSError as e:
-        _system(e, system_errors)
-        return f"/{ENVELOPE}: {e.strerror}"
-    if env.id != queue_id:
-        return f"/{ENVELOPE}: the envelope belongs to {env.id}, not {queue_id}"
-    try:
-        mode = os.stat(MESSAGE, dir_fd=fd, follow_symlinks=False).st_mode
-        if stat.S_ISLNK(mode):
-            return (f"/{MESSAGE}: is a symbolic link (not followed; its target "
-                    f"{os.readlink(MESSAGE, dir_fd=fd)} is left untouched)")
-        if not stat.S_ISREG(mode):
-            return ": the message file is missing (a directory or device in its place)"
-    except FileNotFoundError:
-        return ": the message file is missing"
-    except OSError as e:
-        _system(e, system_errors)
-        return f"/{MESSAGE}: {e.strerror}"
-    return env
-
-
-def _read_file(fd: int, queue_id: str, system_errors: bool = False
-               ) -> tuple[Envelope, int] | str:
-    """The envelope in the header of the entry file `fd` and where its message starts,
-    or what is wrong with it."""
-    try:
-        raw, start = spool_file.read_header(fd)
-        env = Envelope.from_json(raw)
-    except spool_file.BadHeader as e:
-        return f": not a spool entry: {e}"
-    except (ValueError, TypeError, KeyError) as e:
-        return f": the envelope in its header cannot be read ({e})"
-    except OSError as e:
-        _system(e, system_errors)
-        return f": {e.strerror}"
-    if env.id != queue_id:
-        return f": the envelope in its header belongs to {env.id}, not {queue_id}"
-    return env, start
-
-
-def _read_latest(path: Path, queue_id: str, system_errors: bool) -> Envelope | str | None:
-    """The envelope saved since the commit (ENVELOPES/ID), None when there is none, or
-    what is wrong with it."""
-    try:
-        env = Envelope.from_json(read_regular(path))
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError, KeyError) as e:
-        return f"{path}: the envelope cannot be read ({e})"
-    except OSError as e:
-        _system(e, system_errors)
-        return f"{path}: {e.strerror}"
-    if env.id != queue_id:
-        return f"{path}: the envelope belongs to {env.id}, not {queue_id}"
-    return env
-
-
-def _read_message(fd: int, start: int, mode: int, system_errors: bool, entry: Path) -> bytes:
-    """The message of the entry open as `fd` (a file, or a directory of the earlier layout)."""
-    try:
-        if stat.S_ISDIR(mode):
-            return read_regular(MESSAGE, dir_fd=fd)
-        return spool_file.read_fd(fd, start)
-    except OSError as e:
-        _system(e, system_errors)
-        raise DamagedEntry(f"{entry}: the message cannot be read: {e.strerror}") from None
-
-
-def _still_at(fd: int, entry: Path) -> bool:
-    """Whether the entry open as `fd` is still the one at `entry`."""
-    try:
-        there = os.stat(entry, follow_symlinks=False)
-    except OSError:
-        return False
-    here = os.fstat(fd)
-    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _write_reason(entry: Path, reason: str) -> None:
@@ -282,173 +97,6 @@ INLINE_BYTES = 1 << 20
 larger ones a chunk at a time as they are sent."""
 
 
-class Incoming:
-    """A message being received into the file incoming/ID, as its bytes arrive.
-
-    Up to BUFFER bytes are kept in memory: a small message is written by the group
-    commit, header and message in one write, in the one thread hop that makes it
-    durable. Beyond that, the file is created with room for the header (whose
-    envelope is known only at the end), and what is buffered is written out in a
-    thread and the session waits for it before it reads
-    on, so a session holds at most about BUFFER bytes whatever the message's size.
-    A write that fails is remembered, the entry removed, and what follows dropped:
-    `Spool.commit` then fails with the cause. `discard` (client gone, too big,
-    shutdown) removes whatever was written. Only the event loop calls `write` and
-    `discard`; the file system calls run in the spool's threads.
-    """
-
-    BUFFER = 1 << 17
-    HEAD = 1 << 16
-
-    def __init__(self, spool: Spool, queue_id: str) -> None:
-        self.queue_id = queue_id
-        self.size = 0
-        self.head = bytearray()
-        """The message's first HEAD bytes: where the header block is, for the Subject."""
-        self._spool = spool
-        self._path = spool._dir("incoming") / queue_id
-        self._pieces: list[bytes | bytearray] = []
-        self._buffered = 0
-        self._fd: int | None = None
-        self._made = False
-        self._error: OSError | None = None
-        self._writing: concurrent.futures.Future[None] | None = None
-        """The last write handed to a thread."""
-        self._discarded = False
-
-    async def write(self, data: bytes | bytearray) -> None:
-        """Take the next bytes of the message (they must not change afterwards)."""
-        if not data or self._discarded:
-            return
-        self.size += len(data)
-        if len(self.head) < self.HEAD:
-            self.head += data[:self.HEAD - len(self.head)]
-        if self._error is not None:
-            return  # the entry is gone; the rest of the message is read and dropped
-        self._pieces.append(data)
-        self._buffered += len(data)
-        if self._buffered >= self.BUFFER:
-            pieces, self._pieces, self._buffered = self._pieces, [], 0
-            self._writing = self._spool._writes().submit(self._spill, pieces)
-            await asyncio.wrap_future(self._writing)
-
-    def discard(self) -> None:
-        """Remove what was written (in a thread, after a write still running)."""
-        if self._discarded:
-            return
-        self._discarded = True
-        self._pieces, self._buffered = [], 0
-        if self._writing is not None:  # else nothing is on disk yet
-            # Called at once when it is done, else by its thread when it finishes:
-            # never while it still writes, even if the session's wait was cancelled.
-            self._writing.add_done_callback(lambda _: self._spool._remover.submit(self._remove))
-
-    # --- in a thread ---------------------------------------------------------------
-
-    def _spill(self, pieces: list[bytes | bytearray]) -> None:
-        if self._error is not None or self._discarded:
-            return
-        try:
-            self._flush(pieces)
-        except OSError as e:
-            self._error = e
-            self._remove()
-
-    def _flush(self, pieces: list[bytes | bytearray]) -> None:
-        if self._fd is None:
-            self._fd = self._create()
-            self._made = True
-            spool_file.write_all(self._fd, spool_file.placeholder())
-        for piece in pieces:
-            spool_file.write_all(self._fd, piece)
-
-    def _create(self) -> int:
-        return os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                       | os.O_CLOEXEC, 0o600)
-
-    def _commit(self, envelope: bytes) -> None:
-        """Write the header and what is left, make the file durable (one fdatasync), and
-        rename it into queue/ (whose fsync, shared by the batch, is the caller's)."""
-        if self._error is not None:
-            raise self._error
-        pieces, self._pieces, self._buffered = self._pieces, [], 0
-        if self._fd is None:  # all of it in memory: one write
-            self._fd = self._create()
-            self._made = True
-            spool_file.write_all(self._fd, b"".join([spool_file.header(envelope), *pieces]))
-        else:
-            self._flush(pieces)
-            head = spool_file.header(envelope, spool_file.RESERVED)
-            if len(head) == spool_file.RESERVED:
-                os.pwrite(self._fd, head, 0)
-            else:
-                self._fd = self._rewrite(head)
-        os.fdatasync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        os.rename(self._path, self._spool._dir("queue") / self.queue_id)
-        self._made = False
-
-    def _rewrite(self, head: bytes) -> int:
-        """An envelope larger than the room kept for it: a new file with the header and
-        the message copied after it, in place of the first (rare: thousands of recipients)."""
-        assert self._fd is not None
-        old, self._fd = self._fd, None
-        size = os.fstat(old).st_size - spool_file.RESERVED
-        bigger = self._path.with_name(self.queue_id + ".header")
-        fd = os.open(bigger, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-        try:
-            spool_file.write_all(fd, head)
-            offset = spool_file.RESERVED
-            while offset < spool_file.RESERVED + size:
-                chunk = os.pread(old, 1 << 20, offset)
-                if not chunk:
-                    break
-                spool_file.write_all(fd, chunk)
-                offset += len(chunk)
-            os.rename(bigger, self._path)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(bigger)
-            self._fd = old
-            raise
-        os.close(old)
-        return fd
-
-    def _remove(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-        if self._made:
-            with contextlib.suppress(OSError):
-                os.unlink(self._path)
-            self._made = False
-
-
-class _GroupCommit(AwaitedWorker[tuple["Envelope", Incoming], None]):
-    """Makes concurrently received messages durable together, in one thread.
-
-    Each message of a batch gets its header, is fdatasync'ed (the threads of
-    `Spool.WRITERS` do this side by side: a journaling file system makes them durable
-    in one commit of its journal) and renamed into queue/; then queue/ is fsynced
-    once for the whole batch. No message is acknowledged before its own bytes and
-    its name in queue/ are on disk.
-    """
-
-    MAX_BATCH = 64
-    NAME = "spool-commit"
-
-    def __init__(self, spool: Spool) -> None:
-        super().__init__()
-        self.spool = spool
-
-    def results(self, args: list[tuple[Envelope, Incoming]]) -> list[Exception | None]:
-        return [*self.spool._commit_batch(args)]
-
-
 class _Remover(Worker[Callable[[], None]]):
     """Removes delivered entries and discarded receptions, so no session or delivery
     waits for it."""
@@ -458,16 +106,6 @@ class _Remover(Worker[Callable[[], None]]):
     def handle(self, batch: list[Callable[[], None]]) -> None:
         for job in batch:
             job()
-
-
-def _commit_one(envelope: Envelope, message: Incoming) -> SpoolError | None:
-    try:
-        message._commit(envelope.to_json())
-    except (OSError, ValueError) as e:
-        message._remove()
-        cause = e.strerror if isinstance(e, OSError) else str(e)
-        return SpoolError(f"cannot write the message to the spool: {cause}")
-    return None
 
 
 def _remove_entry(entry: Path, latest: Path) -> None:
@@ -516,7 +154,7 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._committer = _GroupCommit(self)
+        self._committer = GroupCommit(self._commit_batch)
         self._remover = _Remover()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -544,7 +182,7 @@ class Spool:
 
     def receive(self, queue_id: str) -> Incoming:
         """A new message, to be written into with `Incoming.write` and then `commit`ted."""
-        return Incoming(self, queue_id)
+        return Incoming(self.root, queue_id, self._writes, self._remover)
 
     async def commit(self, envelope: Envelope, message: Incoming) -> None:
         """Make a received message durable in queue/ under `envelope`. Raises SpoolError
@@ -588,9 +226,9 @@ class Spool:
         # The messages' own syncs run side by side: a file system that journals
         # (ext4, xfs) then makes them durable in one commit of its journal.
         if len(items) == 1:
-            errors = [_commit_one(*items[0])]
+            errors = [commit_one(*items[0])]
         else:
-            errors = list(self._writes().map(lambda item: _commit_one(*item), items))
+            errors = list(self._writes().map(lambda item: commit_one(*item), items))
         committed = [i for i, error in enumerate(errors) if error is None]
         if committed:
             try:
@@ -723,7 +361,7 @@ class Spool:
         except FileNotFoundError:
             raise
         except OSError as e:
-            _system(e, system_errors)
+            spool_file.system_error(e, system_errors)
             raise DamagedEntry(f"{entry}: {e.strerror}") from None
         if stat.S_ISLNK(mode):
             raise DamagedEntry(f"{entry}: a symbolic link, not an entry (not followed)")
@@ -734,7 +372,7 @@ class Spool:
         except FileNotFoundError:
             raise
         except OSError as e:  # unreadable, or changed into a symlink meanwhile
-            _system(e, system_errors)
+            spool_file.system_error(e, system_errors)
             what = ("a symbolic link, not an entry (not followed)" if os.path.islink(entry)
                     else e.strerror)
             raise DamagedEntry(f"{entry}: {what}") from None
@@ -742,27 +380,27 @@ class Spool:
             mode = os.fstat(fd).st_mode
             found: Envelope | str
             if stat.S_ISDIR(mode):
-                found = _read_old(fd, queue_id, system_errors)
+                found = spool_file.read_old(fd, queue_id, system_errors)
                 path, start = entry / MESSAGE, 0
             elif stat.S_ISREG(mode):
-                read = _read_file(fd, queue_id, system_errors)
+                read = spool_file.read_file(fd, queue_id, system_errors)
                 found, start = read if isinstance(read, tuple) else (read, 0)
                 path = entry
             else:
                 found = ": not a spool entry (neither a file nor a directory)"
             if isinstance(found, Envelope):
-                latest = _read_latest(self._latest(queue_id), queue_id, system_errors)
-                if latest is None and not _still_at(fd, entry):
+                latest = spool_file.read_latest(self._latest(queue_id), queue_id, system_errors)
+                if latest is None and not spool_file.still_at(fd, entry):
                     raise FileNotFoundError(errno.ENOENT, "moved on while it was read",
                                             str(entry))
                 if latest is None or isinstance(latest, Envelope):
                     env = found if latest is None else latest
                     data = None
                     if 0 <= env.size <= inline:
-                        data = _read_message(fd, start, mode, system_errors, entry)
+                        data = spool_file.read_message(fd, start, mode, system_errors, entry)
                     return Claimed(env, path, start, data)
                 found = f": its saved envelope {latest}"
-            if not _still_at(fd, entry):  # delivered, or moved on
+            if not spool_file.still_at(fd, entry):  # delivered, or moved on
                 raise FileNotFoundError(errno.ENOENT, "moved on while it was read", str(entry))
             raise DamagedEntry(f"{entry}{found}")
         finally:

@@ -18,7 +18,9 @@ envelope.
 
 Entries written before this layout (a directory holding `message` and
 `envelope.json`) are still read and delivered; nothing here writes one.
-Only the standard library: no settings, no network code.
+Reading an entry: `read_file` (this layout), `read_old` (the earlier one),
+`read_latest` (a saved envelope); each gives the envelope or what is wrong.
+No settings, no network code.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ import errno
 import os
 import stat
 from pathlib import Path
+
+from .errors import DamagedEntry
+from .spool_envelope import Envelope
+
+MESSAGE = "message"
+ENVELOPE = "envelope.json"
+"""The two files of an entry of the earlier layout (a directory); read, never written."""
 
 MAGIC = b"RELAYQ1 "
 PREAMBLE = 16
@@ -138,3 +147,100 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+SYSTEM_ERRORS = frozenset({errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
+                            errno.ENOMEM, errno.EAGAIN, errno.EINTR})
+"""Errors reading an entry that say nothing about the entry itself."""
+
+
+def system_error(e: OSError, system_errors: bool) -> None:
+    if system_errors and e.errno in SYSTEM_ERRORS:
+        raise e
+
+
+def read_old(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | str:
+    """The envelope in the entry directory `fd` (the layout before one file per entry),
+    or what is wrong with the entry (the text that follows the entry's path in the
+    DamagedEntry)."""
+    try:
+        env = Envelope.from_json(read_regular(ENVELOPE, dir_fd=fd))
+    except FileNotFoundError:
+        return f"/{ENVELOPE}: the envelope is missing"
+    except (ValueError, TypeError, KeyError) as e:
+        return f"/{ENVELOPE}: the envelope cannot be read ({e})"
+    except OSError as e:
+        system_error(e, system_errors)
+        return f"/{ENVELOPE}: {e.strerror}"
+    if env.id != queue_id:
+        return f"/{ENVELOPE}: the envelope belongs to {env.id}, not {queue_id}"
+    try:
+        mode = os.stat(MESSAGE, dir_fd=fd, follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            return (f"/{MESSAGE}: is a symbolic link (not followed; its target "
+                    f"{os.readlink(MESSAGE, dir_fd=fd)} is left untouched)")
+        if not stat.S_ISREG(mode):
+            return ": the message file is missing (a directory or device in its place)"
+    except FileNotFoundError:
+        return ": the message file is missing"
+    except OSError as e:
+        system_error(e, system_errors)
+        return f"/{MESSAGE}: {e.strerror}"
+    return env
+
+
+def read_file(fd: int, queue_id: str, system_errors: bool = False
+               ) -> tuple[Envelope, int] | str:
+    """The envelope in the header of the entry file `fd` and where its message starts,
+    or what is wrong with it."""
+    try:
+        raw, start = read_header(fd)
+        env = Envelope.from_json(raw)
+    except BadHeader as e:
+        return f": not a spool entry: {e}"
+    except (ValueError, TypeError, KeyError) as e:
+        return f": the envelope in its header cannot be read ({e})"
+    except OSError as e:
+        system_error(e, system_errors)
+        return f": {e.strerror}"
+    if env.id != queue_id:
+        return f": the envelope in its header belongs to {env.id}, not {queue_id}"
+    return env, start
+
+
+def read_latest(path: Path, queue_id: str, system_errors: bool) -> Envelope | str | None:
+    """The envelope saved since the commit (ENVELOPES/ID), None when there is none, or
+    what is wrong with it."""
+    try:
+        env = Envelope.from_json(read_regular(path))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError) as e:
+        return f"{path}: the envelope cannot be read ({e})"
+    except OSError as e:
+        system_error(e, system_errors)
+        return f"{path}: {e.strerror}"
+    if env.id != queue_id:
+        return f"{path}: the envelope belongs to {env.id}, not {queue_id}"
+    return env
+
+
+def read_message(fd: int, start: int, mode: int, system_errors: bool, entry: Path) -> bytes:
+    """The message of the entry open as `fd` (a file, or a directory of the earlier layout)."""
+    try:
+        if stat.S_ISDIR(mode):
+            return read_regular(MESSAGE, dir_fd=fd)
+        return read_fd(fd, start)
+    except OSError as e:
+        system_error(e, system_errors)
+        raise DamagedEntry(f"{entry}: the message cannot be read: {e.strerror}") from None
+
+
+def still_at(fd: int, entry: Path) -> bool:
+    """Whether the entry open as `fd` is still the one at `entry`."""
+    try:
+        there = os.stat(entry, follow_symlinks=False)
+    except OSError:
+        return False
+    here = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
