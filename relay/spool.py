@@ -68,6 +68,8 @@ log = logging.getLogger("relay.spool")
 
 Place = Literal["queue", "active", "dead", "edit"]
 ENVELOPES = "envelopes"
+MARKS = ("notified",)
+"""What `mark_once` records beside an entry (the dead-letter report was queued)."""
 _DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash", ENVELOPES)
 
 
@@ -122,7 +124,7 @@ def _remove_entry(entry: Path, latest: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
     except OSError:
         pass
-    for path in (latest, *latest.parent.glob(f"{latest.name}.*")):
+    for path in (latest, *(latest.with_name(f"{latest.name}.{mark}") for mark in MARKS)):
         with contextlib.suppress(OSError):
             os.unlink(path)
 
@@ -459,8 +461,10 @@ class Spool:
             pass  # gone meanwhile, or the disk refuses: the next start finds it again
 
     def mark_once(self, queue_id: str, place: Place, mark: str) -> bool:
-        """Record `mark` (e.g. "notified") for an entry in `place`: True the first time,
+        """Record `mark` (one of MARKS) for an entry in `place`: True the first time,
         False when it was recorded before or the entry is not there. Removed with it."""
+        if mark not in MARKS:
+            raise ValueError(f"unknown mark {mark!r}")
         if not os.path.lexists(self._dir(place) / queue_id):
             return False
         try:
