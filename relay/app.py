@@ -178,7 +178,7 @@ class Relay:
             host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address[0], address[0])
             admin = f"http://{f'[{host}]' if ':' in host else host}:{address[1]}"
         self.lock.note(state.Holder(os.getpid(), state.SERVE, admin))
-        state.write_private(self.pid_file, f"{os.getpid()}\n".encode())
+        state.write_atomically(self.pid_file, f"{os.getpid()}\n".encode(), sync=False)
 
     def release(self) -> None:
         """Remove the pid file and drop the lock (after `stop`, or a failed start)."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import heapq
@@ -61,7 +62,7 @@ from .rewrite import (
     rewrite_message,
 )
 from .settings import QueueSettings, Settings
-from .spool import INLINE_BYTES, Envelope, Spool, read_regular
+from .spool import INLINE_BYTES, Claimed, Envelope, Spool
 from .upstream import Outcome, Outgoing, Upstream
 from .workers import AwaitedWorker
 
@@ -343,10 +344,10 @@ class Scheduler:
         if claimed is None:  # deleted or taken by `queue retry|delete`
             self._forget(queue_id)
             return
-        env, data = claimed
+        env = claimed.envelope
         troubled = queue_id in self._troubles
         try:
-            outcomes = await self._attempt(env, data)
+            outcomes = await self._attempt(claimed)
         except asyncio.CancelledError:
             await asyncio.shield(asyncio.to_thread(self.spool.put_back, env.id))
             raise
@@ -386,27 +387,22 @@ class Scheduler:
                   "with growing delays (logged again when the cause changes); %s", queue_id,
                   cause, delay, fix, exc_info=None if isinstance(error, OSError) else error)
 
-    def _claim(self, queue_id: str) -> tuple[Envelope, bytes | None] | None:
+    def _claim(self, queue_id: str) -> Claimed | None:
         """Take the entry and, when the message is not large and the upstream wants its
         bytes or they are to be rewritten, its bytes (the page cache's work; a large
-        message is read as it is sent)."""
-        env = self.spool.claim(queue_id)
-        if env is None:
-            return None
-        if not (self.upstream.wants_data or env.as_received) or env.size > INLINE_BYTES:
-            return env, None
-        path = self.spool.message_path(env.id)
-        try:
-            return env, read_regular(path)
-        except OSError as e:
-            raise DamagedEntry(f"{path}: {e.strerror}") from None
+        message is read as it is sent): one open of the entry, in this thread."""
+        taken = self.spool.take(queue_id, INLINE_BYTES)
+        if taken is None or self.upstream.wants_data or taken.envelope.as_received:
+            return taken
+        return dataclasses.replace(taken, data=None)  # sent as stored, from the file
 
-    async def _attempt(self, env: Envelope, data: bytes | None = None) -> list[Outcome]:
+    async def _attempt(self, claimed: Claimed) -> list[Outcome]:
+        env = claimed.envelope
         server = self.settings.system_account.server
         pending = env.pending
         started = time.monotonic()
         try:
-            message = await self._outgoing(env, data)
+            message = await self._outgoing(claimed)
             outcomes = await self.upstream.deliver(message)
         except DeliveryFailure as failure:
             outcomes = [Outcome(r.address, failure.reply, failure) for r in pending]
@@ -417,23 +413,25 @@ class Scheduler:
         self.metrics.delivery_seconds.labels(server).observe(time.monotonic() - started)
         return outcomes
 
-    async def _outgoing(self, env: Envelope, data: bytes | None) -> Outgoing:
+    async def _outgoing(self, claimed: Claimed) -> Outgoing:
         """The message as it is sent now. An entry that holds the client's bytes gets the
         rewrite for the system account as it is at this attempt (held mail follows a changed
         address); Date, Message-ID and Received come from the envelope, so every attempt
-        sends the same ones. An entry written by an earlier version is sent as stored."""
-        path = self.spool.message_path(env.id)
+        sends the same ones. An entry written by an earlier version is sent as stored.
+        The message begins at `claimed.start` in its file (after the entry's header)."""
+        env, path, data, start = claimed.envelope, claimed.path, claimed.data, claimed.start
         if not env.as_received:
-            return Outgoing(env, path, env.mail_from or "", env.pending, data)
+            return Outgoing(env, path, env.mail_from or "", env.pending, data,
+                            offset=0 if data is not None else start)
         edit = _edit(env, self.settings)
         if data is not None:
             return Outgoing(env, path, edit.address, env.pending, rewrite_message(
                 data, **edit.arguments))
         try:
-            head, offset = await asyncio.to_thread(_read_head, path, edit)
+            head, offset = await asyncio.to_thread(_read_head, path, edit, start)
         except OSError as e:
             raise TemporaryFailure(f"cannot read {path}: {e.strerror}", stage="spool") from e
-        return Outgoing(env, path, edit.address, env.pending, head=head, offset=offset)
+        return Outgoing(env, path, edit.address, env.pending, head=head, offset=start + offset)
 
     async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
         server = self.settings.system_account.server
@@ -532,12 +530,14 @@ def _edit(env: Envelope, settings: Settings) -> _Edit:
         message_id=f"<{env.id}@{domain}>", date=date_header_value(when)))
 
 
-def _read_head(path: Path, edit: _Edit) -> tuple[bytes, int]:
-    """The rewritten header block of a large message and where its body starts in the file,
-    reading the header block only, in chunks (each twice the last: linear work)."""
+def _read_head(path: Path, edit: _Edit, start: int = 0) -> tuple[bytes, int]:
+    """The rewritten header block of a large message (which begins at `start` in the file)
+    and where its body starts after `start`, reading the header block only, in chunks
+    (each twice the last: linear work)."""
     chunks: list[bytes] = []
     size = _HEAD_CHUNK
     with path.open("rb") as f:
+        f.seek(start)
         while True:
             chunk = f.read(size)
             chunks.append(chunk)

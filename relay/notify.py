@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -73,13 +72,9 @@ def queue_report(spool: Spool, settings: Settings, dead: Envelope) -> Envelope |
     to = settings.queue.notify
     if to is None or dead.client == REPORT_CLIENT:
         return None
-    marker = spool.message_path(dead.id, "dead").parent / MARKER
-    try:
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        return None  # reported before: at most one report per message
-    except FileNotFoundError:
-        return None  # retried or deleted in the meantime
+    if not spool.mark_once(dead.id, "dead", MARKER):
+        return None  # reported before (at most one report per message), or retried or
+                     # deleted in the meantime
     env, data = build_report(dead, settings, to)
     spool.store(env, data)
     return env

@@ -1,8 +1,12 @@
 """The spool: every accepted message on disk until the upstream has it.
 
-One directory per message, holding `message` (the client's bytes; the rewrite is
-applied when it is sent, `Envelope.as_received`) and `envelope.json` (sender,
-recipients and their states, attempts). Where the directory sits is its state:
+An entry is one file (`relay.spool_file` gives its format): a header holding the
+envelope (sender, recipients and their states, attempts) as it was at the commit,
+then the message (the client's bytes; the rewrite is applied when it is sent,
+`Envelope.as_received`). A later envelope is saved atomically in envelopes/ID
+and read instead of the header's; the entry's file is never written again.
+Entries of the earlier layout (a directory holding `message` and `envelope.json`)
+are read, moved and removed the same way. Where the entry sits is its state:
 
     incoming/ID    being received or committed; removed at start-up (the client
                    never got 250) and when a reception is abandoned
@@ -10,243 +14,63 @@ recipients and their states, attempts). Where the directory sits is its state:
     active/ID      claimed by a delivery; put back at start-up (a crash), counted
     edit/ID        claimed by `queue retry`; put back at start-up
     dead/ID        dead letter, with the reason in the envelope
-    quarantine/ID  damaged entries moved aside, never deleted
+    quarantine/ID  damaged entries moved aside (with their saved envelope), never deleted
     trash/ID       delivered: being deleted (in a thread); all deleted at start-up
+    envelopes/ID   the envelope saved since the commit, if it changed; ID.MARK the
+                   marks of `mark_once`; removed with the entry (at start-up, those
+                   whose entry is gone)
 
-A message is written into incoming/ as it arrives (`Incoming`), made durable and
-renamed into queue/ by `Spool.commit` (whose docstring gives the argument): only
-then does the client get 250. A delivery
+A message is written into incoming/ as it arrives (`Incoming`), made durable with
+one fdatasync and renamed into queue/ by `Spool.commit` (whose docstring gives the
+argument): only then does the client get 250. A delivery
 claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
 upstream has accepted it. Directories are 0700 and files 0600; an entry that is a
-symbolic link, or whose message or envelope is one, is quarantined when it is
-claimed or recovered, never followed (its target is neither sent nor truncated).
-`read` takes an entry from one open directory, so an entry that moves meanwhile is
-read whole or not found, never called damaged. Every method here waits for the
-disk: call it from a thread (the scheduler does, once to claim and read a message,
-once to finish it).
+symbolic link, or whose saved envelope (or, in the earlier layout, message or
+envelope) is one, is quarantined when it is claimed or recovered, never followed
+(its target is neither sent nor truncated).
+`read` takes an entry from one open file (or directory), so an entry that moves
+meanwhile is read whole or not found, never called damaged. Every method here
+waits for the disk: call it from a thread (the scheduler does, once to claim and
+read a message, once to finish it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import errno
 import functools
-import json
 import logging
 import os
-import random
 import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from . import state
+from . import spool_file, state
 from .errors import DamagedEntry, SpoolError
-from .workers import AwaitedWorker, Worker
+from .spool_envelope import Envelope as Envelope
+from .spool_envelope import Recipient as Recipient
+from .spool_envelope import RecipientState as RecipientState
+from .spool_envelope import new_queue_id as new_queue_id
+from .spool_file import ENVELOPE, MESSAGE, fsync_dir
+from .spool_file import read_regular as read_regular
+from .spool_incoming import GroupCommit, commit_one
+from .spool_incoming import Incoming as Incoming
+from .workers import Worker
 
 log = logging.getLogger("relay.spool")
 
-RecipientState = Literal["pending", "delivered", "failed"]
 Place = Literal["queue", "active", "dead", "edit"]
-MESSAGE = "message"
-ENVELOPE = "envelope.json"
-_DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash")
-
-
-@dataclass
-class Recipient:
-    address: str
-    state: RecipientState = "pending"
-    reply: str | None = None
-    options: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Envelope:
-    id: str
-    sender: str
-    """The client's MAIL FROM, before the rewrite ('' for the null sender)."""
-    recipients: list[Recipient]
-    mail_from: str | None = None
-    """The system address the message goes out with; None until the account has one."""
-    mail_options: list[str] = field(default_factory=list)
-    received_at: float = field(default_factory=time.time)
-    age_base: float = 0.0
-    """Age for queue.max_age counts from here: receipt, or the last manual retry."""
-    size: int = 0
-    client: str = ""
-    subject: str | None = None
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_reply: str | None = None
-    crashes: int = 0
-    dead_reason: str | None = None
-    helo: str | None = None
-    """The client's HELO/EHLO name, for the Received line added when the message is sent."""
-    protocol: str = "ESMTP"
-    """SMTP, ESMTP or UTF8SMTP: the `with` of that Received line."""
-    as_received: bool = False
-    """True: `message` holds the client's bytes, and the rewrite for the account as it is
-    when the message is sent is applied on the way out. False: an entry written by an
-    earlier version, whose `message` already holds the bytes to send."""
-
-    def __post_init__(self) -> None:
-        if not self.age_base:
-            self.age_base = self.received_at
-
-    @property
-    def pending(self) -> list[Recipient]:
-        return [r for r in self.recipients if r.state == "pending"]
-
-    def to_json(self) -> bytes:
-        # ASCII escapes: always valid UTF-8 JSON, whatever bytes a client put in an address
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Envelope:
-        """Parse and check an envelope; ValueError/TypeError/KeyError when it is not one."""
-        data: dict[str, Any] = json.loads(raw)
-        data["recipients"] = [Recipient(**r) for r in data["recipients"]]
-        env = cls(**data)
-        if not env.id or not env.recipients:
-            raise ValueError("no id or no recipients")
-        for name, kinds in _FIELD_TYPES.items():
-            value = getattr(env, name)
-            if not isinstance(value, kinds) or isinstance(value, bool):
-                raise ValueError(f"{name} has the wrong type ({type(value).__name__})")
-        if not isinstance(env.as_received, bool):
-            raise ValueError("as_received is not true or false")
-        for rcpt in env.recipients:
-            if (not isinstance(rcpt.address, str) or rcpt.state not in _STATES
-                    or not isinstance(rcpt.options, list)):
-                raise ValueError(f"recipient {rcpt.address!r} is malformed")
-        return env
-
-
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "id": str, "sender": str, "mail_options": list, "received_at": (int, float),
-    "age_base": (int, float), "size": int, "client": str, "attempts": int,
-    "next_attempt": (int, float), "crashes": int, "mail_from": (str, type(None)),
-    "helo": (str, type(None)), "protocol": str,
-}
-_STATES = ("pending", "delivered", "failed")
-
-
-_ID_BITS = random.Random()
-"""Seeded from the operating system's randomness once; an id needs to be unique, not secret."""
-
-
-def new_queue_id() -> str:
-    """Sortable by arrival time, unique without coordination: 13 hex digits of µs + 8 random."""
-    return f"{time.time_ns() // 1000:013X}{_ID_BITS.getrandbits(32):08X}"
-
-
-def read_regular(path: Path | str, dir_fd: int | None = None) -> bytes:
-    """A file's bytes; OSError when it is not a regular file (a FIFO must not block us)
-    or is a symbolic link (never followed: its target is not ours to send or truncate).
-    `path` is relative to the directory `dir_fd` when one is given.
-
-    Open, fstat, one read (a file that grew meanwhile: more), close: without Python's
-    file objects."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "is a symbolic link (not followed)", str(path)) from None
-        raise
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        data = os.read(fd, info.st_size + 1)  # short only at the end of the file
-        if len(data) <= info.st_size:
-            return data
-        parts = [data]
-        while part := os.read(fd, 1 << 20):
-            parts.append(part)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-_SYSTEM_ERRORS = frozenset({errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
-                            errno.ENOMEM, errno.EAGAIN, errno.EINTR})
-"""Errors reading an entry that say nothing about the entry itself."""
-
-
-def _read_entry(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | str:
-    """The envelope in the entry directory `fd`, or what is wrong with the entry (the
-    text that follows the entry's path in the DamagedEntry)."""
-    try:
-        env = Envelope.from_json(read_regular(ENVELOPE, dir_fd=fd))
-    except FileNotFoundError:
-        return f"/{ENVELOPE}: the envelope is missing"
-    except (ValueError, TypeError, KeyError) as e:
-        return f"/{ENVELOPE}: the envelope cannot be read ({e})"
-    except OSError as e:
-        if system_errors and e.errno in _SYSTEM_ERRORS:
-            raise
-        return f"/{ENVELOPE}: {e.strerror}"
-    if env.id != queue_id:
-        return f"/{ENVELOPE}: the envelope belongs to {env.id}, not {queue_id}"
-    try:
-        mode = os.stat(MESSAGE, dir_fd=fd, follow_symlinks=False).st_mode
-        if stat.S_ISLNK(mode):
-            return (f"/{MESSAGE}: is a symbolic link (not followed; its target "
-                    f"{os.readlink(MESSAGE, dir_fd=fd)} is left untouched)")
-        if not stat.S_ISREG(mode):
-            return ": the message file is missing (a directory or device in its place)"
-    except FileNotFoundError:
-        return ": the message file is missing"
-    except OSError as e:
-        if system_errors and e.errno in _SYSTEM_ERRORS:
-            raise
-        return f"/{MESSAGE}: {e.strerror}"
-    return env
-
-
-def _still_at(fd: int, entry: Path) -> bool:
-    """Whether the directory open as `fd` is still the one at `entry`."""
-    try:
-        there = os.stat(entry, follow_symlinks=False)
-    except OSError:
-        return False
-    here = os.fstat(fd)
-    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Create a file with `data`, fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+ENVELOPES = "envelopes"
+MARKS = ("notified",)
+"""What `mark_once` records beside an entry (the dead-letter report was queued)."""
+_DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash", ENVELOPES)
 
 
 def _write_reason(entry: Path, reason: str) -> None:
@@ -258,133 +82,21 @@ def _write_reason(entry: Path, reason: str) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """An entry as `Spool.take` read it: its envelope, the file holding its message and
+    where the message begins in it (after the header), and the message's bytes when
+    they were asked for."""
+
+    envelope: Envelope
+    path: Path
+    start: int
+    data: bytes | None = None
+
+
 INLINE_BYTES = 1 << 20
 """Messages up to this size are read whole when they are claimed (in the same thread),
 larger ones a chunk at a time as they are sent."""
-
-
-class Incoming:
-    """A message being received into incoming/ID/message, as its bytes arrive.
-
-    Up to BUFFER bytes are kept in memory: a small message is written by the group
-    commit, in the one thread hop that makes it durable. Beyond that, what is
-    buffered is written out in a thread and the session waits for it before it reads
-    on, so a session holds at most about BUFFER bytes whatever the message's size.
-    A write that fails is remembered, the entry removed, and what follows dropped:
-    `Spool.commit` then fails with the cause. `discard` (client gone, too big,
-    shutdown) removes whatever was written. Only the event loop calls `write` and
-    `discard`; the file system calls run in the spool's threads.
-    """
-
-    BUFFER = 1 << 17
-    HEAD = 1 << 16
-
-    def __init__(self, spool: Spool, queue_id: str) -> None:
-        self.queue_id = queue_id
-        self.size = 0
-        self.head = bytearray()
-        """The message's first HEAD bytes: where the header block is, for the Subject."""
-        self._spool = spool
-        self._dir = spool._dir("incoming") / queue_id
-        self._pieces: list[bytes | bytearray] = []
-        self._buffered = 0
-        self._fd: int | None = None
-        self._made = False
-        self._error: OSError | None = None
-        self._writing: concurrent.futures.Future[None] | None = None
-        """The last write handed to a thread."""
-        self._discarded = False
-
-    async def write(self, data: bytes | bytearray) -> None:
-        """Take the next bytes of the message (they must not change afterwards)."""
-        if not data or self._discarded:
-            return
-        self.size += len(data)
-        if len(self.head) < self.HEAD:
-            self.head += data[:self.HEAD - len(self.head)]
-        if self._error is not None:
-            return  # the entry is gone; the rest of the message is read and dropped
-        self._pieces.append(data)
-        self._buffered += len(data)
-        if self._buffered >= self.BUFFER:
-            pieces, self._pieces, self._buffered = self._pieces, [], 0
-            self._writing = self._spool._writes().submit(self._spill, pieces)
-            await asyncio.wrap_future(self._writing)
-
-    def discard(self) -> None:
-        """Remove what was written (in a thread, after a write still running)."""
-        if self._discarded:
-            return
-        self._discarded = True
-        self._pieces, self._buffered = [], 0
-        if self._writing is not None:  # else nothing is on disk yet
-            # Called at once when it is done, else by its thread when it finishes:
-            # never while it still writes, even if the session's wait was cancelled.
-            self._writing.add_done_callback(lambda _: self._spool._remover.submit(self._remove))
-
-    # --- in a thread ---------------------------------------------------------------
-
-    def _spill(self, pieces: list[bytes | bytearray]) -> None:
-        if self._error is not None or self._discarded:
-            return
-        try:
-            self._flush(pieces)
-        except OSError as e:
-            self._error = e
-            self._remove()
-
-    def _flush(self, pieces: list[bytes | bytearray]) -> None:
-        if self._fd is None:
-            os.mkdir(self._dir, 0o700)
-            self._made = True
-            self._fd = os.open(self._dir / MESSAGE,
-                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        for piece in pieces:
-            _write_all(self._fd, piece)
-
-    def _commit(self, envelope: bytes) -> None:
-        """Write what is left and the envelope, make the entry durable, and queue it."""
-        if self._error is not None:
-            raise self._error
-        pieces, self._pieces, self._buffered = self._pieces, [], 0
-        self._flush(pieces)
-        assert self._fd is not None
-        os.fdatasync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        _write_file(self._dir / ENVELOPE, envelope)
-        fsync_dir(self._dir)
-        os.rename(self._dir, self._spool._dir("queue") / self.queue_id)
-
-    def _remove(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-        if self._made:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._made = False
-
-
-class _GroupCommit(AwaitedWorker[tuple["Envelope", Incoming], None]):
-    """Makes concurrently received messages durable together, in one thread.
-
-    Each message of a batch is written out, its file, envelope and entry directory
-    synced and renamed into queue/; then incoming/ and queue/ are synced once for the
-    whole batch. Concurrent sessions share those two directory syncs and the thread's
-    wake-ups, while no message is acknowledged before its own bytes and its name in
-    queue/ are on disk.
-    """
-
-    MAX_BATCH = 64
-    NAME = "spool-commit"
-
-    def __init__(self, spool: Spool) -> None:
-        super().__init__()
-        self.spool = spool
-
-    def results(self, args: list[tuple[Envelope, Incoming]]) -> list[Exception | None]:
-        return [*self.spool._commit_batch(args)]
 
 
 class _Remover(Worker[Callable[[], None]]):
@@ -398,27 +110,29 @@ class _Remover(Worker[Callable[[], None]]):
             job()
 
 
-def _commit_one(envelope: Envelope, message: Incoming) -> SpoolError | None:
+def _remove_entry(entry: Path, latest: Path) -> None:
+    """Remove a finished entry (a file, or a directory of the earlier layout), then the
+    envelope saved beside it and its marks."""
     try:
-        message._commit(envelope.to_json())
-    except OSError as e:
-        message._remove()
-        return SpoolError(f"cannot write the message to the spool: {e.strerror}")
-    return None
-
-
-def _remove_entry(entry: Path) -> None:
-    try:  # the files a finished entry has; anything else there: the slow way
-        os.unlink(entry / MESSAGE)
-        os.unlink(entry / ENVELOPE)
-        os.rmdir(entry)
+        os.unlink(entry)
+    except IsADirectoryError:
+        try:  # the files an entry of the earlier layout has; anything else: the slow way
+            os.unlink(entry / MESSAGE)
+            os.unlink(entry / ENVELOPE)
+            os.rmdir(entry)
+        except OSError:
+            shutil.rmtree(entry, ignore_errors=True)
     except OSError:
-        shutil.rmtree(entry, ignore_errors=True)
+        pass
+    for path in (latest, *(latest.with_name(f"{latest.name}.{mark}") for mark in MARKS)):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a directory tree; a symbolic link is removed itself, its target untouched."""
-    if os.path.islink(path):
+    """Remove a file, or a directory tree; a symbolic link is removed itself, its target
+    untouched."""
+    if os.path.islink(path) or not os.path.isdir(path):
         with contextlib.suppress(OSError):
             os.unlink(path)
     else:
@@ -442,7 +156,7 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._committer = _GroupCommit(self)
+        self._committer = GroupCommit(self._commit_batch)
         self._remover = _Remover()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -470,22 +184,28 @@ class Spool:
 
     def receive(self, queue_id: str) -> Incoming:
         """A new message, to be written into with `Incoming.write` and then `commit`ted."""
-        return Incoming(self, queue_id)
+        return Incoming(self.root, queue_id, self._writes, self._remover)
 
     async def commit(self, envelope: Envelope, message: Incoming) -> None:
         """Make a received message durable in queue/ under `envelope`. Raises SpoolError
         (and nothing is left behind).
 
-        The message's bytes are written into incoming/ID/message, fdatasync'ed; the
-        envelope is written beside them and fsynced; the entry's directory is fsynced
-        (the two names in it are durable) and renamed into queue/; then incoming/ and
-        queue/ are fsynced, in that order: the rename is durable, and a crash at any
-        earlier point leaves the entry in incoming/, which start-up removes (the client
-        had no 250 and sends again). Only then does this return, and the client get
-        250. Concurrent commits share the two directory syncs (one thread, batches);
-        nothing syncs a whole file system. On a file system without a journal a crash
-        between the two directory syncs leaves the entry in neither directory rather
-        than in both (the client, without its 250, sends again).
+        The durability argument. The message and its envelope are one file,
+        incoming/ID: the header (the envelope) is written, the message's last bytes
+        follow, and one fdatasync makes all of its bytes and its length durable (the
+        file's data, and the metadata needed to read it back). Only then is it renamed
+        into queue/ID, and queue/ is fsynced: the new name is durable. Only then does
+        this return, and the client get 250. A crash (or a power loss that drops every
+        unsynced write) before the rename leaves the file in incoming/, which start-up
+        removes: the client had no 250 and sends again. A crash after the rename but
+        before queue/'s fsync returned leaves it in queue/ complete (its bytes were
+        synced before its name moved) or in incoming/: delivered, or sent again by the
+        client; never half a message under a name in queue/. A file system without a
+        journal may keep the old name in incoming/ as well: start-up removes that name,
+        the entry in queue/ stays. So: at least once, never zero times.
+
+        Concurrent commits share queue/'s fsync (one thread takes them in batches, and
+        the fdatasyncs of a batch run side by side); nothing syncs a whole file system.
         """
         await self._committer.call((envelope, message))
 
@@ -496,7 +216,7 @@ class Spool:
             raise error
 
     def store_batch(self, items: list[tuple[Envelope, bytes]]) -> list[SpoolError | None]:
-        """`store` for several messages, sharing the directory syncs; one result each."""
+        """`store` for several messages, sharing the directory sync; one result each."""
         batch = []
         for envelope, data in items:
             message = self.receive(envelope.id)
@@ -508,13 +228,12 @@ class Spool:
         # The messages' own syncs run side by side: a file system that journals
         # (ext4, xfs) then makes them durable in one commit of its journal.
         if len(items) == 1:
-            errors = [_commit_one(*items[0])]
+            errors = [commit_one(*items[0])]
         else:
-            errors = list(self._writes().map(lambda item: _commit_one(*item), items))
+            errors = list(self._writes().map(lambda item: commit_one(*item), items))
         committed = [i for i, error in enumerate(errors) if error is None]
         if committed:
             try:
-                fsync_dir(self._dir("incoming"))
                 fsync_dir(self._dir("queue"))
             except OSError as e:  # in queue/ but perhaps not durable: the client retries
                 for i in committed:
@@ -544,6 +263,13 @@ class Spool:
         A damaged entry raises DamagedEntry (in `dst`, for quarantine). When the system
         refuses to read it (an I/O error, permissions, no file descriptor left: nothing
         says the entry is damaged) it goes back to `src` and SpoolError says why."""
+        taken = self.take(queue_id, src=src, dst=dst)
+        return None if taken is None else taken.envelope
+
+    def take(self, queue_id: str, inline: int = -1, src: Place = "queue",
+             dst: Place = "active") -> Claimed | None:
+        """`claim`, and where its message is; with its bytes too when the message is not
+        larger than `inline` (read through the same open file, in this thread)."""
         entry = self._dir(src) / queue_id
         try:
             os.rename(entry, self._dir(dst) / queue_id)
@@ -553,7 +279,7 @@ class Spool:
             raise SpoolError(e.errno, e.strerror, str(entry)) from e
         try:
             self._not_linked(self._dir(dst) / queue_id)
-            return self._read(queue_id, dst, system_errors=True)
+            return self._read(queue_id, dst, system_errors=True, inline=inline)
         except FileNotFoundError:
             return None
         except SpoolError:
@@ -564,9 +290,11 @@ class Spool:
             raise SpoolError(e.errno, e.strerror, str(entry / os.fsdecode(e.filename or ""))
                              ) from e
 
-    @staticmethod
-    def _not_linked(entry: Path) -> None:
-        for path in (entry, entry / MESSAGE, entry / ENVELOPE):
+    def _not_linked(self, entry: Path) -> None:
+        paths = [entry, self._latest(entry.name)]
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            paths += [entry / MESSAGE, entry / ENVELOPE]
+        for path in paths:
             try:
                 linked = stat.S_ISLNK(os.lstat(path).st_mode)
             except FileNotFoundError:
@@ -577,50 +305,117 @@ class Spool:
                 raise DamagedEntry(f"{path}: is a symbolic link (not followed; its target "
                                    f"{os.readlink(path)} is left untouched)")
 
+    def _latest(self, queue_id: str) -> Path:
+        """Where the envelope of an entry is saved once it changed after the commit."""
+        return self._dir(ENVELOPES) / queue_id
+
     def message_path(self, queue_id: str, place: Place = "active") -> Path:
-        return self._dir(place) / queue_id / MESSAGE
+        """The file that holds the entry's message: the entry itself, or for an entry of
+        the earlier layout its `message` (`message_start` says where the message begins)."""
+        entry = self._dir(place) / queue_id
+        return entry / MESSAGE if os.path.isdir(entry) and not os.path.islink(entry) else entry
+
+    @staticmethod
+    def message_start(path: Path) -> int:
+        """Where the message begins in `message_path`'s file. OSError, or DamagedEntry when
+        the file is no entry."""
+        if path.name == MESSAGE:
+            return 0
+        fd = spool_file.open_regular(path)
+        try:
+            return spool_file.message_start(fd)
+        except spool_file.BadHeader as e:
+            raise DamagedEntry(f"{path}: not a spool entry: {e}") from None
+        finally:
+            os.close(fd)
+
+    def read_message(self, queue_id: str, place: Place = "active") -> bytes:
+        """The message's bytes as the client sent them (without the entry's header)."""
+        path = self.message_path(queue_id, place)
+        fd = spool_file.open_regular(path)
+        try:
+            if path.name == MESSAGE:
+                return spool_file.read_fd(fd)
+            return spool_file.read_fd(fd, spool_file.message_start(fd))
+        except spool_file.BadHeader as e:
+            raise DamagedEntry(f"{path}: not a spool entry: {e}") from None
+        finally:
+            os.close(fd)
 
     def read(self, queue_id: str, place: Place) -> Envelope:
-        return self._read(queue_id, place)
+        return self._read(queue_id, place).envelope
 
-    def _read(self, queue_id: str, place: Place, system_errors: bool = False) -> Envelope:
-        """The envelope of an entry, read from one directory whatever moves meanwhile.
+    def _read(self, queue_id: str, place: Place, system_errors: bool = False,
+              inline: int = -1) -> Claimed:
+        """The envelope of an entry, read from one open file whatever moves meanwhile.
 
-        The entry's directory is opened once (a symlink is not followed) and its envelope
-        and message are looked at relative to that descriptor: an entry that is claimed,
-        put back or delivered while it is read is read whole, or not found; never taken
-        for damaged. FileNotFoundError: no entry there (any more); DamagedEntry: the
-        entry that is there cannot be read back. With `system_errors`, an error that
-        says nothing about the entry (_SYSTEM_ERRORS) is raised as it is instead."""
+        The entry (a file, or a directory of the earlier layout) is opened once (a symlink
+        is not followed) and read through that descriptor; then the envelope saved since
+        the commit, if any, is read, and one that is absent is confirmed by the entry still
+        being there: an entry that is claimed, put back or delivered while it is read is
+        read whole, or not found; never taken for damaged. FileNotFoundError: no entry
+        there (any more); DamagedEntry: the entry that is there cannot be read back. With
+        `system_errors`, an error that says nothing about the entry (_SYSTEM_ERRORS) is
+        raised as it is instead. With `inline` >= 0, a message up to that size is read."""
         entry = self._dir(place) / queue_id
         try:
-            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            mode = os.lstat(entry).st_mode
         except FileNotFoundError:
             raise
-        except OSError as e:  # a symlink or a file where an entry belongs, or unreadable
-            if system_errors and e.errno in _SYSTEM_ERRORS:
-                raise
+        except OSError as e:
+            spool_file.system_error(e, system_errors)
+            raise DamagedEntry(f"{entry}: {e.strerror}") from None
+        if stat.S_ISLNK(mode):
+            raise DamagedEntry(f"{entry}: a symbolic link, not an entry (not followed)")
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # never opened (a FIFO blocks)
+            raise DamagedEntry(f"{entry}: not a spool entry (neither a file nor a directory)")
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as e:  # unreadable, or changed into a symlink meanwhile
+            spool_file.system_error(e, system_errors)
             what = ("a symbolic link, not an entry (not followed)" if os.path.islink(entry)
                     else e.strerror)
             raise DamagedEntry(f"{entry}: {what}") from None
         try:
-            found = _read_entry(fd, queue_id, system_errors)
+            mode = os.fstat(fd).st_mode
+            found: Envelope | str
+            if stat.S_ISDIR(mode):
+                found = spool_file.read_old(fd, queue_id, system_errors)
+                path, start = entry / MESSAGE, 0
+            elif stat.S_ISREG(mode):
+                read = spool_file.read_file(fd, queue_id, system_errors)
+                found, start = read if isinstance(read, tuple) else (read, 0)
+                path = entry
+            else:
+                found = ": not a spool entry (neither a file nor a directory)"
             if isinstance(found, Envelope):
-                return found
-            if not _still_at(fd, entry):  # delivered, its directory emptied or reused
+                latest = spool_file.read_latest(self._latest(queue_id), queue_id, system_errors)
+                if latest is None and not spool_file.still_at(fd, entry):
+                    raise FileNotFoundError(errno.ENOENT, "moved on while it was read",
+                                            str(entry))
+                if latest is None or isinstance(latest, Envelope):
+                    env = found if latest is None else latest
+                    data = None
+                    if 0 <= env.size <= inline:
+                        data = spool_file.read_message(fd, start, mode, system_errors, entry)
+                    return Claimed(env, path, start, data)
+                found = f": its saved envelope {latest}"
+            if not spool_file.still_at(fd, entry):  # delivered, or moved on
                 raise FileNotFoundError(errno.ENOENT, "moved on while it was read", str(entry))
             raise DamagedEntry(f"{entry}{found}")
         finally:
             os.close(fd)
 
     def update(self, envelope: Envelope, place: Place = "active") -> None:
-        """Replace the envelope atomically (per-recipient states, attempts)."""
-        entry = self._dir(place) / envelope.id
-        tmp = entry / (ENVELOPE + ".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        _write_file(tmp, envelope.to_json())
-        os.replace(tmp, entry / ENVELOPE)
+        """Save the envelope (per-recipient states, attempts) of an entry this process has
+        claimed (in `place`): atomically and durably, in a file beside the spool's places,
+        which `read` takes over the header's."""
+        if not os.path.lexists(self._dir(place) / envelope.id):
+            raise FileNotFoundError(errno.ENOENT, "no such entry", str(self._dir(place) /
+                                                                        envelope.id))
+        state.write_atomically(self._latest(envelope.id), envelope.to_json())
 
     def release(self, envelope: Envelope, src: Place = "active", dst: Place = "queue") -> None:
         """Save the envelope and move the entry on (back to queue/, or into dead/)."""
@@ -637,14 +432,15 @@ class Spool:
         """The upstream has the message (of `size` bytes, when known): remove it."""
         trash = self._dir("trash") / queue_id
         os.rename(self._dir(place) / queue_id, trash)
-        self._remover.submit(functools.partial(_remove_entry, trash))
+        self._remover.submit(functools.partial(_remove_entry, trash, self._latest(queue_id)))
 
     def removed(self, timeout: float = 10.0) -> bool:
         """True once every finished entry is deleted (it happens in a thread)."""
         return self._remover.wait(timeout)
 
     def quarantine(self, queue_id: str, place: str, reason: str) -> None:
-        """Move a damaged entry (a directory, or a stray file) aside; never raises."""
+        """Move a damaged entry (a file, a directory, or anything else) aside, with the
+        envelope saved beside it if any; never raises."""
         src = self._dir(place) / queue_id
         dst = self._dir("quarantine") / queue_id
         if dst.exists():
@@ -659,8 +455,24 @@ class Spool:
                 os.rename(src, dst / queue_id)
             if not (dst / "REASON").is_file():
                 _write_reason(dst, reason)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self._latest(queue_id), dst / f"{ENVELOPES}.{queue_id}")
         except OSError:
             pass  # gone meanwhile, or the disk refuses: the next start finds it again
+
+    def mark_once(self, queue_id: str, place: Place, mark: str) -> bool:
+        """Record `mark` (one of MARKS) for an entry in `place`: True the first time,
+        False when it was recorded before or the entry is not there. Removed with it."""
+        if mark not in MARKS:
+            raise ValueError(f"unknown mark {mark!r}")
+        if not os.path.lexists(self._dir(place) / queue_id):
+            return False
+        try:
+            os.close(state.open_private(self._dir(ENVELOPES) / f"{queue_id}.{mark}",
+                                        os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        return True
 
     def quarantined(self, queue_id: str) -> str | None:
         """Why an entry was moved to quarantine/ (its REASON), or None if it was not."""
@@ -703,7 +515,7 @@ class Spool:
     def _find_once(self, queue_id: str) -> tuple[Place, Envelope] | None:
         places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
         for place in places:
-            if (self._dir(place) / queue_id).is_dir():
+            if os.path.lexists(self._dir(place) / queue_id):
                 return place, self.read(queue_id, place)
         return None
 
@@ -725,6 +537,8 @@ class Spool:
             report.removed_incoming += 1
         for name in os.listdir(self._dir("trash")):
             _remove_tree(self._dir("trash") / name)
+            with contextlib.suppress(OSError):
+                os.unlink(self._latest(name))
         places: tuple[Place, ...] = ("edit", "active")
         for place in places:
             for queue_id, env in list(self.scan(place)):
@@ -750,4 +564,15 @@ class Spool:
                         env.next_attempt = time.time() + backoff(env.crashes)
                     self.release(env, place, "queue")
                     report.requeued.append(queue_id)
+        self._remove_strays()
         return report
+
+    def _remove_strays(self) -> None:
+        """Saved envelopes and marks whose entry is gone (delivered before a crash ended
+        their removal), and temporary files of writes a crash interrupted."""
+        places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
+        for name in os.listdir(self._dir(ENVELOPES)):
+            queue_id = name.split(".")[0] if not name.startswith(".") else ""
+            if queue_id and any(os.path.lexists(self._dir(p) / queue_id) for p in places):
+                continue
+            _remove_tree(self._dir(ENVELOPES) / name)

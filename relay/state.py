@@ -26,6 +26,7 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import stat
 import time
 from dataclasses import dataclass
@@ -87,20 +88,42 @@ def open_private(path: Path, flags: int) -> int:
     return fd
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Replace a file with `data`, mode 0600, atomically (a planted symbolic link at
-    `path` is replaced, not followed)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+_TEMP_BITS = random.Random()
+
+
+def write_atomically(path: Path, data: bytes, sync: bool = True) -> None:
+    """Replace (or create) the file `path` with `data`, whole or not at all: the one
+    way the relay writes a file it keeps (saved envelopes, the pid file; the token
+    store and the overrides should come here too).
+
+    The bytes go to a temporary file beside it (".NAME.RANDOM.tmp", 0600 whatever the
+    umask, never through a symbolic link) which is renamed over `path`; with `sync`,
+    the file is fsynced before the rename and the directory after it, so the new
+    content is durable when this returns. A crash leaves the old file or the new one,
+    and at worst a temporary file (its name starts with a dot: not an entry). A
+    symbolic link at `path` is replaced, its target untouched."""
+    tmp = path.with_name(f".{path.name}.{_TEMP_BITS.getrandbits(48):012x}.tmp")
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 @dataclass(frozen=True)

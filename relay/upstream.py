@@ -36,8 +36,8 @@ class Outgoing:
     spool.INLINE_BYTES and the upstream asked for them (`wants_data`) or the scheduler
     rewrote them: it reads them with the claim. Otherwise the bytes to send are `head`
     followed by the file `path` from `offset` on, which the upstream reads itself
-    (`head` is the rewritten header block; empty, and `offset` 0, for a message stored
-    as it is sent).
+    (`head` is the rewritten header block, empty for a message stored as it is sent;
+    `offset` is past the spool entry's own header, `Spool.message_start`).
     """
 
     envelope: Envelope

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from relay import spool_file
 from relay.app import Relay
 from relay.errors import DeliveryFailure, PermanentFailure, TemporaryFailure
 from relay.settings import Settings
@@ -119,11 +120,15 @@ class ScriptedUpstream:
             outcomes.append(Outcome(rcpt.address, reply, failure))
         if accepted:  # the bytes sent: data, else head and the file from offset
             on_disk = message.path.read_bytes()
+            start = 0  # past the entry's header, if it has one (not an earlier layout's)
+            if message.path.name != "message":
+                start = int(on_disk[len(spool_file.MAGIC):spool_file.PREAMBLE - 1], 16)
             from_file = message.head + on_disk[message.offset:]
             if message.data is not None and not message.envelope.as_received:
-                assert message.data == on_disk, "Outgoing.data differs from the spool's file"
-            if message.data is None or not message.envelope.as_received:
-                assert message.head or not message.offset
+                assert message.data == on_disk[start:], "Outgoing.data differs from the spool's"
+            if message.data is None:
+                assert message.offset >= start
+                assert message.head or message.offset == start
             self.data_given.append(message.data is not None)
             self.received.append((message.mail_from, accepted,
                                   from_file if message.data is None else message.data))
@@ -245,3 +250,16 @@ retry_max = "1s"
 port = 0
 """)
     return path
+
+
+def to_old_layout(entry: Path) -> Path:
+    """Turn a spool entry (one file: header, then the message) into the layout of
+    earlier versions, a directory with `envelope.json` and `message`: what an upgrade
+    finds on disk."""
+    data = entry.read_bytes()
+    start = int(data[len(spool_file.MAGIC):spool_file.PREAMBLE - 1], 16)
+    entry.unlink()
+    entry.mkdir(mode=0o700)
+    (entry / "envelope.json").write_bytes(data[spool_file.PREAMBLE:start].strip())
+    (entry / "message").write_bytes(data[start:])
+    return entry

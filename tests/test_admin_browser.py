@@ -10,7 +10,7 @@ Screenshots go to test-artifacts/admin/ (see the README).
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import re
 import smtplib
 import subprocess
@@ -24,7 +24,9 @@ import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
+from relay.errors import DamagedEntry
 from relay.settings import OVERRIDES_FILE
+from relay.spool import Spool
 
 from .oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer
 from .support import Daemon, RelayFactory, ScriptedUpstream, free_port, relay_command
@@ -81,12 +83,10 @@ def submit(port: int, to: str, subject: str) -> str:
 
 
 def envelope(state: Path, place: str, queue_id: str) -> dict[str, Any] | None:
-    try:
-        found: dict[str, Any] = json.loads(
-            (state / "spool" / place / queue_id / "envelope.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    try:  # through the spool: an entry is one file, its envelope may be saved beside it
+        return dataclasses.asdict(Spool(state / "spool").read(queue_id, place))
+    except (FileNotFoundError, DamagedEntry):
         return None
-    return found
 
 
 def queued_ids(state: Path) -> list[str]:

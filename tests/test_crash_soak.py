@@ -40,6 +40,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.spool import Spool
+
 from .faulty_upstream import FAULTS, body_digest
 from .support import Daemon, free_port
 
@@ -374,8 +376,8 @@ def test_restarts_during_an_upstream_outage_do_not_bury_good_messages(tmp_path: 
             daemon.stop(signal.SIGKILL)
         upstream.stop()
     dead = sorted(os.listdir(tmp_path / "state" / "spool" / "dead"))
-    reasons = [json.loads((tmp_path / "state" / "spool" / "dead" / d / "envelope.json")
-                          .read_text())["dead_reason"] for d in dead]
+    spool = Spool(tmp_path / "state" / "spool")
+    reasons = [spool.read(d, "dead").dead_reason for d in dead]
     delivered = upstream.read()[0]
     assert sorted(delivered) == sorted(sent), f"dead letters: {reasons}"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import Daemon, daemon_config, free_port
+from .support import Daemon, daemon_config, free_port, to_old_layout
 
 MESSAGE = ("From: App <app@apps.example.com>\r\nTo: ops@example.com\r\n"
            "Subject: Alert {n}\r\nMessage-ID: <{n}@apps.example.com>\r\n\r\nDisk {n} is fine.\r\n")
@@ -166,17 +166,56 @@ def body_is_a_dangling_link(entry: Path) -> None:
     (entry / "message").symlink_to(entry / "gone")
 
 
+def of_the_earlier_layout(damage: Callable[[Path], None]) -> Callable[[Path], None]:
+    """The damage done to an entry of the earlier layout (a directory), as an upgrade
+    finds it."""
+
+    def damaged(entry: Path) -> None:
+        to_old_layout(entry)
+        damage(entry)
+
+    return damaged
+
+
+def header_cut_short(entry: Path) -> None:
+    os.truncate(entry, 40)
+
+
+def not_an_entry(entry: Path) -> None:
+    entry.write_bytes(b"Subject: a stray copy\r\n\r\nno header\r\n")
+
+
+def header_with_garbage(entry: Path) -> None:
+    data = bytearray(entry.read_bytes())
+    data[16:20] = b"\x00\xff[}"
+    entry.write_bytes(bytes(data))
+
+
+def saved_envelope_with_garbage(entry: Path) -> None:
+    (entry.parent.parent / "envelopes" / entry.name).write_bytes(b'{"id": ')
+
+
+def entry_is_a_fifo(entry: Path) -> None:
+    entry.unlink()
+    os.mkfifo(entry)
+
+
 DAMAGE: dict[str, Callable[[Path], None]] = {
-    "truncated envelope": truncate_envelope,
-    "binary garbage envelope": garbage_envelope,
-    "envelope without recipients": envelope_without_recipients,
-    "envelope that is not an object": envelope_not_an_object,
-    "body without envelope": body_without_envelope,
-    "envelope without body": envelope_without_body,
-    "envelope unreadable (a directory)": unreadable_envelope,
-    "body unreadable (a directory)": unreadable_body,
-    "empty entry": empty_entry,
-    "body is a dangling symlink": body_is_a_dangling_link,
+    "truncated envelope": of_the_earlier_layout(truncate_envelope),
+    "binary garbage envelope": of_the_earlier_layout(garbage_envelope),
+    "envelope without recipients": of_the_earlier_layout(envelope_without_recipients),
+    "envelope that is not an object": of_the_earlier_layout(envelope_not_an_object),
+    "body without envelope": of_the_earlier_layout(body_without_envelope),
+    "envelope without body": of_the_earlier_layout(envelope_without_body),
+    "envelope unreadable (a directory)": of_the_earlier_layout(unreadable_envelope),
+    "body unreadable (a directory)": of_the_earlier_layout(unreadable_body),
+    "empty entry": of_the_earlier_layout(empty_entry),
+    "body is a dangling symlink": of_the_earlier_layout(body_is_a_dangling_link),
+    "header cut short": header_cut_short,
+    "not an entry": not_an_entry,
+    "header with garbage": header_with_garbage,
+    "saved envelope with garbage": saved_envelope_with_garbage,
+    "entry is a fifo": entry_is_a_fifo,
 }
 REASONS = {  # what the log line and REASON must say, beyond the entry's name
     "truncated envelope": r"envelope\.json: the envelope cannot be read",
@@ -189,6 +228,12 @@ REASONS = {  # what the log line and REASON must say, beyond the entry's name
     "body unreadable (a directory)": r": the message file is missing",
     "empty entry": r"envelope\.json: the envelope is missing",
     "body is a dangling symlink": r"message: is a symbolic link \(not followed",
+    "header cut short": r": not a spool entry: it is cut short in its header",
+    "not an entry": r": not a spool entry: it does not begin with the spool's header",
+    "header with garbage": r": the envelope in its header cannot be read",
+    "saved envelope with garbage": r": its saved envelope .*envelopes/\w+: the envelope "
+                                   "cannot be read",
+    "entry is a fifo": r": not a spool entry \(neither a file nor a directory\)",
 }
 
 
@@ -200,7 +245,7 @@ def test_damaged_entries_are_quarantined_with_a_reason_and_the_rest_is_delivered
                          place="active")
     relay.daemon.start()
     wait_for(lambda: len(relay.delivered()) == 3)
-    assert relay.delivered() == ["m10", "m11", "m12"]
+    assert relay.delivered() == sorted(f"m{i}" for i in range(len(DAMAGE), len(DAMAGE) + 3))
     wait_for(lambda: len(relay.quarantined()) == len(DAMAGE) + 1)
     quarantined = relay.quarantined()
     log = relay.log()
@@ -237,7 +282,7 @@ def test_a_stray_file_in_the_queue_is_quarantined_and_the_daemon_starts(relay: R
     wait_for(lambda: relay.delivered() == ["m0", "m1"])
     assert stray.name in relay.quarantined()
     assert re.search(r"0000000000000STRAYFILE: moved to quarantine: .*STRAYFILE: "
-                     "Not a directory", relay.log())
+                     "not a spool entry: it does not begin with the spool's header", relay.log())
     kept = relay.spool / "quarantine" / stray.name
     assert b"not an entry\n" in ([kept.read_bytes()] if kept.is_file() else
                                   [p.read_bytes() for p in kept.iterdir()])
@@ -250,8 +295,8 @@ def test_entries_damaged_while_the_daemon_runs_are_quarantined_at_delivery(
     relay.send("a", "b", "c", "d")
     wait_for(lambda: len(relay.queue()) == 4)
     first, second, _, _ = relay.queue()
-    truncate_envelope(relay.spool / "queue" / first)  # after the daemon indexed them
-    envelope_without_body(relay.spool / "queue" / second)
+    of_the_earlier_layout(truncate_envelope)(relay.spool / "queue" / first)  # once indexed
+    of_the_earlier_layout(envelope_without_body)(relay.spool / "queue" / second)
     relay.activate()
     relay.daemon.send_signal(signal.SIGHUP)
     wait_for(lambda: relay.delivered() == ["c", "d"])
@@ -301,7 +346,7 @@ def test_a_well_formed_but_invalid_envelope_is_quarantined_not_fatal(
     relay.send("bad", "good1", "good2")
     wait_for(lambda: len(relay.queue()) == 3)
     assert relay.daemon.stop() == 0
-    damage(relay.spool / "queue" / relay.queue()[0])
+    damage(to_old_layout(relay.spool / "queue" / relay.queue()[0]))
     relay.activate()
     relay.daemon.start()
     relay.send("after")
@@ -332,11 +377,37 @@ def test_an_envelope_that_blocks_on_read_does_not_hang_the_daemon(relay: Relay) 
     relay.send("bad", "good")
     wait_for(lambda: len(relay.queue()) == 2)
     assert relay.daemon.stop() == 0
-    envelope = relay.spool / "queue" / relay.queue()[0] / "envelope.json"
+    envelope = to_old_layout(relay.spool / "queue" / relay.queue()[0]) / "envelope.json"
     envelope.unlink()
     os.mkfifo(envelope)
     relay.activate()
     relay.daemon.start(timeout=15)  # the daemon must come up at all
     wait_for(lambda: relay.delivered() == ["good"], timeout=10)
     wait_for(lambda: len(relay.quarantined()) == 1, timeout=5)
+    assert relay.daemon.stop() == 0
+
+
+def test_entries_of_the_earlier_layout_are_delivered_after_an_upgrade(relay: Relay) -> None:
+    """What an upgrade finds on disk: entries in the earlier layout (a directory with
+    `message` and `envelope.json`), waiting in queue/, or in active/ because the old
+    version was killed while it sent one. They are delivered once, with the rewrite,
+    beside entries of the current layout, and nothing of them is left behind."""
+    relay.daemon.start()
+    relay.send("old-queued", "old-active", "new")
+    wait_for(lambda: len(relay.queue()) == 3)
+    assert relay.daemon.stop() == 0
+    queued, active, _ = relay.queue()
+    assert all((relay.spool / "queue" / q).is_file() for q in relay.queue())
+    to_old_layout(relay.spool / "queue" / queued)
+    os.rename(to_old_layout(relay.spool / "queue" / active), relay.spool / "active" / active)
+    relay.activate()
+    relay.daemon.start()
+    wait_for(lambda: relay.delivered() == ["new", "old-active", "old-queued"])
+    wait_for(lambda: not any(os.listdir(relay.spool / place)
+                             for place in ("queue", "active", "envelopes", "trash")))
+    assert relay.quarantined() == {}
+    sent = b"".join(p.read_bytes() for p in (relay.tmp / "state" / "outbox" / "new").iterdir())
+    assert sent.count(b"Subject: Alert old-queued") == 1 and b"RELAYQ1" not in sent
+    log = relay.log()
+    assert f"{active}: " in log and "Traceback" not in log
     assert relay.daemon.stop() == 0

@@ -335,9 +335,9 @@ async def test_a_spool_error_on_claim_backs_off_exponentially_and_is_logged_once
         main = threading.get_ident()
 
         def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-            if (path == "envelope.json" and kwargs.get("dir_fd") is not None
+            if (isinstance(path, (str, Path)) and Path(path).parent.name == "active"
                     and threading.get_ident() != main):  # the delivery's claim, in its thread
-                claims.append(Path(os.readlink(f"/proc/self/fd/{kwargs['dir_fd']}")).name)
+                claims.append(Path(path).name)
                 if failing[0]:
                     raise OSError(errno.EIO, os.strerror(errno.EIO), path)
             return real_open(path, flags, *args, **kwargs)

@@ -118,7 +118,7 @@ async def test_random_sessions_never_crash_or_hang_the_listener(
     # client's bytes as they came (the Received line is added when it is sent)
     await wait_until(lambda: os.listdir(relay.spool.root / "incoming") == [])
     for queue_id in relay.spool.ids("queue"):
-        data = relay.spool.message_path(queue_id, "queue").read_bytes()
+        data = relay.spool.read_message(queue_id, "queue")
         # the client's bytes as they came (the rewrite comes when it is sent): one
         # message, from its first line
         assert data.startswith(b"Subject: fuzz\r\n\r\n") and data.count(b"Subject: fuzz") == 1

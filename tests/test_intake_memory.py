@@ -96,7 +96,7 @@ def test_100_sessions_each_in_a_20_mib_data_stay_under_150_mib(tmp_path: Path) -
             time.sleep(0.2)
         holding = rss_kib(daemon.proc.pid)
         incoming = tmp_path / "state" / "spool" / "incoming"
-        on_disk = sum(f.stat().st_size for e in incoming.iterdir() for f in e.iterdir())
+        on_disk = sum(e.stat().st_size for e in incoming.iterdir())
         assert holding < RSS_BOUND_KIB, (
             f"RSS {holding / 1024:.0f} MiB with {SESSIONS} sessions in DATA "
             f"(before the data: {before / 1024:.0f} MiB)")

@@ -315,7 +315,7 @@ async def test_data_is_written_into_the_spool_as_it_arrives_and_an_abort_removes
     incoming = relay.spool.root / "incoming"
 
     def written() -> int:
-        return sum(f.stat().st_size for entry in incoming.iterdir() for f in entry.iterdir())
+        return sum(entry.stat().st_size for entry in incoming.iterdir())
 
     await wait_until(lambda: written() >= 2 << 20)  # written while the client still sends
     await client.close()
@@ -339,7 +339,7 @@ async def test_the_subject_kept_for_logs_comes_from_the_head_and_is_cut_short(
     env = relay.spool.read(queue_id, "queue")
     assert env.subject is not None and env.subject.startswith("abc")
     assert len(env.subject) == 200
-    stored = relay.spool.message_path(queue_id, "queue").read_bytes()
+    stored = relay.spool.read_message(queue_id, "queue")
     assert stored == head + b"\r\nbody\r\n" and env.size == len(stored)
     await client.close()
 
@@ -356,7 +356,7 @@ async def test_intake_keeps_the_clients_bytes_and_what_the_received_line_needs(
     reply = await client.transaction(MESSAGE + b"..dotted\r\n.\r\n", mail_params=mail_params)
     assert reply.startswith("250"), reply
     queue_id = reply.rsplit(" ", 1)[1]
-    stored = relay.spool.message_path(queue_id, "queue").read_bytes()
+    stored = relay.spool.read_message(queue_id, "queue")
     assert stored == MESSAGE + b".dotted\r\n"
     env = relay.spool.read(queue_id, "queue")
     assert env.as_received and env.helo == "app.example.com" and env.protocol == protocol

@@ -382,7 +382,7 @@ def test_send_test_reports_a_message_moved_to_quarantine_as_failed(tmp_path: Pat
         entry = queued_entry(tmp_path)
         cli.send_signal(signal.SIGSTOP)  # the daemon quarantines it while the command looks away
         try:
-            (entry / "message").unlink()
+            os.truncate(entry, 30)  # the spool's file, cut short in its header
             daemon.config.write_text(daemon.config.read_text().replace("active = false",
                                                                        "active = true"))
             daemon.send_signal(signal.SIGHUP)
@@ -394,7 +394,7 @@ def test_send_test_reports_a_message_moved_to_quarantine_as_failed(tmp_path: Pat
         assert code == 1, output
         assert (f"{entry.name}: failed: damaged in the spool, moved to quarantine and not sent: "
                 in output), output
-        assert "the message file is missing" in output
+        assert "cut short in its header" in output
     finally:
         daemon.stop(signal.SIGKILL)
 
@@ -406,11 +406,12 @@ def test_send_test_on_an_entry_damaged_while_it_waits_fails_at_once_with_the_rea
     try:
         cli = start_send_test(daemon, wait="5")
         entry = queued_entry(tmp_path)
-        (entry / "envelope.json").write_bytes(b'{"id": "trunc')
+        truncated = b'{"id": "trunc'  # an envelope cut short, in a header that is whole
+        entry.write_bytes(b"RELAYQ1 %07X\n%s\n" % (16 + len(truncated) + 1, truncated))
         code, output = finish(cli)
         assert code == 1, output
         assert f"{entry.name}: failed: damaged in the spool" in output, output
-        assert "envelope.json: the envelope cannot be read" in output
+        assert "the envelope in its header cannot be read" in output
     finally:
         daemon.stop(signal.SIGKILL)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from relay import spool_file
 from relay.app import Relay
 from relay.spool import Envelope, Recipient, new_queue_id
 from relay.state import StateLock
@@ -338,7 +339,18 @@ def planted_entry(queue_id: str, directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("link", ["entry in queue", "entry in active", "message", "envelope"])
+def planted_file(queue_id: str, path: Path) -> Path:
+    """A well-formed entry of the current layout (one file: header, then the message)."""
+    body = message(f"planted-{queue_id}")
+    env = Envelope(queue_id, "app@apps.example.com", [Recipient("ops@example.com")],
+                   size=len(body))
+    path.write_bytes(spool_file.header(env.to_json()) + body)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize("link", ["entry in queue", "entry in active", "message", "envelope",
+                                  "file entry in queue", "saved envelope"])
 def test_symlinked_spool_entry_is_quarantined_and_its_target_untouched(
         tmp_path: Path, daemons: list[Daemon], link: str) -> None:
     state = tmp_path / "state"
@@ -353,7 +365,18 @@ def test_symlinked_spool_entry_is_quarantined_and_its_target_untouched(
     queue_id = new_queue_id()
     outside = tmp_path / "outside"
     outside.mkdir()
-    if link.startswith("entry"):
+    if link == "file entry in queue":
+        target = planted_file(queue_id, outside / "entry")
+        (spool / "queue" / queue_id).symlink_to(target)
+        watched = [target]
+    elif link == "saved envelope":
+        entry = planted_file(queue_id, spool / "queue" / queue_id)
+        target = outside / "envelope"
+        env = Envelope(queue_id, "app@apps.example.com", [Recipient("ops@example.com")])
+        target.write_bytes(env.to_json())
+        (spool / "envelopes" / queue_id).symlink_to(target)
+        watched = [target]
+    elif link.startswith("entry"):
         target = planted_entry(queue_id, outside / "entry")
         place = link.rpartition(" ")[2]
         (spool / place / queue_id).symlink_to(target)

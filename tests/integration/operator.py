@@ -4,7 +4,7 @@ against real servers: start it, hand it a message, read its spool."""
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import signal
 import smtplib
 import socket
@@ -15,6 +15,8 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
+from relay.errors import DamagedEntry
+from relay.spool import Spool
 from tests.peers.peers import MailPeers
 from tests.support import Daemon, free_port, relay_command
 
@@ -54,11 +56,11 @@ class Relay:
         return text.decode().rsplit(" ", 1)[1]
 
     def envelope(self, queue_id: str) -> tuple[str, dict[str, Any]] | None:
-        for place in ("queue", "active", "dead"):
-            path = self.state / "spool" / place / queue_id / "envelope.json"
+        spool = Spool(self.state / "spool")  # an entry is one file; its envelope may be
+        for place in ("queue", "active", "dead"):  # saved beside it
             try:
-                return place, json.loads(path.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
+                return place, dataclasses.asdict(spool.read(queue_id, place))
+            except (FileNotFoundError, DamagedEntry):
                 continue
         return None
 

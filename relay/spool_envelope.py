@@ -1,0 +1,102 @@
+"""A spool entry's envelope: sender, recipients and their states, attempts; and queue ids.
+
+Only the standard library: no settings, no network code, nothing else of the relay's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+RecipientState = Literal["pending", "delivered", "failed"]
+
+
+@dataclass
+class Recipient:
+    address: str
+    state: RecipientState = "pending"
+    reply: str | None = None
+    options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Envelope:
+    id: str
+    sender: str
+    """The client's MAIL FROM, before the rewrite ('' for the null sender)."""
+    recipients: list[Recipient]
+    mail_from: str | None = None
+    """The system address the message goes out with; None until the account has one."""
+    mail_options: list[str] = field(default_factory=list)
+    received_at: float = field(default_factory=time.time)
+    age_base: float = 0.0
+    """Age for queue.max_age counts from here: receipt, or the last manual retry."""
+    size: int = 0
+    client: str = ""
+    subject: str | None = None
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str | None = None
+    crashes: int = 0
+    dead_reason: str | None = None
+    helo: str | None = None
+    """The client's HELO/EHLO name, for the Received line added when the message is sent."""
+    protocol: str = "ESMTP"
+    """SMTP, ESMTP or UTF8SMTP: the `with` of that Received line."""
+    as_received: bool = False
+    """True: `message` holds the client's bytes, and the rewrite for the account as it is
+    when the message is sent is applied on the way out. False: an entry written by an
+    earlier version, whose `message` already holds the bytes to send."""
+
+    def __post_init__(self) -> None:
+        if not self.age_base:
+            self.age_base = self.received_at
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == "pending"]
+
+    def to_json(self) -> bytes:
+        # ASCII escapes: always valid UTF-8 JSON, whatever bytes a client put in an address
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Envelope:
+        """Parse and check an envelope; ValueError/TypeError/KeyError when it is not one."""
+        data: dict[str, Any] = json.loads(raw)
+        data["recipients"] = [Recipient(**r) for r in data["recipients"]]
+        env = cls(**data)
+        if not env.id or not env.recipients:
+            raise ValueError("no id or no recipients")
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(env, name)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise ValueError(f"{name} has the wrong type ({type(value).__name__})")
+        if not isinstance(env.as_received, bool):
+            raise ValueError("as_received is not true or false")
+        for rcpt in env.recipients:
+            if (not isinstance(rcpt.address, str) or rcpt.state not in _STATES
+                    or not isinstance(rcpt.options, list)):
+                raise ValueError(f"recipient {rcpt.address!r} is malformed")
+        return env
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str, "sender": str, "mail_options": list, "received_at": (int, float),
+    "age_base": (int, float), "size": int, "client": str, "attempts": int,
+    "next_attempt": (int, float), "crashes": int, "mail_from": (str, type(None)),
+    "helo": (str, type(None)), "protocol": str,
+}
+_STATES = ("pending", "delivered", "failed")
+
+
+_ID_BITS = random.Random()
+"""Seeded from the operating system's randomness once; an id needs to be unique, not secret."""
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival time, unique without coordination: 13 hex digits of µs + 8 random."""
+    return f"{time.time_ns() // 1000:013X}{_ID_BITS.getrandbits(32):08X}"
