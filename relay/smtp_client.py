@@ -35,7 +35,7 @@ from .errors import (
     Held,
     TemporaryFailure,
 )
-from .metrics import Metrics
+from .metrics import Metrics, login_method
 from .settings import ServerSettings
 from .smtp_body import Body
 from .upstream import Outcome, Outgoing, explain, slow_down_requested
@@ -191,8 +191,7 @@ class SmtpUpstream:
 
     async def _new_session(self) -> Session:
         session = Session(self.name, self.server, self.hostname, oauth=self.oauth)
-        method = (self.server.auth.method if self.server.auth
-                  else "XOAUTH2" if self.server.oauth else "none")
+        method = login_method(self.server) or "none"
         self._check_paused()  # never log in while paused, even for a delivery already waiting
         epoch = self._auth_epoch
         self._opening += 1
