@@ -4,7 +4,9 @@ An aiosmtpd server on 127.0.0.1 answers 535 to every login (tests/upstream_serve
 several deliveries are in flight at once, as with `pool_size` sessions opening together.
 The upstream's clock (`relay.smtp_client.time`) is a frozen one that the test moves on,
 so the pause's length is read exactly from the log and from `not_before()`, and "the
-pause has ended" needs no waiting.
+pause has ended" needs no waiting. The last test runs the installed `sysmail-relay serve`
+as the operator did: mail held while the account is inactive goes out at once when a
+reload activates it, to a server that refuses the login, and its log has one pause.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
+import smtplib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +31,7 @@ from relay.smtp_client import RateLimited, SmtpUpstream
 from relay.spool import Envelope, Recipient
 from relay.upstream import Outgoing
 
+from .support import Daemon, free_port
 from .test_pop3 import Pop3Stub, running
 from .upstream_servers import Script, Servers
 
@@ -181,3 +186,70 @@ async def test_pop_logins_refused_while_deliveries_wait_pause_once(
         "relay_auth_failures_total", {"server": "test", "method": "POP"}) == 3
     assert pauses(caplog) == [(60, 3)]
     assert script.connections == 0
+
+
+DAEMON_CONFIG = """
+state_dir = "{state}"
+[listener]
+port = {port}
+[system_account]
+address = "notify@example.com"
+server = "smarthost"
+active = {active}
+[queue]
+retry_initial = "1s"
+retry_max = "2s"
+[servers.smarthost]
+host = "127.0.0.1"
+port = {upstream}
+encryption = "none"
+pool_size = {pool}
+auth = {{ method = "PLAIN", username = "sys", password = "wrong-password" }}
+"""
+
+
+async def test_daemon_logs_one_pause_for_a_burst_of_refused_logins(
+        tmp_path: Path, servers: Servers) -> None:
+    script = Script(password="the-right-one")
+    upstream, port = await servers.smtp(script), free_port()
+    config = tmp_path / "relay.toml"
+
+    def write(active: bool) -> None:
+        config.write_text(DAEMON_CONFIG.format(state=tmp_path / "state", port=port,
+                                               upstream=upstream, pool=POOL,
+                                               active=str(active).lower()))
+
+    def submit(n: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            for i in range(n):
+                client.sendmail("app@example.com", ["a@example.com"],
+                                BODY.replace(b"disk full", b"disk full %d" % i))
+
+    def log_lines(pattern: str) -> list[str]:
+        return [line for line in daemon.log_text().splitlines() if re.search(pattern, line)]
+
+    async def wait_for_lines(pattern: str, n: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(log_lines(pattern)) < n:
+            assert time.monotonic() < deadline, daemon.log_text()
+            await asyncio.sleep(0.05)
+
+    write(active=False)  # the operator deactivated the account; mail is held meanwhile
+    daemon = Daemon(config, tmp_path / "relay.log", port)
+    await asyncio.to_thread(daemon.start)
+    try:
+        await asyncio.to_thread(submit, 2 * POOL)
+        write(active=True)  # ... and activates it again, with the password still wrong
+        daemon.send_signal(signal.SIGHUP)
+        await wait_for_lines(r"status=deferred", 2 * POOL)  # every message was taken up
+    finally:
+        code = await asyncio.to_thread(daemon.stop)
+    assert code == 0, daemon.log_text()
+    # the burst: pool_size logins at once, and those begun before the 3rd was refused;
+    # none once the pause began (the other messages wait for its end without trying)
+    assert POOL <= len(script.logins) < 2 * POOL
+    assert len(log_lines(r"status=deferred .*not trying smarthost before")) >= 1
+    assert script.mails == []
+    paused = log_lines(r"not sending to smarthost for")
+    assert len(paused) == 1, "\n".join(paused)
+    assert "for 60 s: 3 authentication failures in a row" in paused[0]
