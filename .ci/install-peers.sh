@@ -79,6 +79,11 @@ stop_by_pidfile /run/dovecot/master.pid
 stop_by_pidfile /run/saslauthd/saslauthd.pid
 stop_by_pidfile /run/prometheus/prometheus.pid
 
+# Debian's prometheus package enables its server at boot (systemd and sysv links);
+# only promtool is wanted here, so no Prometheus listens on :9090 after a reboot either.
+deb-systemd-helper disable prometheus.service >/dev/null 2>&1 || true
+update-rc.d prometheus disable >/dev/null 2>&1 || true
+
 for bin in postfix postconf smtp-sink dovecot doveadm saslpasswd2 swaks chromium promtool; do
     command -v "$bin" >/dev/null || { echo "install-peers.sh: $bin missing" >&2; exit 1; }
 done
