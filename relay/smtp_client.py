@@ -35,7 +35,7 @@ from .errors import (
     Held,
     TemporaryFailure,
 )
-from .metrics import Metrics, login_method
+from .metrics import Metrics
 from .settings import ServerSettings
 from .smtp_body import Body
 from .upstream import Outcome, Outgoing, explain, slow_down_requested
@@ -191,7 +191,8 @@ class SmtpUpstream:
 
     async def _new_session(self) -> Session:
         session = Session(self.name, self.server, self.hostname, oauth=self.oauth)
-        method = login_method(self.server) or "none"
+        method = (self.server.auth.method if self.server.auth
+                  else "XOAUTH2" if self.server.oauth else "none")
         self._check_paused()  # never log in while paused, even for a delivery already waiting
         epoch = self._auth_epoch
         self._opening += 1
@@ -221,7 +222,8 @@ class SmtpUpstream:
         self._auth_failures += 1
         if self._auth_pauses == 0 and self._auth_failures < AUTH_FAILURES_BEFORE_PAUSE:
             return
-        seconds = min(AUTH_PAUSE_MAX, AUTH_PAUSE_FIRST * 2**self._auth_pauses)
+        doublings = min(self._auth_pauses, 16)  # an hour long before; no float overflow
+        seconds = min(AUTH_PAUSE_MAX, AUTH_PAUSE_FIRST * 2**doublings)
         self._auth_pauses += 1
         self._auth_epoch += 1
         self._pause(seconds, f"{self._auth_failures} authentication failures in a row "

@@ -168,6 +168,23 @@ async def test_a_login_accepted_after_a_pause_starts_the_count_again(
         assert pauses(caplog) == expected
 
 
+async def test_a_password_wrong_for_months_pauses_an_hour_at_a_time(
+        burst: tuple[Burst, Script], clock: FrozenClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "relay.upstream")
+    made, script = burst
+    await made.fire(3)
+    for _ in range(1100):  # a refused login each time a pause ends: 45 days of pauses
+        clock.now = made.upstream.not_before() + 1
+        with pytest.raises(AuthenticationFailure):
+            await made.upstream.deliver(made.message())
+    seconds = [s for s, _ in pauses(caplog)]
+    assert seconds[:7] == [60, 120, 240, 480, 960, 1920, 3600]
+    assert set(seconds[6:]) == {3600} and len(seconds) == 1101
+    assert made.upstream.not_before() == clock.now + 3600
+    assert len(script.logins) == 1103  # one login per pause: the account is never hammered
+
+
 async def test_pop_logins_refused_while_deliveries_wait_pause_once(
         tmp_path: Path, servers: Servers, clock: FrozenClock,
         caplog: pytest.LogCaptureFixture) -> None:
