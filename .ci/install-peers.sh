@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages the integration-test peers need (Postfix, Dovecot,
-# Cyrus SASL, swaks) without configuring or starting the system instances, and
-# chromium for the admin page's browser test (Playwright drives it headless).
+# Cyrus SASL, swaks) without configuring or starting the system instances,
+# chromium for the admin page's browser test (Playwright drives it headless), and
+# prometheus for its promtool (the alert rules in deploy/ are tested with
+# `promtool test rules`; no Prometheus server is started).
 # Idempotent; run as root. The tests start private instances on 127.0.0.1.
 set -euo pipefail
 
@@ -24,6 +26,7 @@ PACKAGES=(
     libdigest-hmac-perl
     ca-certificates
     chromium
+    prometheus
 )
 
 missing=()
@@ -74,8 +77,14 @@ stop_by_pidfile() {
 stop_by_pidfile /var/spool/postfix/pid/master.pid
 stop_by_pidfile /run/dovecot/master.pid
 stop_by_pidfile /run/saslauthd/saslauthd.pid
+stop_by_pidfile /run/prometheus/prometheus.pid
 
-for bin in postfix postconf smtp-sink dovecot doveadm saslpasswd2 swaks chromium; do
+# Debian's prometheus package enables its server at boot (systemd and sysv links);
+# only promtool is wanted here, so no Prometheus listens on :9090 after a reboot either.
+deb-systemd-helper disable prometheus.service >/dev/null 2>&1 || true
+update-rc.d prometheus disable >/dev/null 2>&1 || true
+
+for bin in postfix postconf smtp-sink dovecot doveadm saslpasswd2 swaks chromium promtool; do
     command -v "$bin" >/dev/null || { echo "install-peers.sh: $bin missing" >&2; exit 1; }
 done
 echo "install-peers.sh: peers installed: $(postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /'), dovecot $(dovecot --version)"

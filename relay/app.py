@@ -91,6 +91,7 @@ class Relay:
         self.settings = settings
         self.config_file = config_file
         self.metrics = Metrics()
+        self.metrics.declare(settings)  # every series at 0 from the first scrape
         self.oauth = OAuth(settings, self.metrics)
         self.oauth.on_granted.append(self._oauth_granted)
         self.make_upstream: UpstreamFactory = upstreams or functools.partial(
@@ -241,6 +242,7 @@ class Relay:
         self.oauth.reconfigure(new)
         self.scheduler.reconfigure(new)
         self.metrics.config_reloads.labels("ok").inc()
+        self.metrics.declare(new)  # a server or client added: its series at 0 at once
         for warning in warnings(new):  # the same as at start-up
             log.warning("%s", warning)
         log.info("configuration reloaded: account %s <%s> via %s",

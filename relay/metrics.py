@@ -1,10 +1,28 @@
-"""Prometheus metrics (DESIGN.md, "Metrics"): one registry per relay, no globals."""
+"""Prometheus metrics (DESIGN.md, "Metrics"): one registry per relay, no globals.
+
+Every labelled series the configuration makes possible is exported at 0 from the first
+scrape (`Metrics.declare`, at start and after each reload), so that an `increase()` or
+`rate()` alert sees the first event: a series that appears at 1 has no earlier sample
+to increase from, and Prometheus reports no increase.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+if TYPE_CHECKING:
+    from .settings import ServerSettings, Settings
+
 _DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REJECT_REASONS = ("network", "connections", "size", "recipients", "line_length", "spool")
+"""Every `reason` of relay_messages_rejected_total (relay.listener)."""
+DELIVERY_RESULTS = ("ok", "deferred", "failed")
+POP_RESULTS = ("ok", "failed")
+OAUTH_RESULTS = ("ok", "invalid_grant", "unreachable", "error")
+"""Every `result` of relay_oauth_refresh_total (relay.oauth)."""
 
 
 class Metrics:
@@ -54,3 +72,38 @@ class Metrics:
             self.queue_messages.labels(state)
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
+
+    def declare(self, settings: Settings) -> None:
+        """Export at 0 every labelled counter series `settings` make possible: rejections
+        by reason; per server (each configured one and the built-in outbox when it sends)
+        deliveries by result, its login's authentication failures, POP-before-SMTP logins
+        by result; OAuth token requests per client by result. Series of servers or clients
+        a reload removed stay (a counter never goes back)."""
+        for reason in REJECT_REASONS:
+            self.messages_rejected.labels(reason)
+        names = {settings.system_account.server, *settings.servers}
+        for name in sorted(names):
+            for result in DELIVERY_RESULTS:
+                self.deliveries.labels(name, result)
+            server = settings.servers.get(name)
+            if server is None:
+                continue  # the built-in outbox: no login
+            if (method := login_method(server)) is not None:
+                self.auth_failures.labels(name, method)
+            if server.pop_before_smtp is not None:
+                for result in POP_RESULTS:
+                    self.pop_before_smtp.labels(name, result)
+        for client in settings.oauth_clients:
+            for result in OAUTH_RESULTS:
+                self.oauth_refresh.labels(client, result)
+
+
+def login_method(server: ServerSettings) -> str | None:
+    """The `method` label of the server's authentication failures, None without a login."""
+    if server.auth is not None:
+        return server.auth.method
+    if server.oauth is not None:
+        return "XOAUTH2"
+    if server.pop_before_smtp is not None:
+        return "POP"
+    return None

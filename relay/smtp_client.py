@@ -6,6 +6,12 @@ reconnects when the server closed an idle connection, and paces itself: the
 configured rate limits, a pause after repeated authentication failures (so the
 relay never locks the account), and a slow-down when the server says "too many".
 
+The authentication pause counts once per pause: 3 refused logins in a row pause the
+server for 1 minute; after a pause one more refused login pauses it again, each pause
+twice as long as the one before (at most an hour); an accepted login starts over.
+Logins already in flight when a pause begins were tried with the same credentials: their
+refusals are counted in `relay_auth_failures_total` but never start or lengthen a pause.
+
 At most `pool_size` transactions are sending at once, one per session. When the
 server offers PIPELINING, a transaction that has written its final dot stops
 counting: the next message's commands may follow it on the same session while it
@@ -43,6 +49,9 @@ log = logging.getLogger("relay.upstream")
 IDLE_CLOSE = 15.0
 """Seconds an unused connection stays open for the next message."""
 AUTH_FAILURES_BEFORE_PAUSE = 3
+"""Refused logins in a row before the first pause; after a pause, one more pauses again."""
+AUTH_PAUSE_FIRST = 60.0
+AUTH_PAUSE_MAX = 3600.0
 
 
 class RateLimited(Held):
@@ -74,6 +83,12 @@ class SmtpUpstream:
         self._changed = asyncio.Event()
         """Set when a session becomes idle or chainable, or one is closed."""
         self._auth_failures = 0
+        """Refused logins in a row, each counted once (not those in flight at a pause)."""
+        self._auth_pauses = 0
+        """Authentication pauses in a row: the next one lasts 60 s * 2**this."""
+        self._auth_epoch = 0
+        """Incremented when an authentication pause begins; a login remembers the value it
+        started under, so that one refused before the pause began is not counted again."""
         self._paused_until = 0.0
         self._slowdown = 0.0
         self._sent: collections.deque[float] = collections.deque()
@@ -108,12 +123,15 @@ class SmtpUpstream:
                 ready = max(ready, self._rcpts[i - 1][0] + 86400)
         return ready
 
-    def _check_pace(self, message: Outgoing) -> None:
-        now = time.time()
-        if self._paused_until > now:
+    def _check_paused(self) -> None:
+        if self._paused_until > time.time():
             raise RateLimited(f"not trying {self.name} before "
                               f"{_clock(self._paused_until)}: {self._pause_reason}",
                               self._paused_until)
+
+    def _check_pace(self, message: Outgoing) -> None:
+        now = time.time()
+        self._check_paused()
         ready = self._rate_ready_at(len(message.recipients))
         if ready > now:
             raise RateLimited(f"{self.name}: rate_limit or max_recipients_per_day reached; "
@@ -152,15 +170,17 @@ class SmtpUpstream:
         async with self._pop_lock:  # concurrent deliveries share one login
             if time.monotonic() - self._pop_at < pop.window:
                 return
+            self._check_paused()  # a login refused while this one waited paused the server
+            epoch = self._auth_epoch
             try:
                 answer = await pop_before_smtp(self.name, self.server)
             except DeliveryFailure as failure:
                 self.metrics.pop_before_smtp.labels(self.name, "failed").inc()
                 if isinstance(failure, AuthenticationFailure):
-                    self._auth_failed("POP", failure)
+                    self._auth_failed("POP", failure, epoch)
                 raise
             logged_in = time.monotonic()
-            self._auth_failures = 0
+            self._auth_accepted()
             self.metrics.pop_before_smtp.labels(self.name, "ok").inc()
             log.info("%s: POP before SMTP login to %s ok (%s)", self.name, pop.host, answer)
             if pop.wait:
@@ -173,12 +193,14 @@ class SmtpUpstream:
         session = Session(self.name, self.server, self.hostname, oauth=self.oauth)
         method = (self.server.auth.method if self.server.auth
                   else "XOAUTH2" if self.server.oauth else "none")
+        self._check_paused()  # never log in while paused, even for a delivery already waiting
+        epoch = self._auth_epoch
         self._opening += 1
         try:
             await session.open()
         except AuthenticationFailure as failure:
             await session.quit()
-            self._auth_failed(method, failure)
+            self._auth_failed(method, failure, epoch)
             raise
         except BaseException:
             await session.quit()
@@ -186,19 +208,30 @@ class SmtpUpstream:
         finally:
             self._opening -= 1
             self._changed.set()
-        self._auth_failures = 0
+        self._auth_accepted()
         self._sessions.add(session)
         self.metrics.upstream_sessions.labels(self.name).set(len(self._sessions))
         return session
 
-    def _auth_failed(self, method: str, failure: DeliveryFailure) -> None:
+    def _auth_failed(self, method: str, failure: DeliveryFailure, epoch: int) -> None:
+        """A login started under `epoch` was refused: counted in the metric always, towards
+        a pause only when no pause began while it was in flight."""
         self.metrics.auth_failures.labels(self.name, method).inc()
+        if epoch != self._auth_epoch:
+            return  # tried before the pause now running: that pause already answers it
         self._auth_failures += 1
-        if self._auth_failures >= AUTH_FAILURES_BEFORE_PAUSE:
-            excess = self._auth_failures - AUTH_FAILURES_BEFORE_PAUSE
-            self._pause(min(3600.0, 60.0 * 2**excess),
-                        f"{self._auth_failures} authentication failures in a row (pausing so "
-                        f"the account is not locked); last: {failure.reply}")
+        if self._auth_pauses == 0 and self._auth_failures < AUTH_FAILURES_BEFORE_PAUSE:
+            return
+        doublings = min(self._auth_pauses, 16)  # an hour long before; no float overflow
+        seconds = min(AUTH_PAUSE_MAX, AUTH_PAUSE_FIRST * 2**doublings)
+        self._auth_pauses += 1
+        self._auth_epoch += 1
+        self._pause(seconds, f"{self._auth_failures} authentication failures in a row "
+                             f"(pausing so the account is not locked); last: {failure.reply}")
+
+    def _auth_accepted(self) -> None:
+        self._auth_failures = 0
+        self._auth_pauses = 0
 
     def _take_idle(self) -> Session | None:
         while self._idle:
