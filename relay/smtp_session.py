@@ -318,15 +318,23 @@ class Session:
         assert auth is not None
         offered = [m.upper() for m in self.client.server_auth_methods]
         if auth.method not in offered:
-            if offered:
+            usable = [m for m in offered if m in _METHODS]
+            if usable:
                 fix = (f"set {self.key}.auth.method to one of "
-                       + ", ".join(f'"{m}"' for m in offered if m in _METHODS))
-            elif self.server.encryption == "none":
-                fix = (f"many servers offer AUTH only after STARTTLS: set {self.key}.encryption "
-                       "= \"starttls\" (or \"tls\" with port 465)")
+                       + ", ".join(f'"{m}"' for m in usable))
+            elif "XOAUTH2" in offered:
+                fix = (f"this server takes OAuth only: replace [{self.key}.auth] with "
+                       f"[{self.key}.oauth] (docs/oauth.md)")
+            elif offered:
+                fix = "the relay speaks none of them: use another server or port"
+            elif (self.server.encryption == "none"
+                  and self.client.supports_extension("starttls")):
+                fix = (f"the server offers AUTH only after STARTTLS: set {self.key}.encryption "
+                       "= \"starttls\"")
             else:
-                fix = (f"this server takes no login here: remove [{self.key}.auth] if it relays "
-                       "for this host, or use the server's submission port (587 or 465)")
+                fix = (f"this port takes no login: remove [{self.key}.auth] if the server "
+                       "relays for this host without one, or use its submission port "
+                       f"({_PORTS})")
             self._fail(AuthenticationFailure(
                 f"{self.label} does not offer AUTH {auth.method}; it offers "
                 f"{', '.join(offered) or 'no authentication'}; {fix}",
