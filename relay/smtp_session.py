@@ -370,12 +370,18 @@ class Session:
         try:
             token = await action
         except (NotGranted, TokenStoreError) as e:
-            self._report(stage, started, f"FAILED: Not granted: {e}")
-            raise Held(f"{self.label}: OAuth authorization Not granted for {user}: {e}",
+            fix = "" if "oauth authorize" in str(e) or isinstance(e, TokenStoreError) else (
+                f"; sign in: `sysmail-relay oauth authorize {client}` (or the admin page's "
+                "sign-in button)")
+            self._report(stage, started, f"FAILED: Not granted: {e}{fix}")
+            raise Held(f"{self.label}: OAuth authorization Not granted for {user}: {e}{fix}",
                        stage=stage, retry_at=time.time() + OAUTH_RECHECK) from None
         except OAuthError as e:
-            self._report(stage, started, f"FAILED: {e}")
-            raise TemporaryFailure(f"{self.label}: no OAuth token for {user}: {e}",
+            fix = "" if "oauth_clients." in str(e) else (
+                f"; check oauth_clients.{client} (token_url, client_id, the secret) and that "
+                "the provider can be reached from here")
+            self._report(stage, started, f"FAILED: {e}{fix}")
+            raise TemporaryFailure(f"{self.label}: no OAuth token for {user}: {e}{fix}",
                                    stage=stage) from None
         self._report(stage, started, f"ok for {user} (client {client}; token not shown)")
         return token
