@@ -145,12 +145,13 @@ def read_secret_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as e:
-        raise ValueError(f"cannot read secret file {path}: {_missing(e)}") from None
+        raise ValueError(f"cannot read secret file {path}: {file_error(e)}") from None
     except UnicodeDecodeError:
         raise ValueError(f"secret file {path} is not UTF-8 text") from None
 
 
-def _missing(e: OSError) -> str:
+def file_error(e: OSError) -> str:
+    """What went wrong with a named file, and the fix, for a person."""
     if isinstance(e, FileNotFoundError):
         return "no such file; create it or correct the path"
     if isinstance(e, PermissionError):
@@ -544,7 +545,7 @@ def _ca_problem(path: Path) -> str | None:
         with path.open("rb") as f:
             head = f.read(1 << 20)
     except OSError as e:
-        return _missing(e)
+        return file_error(e)
     if b"-----BEGIN CERTIFICATE-----" not in head:
         return ("not a PEM CA certificate (no \"-----BEGIN CERTIFICATE-----\"); convert it "
                 "with `openssl x509 -inform der -in CA.der -out CA.pem`")
@@ -553,7 +554,7 @@ def _ca_problem(path: Path) -> str | None:
     except ssl.SSLError as e:
         return f"not a usable PEM CA certificate ({e.reason or e}); export the CA again"
     except OSError as e:
-        return _missing(e)
+        return file_error(e)
     return None
 
 
@@ -563,7 +564,7 @@ def _secret_problem(path: Path) -> str | None:
             mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
             f.read(1)
     except OSError as e:
-        return _missing(e)
+        return file_error(e)
     if mode & _SECRET_MODE:
         return (f"writable by every user (mode {mode:04o}), who could replace the secret; "
                 f"chmod 600 {path}")

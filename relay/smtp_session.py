@@ -39,7 +39,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .settings import ServerSettings
+from .settings import ServerSettings, file_error
 from .smtp_body import Body
 from .smtp_pipeline import Replies
 from .upstream import Outcome, Outgoing, classify, explain
@@ -141,11 +141,10 @@ def tls_context(server: ServerSettings, ca_file: Path | None = None,
         try:
             context.load_verify_locations(cafile=str(extra))
         except OSError as e:  # ssl.SSLError too: not PEM
-            problem = e.strerror if not isinstance(e, ssl.SSLError) else \
-                f"not a PEM CA certificate ({e.reason or e})"
-            raise TemporaryFailure(
-                f"{key} = {str(extra)!r}: {problem}; put the CA certificate (PEM) there "
-                "or remove the key", stage="TLS setup") from None
+            problem = file_error(e) if not isinstance(e, ssl.SSLError) else \
+                f"not a PEM CA certificate ({e.reason or e}); export the CA as PEM"
+            raise TemporaryFailure(f"{key} = {str(extra)!r}: {problem}",
+                                   stage="TLS setup") from None
     if not server.tls_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
