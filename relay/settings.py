@@ -3,7 +3,9 @@
 Loaded once at start-up (and again at SIGHUP), validated as a whole, and passed
 down. `load_settings()` is the only entry point; it raises `ConfigError` with one
 line per mistake, each naming the key path, the bad value (never a secret's) and
-what is allowed.
+what is allowed. Every file the configuration names (CA files, secret files, the
+token store) is opened then too (`file_problems`), so a missing or unusable one is
+an invalid configuration for `check`, at start and at reload.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """One connection to a real SMTP server over aiosmtplib, opened step by step.
 
-`Session` connects, reads the banner, says EHLO, does STARTTLS (required when
-chosen), logs in by POP before SMTP, SMTP AUTH or XOAUTH2, and runs one
-transaction per message, each step bounded by the server's timeout; a failure at
-any step becomes a TemporaryFailure or PermanentFailure through
-`upstream.classify`. `probe` runs the same steps for `check --connect` and prints
-them. The pool that reuses sessions is `relay.smtp_client.SmtpUpstream`.
+`Session` opens the TCP connection itself (so that a connect timeout, a TLS
+handshake that never ends and a server that never greets are told apart), reads the
+banner, says EHLO, does STARTTLS (required when chosen), logs in by POP before SMTP,
+SMTP AUTH or XOAUTH2, and runs one transaction per message, each step bounded by the
+server's timeout; a failure at any step becomes a TemporaryFailure or
+PermanentFailure (through `upstream.classify` for what the server or the network
+did) whose text names the key to change. `probe` runs the same steps for
+`check --connect` and prints one line per step, a failing one with its reason and
+fix. The pool that reuses sessions is `relay.smtp_client.SmtpUpstream`.
 """
 
 from __future__ import annotations
