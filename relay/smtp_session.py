@@ -1,11 +1,14 @@
 """One connection to a real SMTP server over aiosmtplib, opened step by step.
 
-`Session` connects, reads the banner, says EHLO, does STARTTLS (required when
-chosen), logs in by POP before SMTP, SMTP AUTH or XOAUTH2, and runs one
-transaction per message, each step bounded by the server's timeout; a failure at
-any step becomes a TemporaryFailure or PermanentFailure through
-`upstream.classify`. `probe` runs the same steps for `check --connect` and prints
-them. The pool that reuses sessions is `relay.smtp_client.SmtpUpstream`.
+`Session` opens the TCP connection itself (so that a connect timeout, a TLS
+handshake that never ends and a server that never greets are told apart), reads the
+banner, says EHLO, does STARTTLS (required when chosen), logs in by POP before SMTP,
+SMTP AUTH or XOAUTH2, and runs one transaction per message, each step bounded by the
+server's timeout; a failure at any step becomes a TemporaryFailure or
+PermanentFailure (through `upstream.classify` for what the server or the network
+did) whose text names the key to change. `probe` runs the same steps for
+`check --connect` and prints one line per step, a failing one with its reason and
+fix. The pool that reuses sessions is `relay.smtp_client.SmtpUpstream`.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
@@ -34,8 +39,10 @@ from .errors import (
     Pop3Error,
     TemporaryFailure,
     TokenStoreError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
 )
-from .settings import ServerSettings
+from .settings import ServerSettings, file_error
 from .smtp_body import Body
 from .smtp_pipeline import Replies
 from .upstream import Outcome, Outgoing, classify, explain
@@ -50,6 +57,32 @@ OAUTH_RECHECK = 60.0
 _DSN_MAIL = ("RET=", "ENVID=")
 T = TypeVar("T")
 Step = Callable[[str, float, str], None]
+_PORTS = '587 with encryption = "starttls", 465 with "tls", 25 with "none"'
+_METHODS = ("PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5")
+"""What auth.method may name (settings.AuthSettings)."""
+
+
+async def _tcp_connect(host: str, port: int) -> socket.socket:
+    """A connected, non-blocking TCP socket to the first address of `host` that answers.
+
+    Raises socket.gaierror (the name does not resolve) or the last address's OSError.
+    The caller bounds the time."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except BaseException as e:
+            sock.close()
+            if not isinstance(e, OSError):
+                raise
+            error = e
+            continue
+        return sock
+    raise error
 
 
 async def pop_before_smtp(name: str, server: ServerSettings,
@@ -62,7 +95,10 @@ async def pop_before_smtp(name: str, server: ServerSettings,
     pop = server.pop_before_smtp
     assert pop is not None and pop.port is not None
     where = f"{name}: POP before SMTP at {pop.host}:{pop.port}"
-    context = tls_context(server, pop.ca_file) if pop.encryption != "none" else None
+    context = (tls_context(server, pop.ca_file,
+                           f"servers.{name}.pop_before_smtp.ca_file" if pop.ca_file
+                           else f"servers.{name}.ca_file")
+               if pop.encryption != "none" else None)
 
     def step(stage: str, seconds: float, answer: str) -> None:
         if on_step is not None:
@@ -74,21 +110,44 @@ async def pop_before_smtp(name: str, server: ServerSettings,
             timeout=pop.timeout, username=pop.username, password=pop.secret(), apop=pop.apop,
             on_step=step)
     except Pop3Error as e:
+        reply = _pop_fix(name, e)
         if on_step is not None:
-            on_step(f"POP {e.stage or 'login'}", 0.0, f"FAILED: {e.reply}")
+            on_step(f"POP {e.stage or 'login'}", 0.0, f"FAILED: {reply}")
         refused = e.stage in ("USER", "PASS", "APOP") and not isinstance(e, TimeoutError)
         kind = AuthenticationFailure if refused else TemporaryFailure
-        raise kind(f"{where}: {e.reply}", stage=f"POP {e.stage or 'login'}") from None
+        raise kind(f"{where}: {reply}", stage=f"POP {e.stage or 'login'}") from None
 
 
-def tls_context(server: ServerSettings, ca_file: Path | None = None) -> ssl.SSLContext:
+def _pop_fix(name: str, error: Pop3Error) -> str:
+    """The POP server's answer with the full key to change (servers.NAME.pop_before_smtp.*)."""
+    key = f"servers.{name}.pop_before_smtp"
+    reply = re.sub(r"(?<![\w.])pop_before_smtp\.", f"{key}.", error.reply)
+    if "pop_before_smtp" in error.reply or "ca_file" in error.reply:
+        return reply.replace("with ca_file", f"with {key}.ca_file")
+    if isinstance(error, TimeoutError):
+        return (f"{reply}; check {key}.host and port (995 with encryption = \"tls\", 110 "
+                f"otherwise), or raise {key}.timeout")
+    return f"{reply}; check {key}.host, port and encryption"
+
+
+def tls_context(server: ServerSettings, ca_file: Path | None = None,
+                key: str = "ca_file") -> ssl.SSLContext:
     """System trust (plus `ca_file`, else the server's ca_file), the server's name checked,
-    TLS 1.2 or newer. The POP connection passes `pop_before_smtp.ca_file`."""
+    TLS 1.2 or newer. The POP connection passes `pop_before_smtp.ca_file`.
+
+    A CA file that cannot be read (removed after the configuration was checked) raises
+    TemporaryFailure naming `key` and the path, never a bare OSError."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     extra = ca_file or server.ca_file
     if extra is not None:
-        context.load_verify_locations(cafile=str(extra))
+        try:
+            context.load_verify_locations(cafile=str(extra))
+        except OSError as e:  # ssl.SSLError too: not PEM
+            problem = file_error(e) if not isinstance(e, ssl.SSLError) else \
+                f"not a PEM CA certificate ({e.reason or e}); export the CA as PEM"
+            raise TemporaryFailure(f"{key} = {str(extra)!r}: {problem}",
+                                   stage="TLS setup") from None
     if not server.tls_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -107,9 +166,11 @@ class Session:
         self.label = f"{name} ({server.host}:{server.port})"
         self.stage = "connect"
         self.on_step = on_step
-        self.context = tls_context(server) if server.encryption != "none" else None
-        self.client = aiosmtplib.SMTP(
-            hostname=server.host, port=server.port, timeout=server.timeout,
+        self.key = f"servers.{name}"
+        self.context = (tls_context(server, key=f"{self.key}.ca_file")
+                        if server.encryption != "none" else None)
+        self.client = aiosmtplib.SMTP(  # the port: `_connect` opens the TCP connection
+            hostname=server.host, timeout=server.timeout,
             use_tls=server.encryption == "tls", start_tls=False, tls_context=self.context,
             local_hostname=hostname)
         self.last_used = time.monotonic()
@@ -129,27 +190,35 @@ class Session:
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError):
                 raise
-            failure = classify(e, server=self.label, stage=stage, timeout=self.server.timeout)
+            failure = classify(e, server=self.label, stage=stage, timeout=self.server.timeout,
+                               section=self.key)
             if self.on_step:
-                self.on_step(stage, time.monotonic() - started, f"FAILED: {failure.reply}")
+                self.on_step(failure.stage or stage, time.monotonic() - started,
+                             f"FAILED: {failure.reply}")
             raise failure from None
         if self.on_step:
             self.on_step(stage, time.monotonic() - started, describe(result))
         return result
 
     async def open(self) -> None:
+        """Connect, greeting, EHLO, STARTTLS, login. Every failure is reported to `on_step`
+        (the step, the reply or local error, and the fix) and raised as a DeliveryFailure."""
         # OAuth: the token first, so that no connection is made while there is none
         token = await self._oauth_token() if self.server.oauth is not None else None
-        await self._step("connect", self.client.connect(), _reply)
+        await self._step("connect", self._connect(), _reply)
         if self.server.encryption == "tls":
             self._report_certificate()
         await self._step("EHLO", self.client.ehlo(), _first_line)
         if self.server.encryption == "starttls":
             if not self.client.supports_extension("starttls"):
-                raise TemporaryFailure(
+                self._fail(TemporaryFailure(
                     f"{self.label} does not offer STARTTLS, which encryption = \"starttls\" "
-                    "requires; nothing is sent unencrypted. Fix the server, or choose "
-                    "encryption = \"tls\" or \"none\"", stage="STARTTLS")
+                    f"requires{' (the default with auth)' if self._default_encryption else ''}"
+                    "; nothing is sent unencrypted. Fix: set "
+                    f"{self.key}.encryption = \"none\" if the server is on a trusted network "
+                    "(the password then crosses it in clear), or use the server's encrypted "
+                    f"port ({self.key}.port = 465 with encryption = \"tls\", or 587 with "
+                    "\"starttls\")", stage="STARTTLS"))
             await self._step("STARTTLS", self.client.starttls(tls_context=self.context), _reply)
             self._report_certificate()
             await self._step("EHLO", self.client.ehlo(), _first_line)
@@ -157,6 +226,79 @@ class Session:
             await self._authenticate()
         elif token is not None:
             await self._authenticate_xoauth2(token)
+
+    @property
+    def _default_encryption(self) -> bool:
+        return "encryption" not in self.server.model_fields_set
+
+    def _fail(self, failure: DeliveryFailure) -> NoReturn:
+        """Report a failure found here (not by the server's reply) as its step, and raise."""
+        if self.on_step:
+            self.on_step(failure.stage or self.stage, 0.0, f"FAILED: {failure.reply}")
+        raise failure
+
+    async def _connect(self) -> aiosmtplib.SMTPResponse:
+        """The TCP connection (bounded by the timeout), then TLS (encryption = "tls") and the
+        greeting, so that each failure says which of them it was and what to change."""
+        host, port, wait = self.server.host, self.server.port, self.server.timeout
+        assert host is not None and port is not None
+        key = self.key
+        try:
+            sock = await asyncio.wait_for(_tcp_connect(host, port), wait)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"timeout after {wait:g} s connecting to {self.label}: nothing answered "
+                f"(a firewall dropping the connection, or a wrong address); check {key}.host "
+                f"and {key}.port, or raise {key}.timeout", stage="connect") from None
+        except socket.gaierror as e:
+            raise UpstreamUnreachable(
+                f"{self.label}: the host name {host!r} does not resolve ({e.strerror}); "
+                f"check {key}.host", stage="connect") from None
+        except ConnectionRefusedError:
+            raise UpstreamUnreachable(
+                f"{self.label} refused the connection (nothing listens on port {port}); "
+                f"check {key}.host and {key}.port ({_PORTS})", stage="connect") from None
+        except OSError as e:
+            raise UpstreamUnreachable(
+                f"{self.label}: cannot connect: {e.strerror or e}; check {key}.host and "
+                f"{key}.port", stage="connect") from None
+        try:
+            return await self.client.connect(sock=sock)
+        except aiosmtplib.SMTPConnectTimeoutError as e:
+            if isinstance(e.__cause__, aiosmtplib.SMTPTimeoutError):  # connected, no banner
+                raise UpstreamTimeout(
+                    f"no greeting within {wait:g} s from {self.label}: connected, but the "
+                    f"server said nothing; {self._silent_fix()}", stage="connect") from None
+            raise UpstreamTimeout(  # only with encryption = "tls": the handshake
+                f"no TLS handshake within {wait:g} s with {self.label}: connected, but the "
+                f"server did not answer TLS; {self._tls_port_fix()}",
+                stage="connect") from None
+        except aiosmtplib.SMTPConnectResponseError as e:
+            raise self._refused("connect", aiosmtplib.SMTPResponse(e.code, e.message)) \
+                from None
+        except (ssl.SSLError, aiosmtplib.SMTPConnectError) as e:
+            cause = e if isinstance(e, ssl.SSLError) else e.__cause__
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise classify(cause, server=self.label, stage="connect", timeout=wait,
+                               section=key) from None
+            if isinstance(cause, ssl.SSLError):
+                raise TemporaryFailure(
+                    f"TLS with {self.label} failed: {cause.reason or cause}; "
+                    f"{self._tls_port_fix()}", stage="connect") from None
+            raise UpstreamUnreachable(
+                f"{self.label} closed the connection before its greeting; "
+                f"{self._silent_fix()}", stage="connect") from None
+
+    def _tls_port_fix(self) -> str:
+        return (f"this port does not speak TLS at once (implicit TLS): set {self.key}.port = "
+                f"465, or encryption = \"starttls\" (port 587) or \"none\" (port 25) for "
+                "this port")
+
+    def _silent_fix(self) -> str:
+        if self.server.encryption == "tls":
+            return f"check {self.key}.host and {self.key}.port"
+        return (f"if this port expects implicit TLS (465), set {self.key}.encryption = "
+                f"\"tls\"; otherwise check {self.key}.host and {self.key}.port ({_PORTS})")
 
     def _report_certificate(self) -> None:
         if self.on_step is None:
@@ -178,12 +320,27 @@ class Session:
         assert auth is not None
         offered = [m.upper() for m in self.client.server_auth_methods]
         if auth.method not in offered:
-            raise AuthenticationFailure(
+            usable = [m for m in offered if m in _METHODS]
+            if usable:
+                fix = (f"set {self.key}.auth.method to one of "
+                       + ", ".join(f'"{m}"' for m in usable))
+            elif "XOAUTH2" in offered:
+                fix = (f"this server takes OAuth only: replace [{self.key}.auth] with "
+                       f"[{self.key}.oauth] (docs/oauth.md)")
+            elif offered:
+                fix = "the relay speaks none of them: use another server or port"
+            elif (self.server.encryption == "none"
+                  and self.client.supports_extension("starttls")):
+                fix = (f"the server offers AUTH only after STARTTLS: set {self.key}.encryption "
+                       "= \"starttls\"")
+            else:
+                fix = (f"this port takes no login: remove [{self.key}.auth] if the server "
+                       "relays for this host without one, or use its submission port "
+                       f"({_PORTS})")
+            self._fail(AuthenticationFailure(
                 f"{self.label} does not offer AUTH {auth.method}; it offers "
-                f"{', '.join(offered) or 'no authentication'}"
-                + ("" if offered or self.server.encryption != "none"
-                   else " (many servers offer AUTH only after STARTTLS)"),
-                stage=f"AUTH {auth.method}")
+                f"{', '.join(offered) or 'no authentication'}; {fix}",
+                stage=f"AUTH {auth.method}"))
         methods: dict[str, Callable[[str, str], Awaitable[aiosmtplib.SMTPResponse]]] = {
             "PLAIN": self.client.auth_plain,
             "LOGIN": self.client.auth_login,
@@ -199,8 +356,8 @@ class Session:
     def _oauth_user(self) -> tuple[OAuth, str, str]:
         cfg = self.server.oauth
         if self.oauth is None or cfg is None:
-            raise TemporaryFailure(f"{self.label}: OAuth is configured but not available "
-                                   "here (internal error)", stage="OAuth token")
+            self._fail(TemporaryFailure(f"{self.label}: OAuth is configured but not available "
+                                        "here (internal error)", stage="OAuth token"))
         return self.oauth, cfg.client, self.oauth.username_for(self.name)
 
     async def _oauth_token(self, rejected: str | None = None) -> str:
@@ -215,12 +372,18 @@ class Session:
         try:
             token = await action
         except (NotGranted, TokenStoreError) as e:
-            self._report(stage, started, f"FAILED: Not granted: {e}")
-            raise Held(f"{self.label}: OAuth authorization Not granted for {user}: {e}",
+            fix = "" if "oauth authorize" in str(e) or isinstance(e, TokenStoreError) else (
+                f"; sign in: `sysmail-relay oauth authorize {client}` (or the admin page's "
+                "sign-in button)")
+            self._report(stage, started, f"FAILED: Not granted: {e}{fix}")
+            raise Held(f"{self.label}: OAuth authorization Not granted for {user}: {e}{fix}",
                        stage=stage, retry_at=time.time() + OAUTH_RECHECK) from None
         except OAuthError as e:
-            self._report(stage, started, f"FAILED: {e}")
-            raise TemporaryFailure(f"{self.label}: no OAuth token for {user}: {e}",
+            fix = "" if "oauth_clients." in str(e) else (
+                f"; check oauth_clients.{client} (token_url, client_id, the secret) and that "
+                "the provider can be reached from here")
+            self._report(stage, started, f"FAILED: {e}{fix}")
+            raise TemporaryFailure(f"{self.label}: no OAuth token for {user}: {e}{fix}",
                                    stage=stage) from None
         self._report(stage, started, f"ok for {user} (client {client}; token not shown)")
         return token
@@ -235,9 +398,11 @@ class Session:
         _, _, user = self._oauth_user()
         offered = [m.upper() for m in self.client.server_auth_methods]
         if "XOAUTH2" not in offered:
-            raise AuthenticationFailure(
+            self._fail(AuthenticationFailure(
                 f"{self.label} does not offer AUTH XOAUTH2; it offers "
-                f"{', '.join(offered) or 'no authentication'}", stage="AUTH XOAUTH2")
+                f"{', '.join(offered) or 'no authentication'}; check {self.key}.host and "
+                f"{self.key}.port (the provider's SMTP submission server), or use "
+                f"[{self.key}.auth] instead of [{self.key}.oauth]", stage="AUTH XOAUTH2"))
         try:
             await self._step("AUTH XOAUTH2", self.client.auth_xoauth2(user, token), _reply)
             return
@@ -249,7 +414,7 @@ class Session:
             await self._step("AUTH XOAUTH2", self.client.auth_xoauth2(user, token), _reply)
         except AuthenticationFailure as again:
             refused = again.reply.split(" -- ", 1)[0]  # not the hints about passwords
-            raise AuthenticationFailure(
+            raise AuthenticationFailure(  # its step is reported already
                 f"{refused} -- a new token was refused too: check that {user} may send "
                 "with SMTP AUTH (Exchange Online: \"Authenticated SMTP\" on for the mailbox; "
                 "app-only tokens need the app registered as a service principal with SendAs "
@@ -345,7 +510,8 @@ class Session:
         """The server's refusal at `stage`, temporary or permanent by its code."""
         self.stage = stage
         return classify(aiosmtplib.SMTPResponseException(reply.code, reply.message),
-                        server=self.label, stage=stage, timeout=self.server.timeout)
+                        server=self.label, stage=stage, timeout=self.server.timeout,
+                        section=self.key)
 
     def _mail_options(self, message: Outgoing, body: Body) -> tuple[list[str], bool]:
         env = message.envelope
@@ -426,20 +592,36 @@ def _eight_bit_refusal(failure: DeliveryFailure, body: Body, client: aiosmtplib.
 
 async def probe(name: str, server: ServerSettings, hostname: str,
                 emit: Callable[[str], None], oauth: OAuth | None = None) -> bool:
-    """`check --connect`: open a session step by step, print each step, QUIT."""
+    """`check --connect`: open a session step by step, print each step, QUIT.
+
+    Every step prints one line; a failing one says FAILED, the server's reply or the
+    local error, and the fix. Nothing ends without a reason (no traceback)."""
+    failed = False
 
     def step(stage: str, seconds: float, answer: str) -> None:
+        nonlocal failed
+        failed = failed or answer.startswith("FAILED")
         emit(f"{stage:<16} {seconds * 1000:7.1f} ms  {explain(answer)}")
 
-    session = Session(name, server, hostname, on_step=step, oauth=oauth)
+    session: Session | None = None
     try:
+        session = Session(name, server, hostname, on_step=step, oauth=oauth)
         if server.pop_before_smtp is not None:
             await pop_before_smtp(name, server, on_step=step)
             if server.pop_before_smtp.wait:
                 await asyncio.sleep(server.pop_before_smtp.wait)
         await session.open()
-    except DeliveryFailure:
-        await session.quit()
+    except DeliveryFailure as e:
+        if not failed:  # a failure found before any step ran (the TLS setup)
+            step(e.stage or "connect", 0.0, f"FAILED: {e.reply}")
+        if session is not None:
+            await session.quit()
+        return False
+    except Exception as e:  # a bug: still one line with what happened, not a traceback
+        step(session.stage if session else "setup", 0.0,
+             f"FAILED: internal error in the relay: {e!r}; please report it")
+        if session is not None:
+            await session.quit()
         return False
     started = time.monotonic()
     await session.quit()

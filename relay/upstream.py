@@ -102,7 +102,7 @@ def explain(reply: str) -> str:
     """The server's reply, with what it means when it is a known provider reply."""
     for marker, hint in _HINTS:
         if marker in reply:
-            return f"{reply} -- {hint}"
+            return reply if f" -- {hint}" in reply else f"{reply} -- {hint}"
     return reply
 
 
@@ -112,45 +112,62 @@ def slow_down_requested(reply: str) -> bool:
     return reply.startswith("4") and any(marker in text for marker in _TOO_MANY)
 
 
-def classify(error: BaseException, *, server: str, stage: str, timeout: float) -> DeliveryFailure:
-    """Turn any aiosmtplib, TLS or socket error into TemporaryFailure or PermanentFailure."""
+def classify(error: BaseException, *, server: str, stage: str, timeout: float,
+             section: str = "servers.NAME") -> DeliveryFailure:
+    """Turn any aiosmtplib, TLS or socket error into TemporaryFailure or PermanentFailure.
+
+    The text names what happened and, where a setting cures it, the key under `section`
+    (`servers.NAME`) to change."""
     if isinstance(error, DeliveryFailure):
         return error
     if isinstance(error, SaslError):
         return AuthenticationFailure(f"{server}: {error}", stage=stage)
     if isinstance(error, aiosmtplib.SMTPAuthenticationError):
         return AuthenticationFailure(
-            f"{server} refused the login: {explain(_reply(error))}", code=error.code, stage=stage)
+            f"{server} refused the login: {explain(_reply(error))}"
+            + ("" if " -- " in explain(_reply(error)) else
+               f"; check {section}.auth.username and the password (password_file)"),
+            code=error.code, stage=stage)
     if isinstance(error, aiosmtplib.SMTPResponseException):
         reply = explain(_reply(error))
         text = f"{server} answered {reply} to {stage}"
         if _not_authorized(error, stage):
             return TemporaryFailure(
                 f"{text} -- the server does not let this account send (5.7.x before DATA): "
-                "check the server's auth or pop_before_smtp settings; the message stays "
+                f"check {section}.auth or pop_before_smtp; the message stays "
                 "queued", code=error.code, stage=stage)
         kind = PermanentFailure if 500 <= error.code < 600 else TemporaryFailure
         return kind(text, code=error.code, stage=stage)
     if isinstance(error, aiosmtplib.SMTPConnectTimeoutError):
+        if isinstance(error.__cause__, aiosmtplib.SMTPTimeoutError):
+            return UpstreamTimeout(f"no greeting within {timeout:g} s from {server}: "
+                                   "connected, but the server said nothing", stage=stage)
         return UpstreamTimeout(f"timeout after {timeout:g} s connecting to {server}", stage=stage)
     if isinstance(error, TimeoutError):
         return UpstreamTimeout(f"timeout after {timeout:g} s waiting for the reply to {stage} "
                                f"from {server}", stage=stage)
     if isinstance(error, ssl.SSLCertVerificationError):
+        if getattr(error, "verify_code", None) == _HOSTNAME_MISMATCH:
+            fix = (f"set {section}.host to a name the certificate is for (the server's "
+                   f"public name), or {section}.tls_verify = false (unsafe)")
+        else:
+            fix = (f"add its CA with {section}.ca_file = \"/path/to/ca.pem\", or check that "
+                   f"{section}.host is the name in the certificate")
         return TemporaryFailure(
-            f"the TLS certificate of {server} is not trusted: {error.verify_message}; add its "
-            "CA with ca_file, or check that host is the name in the certificate", stage=stage)
+            f"the TLS certificate of {server} is not trusted: {error.verify_message}; {fix}",
+            stage=stage)
     if isinstance(error, ssl.SSLError):
         return TemporaryFailure(f"TLS with {server} failed: {error.reason or error}", stage=stage)
     cause = error.__cause__
     if isinstance(cause, ConnectionRefusedError):
         return UpstreamUnreachable(f"{server} refused the connection: is the server running "
-                                   "and the port right?", stage=stage)
-    if isinstance(cause, socket.gaierror):
-        return UpstreamUnreachable(f"{server}: the host name does not resolve ({cause.strerror})",
+                                   f"and the port right? check {section}.host and port",
                                    stage=stage)
+    if isinstance(cause, socket.gaierror):
+        return UpstreamUnreachable(f"{server}: the host name does not resolve ({cause.strerror});"
+                                   f" check {section}.host", stage=stage)
     if isinstance(cause, ssl.SSLError):
-        return classify(cause, server=server, stage=stage, timeout=timeout)
+        return classify(cause, server=server, stage=stage, timeout=timeout, section=section)
     if isinstance(error, aiosmtplib.SMTPConnectError | aiosmtplib.SMTPServerDisconnected
                   | ConnectionError):
         return UpstreamUnreachable(f"{server}: {_strip_prefix(str(error))} (during {stage})",
@@ -161,6 +178,10 @@ def classify(error: BaseException, *, server: str, stage: str, timeout: float) -
     if isinstance(error, aiosmtplib.SMTPException):
         return TemporaryFailure(f"{server}: {error} (during {stage})", stage=stage)
     raise error
+
+
+_HOSTNAME_MISMATCH = 62
+"""X509_V_ERR_HOSTNAME_MISMATCH: the certificate is trusted but for another name."""
 
 
 def _not_authorized(error: aiosmtplib.SMTPResponseException, stage: str) -> bool:
