@@ -8,7 +8,6 @@ The tests run the installed `sysmail-relay` command with a TOML file, as an oper
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import smtplib
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.spool import Envelope, Spool
 from tests.support import Daemon, free_port, relay_command
 
 SYSTEM_CAS = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -157,15 +157,13 @@ def test_ca_file_removed_while_running_defers_mail_naming_the_key_and_path(
         with smtplib.SMTP("127.0.0.1", port) as client:
             client.sendmail("app@example.com", ["boss@example.com"],
                             b"Subject: ca\r\n\r\nbody\r\n")
-        queue = tmp_path / "state" / "spool" / "queue"
+        spool = Spool(tmp_path / "state" / "spool")
         deadline = time.monotonic() + 20
         reply = ""
         while "ca_file" not in reply and time.monotonic() < deadline:
-            for envelope in queue.glob("*/envelope.json"):
-                try:
-                    reply = json.loads(envelope.read_text()).get("last_reply") or ""
-                except (OSError, ValueError):
-                    continue
+            for _, envelope in spool.scan("queue"):
+                if isinstance(envelope, Envelope):
+                    reply = envelope.last_reply or ""
             time.sleep(0.05)
         assert f"servers.up.ca_file = '{ca}': no such file" in reply, daemon.log_text()
         assert "internal error" not in reply and "FileNotFoundError" not in daemon.log_text()
