@@ -27,6 +27,22 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
     return load_settings(path), path
 
 
+def _settings_to_read(args: argparse.Namespace) -> tuple[Settings, str | None]:
+    """For `status` and `queue list|show`: the settings, or, when the file is invalid but
+    a daemon runs on its state directory, enough to ask it and read the spool, after
+    saying so on standard error."""
+    path = config_path(getattr(args, "config", None), os.environ)
+    try:
+        return load_settings(path), None
+    except ConfigError as e:
+        found = status.despite_invalid(path, e)
+        if found is None:
+            raise
+        settings, note = found
+        print(f"sysmail-relay: warning: {note}", file=sys.stderr, flush=True)
+        return settings, note
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings, path = _settings(args)
     return app.run(settings, path)
@@ -46,8 +62,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings, _ = _settings(args)
+    settings, invalid = _settings_to_read(args)
     report = status.report(settings)
+    if invalid:
+        report["configuration_file_invalid"] = invalid
     print(json.dumps(report, indent=2) if args.json else status.render(report))
     return OK
 
@@ -65,7 +83,8 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    settings, _ = _settings(args)
+    settings = _settings_to_read(args)[0] if args.action in ("list", "show") \
+        else _settings(args)[0]
     spool = Spool(settings.spool_dir)
     if args.action == "list":
         held = status.held_now(settings)

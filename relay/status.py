@@ -14,16 +14,18 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import time
 import urllib.parse
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .health import INACTIVE, NOT_GRANTED, describe
 from .oauth import authorization as oauth_authorization
 from .oauth import describe as describe_oauth
-from .settings import LOCAL_SERVER, Settings, admin_token, warnings
+from .settings import LOCAL_SERVER, Settings, admin_token, read_config_file, validate, warnings
 from .spool import Envelope, Spool
 from .state import LOCK_FILE, SERVE, Holder
 
@@ -164,6 +166,39 @@ def report(settings: Settings) -> dict[str, Any]:
     return found
 
 
+def despite_invalid(path: Path | None, error: ConfigError) -> tuple[Settings, str] | None:
+    """When the configuration file is invalid but a daemon runs on its state directory
+    (a reload was refused, so it runs the configuration it loaded before): settings
+    that find that daemon and the spool (state_dir, admin), and what to tell the
+    operator first. None when no daemon runs there."""
+    settings = _findable(path)
+    holder = _holder(settings)
+    if holder is None or holder.role != SERVE:
+        return None
+    problems = "; ".join(error.problems)
+    return settings, (
+        f"the configuration file {path or '(built-in)'} is invalid ({problems}); the "
+        f"daemon (pid {holder.pid}) still runs the configuration it loaded before, and what "
+        "follows is from it and the spool. Fix the file, check it with `sysmail-relay "
+        "check`, then reload (SIGHUP, `systemctl reload sysmail-relay`)")
+
+
+def _findable(path: Path | None) -> Settings:
+    """From an invalid file: its state_dir and [admin] where they are valid themselves."""
+    try:
+        raw = read_config_file(path)
+    except ConfigError:  # not even TOML: look for the line
+        text = path.read_text(errors="replace") if path is not None and path.is_file() else ""
+        found = re.search(r'^\s*state_dir\s*=\s*"([^"]+)"', text, re.M)
+        raw = {"state_dir": found.group(1)} if found else {}
+    for keys in (("state_dir", "admin"), ("state_dir",), ()):
+        try:
+            return validate({k: raw[k] for k in keys if k in raw}, str(path))
+        except ConfigError:
+            continue
+    return Settings()
+
+
 def _holder(settings: Settings) -> Holder | None:
     """Who holds the state directory's lock, as its lock file says, if that one lives."""
     try:
@@ -222,7 +257,9 @@ _ENCRYPTION = {"none": "Disable", "tls": "Use TLS", "starttls": "Use STARTTLS"}
 
 def render(status: dict[str, Any]) -> str:
     account = status["account"]
-    lines = ["System e-mail account details"]
+    lines = [f"Warning: {status['configuration_file_invalid']}"] \
+        if status.get("configuration_file_invalid") else []
+    lines.append("System e-mail account details")
     for key, label in _LABELS:
         value = account.get(key)
         if value is None:

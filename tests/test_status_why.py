@@ -270,3 +270,88 @@ def test_status_says_the_daemon_does_not_run_and_what_it_cannot_know(tmp_path: P
     assert shown.returncode == 0, shown.stderr
     assert "  system: unknown (the daemon is not running)" in shown.stdout
     assert "the daemon is not running: the servers' health is not known" in shown.stdout
+
+
+async def test_a_dead_letter_lists_only_its_failed_recipients_with_its_real_attempts(
+        tmp_path: Path) -> None:
+    servers = Servers()
+    upstream = await servers.smtp(Script(rcpt_replies={
+        "nobody@example.com": ["550 5.1.1 no such user"]}))
+    daemon, _ = await asyncio.to_thread(start, tmp_path,
+                                        server=DOWN.format(upstream=upstream))
+    try:
+        await asyncio.to_thread(send, daemon.port, ("boss@example.com", "nobody@example.com"))
+        await asyncio.to_thread(wait_for_log, daemon, "dead letter")
+        (row,) = json.loads((await asyncio.to_thread(cli, daemon.config, "queue", "list",
+                                                     "--json")).stdout)
+        assert row["state"] == "dead" and row["attempts"] == 1
+        assert row["recipients"] == ["nobody@example.com"]
+        line = (await asyncio.to_thread(cli, daemon.config, "queue", "list")).stdout
+        assert line.splitlines()[1].split()[2:6] == ["dead", "1", "-", "1"]
+        shown = (await asyncio.to_thread(cli, daemon.config, "queue", "show", row["id"])).stdout
+        assert "dead letter" in shown and "attempts      1" in shown
+        assert re.search(r"delivered\s+<boss@example.com>", shown)
+        assert re.search(r"failed\s+<nobody@example.com>\s+.*550 5.1.1 no such user", shown), shown
+    finally:
+        daemon.stop(signal.SIGKILL)
+        await servers.close()
+
+
+def test_quarantined_entries_are_listed_shown_counted_and_deleted(tmp_path: Path) -> None:
+    queue_id = "661F28B623323369AAF25"
+    damaged = tmp_path / "state" / "spool" / "queue" / queue_id
+    damaged.mkdir(parents=True)
+    (damaged / "envelope.json").write_text("{not json")
+    (damaged / "message").write_text("Subject: x\r\n\r\nbody\r\n")
+    daemon, _ = start(tmp_path)
+    try:
+        wait_for_log(daemon, f"{queue_id}: moved to quarantine")
+        listed = cli(daemon.config, "queue", "list").stdout.splitlines()
+        assert listed[1].split()[:3] == [queue_id, "-", "quarantined"]
+        (row,) = json.loads(cli(daemon.config, "queue", "list", "--json").stdout)
+        assert row["state"] == "quarantined" and "envelope" in row["reason"]
+        shown = cli(daemon.config, "queue", "show", queue_id)
+        assert shown.returncode == 0, shown.stderr
+        assert f"Message {queue_id}: quarantined" in shown.stdout
+        assert row["reason"] in shown.stdout
+        status = cli(daemon.config, "status")
+        assert "1 in quarantine" in status.stdout
+        assert json.loads(cli(daemon.config, "status", "--json").stdout
+                          )["queue"]["quarantined"] == 1
+        deleted = cli(daemon.config, "queue", "delete", queue_id)
+        assert deleted.returncode == 0, deleted.stderr
+        assert cli(daemon.config, "queue", "list").stdout.strip() == "the queue is empty"
+    finally:
+        daemon.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("breakage", ['timeout = "soon"', "timeout = = 2"],
+                         ids=["invalid value", "not TOML"])
+def test_status_and_queue_list_work_with_an_invalid_file_while_the_daemon_runs_the_old_one(
+        tmp_path: Path, breakage: str) -> None:
+    daemon, _ = start(tmp_path, server=DOWN.format(upstream=free_port()))
+    try:
+        send(daemon.port)
+        wait_for_log(daemon, "status=deferred")
+        good = daemon.config.read_text()
+        daemon.config.write_text(good.replace("timeout = 2", breakage))
+        daemon.send_signal(signal.SIGHUP)
+        wait_for_log(daemon, "configuration reload refused")
+        shown = cli(daemon.config, "status")
+        assert shown.returncode == 0, shown.stderr
+        first = shown.stdout.splitlines()[0]
+        assert first.startswith(f"Warning: the configuration file {daemon.config} is invalid")
+        assert "still runs the configuration it loaded before" in first
+        assert "sysmail-relay: warning: the configuration file" in shown.stderr
+        assert "  system: failing" in shown.stdout and "deferred 1" in shown.stdout
+        as_json = cli(daemon.config, "status", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        report = json.loads(as_json.stdout)
+        assert "is invalid" in report["configuration_file_invalid"]
+        assert report["servers"][0]["state"] == "failing"
+        listed = cli(daemon.config, "queue", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stderr.startswith("sysmail-relay: warning: the configuration file")
+        assert listed.stdout.splitlines()[1].split()[2] == "deferred"
+    finally:
+        daemon.stop(signal.SIGKILL)
