@@ -303,9 +303,11 @@ def test_quarantined_entries_are_listed_shown_counted_and_deleted(tmp_path: Path
     damaged.mkdir(parents=True)
     (damaged / "envelope.json").write_text("{not json")
     (damaged / "message").write_text("Subject: x\r\n\r\nbody\r\n")
-    daemon, _ = start(tmp_path)
+    daemon, admin = start(tmp_path)
     try:
         wait_for_log(daemon, f"{queue_id}: moved to quarantine")
+        code, page = http(admin, "/")
+        assert code == 200 and f"{queue_id} quarantined" in visible(page)
         listed = cli(daemon.config, "queue", "list").stdout.splitlines()
         assert listed[1].split()[:3] == [queue_id, "-", "quarantined"]
         (row,) = json.loads(cli(daemon.config, "queue", "list", "--json").stdout)
