@@ -52,7 +52,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings, path = _settings(args)
     Access(settings.admin)  # what `serve` refuses, `check` refuses too (admin host, token)
     print(f"configuration OK ({path or 'built-in default'})")
-    print(status.render(status.collect(settings)).split("\nQueue")[0])
+    print(status.render(status.collect(settings)).split("\nServers")[0])
     for warning in warnings(settings):
         print(f"warning: {warning}")
     if args.connect:

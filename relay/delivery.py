@@ -255,11 +255,11 @@ class Scheduler:
         now = time.time()
         sending = self.server_health()
         waiting = [t for q, t in self._due.items() if q not in self._inflight]
-        sending.next_attempt = min(waiting) if waiting else None
-        return [health.report(active=not self.held,
-                              paused_until=(self.upstream.not_before()
-                                            if health is sending else 0.0),
-                              now=now) for health in self.health.values()]
+        return [health.report(
+            active=not self.held, now=now,
+            paused_until=self.upstream.not_before() if health is sending else 0.0,
+            next_attempt=min(waiting) if waiting and health is sending else None)
+            for health in self.health.values()]
 
     def counts(self) -> dict[str, int]:
         now = time.time()
@@ -535,7 +535,7 @@ class Scheduler:
         if waits and len(waits) == len(deferred):  # held on purpose: not an attempt
             env.next_attempt = max(waits)
         else:
-            env.next_attempt = now + self.backoff(env.attempts)
+            env.next_attempt = now + self.backoff(max(1, env.attempts))
         log.info("%s: server=%s status=deferred attempt=%d retry_in=%.0fs (%s)", env.id, server,
                  env.attempts, env.next_attempt - now, env.last_reply)
         await asyncio.to_thread(self.spool.release, env)

@@ -47,7 +47,6 @@ class ServerHealth:
     not_granted: bool = False
     auth_refused: bool = False
     """The last failure was a refused login (a pause that follows is an authentication pause)."""
-    next_attempt: float | None = None
 
     def succeeded(self, at: float) -> None:
         self.last_success = at
@@ -82,15 +81,17 @@ class ServerHealth:
         """relay_upstream_up: the server took the last attempt (the account's flag aside)."""
         return self.state(active=True, paused_until=paused_until, now=now) == OK
 
-    def report(self, *, active: bool, paused_until: float, now: float) -> dict[str, Any]:
-        """The server's part of /status (JSON); `describe` renders it."""
+    def report(self, *, active: bool, paused_until: float, now: float,
+               next_attempt: float | None) -> dict[str, Any]:
+        """The server's part of /status (JSON); `describe` renders it. `next_attempt`:
+        when the first waiting message is due (None: none waits)."""
         state = self.state(active=active, paused_until=paused_until, now=now)
         return {
             "server": self.server, "state": state, "held": state in HELD_STATES,
             "paused_until": paused_until if state == PAUSED else None,
             "last_error": self.last_error, "last_error_at": self.last_error_at,
             "last_success": self.last_success,
-            "next_attempt": max(paused_until, self.next_attempt or 0.0) or None,
+            "next_attempt": max(paused_until, next_attempt) if next_attempt else None,
         }
 
 
