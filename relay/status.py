@@ -153,6 +153,9 @@ def report(settings: Settings) -> dict[str, Any]:
     holder = _holder(settings)
     note = "the daemon is not running: the servers' health is not known, queue counts " \
            "are from the spool"
+    if holder is not None and holder.role == SERVE and not holder.admin:
+        note = (f"the daemon (pid {holder.pid}) is starting: the servers' health is not "
+                "known yet, queue counts are from the spool")
     if holder is not None and holder.role == SERVE and holder.admin:
         try:
             live = daemon_status(settings, holder.admin)
