@@ -5,8 +5,11 @@ signal handlers of its own). Endpoints:
 
     GET  /metrics    Prometheus text exposition of the relay's own registry
     GET  /healthz    200 while the process serves
-    GET  /readyz     200 when the SMTP listener is bound and the spool writable, else 503 + why
-    GET  /status     JSON: what `sysmail-relay status` shows, plus the scheduler's live counts
+    GET  /readyz     200 when the SMTP listener is bound and the spool writable, else 503 + why:
+                     whether mail is accepted, not whether the upstream takes it (that is
+                     /status "servers" and relay_upstream_up)
+    GET  /status     JSON: what `sysmail-relay status` shows, with the scheduler's live counts
+                     and, per server, its state, last error, next attempt and last success
     GET  /           the "System e-mail account details" page (relay.admin_page)
     GET|POST /change the "Change system e-mail account" form (relay.admin_change)
 
@@ -184,9 +187,14 @@ async def live_status(relay: Relay) -> dict[str, Any]:
     """`status.collect()` and what only the running daemon knows."""
     report = await asyncio.to_thread(status.collect, relay.settings)
     live: dict[str, Any] = {}
+    report["daemon"] = {"running": True, "pid": os.getpid()}
     if relay.scheduler is not None:
-        live["queue"] = relay.scheduler.counts()
+        counts = relay.scheduler.counts()
+        live["queue"] = counts
         live["oldest_seconds"] = round(relay.scheduler.oldest_age(), 1)
+        report["servers"] = relay.scheduler.health_report()
+        if report["queue"] is not None:  # the daemon's view of what waits, and why
+            report["queue"].update(counts, oldest_seconds=live["oldest_seconds"])
     if relay.listener is not None and relay.listener.address is not None:
         live["listener"] = "{}:{}".format(*relay.listener.address)
     report["live"] = live

@@ -4,7 +4,9 @@ Server-rendered, no JavaScript: the account in the terms operators know (Active 
 Inactive, system e-mail address, outgoing server, encryption, time-out,
 authentication, POP before SMTP, OAuth authorization Granted / Not granted with its
 "Sign in with ..." button), the configuration's warnings (a password sent in clear,
-a certificate not checked), queue counts, the latest results with the server's
+a certificate not checked), the upstream's health (per server: ok, failing, paused
+until, not granted, inactive; the last error with its time, the next attempt, the
+last success), queue counts, the latest results with the server's
 reply, and the waiting and dead messages with Retry and Delete buttons (POST, CSRF
 protected). With `Accept: application/json` the buttons, and /queue/retry-all, answer
 JSON: that is how `sysmail-relay queue retry|delete` changes the spool while the
@@ -25,6 +27,7 @@ from . import queue_admin, submit
 from .admin_web import ENCRYPTION, QUEUE_ID, RELAY, check_csrf, message, render
 from .delivery import Result
 from .errors import OAuthError, SubmitError
+from .health import HELD_STATES, state_label
 from .settings import LOCAL_SERVER, ServerSettings, Settings, warnings
 
 if TYPE_CHECKING:
@@ -133,7 +136,9 @@ async def details_page(request: web.Request, status: int = 200,
                        **extra: Any) -> web.Response:
     relay = request.app[RELAY]
     settings = relay.settings
-    rows = await asyncio.to_thread(queue_admin.entries, relay.spool)
+    state = relay.scheduler.server_state() if relay.scheduler is not None else ""
+    held = state if state in HELD_STATES else None
+    rows = await asyncio.to_thread(queue_admin.entries, relay.spool, held)
     counts = relay.scheduler.counts() if relay.scheduler is not None else {}
     done = request.query.get("done", "")
     queue_id = request.query.get("id", "")
@@ -144,6 +149,8 @@ async def details_page(request: web.Request, status: int = 200,
         "warnings": warnings(settings),
         "oauth": oauth_state(relay),
         "counts": counts,
+        "servers": [{**server, "label": state_label(server)} for server in
+                    (relay.scheduler.health_report() if relay.scheduler is not None else [])],
         "oldest": relay.scheduler.oldest_age() if relay.scheduler is not None else 0,
         "latest": latest(relay),
         "messages": rows[:MAX_ROWS],

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import app, oauth_flow, queue_admin, status, submit
+from . import app, oauth_flow, queue_admin, queue_view, status, submit
 from .admin import Access
 from .errors import ConfigError, RelayError
 from .settings import Settings, config_path, load_settings, warnings
@@ -27,6 +27,22 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
     return load_settings(path), path
 
 
+def _settings_to_read(args: argparse.Namespace) -> tuple[Settings, str | None]:
+    """For `status` and `queue list|show`: the settings, or, when the file is invalid but
+    a daemon runs on its state directory, enough to ask it and read the spool, after
+    saying so on standard error."""
+    path = config_path(getattr(args, "config", None), os.environ)
+    try:
+        return load_settings(path), None
+    except ConfigError as e:
+        found = status.despite_invalid(path, e)
+        if found is None:
+            raise
+        settings, note = found
+        print(f"sysmail-relay: warning: {note}", file=sys.stderr, flush=True)
+        return settings, note
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings, path = _settings(args)
     return app.run(settings, path)
@@ -36,7 +52,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings, path = _settings(args)
     Access(settings.admin)  # what `serve` refuses, `check` refuses too (admin host, token)
     print(f"configuration OK ({path or 'built-in default'})")
-    print(status.render(status.collect(settings)).split("\nQueue")[0])
+    print(status.render(status.collect(settings)).split("\nServers")[0])
     for warning in warnings(settings):
         print(f"warning: {warning}")
     if args.connect:
@@ -46,8 +62,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings, _ = _settings(args)
-    report = status.collect(settings)
+    settings, invalid = _settings_to_read(args)
+    report = status.report(settings)
+    if invalid:
+        report["configuration_file_invalid"] = invalid
     print(json.dumps(report, indent=2) if args.json else status.render(report))
     return OK
 
@@ -65,19 +83,18 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    settings, _ = _settings(args)
+    settings = _settings_to_read(args)[0] if args.action in ("list", "show") \
+        else _settings(args)[0]
     spool = Spool(settings.spool_dir)
     if args.action == "list":
-        rows = queue_admin.entries(spool)
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        elif not rows:
-            print("the queue is empty")
-        for row in [] if args.json else rows:
-            print(_queue_line(row))
+        held = status.held_now(settings)
+        rows = queue_admin.entries(spool, held)
+        print(json.dumps(rows, indent=2) if args.json else queue_view.table(rows))
         return OK
     if args.action == "show":
-        print(json.dumps(queue_admin.show(spool, args.id), indent=2, ensure_ascii=False))
+        entry = queue_admin.show(spool, args.id)
+        print(json.dumps(entry, indent=2, ensure_ascii=False) if args.json
+              else queue_view.summary(entry))
         return OK
     if args.action == "retry" and not (args.all or args.id):
         print("queue retry: name a queue ID or --all", file=sys.stderr)
@@ -108,15 +125,6 @@ def cmd_oauth(args: argparse.Namespace) -> int:
     else:
         print(oauth_flow.revoke(settings, args.client))
     return OK
-
-
-def _queue_line(row: dict[str, object]) -> str:
-    if row["state"] == "damaged":
-        return f"{row['id']}  damaged  {row['reason']}"
-    rcpts = ",".join(row["recipients"])  # type: ignore[arg-type]
-    reply = f"  ({row['last_reply']})" if row["last_reply"] else ""
-    return (f"{row['id']}  {row['state']:<8} {row['age']:>7}s {row['size']:>9}B  "
-            f"attempts={row['attempts']}  to={rcpts}{reply}")
 
 
 def cmd_sendmail(args: argparse.Namespace) -> int:
@@ -179,10 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait this long for the delivery result (0: do not wait; default 30)")
     p = command("queue", cmd_queue, "inspect and act on the spool, dead letters included")
     qsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = qsub.add_parser("list", parents=[common], help="list waiting, sending and dead messages")
+    q = qsub.add_parser("list", parents=[common],
+                        help="list waiting, held, sending, dead and quarantined messages")
     q.add_argument("--json", action="store_true", help="print JSON")
-    q = qsub.add_parser("show", parents=[common], help="show one message's envelope and history")
+    q = qsub.add_parser("show", parents=[common],
+                        help="show one message: times, recipients with their state and the "
+                             "server's replies")
     q.add_argument("id", metavar="ID")
+    q.add_argument("--json", action="store_true", help="print the envelope as JSON")
     q = qsub.add_parser("retry", parents=[common],
                         help="make a message (or --all waiting messages) due now; a dead letter "
                              "comes back with its failed recipients")

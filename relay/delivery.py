@@ -7,8 +7,11 @@ messages arrive and attempts end. At most `pool_size` deliveries send at once
 authentication failures defer the message with exponential backoff
 (`queue.retry_initial` doubling up to `queue.retry_max`); a 5xx fails that
 recipient; a message older than `queue.max_age` becomes a dead letter with the
-last reply as its reason. While the system account is inactive nothing is sent
-(state `held`). When the spool itself refuses (EIO, EACCES, ENOSPC: the entry
+last reply as its reason. While the system account is inactive nothing is sent.
+Each attempt's result feeds the server's health (relay.health): its state, last
+error, last success; mail waiting while that state is inactive, not granted or
+paused by authentication failures counts as `held`, other waiting mail as queued
+or deferred. When the spool itself refuses (EIO, EACCES, ENOSPC: the entry
 cannot be taken, or the result not recorded) or the relay has a bug, the entry is put
 back as it was and waits with the same backoff, counted in memory; that is logged
 once per entry and cause, not at every try. No exception leaves a delivery task.
@@ -53,6 +56,7 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from .errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
+from .health import HELD_STATES, ServerHealth
 from .metrics import Metrics
 from .rewrite import (
     RewriteArguments,
@@ -146,6 +150,9 @@ class Scheduler:
         gauges.labels("held").set_function(lambda: self.counts()["held"])
         gauges.labels("dead").set_function(lambda: self.dead)
         metrics.queue_oldest_seconds.set_function(self.oldest_age)
+        self.health: dict[str, ServerHealth] = {}
+        """Per server (by name): what the attempts through it said (relay.health)."""
+        self.server_health()
 
     # --- the index ------------------------------------------------------------------
 
@@ -222,10 +229,43 @@ class Scheduler:
     def held(self) -> bool:
         return not self.settings.system_account.active
 
+    def server_health(self, name: str | None = None) -> ServerHealth:
+        """The health record of a server (default: the sending one), made on first use
+        with its relay_upstream_up gauge."""
+        name = name or self.settings.system_account.server
+        found = self.health.get(name)
+        if found is None:
+            found = self.health[name] = ServerHealth(name)
+            self.metrics.upstream_up.labels(name).set_function(
+                lambda: float(self._up(name)))
+        return found
+
+    def _up(self, name: str) -> bool:
+        paused = self.upstream.not_before() if name == self.upstream.name else 0.0
+        return self.health[name].up(paused, time.time())
+
+    def server_state(self) -> str:
+        """The sending server's state (relay.health): ok, failing, paused, not granted,
+        inactive."""
+        return self.server_health().state(active=not self.held,
+                                          paused_until=self.upstream.not_before(),
+                                          now=time.time())
+
+    def health_report(self) -> list[dict[str, object]]:
+        """Every server's state, last error, next attempt, last success (for /status)."""
+        now = time.time()
+        sending = self.server_health()
+        waiting = [t for q, t in self._due.items() if q not in self._inflight]
+        return [health.report(
+            active=not self.held, now=now,
+            paused_until=self.upstream.not_before() if health is sending else 0.0,
+            next_attempt=min(waiting) if waiting and health is sending else None)
+            for health in self.health.values()]
+
     def counts(self) -> dict[str, int]:
         now = time.time()
         waiting = [t for q, t in self._due.items() if q not in self._inflight]
-        if self.held:
+        if self.server_state() in HELD_STATES:
             return {"queued": 0, "deferred": 0, "held": len(waiting), "dead": self.dead,
                     "active": len(self._inflight)}
         deferred = sum(1 for t in waiting if t > now)
@@ -295,6 +335,7 @@ class Scheduler:
         old = self.upstream
         self.settings = settings
         self.upstream = self._make_upstream(settings)
+        self.server_health()
         asyncio.get_running_loop().create_task(old.close())
         self._wake.set()
 
@@ -436,9 +477,12 @@ class Scheduler:
     async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
         server = self.settings.system_account.server
         env.crashes = 0  # the attempt came back: max_crashes counts interruptions in a row
+        if not outcomes or not all(isinstance(o.failure, Held) for o in outcomes):
+            env.attempts += 1  # held on purpose (rate limit, not granted) is not an attempt
         by_address = {o.recipient: o for o in outcomes}
         now = time.time()
         deferred: list[Outcome] = []
+        health = self.server_health(server)
         for rcpt in env.pending:
             outcome = by_address.get(rcpt.address)
             if outcome is None:
@@ -463,6 +507,12 @@ class Scheduler:
                 self.recent.append(Result(now, env.id, rcpt.address, result, outcome.reply,
                                           env.subject))
         env.last_reply = (deferred or outcomes or [Outcome("", "")])[0].reply
+        if any(o.failure is None for o in outcomes):
+            health.succeeded(now)
+        elif deferred and deferred[0].failure is not None:
+            health.failed(deferred[0].failure, now)
+        elif outcomes:
+            health.answered()
         if not env.pending:
             failed = [r for r in env.recipients if r.state == "failed"]
             if failed:
@@ -483,8 +533,7 @@ class Scheduler:
         if waits and len(waits) == len(deferred):  # held on purpose: not an attempt
             env.next_attempt = max(waits)
         else:
-            env.attempts += 1
-            env.next_attempt = now + self.backoff(env.attempts)
+            env.next_attempt = now + self.backoff(max(1, env.attempts))
         log.info("%s: server=%s status=deferred attempt=%d retry_in=%.0fs (%s)", env.id, server,
                  env.attempts, env.next_attempt - now, env.last_reply)
         await asyncio.to_thread(self.spool.release, env)

@@ -51,6 +51,9 @@ class Metrics:
         self.upstream_sessions = Gauge(
             p + "upstream_sessions", "Open sessions to the upstream server", ["server"],
             registry=r)
+        self.upstream_up = Gauge(
+            p + "upstream_up", "1 when the server took the last attempt, 0 when it failed, "
+            "refused the login (paused) or OAuth is not granted", ["server"], registry=r)
         self.auth_failures = Counter(
             p + "auth_failures", "Upstream authentication failures", ["server", "method"],
             registry=r)

@@ -1,8 +1,10 @@
 """`sysmail-relay queue list|show|retry|delete`: inspect and act on the spool.
 
-`list` and `show` read the files, daemon running or not. An entry is changed by
-taking it into edit/ (the same claim-by-rename the scheduler uses), changing it and
-putting it back: done by whoever holds the state directory's lock (relay.state).
+`list` and `show` read the files, daemon running or not; quarantined entries (moved
+aside as damaged) are listed and shown with their reason, and `delete` removes them.
+An entry is changed by taking it into edit/ (the same claim-by-rename the scheduler
+uses), changing it and putting it back: done by whoever holds the state directory's
+lock (relay.state).
 `change`, for the command line: when the daemon holds the lock, the daemon does it
 (a POST to its admin listener, whose address the lock file gives, as the page's
 Retry and Delete buttons do); when nobody does, the command takes the lock (a
@@ -14,15 +16,18 @@ from __future__ import annotations
 import http.client
 import json
 import secrets
+import shutil
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import DamagedEntry, RelayError, StateLocked
 from .settings import Settings, admin_token
 from .spool import Envelope, Place, Spool
 from .state import SERVE, Holder, StateLock
+from .status import quarantined
 
 Action = Literal["retry", "delete", "retry-all"]
 DAEMON_WAIT = 15.0
@@ -34,7 +39,9 @@ class QueueItemError(RelayError):
     """The queue entry does not exist or cannot be changed now."""
 
 
-def entries(spool: Spool) -> list[dict[str, Any]]:
+def entries(spool: Spool, held: str | None = None) -> list[dict[str, Any]]:
+    """Every entry: waiting (queued, deferred, or held when `held` names why the server
+    holds the mail: inactive, not granted, paused), sending, dead, damaged, quarantined."""
     now = time.time()
     rows: list[dict[str, Any]] = []
     places: tuple[Place, ...] = ("queue", "active", "dead")
@@ -43,23 +50,41 @@ def entries(spool: Spool) -> list[dict[str, Any]]:
             if isinstance(env, DamagedEntry):
                 rows.append({"id": queue_id, "state": "damaged", "reason": str(env)})
                 continue
-            state = {"active": "sending", "dead": "dead"}.get(place) or \
-                ("deferred" if env.next_attempt > now else "queued")
+            state = {"active": "sending", "dead": "dead"}.get(place) or (
+                "held" if held else "deferred" if env.next_attempt > now else "queued")
+            left = [r for r in env.recipients if r.state == ("failed" if place == "dead"
+                                                             else "pending")]
             rows.append({
-                "id": queue_id, "state": state, "age": round(now - env.received_at),
+                "id": queue_id, "state": state, "held_reason": held if state == "held" else None,
+                "age": round(now - env.received_at), "received_at": env.received_at,
                 "size": env.size, "sender": env.sender, "subject": env.subject,
-                "recipients": [r.address for r in env.recipients], "attempts": env.attempts,
+                "recipients": [r.address for r in left], "attempts": env.attempts,
+                "next_attempt": env.next_attempt if place == "queue" else None,
                 "last_reply": env.dead_reason or env.last_reply,
             })
+    rows.extend({"id": queue_id, "state": "quarantined", "reason": reason}
+                for queue_id, reason in quarantined(spool))
     return rows
 
 
 def show(spool: Spool, queue_id: str) -> dict[str, Any]:
     found = spool.find(queue_id)
     if found is None:
-        raise QueueItemError(f"no message {queue_id} in the queue or among the dead letters")
+        reason = spool.quarantined(queue_id)
+        if reason is not None:
+            return {"id": queue_id, "place": "quarantine", "reason": reason,
+                    "path": str(_quarantine_dir(spool, queue_id))}
+        raise QueueItemError(f"no message {queue_id} in the queue, among the dead letters "
+                             "or in quarantine")
     place, env = found
     return {"place": place, **asdict(env), "path": str(spool.message_path(queue_id, place))}
+
+
+def _quarantine_dir(spool: Spool, queue_id: str) -> Path:
+    root = spool.root / "quarantine"
+    found = sorted(p for p in root.glob(f"{queue_id}*")
+                   if p.name == queue_id or p.name.startswith(f"{queue_id}."))
+    return found[-1] if found else root / queue_id
 
 
 def _take(spool: Spool, queue_id: str) -> tuple[Place, Envelope]:
@@ -110,6 +135,10 @@ def retry_all(spool: Spool) -> int:
 
 
 def delete(spool: Spool, queue_id: str) -> None:
+    """Remove an entry for good: waiting, dead, or in quarantine."""
+    if spool.find(queue_id) is None and spool.quarantined(queue_id) is not None:
+        shutil.rmtree(_quarantine_dir(spool, queue_id))
+        return
     _take(spool, queue_id)
     spool.finish(queue_id, "edit")
 

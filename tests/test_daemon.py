@@ -251,9 +251,9 @@ def test_queue_commands_list_show_retry_delete(tmp_path: Path) -> None:
             for i in (b"1", b"2"):
                 client.sendmail("a@apps.example.com", ["b@example.com"], MESSAGE % (i, i))
         listing = json.loads(run_cli(daemon.config, "queue", "list", "--json").stdout)
-        assert [row["state"] for row in listing] == ["queued", "queued"]
+        assert [row["state"] for row in listing] == ["held", "held"]  # inactive: held
         first, second = (row["id"] for row in listing)
-        shown = json.loads(run_cli(daemon.config, "queue", "show", first).stdout)
+        shown = json.loads(run_cli(daemon.config, "queue", "show", "--json", first).stdout)
         assert shown["recipients"][0]["address"] == "b@example.com"
         assert shown["subject"] == "Approval request"
         assert run_cli(daemon.config, "queue", "delete", second).returncode == 0

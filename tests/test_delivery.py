@@ -105,7 +105,7 @@ async def test_message_older_than_max_age_becomes_a_dead_letter_with_the_last_re
     dead = relay.spool.read(queue_id, "dead")
     assert dead.dead_reason is not None
     assert "queue.max_age" in dead.dead_reason and "421 4.7.0 server busy" in dead.dead_reason
-    assert dead.attempts == 2 and upstream.attempts == {"user@example.com": 3}
+    assert dead.attempts == 3 and upstream.attempts == {"user@example.com": 3}
 
 
 async def test_whole_message_failure_defers_every_recipient(relay_factory: RelayFactory) -> None:
