@@ -23,20 +23,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import logs, queue_admin, state, systemd
-from .admin import AdminServer
-from .delivery import Scheduler, UpstreamFactory, backoff
-from .errors import ConfigError, RelayError, SpoolError, StateLocked
-from .listener import Listener
-from .metrics import Metrics
-from .notify import Notifier
-from .oauth import Authorization, OAuth
-from .outbox import LocalOutbox
-from .settings import LOCAL_SERVER, OVERRIDES_FILE, Settings, load_settings, warnings
-from .smtp_client import SmtpUpstream
-from .smtp_session import probe
-from .spool import Envelope, Spool
-from .upstream import Upstream
+from relay import logs, systemd
+from relay.admin import queue as queue_admin
+from relay.admin.server import AdminServer
+from relay.delivery.notices import Notifier
+from relay.delivery.scheduler import Scheduler, UpstreamFactory, backoff
+from relay.errors import ConfigError, RelayError, SpoolError, StateLocked
+from relay.listener.server import Listener
+from relay.metrics import Metrics
+from relay.oauth.manager import Authorization, OAuth
+from relay.settings import LOCAL_SERVER, OVERRIDES_FILE, Settings, load_settings, warnings
+from relay.spool import state
+from relay.spool.store import Envelope, Spool
+from relay.upstream.base import Upstream
+from relay.upstream.outbox import LocalOutbox
+from relay.upstream.smtp import probe
+from relay.upstream.smtp_pool import SmtpUpstream
 
 log = logging.getLogger("relay.app")
 

@@ -13,11 +13,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import app, oauth_flow, queue_admin, queue_view, status, submit
-from .admin import Access
-from .errors import ConfigError, RelayError
-from .settings import Settings, config_path, load_settings, warnings
-from .spool import Spool
+from relay import app
+from relay.admin import queue as queue_admin
+from relay.admin import queue_view, status
+from relay.admin.server import Access
+from relay.errors import ConfigError, RelayError
+from relay.listener import submit
+from relay.oauth import terminal as oauth_flow
+from relay.settings import Settings, config_path, load_settings, warnings
+from relay.spool.store import Spool
 
 OK, FAILED, USAGE = 0, 1, 2
 

@@ -54,7 +54,7 @@ class DamagedEntry(SpoolError):
 
 
 class StateLocked(RelayError):
-    """Another process holds the state directory's lock; `holder` (a relay.state.Holder)
+    """Another process holds the state directory's lock; `holder` (a relay.spool.state.Holder)
     says who."""
 
     def __init__(self, message: str, holder: Any) -> None:

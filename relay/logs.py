@@ -12,7 +12,7 @@ import re
 import sys
 import time
 
-from .settings import LogSettings
+from relay.settings import LogSettings
 
 _QUEUE_ID = re.compile(r"^([0-9A-F]{21}): ")
 

@@ -34,7 +34,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .errors import ConfigError
+from relay.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("/etc/sysmail-relay/relay.toml")
 LOCAL_SERVER = "local"

@@ -13,10 +13,9 @@ import pytest
 
 from relay import logs
 from relay.app import Relay
-from relay.delivery import UpstreamFactory
+from relay.delivery.scheduler import UpstreamFactory
 from relay.settings import LogSettings
-
-from .support import RelayFactory, settings_for
+from tests.support import RelayFactory, settings_for
 
 pytest_plugins = ["tests.peers.fixtures"]
 

@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from relay import spool_file
 from relay.app import Relay
 from relay.errors import DeliveryFailure, PermanentFailure, TemporaryFailure
 from relay.settings import Settings
-from relay.upstream import Outcome, Outgoing
+from relay.spool import files as spool_file
+from relay.upstream.base import Outcome, Outgoing
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 

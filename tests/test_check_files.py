@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import Envelope, Spool
+from relay.spool.store import Envelope, Spool
 from tests.support import Daemon, free_port, relay_command
 
 SYSTEM_CAS = Path("/etc/ssl/certs/ca-certificates.crt")

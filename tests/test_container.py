@@ -30,9 +30,8 @@ from pathlib import Path
 import pytest
 
 from relay.settings import load_settings
-
-from .containers import ROOT, base_image, find_engine, run
-from .support import free_port
+from tests.containers import ROOT, base_image, find_engine, run
+from tests.support import free_port
 
 UID = 2525  # the image's user relay (Dockerfile)
 PRIVATE_NETS = '["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]'

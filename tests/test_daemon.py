@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import Daemon, free_port, relay_command
+from tests.support import Daemon, free_port, relay_command
 
 MESSAGE = (b"From: Workflow <workflow@apps.example.com>\r\nTo: boss@example.com\r\n"
            b"Subject: Approval request\r\nMessage-ID: <%s@apps.example.com>\r\n\r\n"

@@ -24,8 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.metrics import DELIVERY_RESULTS, OAUTH_RESULTS, POP_RESULTS, REJECT_REASONS
-
-from .support import Daemon, free_port
+from tests.support import Daemon, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus-alerts.yml"

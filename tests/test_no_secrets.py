@@ -34,10 +34,10 @@ import httpx
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult
 
-from .oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer
-from .support import Daemon, free_port, relay_command
-from .test_pop3 import Pop3Stub
-from .upstream_servers import Script, Servers
+from tests.oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer
+from tests.support import Daemon, free_port, relay_command
+from tests.upstream.test_pop3 import Pop3Stub
+from tests.upstream_servers import Script, Servers
 
 SMTP_PASSWORD = "smtp-pw-" + secrets.token_hex(8)
 POP_PASSWORD = "pop-pw-" + secrets.token_hex(8)

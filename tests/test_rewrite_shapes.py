@@ -13,8 +13,7 @@ import re
 import pytest
 
 from relay.rewrite import rewrite_message, split_header
-
-from .rewrite_shapes import SHAPES, Shape, as_sent
+from tests.rewrite_shapes import SHAPES, Shape, as_sent
 
 SYSTEM = "notify@example.com"
 RCVD = (b"Received: from app ([127.0.0.1])\r\n\tby relay (sysmail-relay) with ESMTP id Q1;"

@@ -18,8 +18,7 @@ from relay.settings import (
     load_settings,
     parse_duration,
 )
-
-from .support import relay_command
+from tests.support import relay_command
 
 
 def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:

@@ -80,7 +80,7 @@ def _config(tmp_path: Path, port: int) -> Path:
 def test_daemon_tells_systemd_ready_reloading_and_stopping(tmp_path: Path) -> None:
     """`serve` under Type=notify: READY=1 once listening, RELOADING=1 then READY=1 on SIGHUP,
     STOPPING=1 on SIGTERM."""
-    from .support import free_port, relay_command
+    from tests.support import free_port, relay_command
 
     sock = receiver(tmp_path)
     port = free_port()
@@ -107,7 +107,7 @@ def test_daemon_tells_systemd_ready_reloading_and_stopping(tmp_path: Path) -> No
 def test_daemon_serves_on_a_socket_passed_by_systemd(tmp_path: Path) -> None:
     """Socket activation: the listening socket arrives as fd 3 with LISTEN_FDS=1 and
     LISTEN_PID of the daemon (set just before exec, which keeps the pid, as systemd does)."""
-    from .support import relay_command
+    from tests.support import relay_command
 
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from relay.settings import admin_token, load_settings
-
-from .containers import ROOT, base_image, find_engine, run
-from .support import relay_command
+from tests.containers import ROOT, base_image, find_engine, run
+from tests.support import relay_command
 
 UNITS = ROOT / "systemd"
 SERVICE = UNITS / "sysmail-relay.service"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.errors import DamagedEntry
-from relay.spool import Spool
+from relay.spool.store import Spool
 from tests.peers.peers import MailPeers
 from tests.support import Daemon, free_port, relay_command
 

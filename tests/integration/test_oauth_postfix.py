@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from relay.metrics import Metrics
-from relay.oauth import OAuth
+from relay.oauth.manager import OAuth
 from relay.settings import load_settings
 from tests.oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer, redirect_query
 from tests.peers.peers import MailPeers

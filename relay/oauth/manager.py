@@ -1,0 +1,318 @@
+"""OAuth 2.0 for sending through Gmail and Exchange Online: authorization state and tokens.
+
+`OAuth` is what the daemon, the command line and the admin page use:
+
+- `authorization(client)`: "Granted" / "Not granted", for which mailbox, which scopes,
+  until when, and when not granted what to do about it.
+- `start_authorization()` / `finish_authorization()`: the authorization-code flow with
+  PKCE (S256) and a single-use `state` kept in memory for 10 minutes; the token is
+  stored only after the provider has handed it over.
+- `access_token(client)`: a token valid for the refresh margin, refreshed before it
+  expires by one request however many deliveries ask at once (single-flight); a
+  rotated refresh token is stored at once. `fresh_token()` replaces a token the SMTP
+  server refused. `token_generator()` is aiosmtplib's `oauth_token_generator`.
+- `keep_alive()`: the daemon calls it periodically so that an idle relay's refresh
+  token is used every few days (Microsoft retires one unused for 90 days).
+
+A refused refresh token (`invalid_grant`) makes the authorization "Not granted"
+(NotGranted: the mail is held) and says to run `sysmail-relay oauth authorize`; a
+provider that does not answer is ProviderUnreachable (the mail is deferred).
+Tokens live only in the token store (relay.oauth.store) and in memory: never in a
+log line, a metric, `status` or an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from relay.errors import NotGranted, OAuthError, ProviderRefused
+from relay.metrics import Metrics
+from relay.oauth.providers import ProviderClient, provider_text
+from relay.oauth.state import (
+    Authorization,
+    account_for,
+    authorization,
+    client_settings,
+    clock,
+    describe,
+    signed_in_as,
+    token_from_answer,
+)
+from relay.oauth.store import StoredToken, TokenStore
+from relay.settings import OAuthClientSettings, Settings
+
+__all__ = ["Authorization", "OAuth", "account_for", "authorization", "client_settings",
+           "clock", "describe"]
+
+log = logging.getLogger("relay.oauth")
+
+REFRESH_MARGIN = 15 * 60
+"""Refresh an access token this long before it expires (Microsoft refuses ones near expiry)."""
+IDLE_REFRESH = 3 * 86400
+"""Use the refresh token at least this often, mail or not."""
+KEEP_ALIVE_EVERY = 3600.0
+"""How often the daemon looks for refresh tokens to keep alive."""
+SIGN_IN_TTL = 600
+"""Seconds a started sign-in (its state and PKCE verifier) waits for the provider's answer."""
+GOOGLE_TESTING_DAYS = 7
+
+
+@dataclass(frozen=True)
+class _SignIn:
+    client: str
+    account: str
+    verifier: str
+    redirect_uri: str
+    expires: float
+
+
+class OAuth:
+    """Authorization state and tokens for every [oauth_clients.NAME]."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = TokenStore(settings.state_dir / "tokens")
+        self.on_granted: list[Callable[[Authorization], None]] = []
+        """Called after every new authorization (the daemon then retries held mail)."""
+        self._sign_ins: dict[str, _SignIn] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def account(self, client: str) -> str:
+        return account_for(self.settings, client)
+
+    def username_for(self, server: str) -> str:
+        """The XOAUTH2 user for a server: its oauth.username, else the system address."""
+        cfg = self.settings.servers[server].oauth
+        assert cfg is not None
+        return cfg.username or self.settings.system_account.address or ""
+
+    def authorization(self, client: str) -> Authorization:
+        auth = authorization(self.settings, client, self.store)
+        self.metrics.oauth_token_expiry.labels(client).set(auth.expires_at or 0)
+        return auth
+
+    # --- signing in ------------------------------------------------------------------------
+
+    def start_authorization(self, client: str, redirect_uri: str) -> str:
+        """The provider's sign-in address for the browser; its answer goes to redirect_uri."""
+        cfg = client_settings(self.settings, client)
+        if cfg.grant == "client_credentials":
+            raise OAuthError(f"oauth_clients.{client} uses grant = \"client_credentials\": "
+                             f"nobody signs in; `sysmail-relay oauth authorize {client}` "
+                             "fetches a token")
+        now = time.monotonic()
+        self._sign_ins = {k: v for k, v in self._sign_ins.items() if v.expires > now}
+        state = secrets.token_urlsafe(32)
+        verifier = secrets.token_urlsafe(64)
+        account = self.account(client)
+        url = ProviderClient(client, cfg).authorization_url(redirect_uri, state, verifier,
+                                                            login_hint=account or None)
+        self._sign_ins[state] = _SignIn(client, account, verifier, redirect_uri,
+                                        now + SIGN_IN_TTL)
+        return url
+
+    async def finish_authorization(self, state: str, code: str | None, error: str | None,
+                                   description: str | None = None) -> Authorization:
+        """Take the provider's answer (the redirect's query); store the token. Raises
+        OAuthError, and then nothing is stored."""
+        sign_in = self._sign_ins.pop(state, None) if state else None
+        if sign_in is None:
+            raise OAuthError("this answer does not belong to a sign-in started here (unknown "
+                             "or already used state); nothing was stored: start the sign-in "
+                             "again")
+        if sign_in.expires < time.monotonic():
+            raise OAuthError(f"the sign-in took longer than {SIGN_IN_TTL // 60} minutes; "
+                             "nothing was stored: start it again")
+        cfg = client_settings(self.settings, sign_in.client)
+        if error:
+            error, description = provider_text(error, description, (state,))
+            why = f"{error}: {description}" if description else error
+            raise OAuthError(f"the sign-in at {cfg.provider} was refused or cancelled ({why});"
+                             f" nothing was stored. Sign in again as {sign_in.account} and "
+                             "allow access")
+        if not code:
+            raise OAuthError("the provider's answer has neither a code nor an error; nothing "
+                             "was stored: start the sign-in again")
+        provider = ProviderClient(sign_in.client, cfg)
+        try:
+            data = await provider.exchange_code(code, sign_in.redirect_uri, sign_in.verifier)
+        except ProviderRefused as e:
+            hint = (" (the code was already used or has expired)"
+                    if e.error == "invalid_grant" else "")
+            raise OAuthError(f"{e}{hint}; nothing was stored: start the sign-in "
+                             "again") from None
+        return await self.store_grant(sign_in.client, sign_in.account, data)
+
+    async def store_grant(self, client: str, account: str,
+                          data: dict[str, Any]) -> Authorization:
+        """Store what the token endpoint gave for a new authorization; tell on_granted."""
+        cfg = client_settings(self.settings, client)
+        signed_in = signed_in_as(data)
+        if cfg.provider == "google" and signed_in and signed_in.lower() != account.lower():
+            raise OAuthError(f"signed in as {signed_in}, but the relay sends as {account}: "
+                             f"sign in as {account} (or set servers.NAME.oauth.username); "
+                             "nothing was stored")
+        token = token_from_answer(client, account, cfg, data, None, granted=True)
+        if cfg.grant == "authorization_code" and not token.refresh_token:
+            log.warning("%s: the provider gave no refresh token for %s: sending works until "
+                        "%s, then someone must sign in again", client, account,
+                        clock(token.expires_at or time.time()))
+        await asyncio.to_thread(self.store.save, token)
+        auth = authorization(self.settings, client, self.store, token)
+        self.metrics.oauth_token_expiry.labels(client).set(auth.expires_at or 0)
+        log.info("%s: OAuth authorization granted for %s (scopes %s)", client, account,
+                 " ".join(token.scopes) or "-")
+        for callback in self.on_granted:
+            callback(auth)
+        return auth
+
+    # --- tokens for sending ------------------------------------------------------------------
+
+    def token_generator(self, client: str, account: str) -> Callable[[], Awaitable[str]]:
+        """aiosmtplib's `oauth_token_generator` for one client and mailbox."""
+        return lambda: self.access_token(client, account)
+
+    async def access_token(self, client: str, account: str | None = None) -> str:
+        """A token valid for the refresh margin. Raises NotGranted, TokenStoreError,
+        ProviderUnreachable or OAuthError."""
+        account = account or self.account(client)
+        token = await asyncio.to_thread(self.store.load, client, account)
+        if token is not None and token.fresh(time.time(), REFRESH_MARGIN):
+            assert token.access_token is not None
+            return token.access_token
+        return await self._renew(client, account, None)
+
+    async def fresh_token(self, client: str, rejected: str, account: str | None = None) -> str:
+        """A new token in place of one the server refused (unless another delivery has
+        already replaced it)."""
+        return await self._renew(client, account or self.account(client), rejected)
+
+    async def obtain(self, client: str) -> Authorization:
+        """A new access token now (refresh, or client_credentials: the app's "sign-in")."""
+        account = self.account(client)
+        async with self._locks.setdefault((client, account), asyncio.Lock()):
+            token = await asyncio.to_thread(self.store.load, client, account)
+            new = await self._obtain(client, account, token)
+        auth = authorization(self.settings, client, self.store, new)
+        if token is None or token.refused:
+            for callback in self.on_granted:
+                callback(auth)
+        return auth
+
+    async def run(self) -> None:
+        """The daemon's task: keep_alive() at start and every KEEP_ALIVE_EVERY seconds."""
+        while True:
+            try:
+                await self.keep_alive()
+            except Exception:  # a bug here must not stop the keep-alive for good
+                log.exception("OAuth keep-alive failed; trying again in %.0f s",
+                              KEEP_ALIVE_EVERY)
+            await asyncio.sleep(KEEP_ALIVE_EVERY)
+
+    async def keep_alive(self) -> None:
+        """Use every refresh token not used for IDLE_REFRESH; fetch missing app tokens; log
+        what is not granted."""
+        for client, account in sorted(self._in_use()):
+            try:
+                token = await asyncio.to_thread(self.store.load, client, account)
+                cfg = client_settings(self.settings, client)
+                now = time.time()
+                if cfg.grant == "client_credentials":
+                    await self.access_token(client, account)
+                elif (token is not None and token.refresh_token and not token.refused
+                      and now - token.refreshed_at > IDLE_REFRESH):
+                    await self._renew(client, account, token.access_token or "")
+                auth = await asyncio.to_thread(self.authorization, client)
+                if not auth.granted:
+                    log.warning("%s: OAuth authorization Not granted: %s", client, auth.reason)
+            except OAuthError as e:
+                log.warning("%s: %s", client, e)
+
+    def _in_use(self) -> set[tuple[str, str]]:
+        return {(s.oauth.client, s.oauth.username or self.settings.system_account.address
+                 or "") for s in self.settings.servers.values() if s.oauth is not None}
+
+    async def _renew(self, client: str, account: str, rejected: str | None) -> str:
+        lock = self._locks.setdefault((client, account), asyncio.Lock())
+        async with lock:  # one refresh; the others wait for it and take its token
+            token = await asyncio.to_thread(self.store.load, client, account)
+            if (token is not None and token.access_token is not None
+                    and token.access_token != rejected
+                    and token.fresh(time.time(), REFRESH_MARGIN)):
+                return token.access_token
+            new = await self._obtain(client, account, token)
+            assert new.access_token is not None
+            return new.access_token
+
+    async def _obtain(self, client: str, account: str,
+                      token: StoredToken | None) -> StoredToken:
+        cfg = client_settings(self.settings, client)
+        provider = ProviderClient(client, cfg)
+        if cfg.grant == "client_credentials":
+            data = await self._counted(client, provider.client_credentials())
+            new = token_from_answer(client, account, cfg, data, token, granted=token is None)
+        else:
+            if token is None or token.refused or not token.refresh_token:
+                auth = await asyncio.to_thread(authorization, self.settings, client,
+                                               self.store, token)
+                raise NotGranted(auth.reason or "not signed in")
+            try:
+                data = await self._counted(client, provider.refresh(token.refresh_token))
+            except ProviderRefused as e:
+                if e.error != "invalid_grant":
+                    raise OAuthError(f"{e}: check oauth_clients.{client} (client_id, "
+                                     "client_secret, which may have expired)") from None
+                return await self._refused(client, account, cfg, token, e)
+            new = token_from_answer(client, account, cfg, data, token, granted=False)
+            if new.refresh_token != token.refresh_token:
+                log.info("%s: the provider rotated the refresh token for %s; the new one is "
+                         "stored", client, account)
+        await asyncio.to_thread(self.store.save, new)
+        self.metrics.oauth_token_expiry.labels(client).set(new.expires_at or 0)
+        log.info("%s: new access token for %s, valid until %s", client, account,
+                 clock(new.expires_at) if new.expires_at else "it is refused")
+        return new
+
+    async def _refused(self, client: str, account: str, cfg: OAuthClientSettings,
+                       token: StoredToken, e: ProviderRefused) -> StoredToken:
+        current = await asyncio.to_thread(self.store.load, client, account)
+        if current and current.refresh_token and current.refresh_token != token.refresh_token:
+            return await self._obtain(client, account, current)  # signed in again meanwhile
+        why = f"{e.error}: {e.description}" if e.description else e.error
+        reason = (f"the provider refused the refresh token for {account} ({why}): it was "
+                  "revoked or has expired, or the password changed. Mail is held until "
+                  f"someone runs `sysmail-relay oauth authorize {client}`")
+        age = (time.time() - token.granted_at) / 86400
+        if cfg.provider == "google" and age <= GOOGLE_TESTING_DAYS + 1:
+            reason += (f". It was issued {age:.1f} days ago: the likely cause is that the "
+                       "OAuth app is still in \"Testing\" publishing status, whose refresh "
+                       f"tokens die after {GOOGLE_TESTING_DAYS} days; publish it (Google Cloud "
+                       "console, OAuth consent screen, \"Publish app\") and sign in again")
+        await asyncio.to_thread(self.store.save, token.refused_now(reason))
+        self.metrics.oauth_token_expiry.labels(client).set(0)
+        log.error("%s: OAuth authorization is now Not granted: %s", client, reason)
+        raise NotGranted(reason)
+
+    async def _counted(self, client: str, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            data = await call
+        except ProviderRefused as e:
+            result = "invalid_grant" if e.error == "invalid_grant" else "error"
+            self.metrics.oauth_refresh.labels(client, result).inc()
+            raise
+        except OAuthError as e:
+            result = "unreachable" if isinstance(e, ConnectionError) else "error"
+            self.metrics.oauth_refresh.labels(client, result).inc()
+            raise
+        self.metrics.oauth_refresh.labels(client, "ok").inc()
+        return data

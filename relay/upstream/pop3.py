@@ -1,0 +1,430 @@
+"""An asyncio POP3 client (RFC 1939, STLS from RFC 2595), just enough for POP before SMTP.
+
+poplib blocks, and no maintained asyncio POP3 client exists, so this one speaks
+the few commands a POP-before-SMTP login needs: the greeting, CAPA, STLS,
+USER/PASS or APOP, QUIT. It reads no mail.
+
+Every step (connect, TLS handshake, each reply) is bounded by `timeout` and fails
+with Pop3Timeout naming the step; a -ERR or a broken dialogue fails with Pop3Error
+carrying the server's answer and the step. Lines are capped at 8 KiB, buffered
+input at 64 KiB (reading pauses beyond it) and a multi-line answer at 1000 lines and
+64 KiB, so a hostile server cannot exhaust memory. The password never
+appears in an error, a step report or a log line; with `apop=True` it never
+crosses the wire at all, and there is no silent fallback to USER/PASS.
+
+The connection is an asyncio Protocol with its own buffer rather than a
+StreamReader, so that at STLS the client can see whether the server sent anything
+after its +OK and before the handshake (bytes injected there would otherwise be
+read later as if they had come over TLS) and refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Literal, TypeVar, cast
+
+from relay.errors import Pop3Error, Pop3Timeout
+
+__all__ = ["Encryption", "OnStep", "Pop3Client", "pop_login"]
+
+Encryption = Literal["none", "tls", "starttls"]
+OnStep = Callable[[str, float, str], None]
+"""Called after each successful step with its name, its duration in seconds and the
+server's answer (never what we sent)."""
+
+MAX_LINE = 8192
+_MAX_BUFFER = 65536
+_MAX_LINES = 1000
+_TIMESTAMP = re.compile(r"<[^<>\s]+>")
+_T = TypeVar("_T")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HINTS = {
+    "greeting": "the server does not accept connections from us now",
+    "USER": "check pop_before_smtp.username and password",
+    "PASS": "check pop_before_smtp.username and password",
+    "APOP": "check pop_before_smtp.username and password, or set apop = false if the server "
+    "has no APOP",
+}
+
+
+class _Connection(asyncio.Protocol):
+    """Bytes in, with flow control, and a way to wait for more."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.lost = False
+        self.closed = asyncio.get_running_loop().create_future()
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > _MAX_BUFFER and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait_for_data(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
+class Pop3Client:
+    """One POP3 session. Use `connect`, then `login` and `quit`, or `async with`."""
+
+    def __init__(
+        self, conn: _Connection, *, host: str, port: int, timeout: float, on_step: OnStep | None
+    ) -> None:
+        self._conn = conn
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+        self._on_step = on_step
+        self._tls = False
+        self._closed = False
+        self.greeting = ""
+        self.apop_timestamp: str | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        encryption: Encryption,
+        ssl_context: ssl.SSLContext | None,
+        timeout: float,  # noqa: ASYNC109 - bounds each step, not the whole call
+        on_step: OnStep | None = None,
+    ) -> Pop3Client:
+        """Connect, read the greeting, and secure the session as `encryption` says.
+
+        `ssl_context` should verify the server (the caller builds it from the
+        configuration); None means Python's default, verifying context.
+        """
+        if encryption not in ("none", "tls", "starttls"):
+            raise ValueError(f"encryption must be none, tls or starttls, not {encryption!r}")
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(_Connection, host, port)
+        except TimeoutError:
+            message = f"timeout after {timeout:g} s connecting to the POP3 server {host}:{port}"
+            raise Pop3Timeout(message, stage="connect") from None
+        except OSError as exc:
+            raise Pop3Error(_connect_failure(host, port, exc), stage="connect") from exc
+        client = cls(conn, host=host, port=port, timeout=timeout, on_step=on_step)
+        try:
+            peer = conn.transport.get_extra_info("peername") if conn.transport else None
+            client._report("connect", start, f"connected to {peer[0]}:{peer[1]}" if peer else "")
+            if encryption == "tls":
+                await client._start_tls(ssl_context)
+            client.greeting = await client._exchange(None, "greeting")
+            match = _TIMESTAMP.search(client.greeting)
+            client.apop_timestamp = match.group(0) if match else None
+            if encryption == "starttls":
+                await client.stls(ssl_context)
+        except BaseException:
+            client._abort()
+            raise
+        return client
+
+    async def __aenter__(self) -> Pop3Client:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._closed:
+            return
+        if exc is None:
+            await self.quit()
+        else:
+            self._abort()
+
+    async def capa(self) -> list[str]:
+        """The server's capabilities (RFC 2449), one line each, e.g. "STLS", "SASL PLAIN"."""
+        capabilities = await self._capa()
+        if capabilities is None:
+            raise Pop3Error("the POP3 server does not support CAPA", stage="CAPA")
+        return capabilities
+
+    async def stls(self, ssl_context: ssl.SSLContext | None) -> None:
+        """Upgrade the session to TLS with STLS, if the server offers it."""
+        if self._tls:
+            raise Pop3Error("the POP3 session already uses TLS", stage="STLS")
+        capabilities = await self._capa()
+        if not any(line.split()[:1] == ["STLS"] for line in capabilities or []):
+            raise Pop3Error(
+                f'the server does not offer STLS; set encryption = "none" or "tls" '
+                f"(POP3 server {self._host}:{self._port})",
+                stage="STLS",
+            )
+        await self._exchange(b"STLS", "STLS")
+        await self._start_tls(ssl_context)
+
+    async def login(self, username: str, password: str, *, apop: bool) -> str:
+        """Log in with APOP or USER/PASS; return the server's +OK text."""
+        if _CONTROL.search(username) or _CONTROL.search(password):
+            raise Pop3Error(
+                "the POP3 username or password contains a line break or control character; "
+                "check pop_before_smtp.username and password",
+                stage="APOP" if apop else "USER",
+            )
+        if apop:
+            if self.apop_timestamp is None:
+                raise Pop3Error(
+                    "the server's greeting has no APOP timestamp; set apop = false to log in "
+                    'with USER/PASS (preferably with encryption = "tls" or "starttls")',
+                    stage="APOP",
+                )
+            digest = hashlib.md5((self.apop_timestamp + password).encode("utf-8")).hexdigest()
+            return await self._exchange(
+                b"APOP " + username.encode("utf-8") + b" " + digest.encode("ascii"), "APOP"
+            )
+        await self._exchange(b"USER " + username.encode("utf-8"), "USER")
+        return await self._exchange(b"PASS " + password.encode("utf-8"), "PASS")
+
+    async def quit(self) -> None:
+        """End the session politely and close the connection."""
+        try:
+            await self._exchange(b"QUIT", "QUIT")
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the connection without QUIT, waiting at most `timeout` for it to go."""
+        if self._closed:
+            return
+        self._closed = True
+        transport = self._conn.transport
+        if transport is None:
+            return
+        transport.close()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await asyncio.shield(self._conn.closed)
+        except TimeoutError:
+            transport.abort()
+
+    def _abort(self) -> None:
+        self._closed = True
+        if self._conn.transport is not None:
+            self._conn.transport.abort()
+
+    def _report(self, step: str, start: float, answer: str) -> None:
+        if self._on_step is not None:
+            self._on_step(step, time.monotonic() - start, answer)
+
+    async def _start_tls(self, ssl_context: ssl.SSLContext | None) -> None:
+        context = ssl_context or ssl.create_default_context()
+        transport = self._conn.transport
+        assert transport is not None
+        where = f"the POP3 server {self._host}:{self._port}"
+        if self._conn.buffer:
+            # Bytes read before the handshake would later be taken as if they had come
+            # over TLS: a plain-text port, or someone injecting answers after STLS.
+            self._abort()
+            raise Pop3Error(
+                f"{where} sent data before the TLS handshake ({bytes(self._conn.buffer[:40])!r}); "
+                'refusing it. With encryption = "tls", is this a plain POP3 port? '
+                'With "starttls", someone may be injecting data into the connection',
+                stage="TLS handshake",
+            )
+        start = time.monotonic()
+        step = "TLS handshake"
+        try:
+            async with asyncio.timeout(self._timeout):
+                new = await asyncio.get_running_loop().start_tls(
+                    transport, self._conn, context, server_hostname=self._host
+                )
+            if new is None:  # only when the connection went away meanwhile
+                raise ConnectionResetError("connection closed")
+        except BaseException as exc:
+            self._abort()
+            if isinstance(exc, TimeoutError):
+                message = f"timeout after {self._timeout:g} s in the TLS handshake with {where}"
+                raise Pop3Timeout(message, stage=step) from None
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                message = (
+                    f"{where} failed certificate verification: {exc.verify_message}; "
+                    "check the server name, or trust its CA with ca_file"
+                )
+                raise Pop3Error(message, stage=step) from exc
+            if isinstance(exc, (OSError, EOFError)):
+                message = f"the TLS handshake with {where} failed: {exc}; check port and encryption"
+                raise Pop3Error(message, stage=step) from exc
+            raise
+        self._conn.transport = new
+        self._tls = True
+        info = new.get_extra_info("ssl_object")
+        self._report("TLS handshake", start, f"{info.version()} {info.cipher()[0]}" if info else "")
+
+    async def _capa(self) -> list[str] | None:
+        """CAPA's lines, or None when the server answers -ERR (it predates RFC 2449)."""
+
+        async def exchange() -> list[str] | None:
+            ok, _ = await self._command(b"CAPA", "CAPA")
+            return await self._read_multiline("CAPA") if ok else None
+
+        start = time.monotonic()
+        lines = await self._bounded(exchange(), "CAPA")
+        if lines is not None:
+            self._report("CAPA", start, " ".join(lines))
+        return lines
+
+    async def _exchange(self, command: bytes | None, step: str) -> str:
+        """Send a command (None: just read, for the greeting) and return its +OK text."""
+        start = time.monotonic()
+        ok, text = await self._bounded(self._command(command, step), step)
+        if not ok:
+            hint = _HINTS.get(step)
+            raise Pop3Error(
+                f"the POP3 server refused {step}: {text}" + (f"; {hint}" if hint else ""),
+                stage=step,
+            )
+        self._report(step, start, text)
+        return text
+
+    async def _bounded(self, awaitable: Awaitable[_T], step: str) -> _T:
+        """Await one step within the timeout, translating what can go wrong."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await awaitable
+        except TimeoutError:
+            self._abort()  # the dialogue is out of step now: never pair a late answer
+            what = "the greeting" if step == "greeting" else f"the reply to {step}"
+            raise Pop3Timeout(
+                f"timeout after {self._timeout:g} s waiting for {what} "
+                f"(POP3 server {self._host}:{self._port})",
+                stage=step,
+            ) from None
+        except OSError as exc:
+            self._abort()
+            raise Pop3Error(
+                f"the connection to the POP3 server {self._host}:{self._port} broke during "
+                f"{step}: {exc}",
+                stage=step,
+            ) from exc
+        except Pop3Error:
+            self._abort()
+            raise
+
+    async def _command(self, command: bytes | None, step: str) -> tuple[bool, str]:
+        """Send `command` and read its status line: (True, text) for +OK, (False, line) for -ERR."""
+        if command is not None:
+            if self._closed or self._conn.transport is None or self._conn.lost:
+                raise Pop3Error(f"the POP3 connection is closed; cannot send {step}", stage=step)
+            self._conn.transport.write(command + b"\r\n")
+        line = await self._read_line(step)
+        if line[:3].upper() == "+OK":
+            return True, line[3:].strip()
+        if line[:4].upper() == "-ERR":
+            return False, line
+        raise Pop3Error(
+            f"the POP3 server answered {step} with {line[:200]!r}, neither +OK nor -ERR; "
+            "check port and encryption (is this a POP3 server?)",
+            stage=step,
+        )
+
+    async def _read_multiline(self, step: str) -> list[str]:
+        """The lines of a multi-line answer up to the lone ".", dot-unstuffed."""
+        lines: list[str] = []
+        size = 0
+        while (line := await self._read_line(step)) != ".":
+            size += len(line) + 2
+            if len(lines) >= _MAX_LINES or size > _MAX_BUFFER:
+                raise Pop3Error(
+                    f"the POP3 server's answer to {step} is longer than {_MAX_LINES} lines "
+                    f"or {_MAX_BUFFER} bytes",
+                    stage=step,
+                )
+            lines.append(line[1:] if line.startswith(".") else line)
+        return lines
+
+    async def _read_line(self, step: str) -> str:
+        """One line without its CRLF (a bare LF is accepted), decoded leniently."""
+        conn = self._conn
+        while (end := conn.buffer.find(b"\n")) < 0:
+            if len(conn.buffer) > MAX_LINE:
+                break
+            if conn.lost:
+                raise Pop3Error(
+                    f"the POP3 server {self._host}:{self._port} closed the connection "
+                    f"during {step}",
+                    stage=step,
+                )
+            await conn.wait_for_data()
+        if end < 0 or end > MAX_LINE:
+            raise Pop3Error(
+                f"the POP3 server sent a line longer than {MAX_LINE} bytes during {step}",
+                stage=step,
+            )
+        raw = bytes(conn.buffer[: end + 1])
+        del conn.buffer[: end + 1]
+        return raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
+
+
+def _connect_failure(host: str, port: int, exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return (
+            f"cannot resolve the POP3 server name {host!r}: {exc.strerror}; "
+            "check pop_before_smtp.host"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return (
+            f"the POP3 server {host}:{port} refused the connection (nothing listens there); "
+            "check pop_before_smtp.host, port and encryption"
+        )
+    return f"cannot connect to the POP3 server {host}:{port}: {exc.strerror or exc}"
+
+
+async def pop_login(
+    host: str,
+    port: int,
+    *,
+    encryption: Encryption,
+    ssl_context: ssl.SSLContext | None,
+    timeout: float,  # noqa: ASYNC109 - bounds each step, not the whole call
+    username: str,
+    password: str,
+    apop: bool,
+    on_step: OnStep | None = None,
+) -> str:
+    """Log in to a POP3 server and log out again (POP before SMTP); return the login's +OK text.
+
+    `on_step`, if given, hears of each step that succeeded (connect, TLS handshake,
+    greeting, CAPA, STLS, USER, PASS or APOP, QUIT): for `check --connect`.
+    """
+    client = await Pop3Client.connect(
+        host, port, encryption=encryption, ssl_context=ssl_context, timeout=timeout, on_step=on_step
+    )
+    async with client:
+        return await client.login(username, password, apop=apop)
