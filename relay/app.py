@@ -93,7 +93,8 @@ class Relay:
         self.settings = settings
         self.config_file = config_file
         self.metrics = Metrics()
-        self.metrics.declare(settings)  # every series at 0 from the first scrape
+        # every series at 0 from the first scrape
+        self.metrics.declare(settings.metric_series(), settings.oauth_clients)
         self.oauth = OAuth(settings, self.metrics)
         self.oauth.on_granted.append(self._oauth_granted)
         self.make_upstream: UpstreamFactory = upstreams or functools.partial(
@@ -112,6 +113,11 @@ class Relay:
     @property
     def pid_file(self) -> Path:
         return self.settings.state_dir / PID_FILE
+
+    @property
+    def listener_address(self) -> tuple[str, int] | None:
+        """Where the SMTP listener accepts (`relay.admin.daemon.Daemon`)."""
+        return None if self.listener is None else self.listener.address
 
     async def start(self, listen_socket: socket.socket | None = None) -> None:
         """Raises StateLocked (another process holds state_dir), SpoolError, ConfigError
@@ -244,7 +250,8 @@ class Relay:
         self.oauth.reconfigure(new)
         self.scheduler.reconfigure(new)
         self.metrics.config_reloads.labels("ok").inc()
-        self.metrics.declare(new)  # a server or client added: its series at 0 at once
+        # a server or client added: its series at 0 at once
+        self.metrics.declare(new.metric_series(), new.oauth_clients)
         for warning in warnings(new):  # the same as at start-up
             log.warning("%s", warning)
         log.info("configuration reloaded: account %s <%s> via %s",

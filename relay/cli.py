@@ -1,5 +1,9 @@
 """The command line: parses arguments and calls the functions that do the work.
 
+Each command imports what it needs when it runs, so that `sysmail-sendmail` (which
+cron and applications start for every message) loads neither the daemon nor the
+HTTP and OAuth stacks. Nothing imports this module.
+
 Exit codes: 0 success, 1 operational failure, 2 bad usage or invalid configuration.
 `sendmail` (and `sysmail-sendmail`) exits with sysexits(3) codes, as sendmail does.
 """
@@ -13,15 +17,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from relay import app
-from relay.admin import queue as queue_admin
-from relay.admin import queue_view, status
-from relay.admin.server import Access
 from relay.errors import ConfigError, RelayError
 from relay.listener import submit
-from relay.oauth import terminal as oauth_flow
 from relay.settings import Settings, config_path, load_settings, warnings
-from relay.spool.store import Spool
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -32,6 +30,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
 
 
 def _settings_to_read(args: argparse.Namespace) -> tuple[Settings, str | None]:
+    from relay.admin import status
     """For `status` and `queue list|show`: the settings, or, when the file is invalid but
     a daemon runs on its state directory, enough to ask it and read the spool, after
     saying so on standard error."""
@@ -48,11 +47,15 @@ def _settings_to_read(args: argparse.Namespace) -> tuple[Settings, str | None]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from relay import app
     settings, path = _settings(args)
     return app.run(settings, path)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from relay import app
+    from relay.admin import status
+    from relay.admin.server import Access
     settings, path = _settings(args)
     Access(settings.admin)  # what `serve` refuses, `check` refuses too (admin host, token)
     print(f"configuration OK ({path or 'built-in default'})")
@@ -66,6 +69,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from relay.admin import status
     settings, invalid = _settings_to_read(args)
     report = status.report(settings)
     if invalid:
@@ -87,6 +91,9 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
+    from relay.admin import queue as queue_admin
+    from relay.admin import queue_view, status
+    from relay.spool import Spool
     settings = _settings_to_read(args)[0] if args.action in ("list", "show") \
         else _settings(args)[0]
     spool = Spool(settings.spool_dir)
@@ -119,11 +126,15 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_oauth(args: argparse.Namespace) -> int:
+    from relay.admin import queue as queue_admin
+    from relay.oauth import terminal as oauth_flow
     settings, _ = _settings(args)
     if args.action == "authorize":
         print(oauth_flow.authorize(settings, args.client, device=args.device,
                                    browser=not args.no_browser,
                                    emit=lambda text: print(text, flush=True)))
+        if released := queue_admin.release_held(settings):  # it waited for the token
+            print(released)
     elif args.action == "status":
         print(oauth_flow.status(settings, args.json))
     else:

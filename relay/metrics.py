@@ -8,12 +8,9 @@ to increase from, and Prometheus reports no increase.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-if TYPE_CHECKING:
-    from relay.settings import ServerSettings, Settings
 
 _DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -76,37 +73,23 @@ class Metrics:
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
 
-    def declare(self, settings: Settings) -> None:
-        """Export at 0 every labelled counter series `settings` make possible: rejections
-        by reason; per server (each configured one and the built-in outbox when it sends)
-        deliveries by result, its login's authentication failures, POP-before-SMTP logins
-        by result; OAuth token requests per client by result. Series of servers or clients
-        a reload removed stay (a counter never goes back)."""
+    def declare(self, servers: Iterable[tuple[str, str | None, bool]],
+                clients: Iterable[str]) -> None:
+        """Export at 0 every labelled counter series the configuration makes possible:
+        rejections by reason; per server (each configured one and the built-in outbox when
+        it sends) deliveries by result, its login's authentication failures,
+        POP-before-SMTP logins by result; OAuth token requests per client by result. Series
+        of servers or clients a reload removed stay (a counter never goes back)."""
         for reason in REJECT_REASONS:
             self.messages_rejected.labels(reason)
-        names = {settings.system_account.server, *settings.servers}
-        for name in sorted(names):
+        for name, login, pop_before_smtp in sorted(servers):
             for result in DELIVERY_RESULTS:
                 self.deliveries.labels(name, result)
-            server = settings.servers.get(name)
-            if server is None:
-                continue  # the built-in outbox: no login
-            if (method := login_method(server)) is not None:
-                self.auth_failures.labels(name, method)
-            if server.pop_before_smtp is not None:
+            if login is not None:
+                self.auth_failures.labels(name, login)
+            if pop_before_smtp:
                 for result in POP_RESULTS:
                     self.pop_before_smtp.labels(name, result)
-        for client in settings.oauth_clients:
+        for client in clients:
             for result in OAUTH_RESULTS:
                 self.oauth_refresh.labels(client, result)
-
-
-def login_method(server: ServerSettings) -> str | None:
-    """The `method` label of the server's authentication failures, None without a login."""
-    if server.auth is not None:
-        return server.auth.method
-    if server.oauth is not None:
-        return "XOAUTH2"
-    if server.pop_before_smtp is not None:
-        return "POP"
-    return None

@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -225,6 +225,17 @@ class ServerSettings(_Section):
     pop_before_smtp: PopBeforeSmtpSettings | None = None
     oauth: ServerOAuthSettings | None = None
 
+    @property
+    def login_method(self) -> str | None:
+        """The `method` label of its authentication failures, None without a login."""
+        if self.auth is not None:
+            return self.auth.method
+        if self.oauth is not None:
+            return "XOAUTH2"
+        if self.pop_before_smtp is not None:
+            return "POP"
+        return None
+
     @model_validator(mode="before")
     @classmethod
     def _one_authentication(cls, data: object) -> object:
@@ -394,6 +405,29 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
+
+    def metric_series(self) -> list[ServerSeries]:
+        """The servers whose labelled series exist from the first scrape (`Metrics.declare`):
+        each configured one and the built-in outbox when it sends."""
+        names = {self.system_account.server, *self.servers}
+        series = []
+        for name in names:
+            server = self.servers.get(name)
+            if server is None:
+                series.append(ServerSeries(name))  # the built-in outbox: no login
+            else:
+                series.append(ServerSeries(name, server.login_method,
+                                           server.pop_before_smtp is not None))
+        return series
+
+
+class ServerSeries(NamedTuple):
+    """What decides a server's labelled metric series (`relay.metrics.Metrics.declare`)."""
+
+    name: str
+    login: str | None = None
+    """The `method` label of its authentication failures; None: it does not log in."""
+    pop_before_smtp: bool = False
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:

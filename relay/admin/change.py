@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -40,9 +38,10 @@ from relay.settings import (
     read_config_file,
     validate,
 )
+from relay.spool.state import write_atomically
 
 if TYPE_CHECKING:
-    from relay.app import Relay
+    from relay.admin.daemon import Daemon
 
 METHODS = ("PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5")
 TIMEOUTS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 120)
@@ -137,7 +136,7 @@ async def change_save(request: web.Request) -> web.Response:
 
 # --- from the form to the override file -------------------------------------------------
 
-def save(relay: Relay, form: Mapping[str, str]) -> bytes | None:
+def save(relay: Daemon, form: Mapping[str, str]) -> bytes | None:
     """Validate the form's settings over the file and write the override file.
 
     Returns the override file's previous content (None: there was none). Raises
@@ -294,23 +293,3 @@ def _value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to the override file")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temporary file (0600), fsync, rename over the old one, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)

@@ -32,7 +32,7 @@ from relay.listener import submit
 from relay.settings import LOCAL_SERVER, ServerSettings, Settings, warnings
 
 if TYPE_CHECKING:
-    from relay.app import Relay
+    from relay.admin.daemon import Daemon
 
 log = logging.getLogger("relay.admin")
 
@@ -107,7 +107,7 @@ def server_label(name: str, settings: Settings) -> str:
     return f"{name} ({described[name]})" if name in described else name
 
 
-def oauth_state(relay: Relay) -> dict[str, Any] | None:
+def oauth_state(relay: Daemon) -> dict[str, Any] | None:
     """The OAuth client of the sending server and whether it is granted; None without OAuth."""
     settings = relay.settings
     server = settings.active_server
@@ -124,7 +124,7 @@ def oauth_state(relay: Relay) -> dict[str, Any] | None:
             "sign_in": sign_in}
 
 
-def latest(relay: Relay) -> list[Result]:
+def latest(relay: Daemon) -> list[Result]:
     recent = relay.scheduler.recent if relay.scheduler is not None else []
     return list(reversed(recent))[:LATEST]
 
@@ -222,12 +222,12 @@ async def send_test(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     to = str(form.get("to", "")).strip()
     test: dict[str, Any] = {"to": to, "listener": None, "upstream": [], "error": None}
-    if relay.listener is None or relay.listener.address is None:
+    if relay.listener_address is None:
         test["error"] = "the SMTP listener is not running"
         return await details_page(request, 503, test=test, test_to=to)
     settings = relay.settings
     live = settings.model_copy(update={"listener": settings.listener.model_copy(
-        update={"port": relay.listener.address[1]})})
+        update={"port": relay.listener_address[1]})})
     try:
         reply = await asyncio.to_thread(submit.send_test, live, to)
     except SubmitError as e:
@@ -246,7 +246,7 @@ def _answer_within(settings: Settings) -> float:
     return min(60.0, 3.0 * (server.timeout if server is not None else 2) + 5.0)
 
 
-async def wait_results(relay: Relay, queue_id: str, within: float) -> list[Result]:
+async def wait_results(relay: Daemon, queue_id: str, within: float) -> list[Result]:
     """The upstream's answers for one message, once the first attempt has ended."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:

@@ -235,3 +235,15 @@ def _ask_daemon(settings: Settings, holder: Holder, action: Action,
         raise QueueItemError(str(answer["error"]))
     raise QueueItemError(f"the relay's admin listener {holder.admin} answered HTTP "
                          f"{response.status} {response.reason} to POST {path}; see its log")
+
+
+def release_held(settings: Settings) -> str:
+    """Make waiting mail due now (it was held for the token): through the running
+    daemon, or under the state directory's lock when none runs."""
+    if not (settings.spool_dir / "queue").is_dir():
+        return ""
+    done = change(settings, "retry-all")
+    if not done.count:
+        return ""
+    return f"{done.count} waiting messages are due now" + (
+        "" if done.by_daemon else " (the daemon is not running: they go when it starts)")

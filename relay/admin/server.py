@@ -45,7 +45,7 @@ from relay.errors import ConfigError
 from relay.settings import AdminSettings, admin_token
 
 if TYPE_CHECKING:
-    from relay.app import Relay
+    from relay.admin.daemon import Daemon
 
 log = logging.getLogger("relay.admin")
 
@@ -156,12 +156,12 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(text="ready\n")
 
 
-async def not_ready(relay: Relay) -> list[str]:
+async def not_ready(relay: Daemon) -> list[str]:
     """Why the relay cannot take mail now; empty when it can."""
     problems: list[str] = []
     if relay.stopping:
         problems.append("the relay is stopping")
-    if relay.listener is None or relay.listener.address is None:
+    if relay.listener_address is None:
         problems.append("the SMTP listener is not bound")
     try:
         await asyncio.to_thread(_probe_spool, relay)
@@ -171,7 +171,7 @@ async def not_ready(relay: Relay) -> list[str]:
     return problems
 
 
-def _probe_spool(relay: Relay) -> None:
+def _probe_spool(relay: Daemon) -> None:
     path = relay.spool.root / "incoming" / f".ready-{os.getpid()}-{secrets.token_hex(4)}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -185,7 +185,7 @@ async def status_json(request: web.Request) -> web.Response:
     return web.json_response(await live_status(request.app[RELAY]))
 
 
-async def live_status(relay: Relay) -> dict[str, Any]:
+async def live_status(relay: Daemon) -> dict[str, Any]:
     """`status.collect()` and what only the running daemon knows."""
     report = await asyncio.to_thread(status.collect, relay.settings)
     live: dict[str, Any] = {}
@@ -197,8 +197,8 @@ async def live_status(relay: Relay) -> dict[str, Any]:
         report["servers"] = relay.scheduler.health_report()
         if report["queue"] is not None:  # the daemon's view of what waits, and why
             report["queue"].update(counts, oldest_seconds=live["oldest_seconds"])
-    if relay.listener is not None and relay.listener.address is not None:
-        live["listener"] = "{}:{}".format(*relay.listener.address)
+    if relay.listener_address is not None:
+        live["listener"] = "{}:{}".format(*relay.listener_address)
     report["live"] = live
     return report
 
@@ -211,7 +211,7 @@ async def stylesheet(request: web.Request) -> web.Response:
 
 # --- the listener ---------------------------------------------------------------------------
 
-def build_app(relay: Relay, access: Access) -> web.Application:
+def build_app(relay: Daemon, access: Access) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
     app[RELAY] = relay
     app[ACCESS] = access
@@ -230,7 +230,7 @@ def build_app(relay: Relay, access: Access) -> web.Application:
 class AdminServer:
     """The admin HTTP listener of one relay."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Daemon) -> None:
         """Raises ConfigError when a non-loopback address has no token."""
         self.relay = relay
         self.access = Access(relay.settings.admin)

@@ -18,9 +18,9 @@ import jinja2
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from relay.app import Relay
+    from relay.admin.daemon import Daemon
 
-RELAY: web.AppKey[Relay] = web.AppKey("relay")
+RELAY: web.AppKey[Daemon] = web.AppKey("relay")
 TEMPLATES: web.AppKey[jinja2.Environment] = web.AppKey("templates")
 CSRF_COOKIE = "relay_csrf"
 QUEUE_ID = re.compile(r"^[0-9A-F]{21}$")

@@ -10,7 +10,6 @@ fixes it. Nothing here ever puts a token into a message, a log line or a repr.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
@@ -21,6 +20,7 @@ from urllib.parse import quote
 
 from relay.errors import TokenStoreError
 from relay.spool import state
+from relay.spool.files import fsync_dir
 
 SUFFIX = ".json"
 
@@ -120,21 +120,10 @@ class TokenStore:
     def save(self, token: StoredToken) -> Path:
         """Write atomically with mode 0600 in a 0700 directory. Raises TokenStoreError."""
         path = self.path(token.client, token.account)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        data = json.dumps(asdict(token), indent=2).encode()
         try:
             self._directory()
-            fd = state.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            self._sync_directory()
+            state.write_atomically(path, json.dumps(asdict(token), indent=2).encode())
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise TokenStoreError(f"cannot store the token in {self.directory}: "
                                   f"{e.strerror}; the relay's user must be able to write "
                                   "there") from None
@@ -148,18 +137,11 @@ class TokenStore:
         except OSError as e:
             raise TokenStoreError(f"cannot remove {self.path(client, account)}: "
                                   f"{e.strerror}") from None
-        self._sync_directory()
+        fsync_dir(self.directory)
         return True
 
     def _directory(self) -> None:
         state.private_dir(self.directory)
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _token(data: dict[str, Any]) -> StoredToken:

@@ -25,7 +25,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
 
-from relay.admin import queue as queue_admin
 from relay.errors import OAuthError, ProviderRefused
 from relay.metrics import Metrics
 from relay.oauth.manager import (
@@ -69,21 +68,7 @@ def authorize(settings: Settings, client: str | None, *, device: bool, browser: 
         auth = asyncio.run(_device(oauth, name, emit))
     else:
         auth = asyncio.run(_sign_in(oauth, name, browser, emit))
-    released = release_held(settings)
-    return f"{name}: OAuth authorization {describe(auth)}" + (
-        f"\n{released}" if released else "")
-
-
-def release_held(settings: Settings) -> str:
-    """Make waiting mail due now (it was held for the token): through the running
-    daemon, or under the state directory's lock when none runs."""
-    if not (settings.spool_dir / "queue").is_dir():
-        return ""
-    done = queue_admin.change(settings, "retry-all")
-    if not done.count:
-        return ""
-    return f"{done.count} waiting messages are due now" + (
-        "" if done.by_daemon else " (the daemon is not running: they go when it starts)")
+    return f"{name}: OAuth authorization {describe(auth)}"
 
 
 async def _device(oauth: OAuth, client: str, emit: Emit) -> Authorization:

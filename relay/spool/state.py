@@ -29,10 +29,12 @@ import os
 import random
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from relay.errors import StateLocked
+from relay.spool.files import fsync_dir, write_all
 
 log = logging.getLogger("relay.state")
 
@@ -91,24 +93,30 @@ def open_private(path: Path, flags: int) -> int:
 _TEMP_BITS = random.Random()
 
 
-def write_atomically(path: Path, data: bytes, sync: bool = True) -> None:
-    """Replace (or create) the file `path` with `data`, whole or not at all: the one
-    way the relay writes a file it keeps (saved envelopes, the pid file; the token
-    store and the overrides should come here too).
+def write_atomically(path: Path, data: bytes | Iterable[bytes], sync: bool = True,
+                     staging: Path | None = None) -> None:
+    """Replace (or create) the file `path` with `data` (bytes, or chunks written as they
+    come), whole or not at all: the one way the relay writes a file it keeps (saved
+    envelopes, the pid file, the token store, the admin page's overrides, each message
+    of the outbox).
 
-    The bytes go to a temporary file beside it (".NAME.RANDOM.tmp", 0600 whatever the
-    umask, never through a symbolic link) which is renamed over `path`; with `sync`,
-    the file is fsynced before the rename and the directory after it, so the new
+    The bytes go to a temporary file (0600 whatever the umask, never through a symbolic
+    link): ".NAME.RANDOM.tmp" beside `path`, or `staging/NAME` when a `staging`
+    directory is given (a Maildir's tmp/), which is renamed to `path`; with `sync`, the
+    file is fsynced before the rename and `path`'s directory after it, so the new
     content is durable when this returns. A crash leaves the old file or the new one,
-    and at worst a temporary file (its name starts with a dot: not an entry). A
-    symbolic link at `path` is replaced, its target untouched."""
-    tmp = path.with_name(f".{path.name}.{_TEMP_BITS.getrandbits(48):012x}.tmp")
+    and at worst a temporary file (not an entry: its name starts with a dot, or it is
+    in the staging directory). A symbolic link at `path` is replaced, its target
+    untouched."""
+    if staging is None:
+        tmp = path.with_name(f".{path.name}.{_TEMP_BITS.getrandbits(48):012x}.tmp")
+    else:
+        tmp = staging / path.name
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for chunk in [data] if isinstance(data, bytes) else data:
+                write_all(fd, chunk)
             if sync:
                 os.fsync(fd)
         finally:
@@ -119,11 +127,7 @@ def write_atomically(path: Path, data: bytes, sync: bool = True) -> None:
             os.unlink(tmp)
         raise
     if sync:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 It shows what the relay would send: the message as the delivery rewrote it, with
 `Return-Path:` (the envelope sender) and one `Delivered-To:` per recipient put in
 front, as a mail server's local delivery does. Written to tmp/, fsynced, renamed
-into new/ (the Maildir protocol), so a reader never sees half a message. The
-directories are 0700 and the files 0600 whatever the umask, never made through a
-symbolic link.
+into new/ (the Maildir protocol, through `state.write_atomically`), so a reader
+never sees half a message. The directories are 0700 and the files 0600 whatever
+the umask, never made through a symbolic link.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import itertools
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from relay.errors import TemporaryFailure
@@ -54,28 +55,22 @@ class LocalOutbox:
                f"_{message.envelope.id}.{self._host}"
         head = f"Return-Path: <{message.mail_from}>\r\n".encode() + b"".join(
             f"Delivered-To: {r.address}\r\n".encode() for r in message.recipients)
-        tmp = self.maildir / "tmp" / name
-        fd = state.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            with os.fdopen(fd, "wb", closefd=False) as out, message.path.open("rb") as src:
-                out.write(head)
-                if message.data is not None:
-                    out.write(message.data)
-                else:
-                    out.write(message.head)
-                    src.seek(message.offset)
-                    while chunk := src.read(_COPY_CHUNK):
-                        out.write(chunk)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.maildir / "new" / name)
-        dirfd = os.open(self.maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        state.write_atomically(self.maildir / "new" / name, self._chunks(message, head),
+                               staging=self.maildir / "tmp")
         return name
+
+    @staticmethod
+    def _chunks(message: Outgoing, head: bytes) -> Iterator[bytes]:
+        """The file's bytes as they are read: a large message is never whole in memory."""
+        yield head
+        if message.data is not None:
+            yield message.data
+            return
+        yield message.head
+        with message.path.open("rb") as src:
+            src.seek(message.offset)
+            while chunk := src.read(_COPY_CHUNK):
+                yield chunk
 
     async def close(self) -> None:
         return None
