@@ -27,7 +27,8 @@ from relay import logs, systemd
 from relay.admin import queue as queue_admin
 from relay.admin.server import AdminServer
 from relay.delivery.notices import Notifier
-from relay.delivery.scheduler import Scheduler, UpstreamFactory, backoff
+from relay.delivery.retry import backoff
+from relay.delivery.scheduler import Scheduler, UpstreamFactory
 from relay.errors import ConfigError, RelayError, SpoolError, StateLocked
 from relay.listener.server import Listener
 from relay.metrics import Metrics

@@ -25,8 +25,8 @@ from aiohttp import web
 
 from relay.admin import queue as queue_admin
 from relay.admin.web import ENCRYPTION, QUEUE_ID, RELAY, check_csrf, message, render
+from relay.delivery.disk import Result
 from relay.delivery.health import HELD_STATES, state_label
-from relay.delivery.scheduler import Result
 from relay.errors import OAuthError, SubmitError
 from relay.listener import submit
 from relay.settings import LOCAL_SERVER, ServerSettings, Settings, warnings

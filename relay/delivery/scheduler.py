@@ -7,7 +7,8 @@ messages arrive and attempts end. At most `pool_size` deliveries send at once
 authentication failures defer the message with exponential backoff
 (`queue.retry_initial` doubling up to `queue.retry_max`); a 5xx fails that
 recipient; a message older than `queue.max_age` becomes a dead letter with the
-last reply as its reason. While the system account is inactive nothing is sent.
+last reply as its reason (the pure policy: relay.delivery.retry). While the system
+account is inactive nothing is sent.
 Each attempt's result feeds the server's health (relay.delivery.health): its state, last
 error, last success; mail waiting while that state is inactive, not granted or
 paused by authentication failures counts as `held`, other waiting mail as queued
@@ -18,16 +19,11 @@ once per entry and cause, not at every try. No exception leaves a delivery task.
 
 Every file-system call of a delivery runs in a thread: one hop to claim the entry
 and read a small message, one to remove it once delivered, both in batches (one
-thread for every delivery's claims and removals: _DiskWork); what waits for the
+thread for every claim and removal: relay.delivery.disk); what waits for the
 disk (fsync on a deferral or a dead letter) in asyncio's threads.
 
-The spool holds what the client sent; each attempt applies the rewrite
-(relay.rewrite) for the system account as it is at that attempt: MAIL FROM and From
-are the current system address, so held mail follows an address changed meanwhile.
-Received, Date and Message-ID are built from the envelope (queue id, client, HELO,
-time of receipt), so every attempt of one message sends the same ones. A message
-up to spool.INLINE_BYTES is rewritten in memory; of a larger one only the header
-block is read (in growing chunks, from a thread) and the body is sent from the file.
+The spool holds what the client sent; each attempt applies the rewrite for the
+account as it is then (relay.delivery.outgoing).
 
 A delivery also reads its entry before it sends and removes it after: so that
 the connections never wait for the disk, up to twice as many deliveries as
@@ -45,30 +41,20 @@ import errno
 import functools
 import heapq
 import logging
-import random
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import TypeVar, cast
+from typing import TypeVar
 
+from relay.delivery.disk import DiskWork, Result
 from relay.delivery.health import HELD_STATES, ServerHealth
-from relay.errors import DamagedEntry, DeliveryFailure, Held, PermanentFailure, TemporaryFailure
+from relay.delivery.outgoing import outgoing
+from relay.delivery.retry import backoff, settle
+from relay.errors import DamagedEntry, DeliveryFailure, Held, TemporaryFailure
 from relay.metrics import Metrics
-from relay.rewrite import (
-    RewriteArguments,
-    date_header_value,
-    received_header,
-    rewrite_head,
-    rewrite_message,
-)
-from relay.settings import QueueSettings, Settings
-from relay.spool.batches import AwaitedWorker
+from relay.settings import Settings
 from relay.spool.store import INLINE_BYTES, Claimed, Envelope, Spool
-from relay.upstream.base import Outcome, Outgoing, Upstream
+from relay.upstream.base import Outcome, Upstream
 
 log = logging.getLogger("relay.delivery")
 T = TypeVar("T")
@@ -86,40 +72,6 @@ RECENT = 50
 """How many of the latest per-recipient results the admin page can show."""
 
 
-@dataclass(frozen=True)
-class Result:
-    """One recipient's result of one attempt, kept in memory for the admin page."""
-
-    at: float
-    queue_id: str
-    recipient: str
-    result: str
-    """ok, deferred or failed, as in relay_deliveries_total."""
-    reply: str
-    subject: str | None
-
-
-class _DiskWork(AwaitedWorker[Callable[[], object], object]):
-    """Runs the page-cache work of deliveries (a claim with its read, a removal) in one
-    thread, taking every call waiting at once: under load a batch costs one thread
-    wake-up and one wake-up of the event loop, not two per message. What waits for
-    the disk itself (fsync: a deferral, a dead letter) goes to asyncio.to_thread."""
-
-    NAME = "delivery-spool"
-
-    def results(self, args: list[Callable[[], object]]) -> list[object | Exception]:
-        done: list[object | Exception] = []
-        for call in args:
-            try:
-                done.append(call())
-            except Exception as e:  # that call's caller gets it
-                done.append(e)
-        return done
-
-    async def run(self, call: Callable[[], T]) -> T:
-        return cast(T, await self.call(call))
-
-
 class Scheduler:
     def __init__(self, spool: Spool, settings: Settings, metrics: Metrics,
                  make_upstream: UpstreamFactory) -> None:
@@ -132,7 +84,7 @@ class Scheduler:
         self._age: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._disk = _DiskWork()
+        self._disk = DiskWork()
         self._troubles: dict[str, tuple[str, int]] = {}
         """Entries the relay itself could not handle: the cause, and tries in a row."""
         self._wake = asyncio.Event()
@@ -443,7 +395,7 @@ class Scheduler:
         pending = env.pending
         started = time.monotonic()
         try:
-            message = await self._outgoing(claimed)
+            message = await outgoing(claimed, self.settings)
             outcomes = await self.upstream.deliver(message)
         except DeliveryFailure as failure:
             outcomes = [Outcome(r.address, failure.reply, failure) for r in pending]
@@ -454,90 +406,39 @@ class Scheduler:
         self.metrics.delivery_seconds.labels(server).observe(time.monotonic() - started)
         return outcomes
 
-    async def _outgoing(self, claimed: Claimed) -> Outgoing:
-        """The message as it is sent now. An entry that holds the client's bytes gets the
-        rewrite for the system account as it is at this attempt (held mail follows a changed
-        address); Date, Message-ID and Received come from the envelope, so every attempt
-        sends the same ones. An entry written by an earlier version is sent as stored.
-        The message begins at `claimed.start` in its file (after the entry's header)."""
-        env, path, data, start = claimed.envelope, claimed.path, claimed.data, claimed.start
-        if not env.as_received:
-            return Outgoing(env, path, env.mail_from or "", env.pending, data,
-                            offset=0 if data is not None else start)
-        edit = _edit(env, self.settings)
-        if data is not None:
-            return Outgoing(env, path, edit.address, env.pending, rewrite_message(
-                data, **edit.arguments))
-        try:
-            head, offset = await asyncio.to_thread(_read_head, path, edit, start)
-        except OSError as e:
-            raise TemporaryFailure(f"cannot read {path}: {e.strerror}", stage="spool") from e
-        return Outgoing(env, path, edit.address, env.pending, head=head, offset=start + offset)
-
     async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
         server = self.settings.system_account.server
-        env.crashes = 0  # the attempt came back: max_crashes counts interruptions in a row
-        if not outcomes or not all(isinstance(o.failure, Held) for o in outcomes):
-            env.attempts += 1  # held on purpose (rate limit, not granted) is not an attempt
-        by_address = {o.recipient: o for o in outcomes}
         now = time.time()
-        deferred: list[Outcome] = []
-        health = self.server_health(server)
-        for rcpt in env.pending:
-            outcome = by_address.get(rcpt.address)
-            if outcome is None:
-                outcome = Outcome(rcpt.address, "no answer for this recipient",
-                                  TemporaryFailure("no answer for this recipient"))
-            rcpt.reply = outcome.reply
-            if outcome.failure is None:
-                rcpt.state = "delivered"
-                result = "ok"
+        settled = settle(env, outcomes, now, self.settings.queue)
+        for rcpt, outcome, result in settled.results:
+            if result == "ok":
                 log.info("%s: to=<%s> server=%s status=sent (%s)", env.id, rcpt.address, server,
                          outcome.reply)
-            elif isinstance(outcome.failure, PermanentFailure):
-                rcpt.state = "failed"
-                result = "failed"
+            elif result == "failed":
                 log.warning("%s: to=<%s> server=%s status=failed (%s)", env.id, rcpt.address,
                             server, outcome.reply)
-            else:
-                deferred.append(outcome)
-                result = "deferred"
             if not isinstance(outcome.failure, Held):
                 self.metrics.deliveries.labels(server, result).inc()
                 self.recent.append(Result(now, env.id, rcpt.address, result, outcome.reply,
                                           env.subject))
-        env.last_reply = (deferred or outcomes or [Outcome("", "")])[0].reply
+        health = self.server_health(server)
+        deferred = settled.deferred
         if any(o.failure is None for o in outcomes):
             health.succeeded(now)
         elif deferred and deferred[0].failure is not None:
             health.failed(deferred[0].failure, now)
         elif outcomes:
             health.answered()
-        if not env.pending:
-            failed = [r for r in env.recipients if r.state == "failed"]
-            if failed:
-                env.dead_reason = "; ".join(f"<{r.address}>: {r.reply}" for r in failed)
-                await self._bury(env)
-            else:
-                await self._disk.run(functools.partial(self.spool.finish, env.id, size=env.size))
-                self._forget(env.id)
-            return
-        if now - env.age_base > self.settings.queue.max_age:
-            env.dead_reason = (f"not delivered within queue.max_age "
-                               f"({self.settings.queue.max_age:.0f} s); last reply: "
-                               f"{env.last_reply}")
+        if settled.verdict == "dead":
             await self._bury(env)
-            return
-        waits = [o.failure.retry_at for o in deferred if isinstance(o.failure, Held)
-                 and o.failure.retry_at]
-        if waits and len(waits) == len(deferred):  # held on purpose: not an attempt
-            env.next_attempt = max(waits)
+        elif settled.verdict == "done":
+            await self._disk.run(functools.partial(self.spool.finish, env.id, size=env.size))
+            self._forget(env.id)
         else:
-            env.next_attempt = now + self.backoff(max(1, env.attempts))
-        log.info("%s: server=%s status=deferred attempt=%d retry_in=%.0fs (%s)", env.id, server,
-                 env.attempts, env.next_attempt - now, env.last_reply)
-        await asyncio.to_thread(self.spool.release, env)
-        self.add(env)
+            log.info("%s: server=%s status=deferred attempt=%d retry_in=%.0fs (%s)", env.id,
+                     server, env.attempts, env.next_attempt - now, env.last_reply)
+            await asyncio.to_thread(self.spool.release, env)
+            self.add(env)
 
     async def _bury(self, env: Envelope) -> None:
         await asyncio.to_thread(self.spool.release, env, "active", "dead")
@@ -557,48 +458,3 @@ def _describe(error: BaseException) -> str:
         where = f" ({error.filename})" if error.filename else ""
         return f"{error.strerror or error}{f' [{name}]' if name else ''}{where}"
     return repr(error)
-@dataclass(frozen=True)
-class _Edit:
-    """What the rewrite of one entry needs: the current account and the entry's trace."""
-
-    address: str
-    arguments: RewriteArguments
-
-
-def _edit(env: Envelope, settings: Settings) -> _Edit:
-    account = settings.system_account
-    by_host = settings.listener.hostname or socket.gethostname()
-    when = datetime.fromtimestamp(int(env.received_at), UTC).astimezone()
-    domain = account.address.rpartition("@")[2] if account.address else by_host
-    received = received_header(helo=env.helo, peer_ip=env.client or "unknown", by_host=by_host,
-                               queue_id=env.id, recipients=[r.address for r in env.recipients],
-                               when=when, with_protocol=env.protocol)
-    return _Edit(account.address or "", RewriteArguments(
-        system_address=account.address or "", received=received,
-        from_header=account.from_header if account.address else "keep",
-        message_id=f"<{env.id}@{domain}>", date=date_header_value(when)))
-
-
-def _read_head(path: Path, edit: _Edit, start: int = 0) -> tuple[bytes, int]:
-    """The rewritten header block of a large message (which begins at `start` in the file)
-    and where its body starts after `start`, reading the header block only, in chunks
-    (each twice the last: linear work)."""
-    chunks: list[bytes] = []
-    size = _HEAD_CHUNK
-    with path.open("rb") as f:
-        f.seek(start)
-        while True:
-            chunk = f.read(size)
-            chunks.append(chunk)
-            prefix = b"".join(chunks)
-            found = rewrite_head(prefix, complete=not chunk, **edit.arguments)
-            if found is not None:
-                return found
-            chunks = [prefix]
-            size *= 2
-
-
-def backoff(queue: QueueSettings, attempts: int) -> float:
-    """retry_initial doubling with each attempt up to retry_max, with 10 % jitter."""
-    delay: float = min(queue.retry_max, queue.retry_initial * 2.0 ** min(attempts - 1, 30))
-    return delay * random.uniform(0.9, 1.1)
