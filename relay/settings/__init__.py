@@ -1,0 +1,103 @@
+"""The configuration: one TOML file, `RELAY_` environment variables and secret files.
+
+Loaded once at start-up (and again at SIGHUP), validated as a whole, and passed
+down. `load_settings()` is the only entry point; it raises `ConfigError` with one
+line per mistake, each naming the key path, the bad value (never a secret's) and
+what is allowed. Every file the configuration names (CA files, secret files, the
+token store) is opened then too (`file_problems`), so a missing or unusable one is
+an invalid configuration for `check`, at start and at reload.
+
+`values` holds the value types, `model` the sections and keys, `load` where they
+come from, `files` the checks of the files they name; everything is imported from
+here. It may import only `relay.errors`.
+"""
+
+from relay.settings.files import (
+    file_problems,
+    file_warnings,
+    named_files,
+)
+from relay.settings.load import (
+    OVERRIDES_FILE,
+    admin_token,
+    config_path,
+    load_settings,
+    overlay,
+    override_path,
+    read_config_file,
+    read_layers,
+    validate,
+    warnings,
+)
+from relay.settings.model import (
+    AdminSettings,
+    AuthSettings,
+    ListenerSettings,
+    LogSettings,
+    OAuthClientSettings,
+    PopBeforeSmtpSettings,
+    QueueSettings,
+    ServerOAuthSettings,
+    ServerSeries,
+    ServerSettings,
+    Settings,
+    SystemAccountSettings,
+)
+from relay.settings.values import (
+    DEFAULT_ADDRESS,
+    DEFAULT_CONFIG_FILE,
+    LOCAL_SERVER,
+    Address,
+    Duration,
+    Encryption,
+    Port,
+    RateLimit,
+    Timeout,
+    default_state_dir,
+    file_error,
+    parse_duration,
+    read_secret_file,
+    secret_path,
+)
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "DEFAULT_CONFIG_FILE",
+    "LOCAL_SERVER",
+    "OVERRIDES_FILE",
+    "Address",
+    "AdminSettings",
+    "AuthSettings",
+    "Duration",
+    "Encryption",
+    "ListenerSettings",
+    "LogSettings",
+    "OAuthClientSettings",
+    "PopBeforeSmtpSettings",
+    "Port",
+    "QueueSettings",
+    "RateLimit",
+    "ServerOAuthSettings",
+    "ServerSeries",
+    "ServerSettings",
+    "Settings",
+    "SystemAccountSettings",
+    "Timeout",
+    "admin_token",
+    "config_path",
+    "default_state_dir",
+    "file_error",
+    "file_problems",
+    "file_warnings",
+    "load_settings",
+    "named_files",
+    "overlay",
+    "override_path",
+    "parse_duration",
+    "read_config_file",
+    "read_layers",
+    "read_secret_file",
+    "secret_path",
+    "validate",
+    "warnings",
+]
