@@ -2,7 +2,6 @@
 token store), opened at `check`, at start and at reload: missing, unreadable, wrong mode
 or not PEM is an invalid configuration, with the key, the path and the problem."""
 
-
 from __future__ import annotations
 
 import contextlib

@@ -1,7 +1,6 @@
 """Where the configuration comes from and how it is read: the file, the admin page's
 overrides, `RELAY_` environment variables; one clear line per mistake."""
 
-
 from __future__ import annotations
 
 import os

@@ -1,6 +1,5 @@
 """The configuration's sections and keys, each validated where it is declared."""
 
-
 from __future__ import annotations
 
 import importlib.util

@@ -1,6 +1,5 @@
 """The value types of the configuration: durations, rates, addresses, ports, secrets."""
 
-
 from __future__ import annotations
 
 import os
