@@ -35,6 +35,7 @@ from relay.metrics import Metrics
 from relay.oauth.manager import Authorization, OAuth
 from relay.settings import LOCAL_SERVER, OVERRIDES_FILE, Settings, load_settings, warnings
 from relay.spool import state
+from relay.spool.recovery import recover
 from relay.spool.store import Envelope, Spool
 from relay.upstream.base import Upstream
 from relay.upstream.outbox import LocalOutbox
@@ -126,7 +127,7 @@ class Relay:
         self.admin = AdminServer(self)  # refuses a non-loopback admin.host without a token
         await asyncio.to_thread(self._prepare_state)
         recovery = await asyncio.to_thread(
-            self.spool.recover, self.settings.queue.max_crashes,
+            recover, self.spool, self.settings.queue.max_crashes,
             functools.partial(backoff, self.settings.queue))
         if recovery.requeued or recovery.removed_incoming or recovery.crashed_out:
             log.warning("spool recovered: %d put back in the queue, %d unfinished receptions "

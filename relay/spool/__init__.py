@@ -8,6 +8,7 @@ It imports no network code and no settings: only errors and the standard library
 
 from relay.spool.envelope import Envelope, Recipient, RecipientState, new_queue_id
 from relay.spool.incoming import Incoming
+from relay.spool.recovery import Recovery, recover
 from relay.spool.store import INLINE_BYTES, Claimed, Place, Spool
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "Place",
     "Recipient",
     "RecipientState",
+    "Recovery",
     "Spool",
     "new_queue_id",
+    "recover",
 ]

@@ -48,7 +48,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -130,7 +130,7 @@ def _remove_entry(entry: Path, latest: Path) -> None:
             os.unlink(path)
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     """Remove a file, or a directory tree; a symbolic link is removed itself, its target
     untouched."""
     if os.path.islink(path) or not os.path.isdir(path):
@@ -138,16 +138,6 @@ def _remove_tree(path: Path) -> None:
             os.unlink(path)
     else:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@dataclass
-class Recovery:
-    """What start-up found: entries put back, dead after too many crashes, removed, quarantined."""
-
-    requeued: list[str] = field(default_factory=list)
-    crashed_out: list[str] = field(default_factory=list)
-    removed_incoming: int = 0
-    quarantined: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Spool:
@@ -162,7 +152,7 @@ class Spool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def _dir(self, place: str) -> Path:
+    def place_dir(self, place: str) -> Path:
         return self.root / place
 
     def open(self) -> None:
@@ -172,7 +162,7 @@ class Spool:
             state.private_dir(self.root)
             for name in _DIRS:
                 state.private_dir(self.root / name)
-            probe = self._dir("incoming") / f".probe-{os.getpid()}"
+            probe = self.place_dir("incoming") / f".probe-{os.getpid()}"
             os.close(state.open_private(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
             probe.unlink()
         except OSError as e:
@@ -235,7 +225,7 @@ class Spool:
         committed = [i for i, error in enumerate(errors) if error is None]
         if committed:
             try:
-                fsync_dir(self._dir("queue"))
+                fsync_dir(self.place_dir("queue"))
             except OSError as e:  # in queue/ but perhaps not durable: the client retries
                 for i in committed:
                     errors[i] = SpoolError(f"cannot sync the spool directory: {e.strerror}")
@@ -271,15 +261,15 @@ class Spool:
              dst: Place = "active") -> Claimed | None:
         """`claim`, and where its message is; with its bytes too when the message is not
         larger than `inline` (read through the same open file, in this thread)."""
-        entry = self._dir(src) / queue_id
+        entry = self.place_dir(src) / queue_id
         try:
-            os.rename(entry, self._dir(dst) / queue_id)
+            os.rename(entry, self.place_dir(dst) / queue_id)
         except FileNotFoundError:
             return None
         except OSError as e:
             raise SpoolError(e.errno, e.strerror, str(entry)) from e
         try:
-            self._not_linked(self._dir(dst) / queue_id)
+            self.refuse_link(self.place_dir(dst) / queue_id)
             return self._read(queue_id, dst, system_errors=True, inline=inline)
         except FileNotFoundError:
             return None
@@ -287,12 +277,14 @@ class Spool:
             raise
         except OSError as e:  # a system error while reading: untaken, not damaged
             with contextlib.suppress(OSError):
-                os.rename(self._dir(dst) / queue_id, entry)
+                os.rename(self.place_dir(dst) / queue_id, entry)
             raise SpoolError(e.errno, e.strerror, str(entry / os.fsdecode(e.filename or ""))
                              ) from e
 
-    def _not_linked(self, entry: Path) -> None:
-        paths = [entry, self._latest(entry.name)]
+    def refuse_link(self, entry: Path) -> None:
+        """Raise DamagedEntry when the entry, its saved envelope or (earlier layout) its
+        files is a symbolic link: such an entry is quarantined, never followed."""
+        paths = [entry, self.saved_path(entry.name)]
         if os.path.isdir(entry) and not os.path.islink(entry):
             paths += [entry / MESSAGE, entry / ENVELOPE]
         for path in paths:
@@ -306,14 +298,14 @@ class Spool:
                 raise DamagedEntry(f"{path}: is a symbolic link (not followed; its target "
                                    f"{os.readlink(path)} is left untouched)")
 
-    def _latest(self, queue_id: str) -> Path:
+    def saved_path(self, queue_id: str) -> Path:
         """Where the envelope of an entry is saved once it changed after the commit."""
-        return self._dir(ENVELOPES) / queue_id
+        return self.place_dir(ENVELOPES) / queue_id
 
     def message_path(self, queue_id: str, place: Place = "active") -> Path:
         """The file that holds the entry's message: the entry itself, or for an entry of
         the earlier layout its `message` (`message_start` says where the message begins)."""
-        entry = self._dir(place) / queue_id
+        entry = self.place_dir(place) / queue_id
         return entry / MESSAGE if os.path.isdir(entry) and not os.path.islink(entry) else entry
 
     @staticmethod
@@ -358,7 +350,7 @@ class Spool:
         there (any more); DamagedEntry: the entry that is there cannot be read back. With
         `system_errors`, an error that says nothing about the entry (_SYSTEM_ERRORS) is
         raised as it is instead. With `inline` >= 0, a message up to that size is read."""
-        entry = self._dir(place) / queue_id
+        entry = self.place_dir(place) / queue_id
         try:
             mode = os.lstat(entry).st_mode
         except FileNotFoundError:
@@ -392,7 +384,7 @@ class Spool:
             else:
                 found = ": not a spool entry (neither a file nor a directory)"
             if isinstance(found, Envelope):
-                latest = spool_file.read_latest(self._latest(queue_id), queue_id, system_errors)
+                latest = spool_file.read_latest(self.saved_path(queue_id), queue_id, system_errors)
                 if latest is None and not spool_file.still_at(fd, entry):
                     raise FileNotFoundError(errno.ENOENT, "moved on while it was read",
                                             str(entry))
@@ -413,27 +405,27 @@ class Spool:
         """Save the envelope (per-recipient states, attempts) of an entry this process has
         claimed (in `place`): atomically and durably, in a file beside the spool's places,
         which `read` takes over the header's."""
-        if not os.path.lexists(self._dir(place) / envelope.id):
-            raise FileNotFoundError(errno.ENOENT, "no such entry", str(self._dir(place) /
+        if not os.path.lexists(self.place_dir(place) / envelope.id):
+            raise FileNotFoundError(errno.ENOENT, "no such entry", str(self.place_dir(place) /
                                                                         envelope.id))
-        state.write_atomically(self._latest(envelope.id), envelope.to_json())
+        state.write_atomically(self.saved_path(envelope.id), envelope.to_json())
 
     def release(self, envelope: Envelope, src: Place = "active", dst: Place = "queue") -> None:
         """Save the envelope and move the entry on (back to queue/, or into dead/)."""
         self.update(envelope, src)
-        os.rename(self._dir(src) / envelope.id, self._dir(dst) / envelope.id)
-        fsync_dir(self._dir(dst))
+        os.rename(self.place_dir(src) / envelope.id, self.place_dir(dst) / envelope.id)
+        fsync_dir(self.place_dir(dst))
 
     def put_back(self, queue_id: str, src: Place = "active") -> None:
         """Return a claimed entry to the queue unchanged: a rename, which needs no free space."""
         with contextlib.suppress(FileNotFoundError):
-            os.rename(self._dir(src) / queue_id, self._dir("queue") / queue_id)
+            os.rename(self.place_dir(src) / queue_id, self.place_dir("queue") / queue_id)
 
     def finish(self, queue_id: str, place: Place = "active", size: int | None = None) -> None:
         """The upstream has the message (of `size` bytes, when known): remove it."""
-        trash = self._dir("trash") / queue_id
-        os.rename(self._dir(place) / queue_id, trash)
-        self._remover.submit(functools.partial(_remove_entry, trash, self._latest(queue_id)))
+        trash = self.place_dir("trash") / queue_id
+        os.rename(self.place_dir(place) / queue_id, trash)
+        self._remover.submit(functools.partial(_remove_entry, trash, self.saved_path(queue_id)))
 
     def removed(self, timeout: float = 10.0) -> bool:
         """True once every finished entry is deleted (it happens in a thread)."""
@@ -442,8 +434,8 @@ class Spool:
     def quarantine(self, queue_id: str, place: str, reason: str) -> None:
         """Move a damaged entry (a file, a directory, or anything else) aside, with the
         envelope saved beside it if any; never raises."""
-        src = self._dir(place) / queue_id
-        dst = self._dir("quarantine") / queue_id
+        src = self.place_dir(place) / queue_id
+        dst = self.place_dir("quarantine") / queue_id
         if dst.exists():
             dst = dst.with_name(f"{queue_id}.{time.time_ns()}")
         try:
@@ -457,7 +449,7 @@ class Spool:
             if not (dst / "REASON").is_file():
                 _write_reason(dst, reason)
             with contextlib.suppress(FileNotFoundError):
-                os.rename(self._latest(queue_id), dst / f"{ENVELOPES}.{queue_id}")
+                os.rename(self.saved_path(queue_id), dst / f"{ENVELOPES}.{queue_id}")
         except OSError:
             pass  # gone meanwhile, or the disk refuses: the next start finds it again
 
@@ -466,10 +458,10 @@ class Spool:
         False when it was recorded before or the entry is not there. Removed with it."""
         if mark not in MARKS:
             raise ValueError(f"unknown mark {mark!r}")
-        if not os.path.lexists(self._dir(place) / queue_id):
+        if not os.path.lexists(self.place_dir(place) / queue_id):
             return False
         try:
-            os.close(state.open_private(self._dir(ENVELOPES) / f"{queue_id}.{mark}",
+            os.close(state.open_private(self.place_dir(ENVELOPES) / f"{queue_id}.{mark}",
                                         os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             return False
@@ -477,7 +469,7 @@ class Spool:
 
     def quarantined(self, queue_id: str) -> str | None:
         """Why an entry was moved to quarantine/ (its REASON), or None if it was not."""
-        found = sorted(p for p in self._dir("quarantine").glob(f"{queue_id}*")
+        found = sorted(p for p in self.place_dir("quarantine").glob(f"{queue_id}*")
                        if p.name == queue_id or p.name.startswith(f"{queue_id}."))
         if not found:
             return None
@@ -490,7 +482,7 @@ class Spool:
 
     def ids(self, place: Place) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self._dir(place)) if not n.startswith("."))
+            return sorted(n for n in os.listdir(self.place_dir(place)) if not n.startswith("."))
         except FileNotFoundError:
             return []
 
@@ -516,64 +508,9 @@ class Spool:
     def _find_once(self, queue_id: str) -> tuple[Place, Envelope] | None:
         places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
         for place in places:
-            if os.path.lexists(self._dir(place) / queue_id):
+            if os.path.lexists(self.place_dir(place) / queue_id):
                 return place, self.read(queue_id, place)
         return None
 
     def count(self, place: Place) -> int:
         return len(self.ids(place))
-
-    # --- start-up ----------------------------------------------------------------------
-
-    def recover(self, max_crashes: int, backoff: Callable[[int], float] | None = None
-                ) -> Recovery:
-        """Put the spool in order after any stop, kill -9 included.
-
-        An entry whose delivery was interrupted waits `backoff(crashes)` seconds before
-        it is tried again, so a message in flight at every kill is not always first.
-        """
-        report = Recovery()
-        for name in os.listdir(self._dir("incoming")):
-            _remove_tree(self._dir("incoming") / name)
-            report.removed_incoming += 1
-        for name in os.listdir(self._dir("trash")):
-            _remove_tree(self._dir("trash") / name)
-            with contextlib.suppress(OSError):
-                os.unlink(self._latest(name))
-        places: tuple[Place, ...] = ("edit", "active")
-        for place in places:
-            for queue_id, env in list(self.scan(place)):
-                try:  # a planted symbolic link: quarantined, its target never written
-                    self._not_linked(self._dir(place) / queue_id)
-                except DamagedEntry as e:
-                    env = e
-                except FileNotFoundError:
-                    continue
-                if isinstance(env, DamagedEntry):
-                    self.quarantine(queue_id, place, str(env))
-                    report.quarantined.append((queue_id, str(env)))
-                    continue
-                if place == "active":
-                    env.crashes += 1
-                if env.crashes >= max_crashes:
-                    env.dead_reason = (f"delivery was interrupted {env.crashes} times "
-                                       "(the relay stopped or crashed while sending it)")
-                    self.release(env, place, "dead")
-                    report.crashed_out.append(queue_id)
-                else:
-                    if place == "active" and backoff is not None:
-                        env.next_attempt = time.time() + backoff(env.crashes)
-                    self.release(env, place, "queue")
-                    report.requeued.append(queue_id)
-        self._remove_strays()
-        return report
-
-    def _remove_strays(self) -> None:
-        """Saved envelopes and marks whose entry is gone (delivered before a crash ended
-        their removal), and temporary files of writes a crash interrupted."""
-        places: tuple[Place, ...] = ("queue", "active", "edit", "dead")
-        for name in os.listdir(self._dir(ENVELOPES)):
-            queue_id = name.split(".")[0] if not name.startswith(".") else ""
-            if queue_id and any(os.path.lexists(self._dir(p) / queue_id) for p in places):
-                continue
-            _remove_tree(self._dir(ENVELOPES) / name)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from relay.errors import DamagedEntry, SpoolError
+from relay.spool.recovery import recover
 from relay.spool.store import Envelope, Incoming, Recipient, Spool, new_queue_id, read_regular
 
 
@@ -126,7 +127,7 @@ def test_recovery_puts_claimed_entries_back_and_counts_the_crash(spool: Spool) -
     env = envelope()
     spool.store(env, b"x\r\n")
     spool.claim(env.id)
-    report = spool.recover(max_crashes=5)
+    report = recover(spool, max_crashes=5)
     assert report.requeued == [env.id]
     assert spool.read(env.id, "queue").crashes == 1
 
@@ -136,7 +137,7 @@ def test_entry_that_keeps_crashing_the_worker_becomes_a_dead_letter(spool: Spool
     spool.store(env, b"x\r\n")
     for _ in range(3):
         spool.claim(env.id)
-        report = spool.recover(max_crashes=3)
+        report = recover(spool, max_crashes=3)
     assert report.crashed_out == [env.id]
     dead = spool.read(env.id, "dead")
     assert dead.dead_reason is not None and "interrupted 3 times" in dead.dead_reason
@@ -145,7 +146,7 @@ def test_entry_that_keeps_crashing_the_worker_becomes_a_dead_letter(spool: Spool
 def test_recovery_removes_unfinished_receptions(spool: Spool) -> None:
     (spool.root / "incoming" / "ABC").mkdir()
     (spool.root / "incoming" / "ABC" / "message").write_bytes(b"half")
-    report = spool.recover(max_crashes=5)
+    report = recover(spool, max_crashes=5)
     assert report.removed_incoming == 1
     assert os.listdir(spool.root / "incoming") == []
 
@@ -154,7 +155,7 @@ def test_recovery_returns_entries_taken_by_the_command_line(spool: Spool) -> Non
     env = envelope()
     spool.store(env, b"x\r\n")
     spool.claim(env.id, "queue", "edit")
-    spool.recover(max_crashes=5)
+    recover(spool, max_crashes=5)
     assert spool.read(env.id, "queue").crashes == 0
 
 
@@ -172,7 +173,7 @@ def test_damaged_entries_are_recognised_and_quarantined(spool: Spool, damage: st
     with pytest.raises(DamagedEntry):
         spool.read(env.id, "queue")
     os.rename(entry, spool.root / "active" / env.id)  # as if a delivery had claimed it
-    report = spool.recover(max_crashes=5)
+    report = recover(spool, max_crashes=5)
     assert [q for q, _ in report.quarantined] == [env.id]
     assert (spool.root / "quarantine" / env.id / "REASON").read_text().strip()
 
@@ -530,7 +531,7 @@ def test_start_up_removes_saved_envelopes_and_temporary_files_without_an_entry(
     assert not spool.mark_once(kept.id, "queue", "notified")
     os.rename(spool.root / "queue" / gone.id, spool.root / "trash" / gone.id)  # a crash
     (spool.root / "envelopes" / f".{kept.id}.123456789abc.tmp").write_bytes(b"{")
-    spool.recover(max_crashes=5)
+    recover(spool, max_crashes=5)
     assert sorted(os.listdir(spool.root / "envelopes")) == [kept.id, f"{kept.id}.notified"]
     assert os.listdir(spool.root / "trash") == []
     assert spool.read(kept.id, "queue").id == kept.id
@@ -596,7 +597,7 @@ def test_a_crash_between_the_steps_of_a_commit_leaves_the_message_whole_or_not_a
     child.start()
     child.join(30)
     assert child.exitcode == -9
-    report = spool.recover(max_crashes=5)
+    report = recover(spool, max_crashes=5)
     assert os.listdir(spool.root / "incoming") == []
     if kept:
         assert spool.ids("queue") == [env.id] and report.removed_incoming == 0
