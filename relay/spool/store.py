@@ -44,18 +44,16 @@ import functools
 import logging
 import os
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from relay.errors import DamagedEntry, SpoolError
-from relay.spool import files as spool_file
-from relay.spool import state
+from relay.spool import entries, state
 from relay.spool.batches import Worker
+from relay.spool.entries import Claimed as Claimed
 from relay.spool.envelope import Envelope as Envelope
 from relay.spool.envelope import Recipient as Recipient
 from relay.spool.envelope import RecipientState as RecipientState
@@ -81,18 +79,6 @@ def _write_reason(entry: Path, reason: str) -> None:
         os.write(fd, (reason + "\n").encode("utf-8", "replace"))
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """An entry as `Spool.take` read it: its envelope, the file holding its message and
-    where the message begins in it (after the header), and the message's bytes when
-    they were asked for."""
-
-    envelope: Envelope
-    path: Path
-    start: int
-    data: bytes | None = None
 
 
 INLINE_BYTES = 1 << 20
@@ -282,124 +268,30 @@ class Spool:
                              ) from e
 
     def refuse_link(self, entry: Path) -> None:
-        """Raise DamagedEntry when the entry, its saved envelope or (earlier layout) its
-        files is a symbolic link: such an entry is quarantined, never followed."""
-        paths = [entry, self.saved_path(entry.name)]
-        if os.path.isdir(entry) and not os.path.islink(entry):
-            paths += [entry / MESSAGE, entry / ENVELOPE]
-        for path in paths:
-            try:
-                linked = stat.S_ISLNK(os.lstat(path).st_mode)
-            except FileNotFoundError:
-                if path is entry:
-                    raise
-                continue  # `read` says what is missing
-            if linked:
-                raise DamagedEntry(f"{path}: is a symbolic link (not followed; its target "
-                                   f"{os.readlink(path)} is left untouched)")
+        """DamagedEntry when the entry or a file of it is a symbolic link (never followed)."""
+        entries.refuse_link(entry, self.saved_path(entry.name))
 
     def saved_path(self, queue_id: str) -> Path:
         """Where the envelope of an entry is saved once it changed after the commit."""
         return self.place_dir(ENVELOPES) / queue_id
 
     def message_path(self, queue_id: str, place: Place = "active") -> Path:
-        """The file that holds the entry's message: the entry itself, or for an entry of
-        the earlier layout its `message` (`message_start` says where the message begins)."""
-        entry = self.place_dir(place) / queue_id
-        return entry / MESSAGE if os.path.isdir(entry) and not os.path.islink(entry) else entry
+        """The file holding the entry's message (`entries.message_path`)."""
+        return entries.message_path(self.place_dir(place) / queue_id)
 
-    @staticmethod
-    def message_start(path: Path) -> int:
-        """Where the message begins in `message_path`'s file. OSError, or DamagedEntry when
-        the file is no entry."""
-        if path.name == MESSAGE:
-            return 0
-        fd = spool_file.open_regular(path)
-        try:
-            return spool_file.message_start(fd)
-        except spool_file.BadHeader as e:
-            raise DamagedEntry(f"{path}: not a spool entry: {e}") from None
-        finally:
-            os.close(fd)
+    message_start = staticmethod(entries.message_start)
 
     def read_message(self, queue_id: str, place: Place = "active") -> bytes:
         """The message's bytes as the client sent them (without the entry's header)."""
-        path = self.message_path(queue_id, place)
-        fd = spool_file.open_regular(path)
-        try:
-            if path.name == MESSAGE:
-                return spool_file.read_fd(fd)
-            return spool_file.read_fd(fd, spool_file.message_start(fd))
-        except spool_file.BadHeader as e:
-            raise DamagedEntry(f"{path}: not a spool entry: {e}") from None
-        finally:
-            os.close(fd)
+        return entries.read_message(self.message_path(queue_id, place))
 
     def read(self, queue_id: str, place: Place) -> Envelope:
         return self._read(queue_id, place).envelope
 
     def _read(self, queue_id: str, place: Place, system_errors: bool = False,
               inline: int = -1) -> Claimed:
-        """The envelope of an entry, read from one open file whatever moves meanwhile.
-
-        The entry (a file, or a directory of the earlier layout) is opened once (a symlink
-        is not followed) and read through that descriptor; then the envelope saved since
-        the commit, if any, is read, and one that is absent is confirmed by the entry still
-        being there: an entry that is claimed, put back or delivered while it is read is
-        read whole, or not found; never taken for damaged. FileNotFoundError: no entry
-        there (any more); DamagedEntry: the entry that is there cannot be read back. With
-        `system_errors`, an error that says nothing about the entry (_SYSTEM_ERRORS) is
-        raised as it is instead. With `inline` >= 0, a message up to that size is read."""
-        entry = self.place_dir(place) / queue_id
-        try:
-            mode = os.lstat(entry).st_mode
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            spool_file.system_error(e, system_errors)
-            raise DamagedEntry(f"{entry}: {e.strerror}") from None
-        if stat.S_ISLNK(mode):
-            raise DamagedEntry(f"{entry}: a symbolic link, not an entry (not followed)")
-        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # never opened (a FIFO blocks)
-            raise DamagedEntry(f"{entry}: not a spool entry (neither a file nor a directory)")
-        try:
-            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise
-        except OSError as e:  # unreadable, or changed into a symlink meanwhile
-            spool_file.system_error(e, system_errors)
-            what = ("a symbolic link, not an entry (not followed)" if os.path.islink(entry)
-                    else e.strerror)
-            raise DamagedEntry(f"{entry}: {what}") from None
-        try:
-            mode = os.fstat(fd).st_mode
-            found: Envelope | str
-            if stat.S_ISDIR(mode):
-                found = spool_file.read_old(fd, queue_id, system_errors)
-                path, start = entry / MESSAGE, 0
-            elif stat.S_ISREG(mode):
-                read = spool_file.read_file(fd, queue_id, system_errors)
-                found, start = read if isinstance(read, tuple) else (read, 0)
-                path = entry
-            else:
-                found = ": not a spool entry (neither a file nor a directory)"
-            if isinstance(found, Envelope):
-                latest = spool_file.read_latest(self.saved_path(queue_id), queue_id, system_errors)
-                if latest is None and not spool_file.still_at(fd, entry):
-                    raise FileNotFoundError(errno.ENOENT, "moved on while it was read",
-                                            str(entry))
-                if latest is None or isinstance(latest, Envelope):
-                    env = found if latest is None else latest
-                    data = None
-                    if 0 <= env.size <= inline:
-                        data = spool_file.read_message(fd, start, mode, system_errors, entry)
-                    return Claimed(env, path, start, data)
-                found = f": its saved envelope {latest}"
-            if not spool_file.still_at(fd, entry):  # delivered, or moved on
-                raise FileNotFoundError(errno.ENOENT, "moved on while it was read", str(entry))
-            raise DamagedEntry(f"{entry}{found}")
-        finally:
-            os.close(fd)
+        return entries.read_entry(self.place_dir(place) / queue_id, self.saved_path(queue_id),
+                                  system_errors, inline)
 
     def update(self, envelope: Envelope, place: Place = "active") -> None:
         """Save the envelope (per-recipient states, attempts) of an entry this process has

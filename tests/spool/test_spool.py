@@ -209,16 +209,16 @@ async def test_a_large_message_is_written_as_it_arrives_from_a_thread(
     come, written by the spool's threads, never by the event loop's."""
     import threading
 
-    import relay.spool.store as spool_module
+    import relay.spool.files as spool_files
 
     writers: list[str] = []
-    real = spool_module.spool_file.write_all
+    real = spool_files.write_all
 
     def recording(fd: int, data: bytes | bytearray | memoryview) -> None:
         writers.append(threading.current_thread().name)
         real(fd, data)
 
-    monkeypatch.setattr(spool_module.spool_file, "write_all", recording)
+    monkeypatch.setattr(spool_files, "write_all", recording)
     env = envelope()
     piece = b"y" * 1000 + b"\r\n"
     count = Incoming.BUFFER // len(piece) * 3
