@@ -73,7 +73,7 @@ async def relay(relay_factory: RelayFactory) -> Relay:
     return await relay_factory()
 
 
-BOTH_LOOPS = frozenset({"test_listener.py", "test_smtp_client.py", "test_delivery.py",
+BOTH_LOOPS = frozenset({"test_listener.py", "test_smtp_pool.py", "test_delivery.py",
                         "test_pop3.py"})
 """The data path's modules also run on uvloop (`event_loop = "uvloop"`). Everything else
 runs on asyncio's own loop, as `serve` does by default."""
