@@ -37,15 +37,12 @@ be durable in one directory and not the other; permissions, owners and times (du
 at once, never what a test looks at); symbolic and hard links (link(2), symlink(2)
 get ENOSYS); xattrs; I/O errors before the cut; a disk that ignores cache flushes.
 
-Run as `python -m tests.powerfs MOUNTPOINT [--image DIR]`; it prints `ready` once
-mounted and takes commands on stdin (`ops`, `cut [N]`, `wait-cut`, `image DIR [KEEP
-SEED]`), one reply line each. `PowerMount` drives it from a test.
+The FUSE side is tests/powerfs_fuse.py, a process of its own; `PowerMount` mounts
+it and drives it from a test.
 """
 
 from __future__ import annotations
 
-import argparse
-import errno
 import itertools
 import os
 import random
@@ -53,12 +50,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 PAGE = 4096
 
@@ -102,275 +98,6 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
-
-
-def _fail(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
-
-
-def _serve(mountpoint: str, root: Node) -> None:
-    import mfusepy  # the FUSE binding is needed only in the file system's own process
-
-    class PowerFS(mfusepy.Operations):  # type: ignore[misc]
-        use_ns = True
-
-        def __init__(self) -> None:
-            self._mutex = threading.Lock()
-            self.root = root
-            self.handles: dict[int, Node] = {}
-            self.pending: list[Change] = []
-            self.fhs = itertools.count(1)
-            self.ops = 0
-            self.cut_at: int | None = None
-            self.cut_done = threading.Event()
-
-        # --- the power ------------------------------------------------------------
-
-        def _live(self, changes: bool) -> None:
-            """Called under the lock by every operation; EIO once the power is off."""
-            if changes:
-                if self.cut_at is not None and self.ops >= self.cut_at:
-                    self.cut_done.set()
-                if not self.cut_done.is_set():
-                    self.ops += 1
-            if self.cut_done.is_set():
-                raise _fail(errno.EIO)
-
-        def cut(self, after: int) -> None:
-            with self._mutex:
-                self.cut_at = self.ops + after
-                if after <= 0:
-                    self.cut_done.set()
-
-        # --- names ---------------------------------------------------------------
-
-        def _node(self, path: str, fh: int | None = None) -> Node:
-            if fh:
-                return self.handles[fh]
-            node = self.root
-            for part in path.strip("/").split("/") if path != "/" else []:
-                if not node.is_dir:
-                    raise _fail(errno.ENOTDIR)
-                if part not in node.kids:
-                    raise _fail(errno.ENOENT)
-                node = node.kids[part]
-            return node
-
-        def _parent(self, path: str) -> tuple[Node, str]:
-            head, _, name = path.rstrip("/").rpartition("/")
-            parent = self._node(head or "/")
-            if not parent.is_dir:
-                raise _fail(errno.ENOTDIR)
-            return parent, name
-
-        def _handle(self, node: Node) -> int:
-            fh = next(self.fhs)
-            self.handles[fh] = node
-            return fh
-
-        # --- operations ------------------------------------------------------------
-
-        def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-            with self._mutex:
-                self._live(False)
-                node = self._node(path, fh)
-                return {"st_mode": node.mode, "st_ino": node.ino, "st_size": len(node.data),
-                        "st_nlink": 2 if node.is_dir else 1, "st_uid": os.getuid(),
-                        "st_gid": os.getgid(), "st_mtime": node.mtime,
-                        "st_ctime": node.mtime, "st_atime": node.mtime,
-                        "st_blocks": (len(node.data) + 511) // 512, "st_blksize": PAGE}
-
-        def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
-            with self._mutex:
-                self._live(False)
-                node = self._node(path, fh)
-                return [(name, {"st_mode": kid.mode, "st_ino": kid.ino}, 0)
-                        for name, kid in [(".", node), ("..", node), *node.kids.items()]]
-
-        def opendir(self, path: str) -> int:
-            with self._mutex:
-                self._live(False)
-                return self._handle(self._node(path))
-
-        def open(self, path: str, flags: int) -> int:
-            with self._mutex:
-                self._live(bool(flags & os.O_TRUNC))
-                node = self._node(path)
-                if flags & os.O_TRUNC:
-                    del node.data[:]
-                return self._handle(node)
-
-        def create(self, path: str, mode: int, flags: int) -> int:
-            with self._mutex:
-                self._live(True)
-                parent, name = self._parent(path)
-                if name in parent.kids:
-                    if flags & os.O_EXCL:
-                        raise _fail(errno.EEXIST)
-                    return self._handle(parent.kids[name])
-                node = parent.kids[name] = Node(stat.S_IFREG | (mode & 0o7777))
-                self.pending.append(Change(node, dst=parent, dst_name=name))
-                return self._handle(node)
-
-        def mkdir(self, path: str, mode: int) -> int:
-            with self._mutex:
-                self._live(True)
-                parent, name = self._parent(path)
-                if name in parent.kids:
-                    raise _fail(errno.EEXIST)
-                node = parent.kids[name] = Node(stat.S_IFDIR | (mode & 0o7777))
-                self.pending.append(Change(node, dst=parent, dst_name=name))
-                return 0
-
-        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-            with self._mutex:
-                self._live(False)
-                return bytes(self._node(path, fh).data[offset:offset + size])
-
-        def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-            with self._mutex:
-                self._live(True)
-                node = self._node(path, fh)
-                if offset > len(node.data):
-                    node.data.extend(bytes(offset - len(node.data)))
-                node.data[offset:offset + len(data)] = data
-                node.mtime = time.time_ns()
-                return len(data)
-
-        def truncate(self, path: str, length: int, fh: int | None = None) -> int:
-            with self._mutex:
-                self._live(True)
-                node = self._node(path, fh)
-                del node.data[length:]
-                node.data.extend(bytes(length - len(node.data)))
-                return 0
-
-        def unlink(self, path: str) -> int:
-            with self._mutex:
-                self._live(True)
-                parent, name = self._parent(path)
-                node = self._node(path)
-                if node.is_dir:
-                    raise _fail(errno.EISDIR)
-                del parent.kids[name]
-                self.pending.append(Change(node, src=parent, src_name=name))
-                return 0
-
-        def rmdir(self, path: str) -> int:
-            with self._mutex:
-                self._live(True)
-                parent, name = self._parent(path)
-                node = self._node(path)
-                if not node.is_dir:
-                    raise _fail(errno.ENOTDIR)
-                if node.kids:
-                    raise _fail(errno.ENOTEMPTY)
-                del parent.kids[name]
-                self.pending.append(Change(node, src=parent, src_name=name))
-                return 0
-
-        def rename(self, old: str, new: str) -> int:
-            with self._mutex:
-                self._live(True)
-                src, old_name = self._parent(old)
-                dst, new_name = self._parent(new)
-                node = self._node(old)
-                there = dst.kids.get(new_name)
-                if there is node:
-                    return 0  # two names of one file: rename(2) does nothing
-                if there is not None:
-                    if there.is_dir and not node.is_dir:
-                        raise _fail(errno.EISDIR)
-                    if node.is_dir and not there.is_dir:
-                        raise _fail(errno.ENOTDIR)
-                    if there.kids:
-                        raise _fail(errno.ENOTEMPTY)
-                del src.kids[old_name]
-                dst.kids[new_name] = node
-                self.pending.append(Change(node, src, old_name, dst, new_name))
-                return 0
-
-        def chmod(self, path: str, mode: int) -> int:
-            with self._mutex:
-                self._live(True)
-                node = self._node(path)
-                node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
-                return 0
-
-        def chown(self, path: str, uid: int, gid: int) -> int:
-            with self._mutex:
-                self._live(True)
-                return 0
-
-        def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-            with self._mutex:
-                self._live(True)
-                self._node(path).mtime = times[1] if times else time.time_ns()
-                return 0
-
-        def fsync(self, path: str, datasync: int, fh: int) -> int:
-            with self._mutex:
-                self._live(True)
-                node = self._node(path, fh)
-                node.synced = bytes(node.data)
-                return 0
-
-        def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
-            with self._mutex:
-                self._live(True)
-                node = self._node(path, fh)
-                synced = [change for change in self.pending if change.touches(node)]
-                self.pending = [change for change in self.pending if not change.touches(node)]
-                for change in synced:  # in the order they were made
-                    change.apply(lambda directory: directory.synced_kids)
-                return 0
-
-        def release(self, path: str, fh: int) -> int:
-            with self._mutex:
-                self.handles.pop(fh, None)
-                return 0
-
-        def releasedir(self, path: str, fh: int) -> int:
-            return self.release(path, fh)
-
-        def statfs(self, path: str) -> dict[str, int]:
-            return {"f_bsize": PAGE, "f_frsize": PAGE, "f_blocks": 1 << 22,
-                    "f_bfree": 1 << 21, "f_bavail": 1 << 21, "f_files": 1 << 20,
-                    "f_ffree": 1 << 19, "f_favail": 1 << 19, "f_namemax": 255}
-
-        def init(self, path: str) -> None:
-            threading.Thread(target=self._control, name="control", daemon=True).start()
-
-        # --- the test's side -----------------------------------------------------
-
-        def _control(self) -> None:
-            print("ready", flush=True)
-            for line in sys.stdin:
-                words = line.split()
-                if not words:
-                    continue
-                if words[0] == "ops":
-                    with self._mutex:
-                        reply = str(self.ops)
-                elif words[0] == "cut":
-                    self.cut(int(words[1]) if len(words) > 1 else 0)
-                    reply = "ok"
-                elif words[0] == "wait-cut":
-                    self.cut_done.wait()
-                    reply = str(self.ops)
-                elif words[0] == "image":
-                    keep = float(words[2]) if len(words) > 2 else 0.0
-                    rng = random.Random(int(words[3]) if len(words) > 3 else 0)
-                    with self._mutex:
-                        self.cut_done.set()  # an image is taken with the power off
-                        write_image(self.root, self.pending, Path(words[1]), keep, rng)
-                    reply = "ok"
-                else:
-                    reply = f"error: unknown command {words[0]}"
-                print(reply, flush=True)
-
-    mfusepy.FUSE(PowerFS(), mountpoint, foreground=True, nothreads=False, hard_remove=True,
-                 use_ino=True, fsname="powerfs", max_threads=16)
 
 
 def _survivor(node: Node, keep: float, rng: random.Random) -> bytes:
@@ -453,7 +180,7 @@ class PowerMount:
     def __init__(self, mountpoint: Path, image: Path | None = None) -> None:
         self.mountpoint = mountpoint
         mountpoint.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "tests.powerfs", str(mountpoint)]
+        command = [sys.executable, "-m", "tests.powerfs_fuse", str(mountpoint)]
         if image is not None:
             command += ["--image", str(image)]
         self.proc = subprocess.Popen(
@@ -485,9 +212,9 @@ class PowerMount:
         """Cut the power now, or before the `after`-th state-changing operation from now."""
         self._ask(f"cut {after}")
 
-    def wait_cut(self) -> int:
-        """Wait for the cut; the operations done before it."""
-        return int(self._ask("wait-cut"))
+    def is_cut(self) -> bool:
+        """Whether the power is off."""
+        return self._ask("cut?") == "yes"
 
     def save(self, target: Path, keep: float = 0.0, seed: int = 0) -> None:
         """Cut the power (if not done yet) and write what survived into `target`."""
@@ -505,17 +232,3 @@ class PowerMount:
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mountpoint")
-    parser.add_argument("--image", type=Path, help="start from this directory's tree")
-    args = parser.parse_args()
-    root = read_image(args.image) if args.image else Node(stat.S_IFDIR | 0o755)
-    root.mode = stat.S_IFDIR | 0o755
-    _serve(args.mountpoint, root)
-
-
-if __name__ == "__main__":
-    main()

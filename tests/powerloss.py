@@ -1,9 +1,10 @@
 """What the power-cut tests share: how many cuts, their seeds, and the spool's checks.
 
-`RELAY_POWERCUTS` sets how many cuts the power-loss tests make in all (20 by default,
+`TEST_POWERCUTS` sets how many cuts the power-loss tests make in all (20 by default,
 the form CI runs; 100 or more for the full one, docs/reliability.md), split between
 the spool (three in four) and the installed daemon (one in four).
-`RELAY_POWERCUT_SEED` replays a run: each test prints the seed it used.
+`TEST_POWERCUT_SEED` replays a run: each test prints the seed it used. (Not RELAY_*:
+those are the relay's settings, which the tests clear.)
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from pathlib import Path
 from relay.errors import DamagedEntry
 from relay.spool import Envelope, Spool
 
-CUTS = int(os.environ.get("RELAY_POWERCUTS", "20"))
+CUTS = int(os.environ.get("TEST_POWERCUTS", "20"))
 DAEMON_CUTS = max(CUTS // 4, 1)
 SPOOL_CUTS = max(CUTS - DAEMON_CUTS, 1)
 
 
 def seed(name: str) -> int:
-    """The run's seed (RELAY_POWERCUT_SEED, else a new one), printed for a replay."""
-    value = int(os.environ.get("RELAY_POWERCUT_SEED") or random.randrange(1 << 32))
-    print(f"{name}: RELAY_POWERCUT_SEED={value} RELAY_POWERCUTS={CUTS}")
+    """The run's seed (TEST_POWERCUT_SEED, else a new one), printed for a replay."""
+    value = int(os.environ.get("TEST_POWERCUT_SEED") or random.randrange(1 << 32))
+    print(f"{name}: TEST_POWERCUT_SEED={value} TEST_POWERCUTS={CUTS}")
     return value
 
 

@@ -123,6 +123,7 @@ async def cut_once(tmp: Path, rng: random.Random, cut_at: int | None, keep: floa
     return sent, tmp / "survived" / "spool", ops
 
 
+@pytest.mark.timeout(60 + 5 * SPOOL_CUTS)
 async def test_a_power_cut_loses_nothing_that_got_250(tmp_path: Path) -> None:
     rng = random.Random(seed("spool"))
     _, _, total = await cut_once(tmp_path, rng, None, 0.0)  # how many operations a run does
