@@ -37,7 +37,7 @@ be durable in one directory and not the other; permissions, owners and times (du
 at once, never what a test looks at); symbolic and hard links (link(2), symlink(2)
 get ENOSYS); xattrs; I/O errors before the cut; a disk that ignores cache flushes.
 
-The FUSE side is tests/powerfs_fuse.py, a process of its own; `PowerMount` mounts
+The FUSE side is tests/spool/powerfs_fuse.py, a process of its own; `PowerMount` mounts
 it and drives it from a test.
 """
 
@@ -180,12 +180,12 @@ class PowerMount:
     def __init__(self, mountpoint: Path, image: Path | None = None) -> None:
         self.mountpoint = mountpoint
         mountpoint.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "tests.powerfs_fuse", str(mountpoint)]
+        command = [sys.executable, "-m", "tests.spool.powerfs_fuse", str(mountpoint)]
         if image is not None:
             command += ["--image", str(image)]
         self.proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            cwd=Path(__file__).resolve().parent.parent)
+            cwd=Path(__file__).resolve().parents[2])
         ready = self._reply()
         if ready != "ready":
             self.proc.kill()

@@ -1,6 +1,6 @@
 """Power cuts under the spool: nothing that got 250 is lost, half-written or quarantined.
 
-Each cut mounts a fresh PowerFS (tests/powerfs.py: what is not fsynced is gone at
+Each cut mounts a fresh PowerFS (tests/spool/powerfs.py: what is not fsynced is gone at
 the cut), opens a `Spool` on it and commits messages from many sessions at once
 (small ones written in one piece, large ones spilled while they arrive, one with an
 envelope too large for its header's room), while a delivery thread takes committed
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from relay import spool as spool_module
-from relay import spool_incoming
 from relay.errors import SpoolError
 from relay.spool import Envelope, Recipient, Spool, new_queue_id
+from relay.spool import incoming as spool_incoming
+from relay.spool import store as spool_store
 
 from .powerfs import PowerMount
 from .powerloss import SPOOL_CUTS, Sent, check_spool, seed
@@ -146,7 +146,7 @@ async def test_a_power_cut_loses_nothing_that_got_250(tmp_path: Path) -> None:
 
 async def test_without_the_queue_directory_fsync_the_check_finds_the_loss(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spool_module, "fsync_dir", lambda path: None)
+    monkeypatch.setattr(spool_store, "fsync_dir", lambda path: None)
     sent, survivors, _ = await cut_once(tmp_path, random.Random(1), None, 0.0)
     problems = check_spool(survivors, sent)
     assert sent.acked and any(p.endswith("got 250, then lost") for p in problems), problems

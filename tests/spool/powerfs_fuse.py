@@ -1,11 +1,11 @@
-"""The PowerFS process: tests/powerfs.py's model served over FUSE by mfusepy.
+"""The PowerFS process: tests/spool/powerfs.py's model served over FUSE by mfusepy.
 
-`python -m tests.powerfs_fuse MOUNTPOINT [--image DIR]` mounts it (empty, or holding
+`python -m tests.spool.powerfs_fuse MOUNTPOINT [--image DIR]` mounts it (empty, or holding
 the tree of DIR), prints `ready`, and takes one command a line on stdin, answering
 each with one line: `ops` (how many state-changing operations so far), `cut [N]`
 (the power goes off now, or before the N-th such operation from now), `cut?`
 (`yes` once it is off), `image DIR [KEEP SEED]` (the power goes off and what
-survived is written into DIR). `tests.powerfs.PowerMount` speaks this for a test.
+survived is written into DIR). `tests.spool.powerfs.PowerMount` speaks this for a test.
 """
 
 from __future__ import annotations

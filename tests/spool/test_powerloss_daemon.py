@@ -1,6 +1,6 @@
 """Power cuts under the installed daemon: every message that got 250 is delivered.
 
-`sysmail-relay serve` runs with its state_dir on a PowerFS (tests/powerfs.py: what is
+`sysmail-relay serve` runs with its state_dir on a PowerFS (tests/spool/powerfs.py: what is
 not fsynced is gone at the cut) and delivers into the built-in `local` outbox, while
 a few SMTP clients send to it and note each message that got 250. The power goes
 off before a random file system operation (seeded; some during the daemon's start,
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from ..support import Daemon, free_port
 from .powerfs import PowerMount
 from .powerloss import DAEMON_CUTS, seed
-from .support import Daemon, free_port
 
 CLIENTS = 3
 OPS_PER_CUT = 3000
