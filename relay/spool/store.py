@@ -166,8 +166,9 @@ class Spool:
         return self.root / place
 
     def open(self) -> None:
-        """Create the directories (0700, never through a symbolic link) and prove we can
-        write there. Raises SpoolError."""
+        """Create the directories (0700, never through a symbolic link), make their names
+        durable (fsync of the spool and of its parent) and prove we can write there.
+        Raises SpoolError."""
         try:
             state.private_dir(self.root)
             for name in _DIRS:
