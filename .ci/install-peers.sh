@@ -3,7 +3,8 @@
 # Cyrus SASL, swaks) without configuring or starting the system instances,
 # chromium for the admin page's browser test (Playwright drives it headless), and
 # prometheus for its promtool (the alert rules in deploy/ are tested with
-# `promtool test rules`; no Prometheus server is started).
+# `promtool test rules`; no Prometheus server is started), and fuse3 (libfuse3 and
+# fusermount3) for the power-cut tests' file system (tests/powerfs.py, over mfusepy).
 # Idempotent; run as root. The tests start private instances on 127.0.0.1.
 set -euo pipefail
 
@@ -27,6 +28,7 @@ PACKAGES=(
     ca-certificates
     chromium
     prometheus
+    fuse3
 )
 
 missing=()

@@ -49,7 +49,8 @@ _UNKNOWN_WAIT = 1.0
 
 
 def private_dir(path: Path, follow: bool = False) -> None:
-    """Make `path` (and missing parents) a directory of mode 0700, whatever the umask.
+    """Make `path` (and missing parents) a directory of mode 0700, whatever the umask,
+    and durably: the parent of each directory made is fsynced.
 
     An existing one is kept, made 0700 when others may use it (it is ours); one that is
     a symbolic link (unless `follow`), or not a directory, raises OSError. `follow` is
@@ -63,6 +64,10 @@ def private_dir(path: Path, follow: bool = False) -> None:
     for directory in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made meanwhile: checked below
             os.mkdir(directory, 0o700)
+    for directory in reversed(missing):
+        # A new directory is durable only once its parent is fsynced (fsync(2)): else
+        # a power cut can take it away with every file made durable in it since.
+        fsync_dir(directory.parent)
     info = os.stat(path) if follow else os.lstat(path)
     if stat.S_ISLNK(info.st_mode):
         raise OSError(errno.ELOOP, "is a symbolic link, not a directory (remove it)", str(path))

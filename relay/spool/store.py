@@ -142,13 +142,21 @@ class Spool:
         return self.root / place
 
     def open(self) -> None:
-        """Create the directories (0700, never through a symbolic link) and prove we can
-        write there. Raises SpoolError."""
+        """Create the directories (0700, never through a symbolic link), make their names
+        durable (fsync of the spool and of its parent) and prove we can write there.
+        Raises SpoolError."""
         try:
             state.private_dir(self.root)
             for name in _DIRS:
                 state.private_dir(self.root / name)
+            # queue/ and the others are durable in the spool, and the spool in its
+            # parent, only once those are fsynced: private_dir does it for what it
+            # makes, this for what a run stopped before its sync may have left.
+            fsync_dir(self.root)
+            fsync_dir(self.root.parent)
             probe = self.place_dir("incoming") / f".probe-{os.getpid()}"
+            with contextlib.suppress(FileNotFoundError):  # a power cut can leave one made
+                probe.unlink()                            # with our pid (pids repeat at boot)
             os.close(state.open_private(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
             probe.unlink()
         except OSError as e:
