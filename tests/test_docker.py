@@ -116,6 +116,19 @@ def wait_for_probe(docker: Dockerd, name: str, probe: dict[str, Any]) -> None:
         time.sleep(0.5)
 
 
+def wait_until_healthy(docker: Dockerd, name: str, within: float = 60) -> None:
+    """Docker's own run of the image's HEALTHCHECK (it finds the token in the config)."""
+    deadline = time.monotonic() + within
+    while True:
+        health = json.loads(run(docker.cli, "inspect", "--format", "{{json .State.Health}}",
+                                name).stdout)
+        if health["Status"] == "healthy":
+            return
+        if health["Status"] == "unhealthy" or time.monotonic() > deadline:
+            raise AssertionError(f"Docker finds the relay {health['Status']}: {health['Log']}")
+        time.sleep(0.5)
+
+
 @pytest.mark.timeout(1200)
 def test_sidecar_pod_relays_over_its_loopback_into_the_state_volume(
         docker: Dockerd, images: tuple[str, str], tmp_path: Path) -> None:
@@ -151,12 +164,16 @@ def test_sidecar_pod_relays_over_its_loopback_into_the_state_volume(
             "--volume", f"{secrets}:{mounts['secrets']['mountPath']}:ro",
             "--tmpfs", mounts["tmp"]["mountPath"],
             "--stop-timeout", str(pod["terminationGracePeriodSeconds"]),
+            # Kubernetes ignores the image's HEALTHCHECK; Docker (and compose's
+            # service_healthy) runs it: every second here instead of every 30 s
+            "--health-interval", "1s",
             tag, *relay["args"])
 
         wait_for_probe(docker, name, relay["startupProbe"])
         for probe in ("livenessProbe", "readinessProbe"):
             result = run(docker.cli, "exec", name, *relay[probe]["exec"]["command"], check=False)
             assert result.returncode == 0, f"{probe}: {result.stdout}{result.stderr}"
+        wait_until_healthy(docker, name)
 
         # The application: another image, its env from the manifest, the relay's loopback.
         sent = run(docker.cli, "run", "--rm", "--network", f"container:{name}",
