@@ -13,7 +13,8 @@ context (user 2525, read-only root, no capabilities, no privilege gain), the Con
 relay.toml, the Secret's files and a volume for its state, and `--network none`; the
 application container joins it with `--network container:<relay>`, so both see only
 the relay container's loopback, as containers of one pod share theirs. The manifest's
-own probe commands decide when the relay is up. Only the upstream differs: there is
+own probe commands decide when the relay is up, and Docker's run of the image's
+HEALTHCHECK must find it healthy. Only the upstream differs: there is
 no network, so `system_account.server = "local"` (the outbox on the state volume)
 stands in for smtp.example.com.
 """
