@@ -4,8 +4,12 @@
 # container test needs: podman with runc (crun fails there on rlimits and hybrid
 # cgroups), cgroupfs as the cgroup manager, native overlay storage, and
 # debootstrap to make the base image locally (tests/test_container.py does that
-# once and keeps it). Also the programs the sendmail drop-in test drives
-# (bsd-mailx, php-cli) and systemd's tools (systemd-analyze; systemd is not started).
+# once and keeps it). Also Debian's docker.io and docker-compose (1.29, the only
+# compose Debian 12 ships) for tests/test_docker.py, which starts its own dockerd
+# and stops it after: the system dockerd and containerd are not started here
+# (policy-rc.d keeps the packages' scripts from starting them). Also the programs
+# the sendmail drop-in test drives (bsd-mailx, php-cli) and systemd's tools
+# (systemd-analyze; systemd is not started).
 # Run .ci/install-peers.sh first: its Postfix is the MTA bsd-mailx depends on, so
 # that no Exim comes in. Idempotent; run as root.
 set -euo pipefail
@@ -25,6 +29,8 @@ PACKAGES=(
     uidmap
     iptables
     debootstrap
+    docker.io
+    docker-compose
     bsd-mailx
     php-cli
     systemd
@@ -37,8 +43,8 @@ for pkg in "${PACKAGES[@]}"; do
     fi
 done
 if ((${#missing[@]})); then
-    # bsd-mailx pulls in an MTA (exim4) unless one is there: keep maintainer
-    # scripts from starting it, for the duration of the install only.
+    # bsd-mailx pulls in an MTA (exim4) unless one is there, docker.io its dockerd and
+    # containerd: keep maintainer scripts from starting them, for the install only.
     created_policy=0
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
