@@ -477,18 +477,20 @@ class Scheduler:
     async def _settle(self, env: Envelope, outcomes: list[Outcome]) -> None:
         server = self.settings.system_account.server
         env.crashes = 0  # the attempt came back: max_crashes counts interruptions in a row
-        if not outcomes or not all(isinstance(o.failure, Held) for o in outcomes):
+        attempted = not outcomes or not all(isinstance(o.failure, Held) for o in outcomes)
+        if attempted:
             env.attempts += 1  # held on purpose (rate limit, not granted) is not an attempt
         by_address = {o.recipient: o for o in outcomes}
         now = time.time()
         deferred: list[Outcome] = []
+        replies: dict[str, str] = {}
         health = self.server_health(server)
         for rcpt in env.pending:
             outcome = by_address.get(rcpt.address)
             if outcome is None:
                 outcome = Outcome(rcpt.address, "no answer for this recipient",
                                   TemporaryFailure("no answer for this recipient"))
-            rcpt.reply = outcome.reply
+            rcpt.reply = replies[rcpt.address] = outcome.reply
             if outcome.failure is None:
                 rcpt.state = "delivered"
                 result = "ok"
@@ -507,6 +509,8 @@ class Scheduler:
                 self.recent.append(Result(now, env.id, rcpt.address, result, outcome.reply,
                                           env.subject))
         env.last_reply = (deferred or outcomes or [Outcome("", "")])[0].reply
+        if attempted:
+            env.remember(now, server, replies)  # `queue show` lists the attempts
         if any(o.failure is None for o in outcomes):
             health.succeeded(now)
         elif deferred and deferred[0].failure is not None:
