@@ -182,13 +182,13 @@ class Relay:
 
     def _publish(self) -> None:
         """Once serving: the lock file names the admin listener (where `queue retry|delete`
-        reach the daemon) and the pid file is written, by the lock's holder only."""
-        address = self.admin.address if self.admin is not None else None
-        admin = ""
-        if address is not None:
-            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address[0], address[0])
-            admin = f"http://{f'[{host}]' if ':' in host else host}:{address[1]}"
-        self.lock.note(state.Holder(os.getpid(), state.SERVE, admin))
+        reach the daemon) and the SMTP listener (where `sendmail` finds it), and the pid
+        file is written, by the lock's holder only."""
+        admin = self.admin.address if self.admin is not None else None
+        smtp = self.listener.address if self.listener is not None else None
+        self.lock.note(state.Holder(os.getpid(), state.SERVE,
+                                    f"http://{state.dialable(admin)}" if admin else "",
+                                    state.dialable(smtp) if smtp else ""))
         state.write_atomically(self.pid_file, f"{os.getpid()}\n".encode(), sync=False)
 
     def release(self) -> None:

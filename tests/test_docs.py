@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from relay.settings import (
     ServerSettings,
     Settings,
 )
+from tests.support import relay_command
 
 DOC = Path(__file__).parent.parent / "docs" / "configuration.md"
 _ROW = re.compile(r"^\| `([a-zA-Z_.A-Z]+)` \| (—|`[^|]*`) \| .+ \|$")
@@ -78,3 +80,33 @@ def test_documented_default_is_the_real_default(key: str) -> None:
     value = tomllib.loads(f"v = {text.strip('`')}")["v"]
     parsed = TypeAdapter(info.rebuild_annotation()).validate_python(value)
     assert parsed == real, f"{key}: docs say {text}, the model has {real!r}"
+
+
+def _rows() -> dict[str, str]:
+    return {m.group(1): line for line in DOC.read_text().splitlines() if (m := _ROW.match(line))}
+
+
+@pytest.mark.parametrize("key", sorted(k for k, info in model_fields().items()
+                                       if "list[" in str(info.rebuild_annotation())))
+def test_a_list_setting_is_documented_with_a_list_that_validates(key: str) -> None:
+    """A reader writes what the row shows: a TOML list (`scopes = ["..."]`), not a string."""
+    row = _rows()[key]
+    name = key.rsplit(".", 1)[-1]
+    shown = re.findall(rf"`(?:{name} = )?(\[[^`]*\])`", row)
+    assert shown, f"{key}: docs/configuration.md shows no list for it"
+    annotation = model_fields()[key].rebuild_annotation()
+    for text in shown:
+        TypeAdapter(annotation).validate_python(tomllib.loads(f"v = {text}")["v"])
+
+
+def test_a_string_where_a_list_is_needed_is_refused_with_the_list_to_write(
+        tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'state_dir = "{tmp_path}"\n[oauth_clients.corp]\nprovider = "generic"\n'
+                      'client_id = "relay"\ntoken_url = "https://idp.example.com/token"\n'
+                      'scopes = "https://mail.google.com/ offline_access"\n')
+    done = subprocess.run([relay_command(), "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert ('oauth_clients.corp.scopes: a list is needed, even for one value: '
+            'scopes = ["https://mail.google.com/", "offline_access"]') in done.stderr

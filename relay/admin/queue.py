@@ -1,7 +1,8 @@
 """`sysmail-relay queue list|show|retry|delete`: inspect and act on the spool.
 
 `list` and `show` read the files, daemon running or not; quarantined entries (moved
-aside as damaged) are listed and shown with their reason, and `delete` removes them.
+aside as damaged) are listed and shown with their reason, `delete` removes them, and
+`retry` refuses them, saying so.
 An entry is changed by taking it into edit/ (the same claim-by-rename the scheduler
 uses), changing it and putting it back: done by whoever holds the state directory's
 lock (relay.spool.state).
@@ -100,6 +101,12 @@ def _take(spool: Spool, queue_id: str) -> tuple[Place, Envelope]:
             return place, env
     if spool.find(queue_id) is not None:
         raise QueueItemError(f"{queue_id} is being delivered right now; try again in a moment")
+    reason = spool.quarantined(queue_id)
+    if reason is not None:
+        raise QueueItemError(
+            f"{queue_id} is in quarantine, damaged on disk ({reason}), and cannot be sent "
+            f"again: `sysmail-relay queue show {queue_id}` names its files (copy out what "
+            f"you need), `sysmail-relay queue delete {queue_id}` removes it")
     raise QueueItemError(f"no message {queue_id} in the queue or among the dead letters")
 
 

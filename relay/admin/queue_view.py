@@ -63,8 +63,8 @@ def table(rows: list[dict[str, Any]], now: float | None = None) -> str:
 
 
 def summary(entry: dict[str, Any]) -> str:
-    """One entry (queue_admin.show) for people: times as dates, every recipient with its
-    state and the server's last reply for it."""
+    """One entry (queue_admin.show) for people: times as dates, every attempt it remembers
+    with the server's reply, every recipient with its state and the last reply for it."""
     if entry["place"] == "quarantine":
         return "\n".join([f"Message {entry['id']}: quarantined",
                           f"  reason        {entry['reason']}",
@@ -78,7 +78,7 @@ def summary(entry: dict[str, Any]) -> str:
              f"  sender        <{entry['sender']}>",
              f"  subject       {entry['subject'] or '(none)'}",
              f"  size          {entry['size']} bytes",
-             f"  attempts      {entry['attempts']}"]
+             *_attempts(entry)]
     if entry["place"] == "queue":
         due = entry["next_attempt"]
         lines.append(f"  next attempt  {when(due) if due > time.time() else 'now'}")
@@ -94,3 +94,14 @@ def summary(entry: dict[str, Any]) -> str:
         lines.append(f"    {rcpt['state']:<9} <{rcpt['address']}>{reply}")
     lines.append(f"  files         {entry['path']}")
     return "\n".join(lines)
+
+
+def _attempts(entry: dict[str, Any]) -> list[str]:
+    """The attempt count, then one line per remembered attempt: when, server, reply."""
+    history: list[dict[str, Any]] = entry.get("history") or []
+    count = entry["attempts"]
+    lines = [f"  attempts      {count}" + (
+        f" (the last {len(history)} below)" if len(history) < count and history else
+        " (not listed: received by an earlier version)" if count and not history else "")]
+    lines.extend(f"    {when(a['at'])}  {a['server']}  {a['reply']}" for a in history)
+    return lines

@@ -30,6 +30,8 @@ class Settled:
     results: list[tuple[Recipient, Outcome, str]] = field(default_factory=list)
     """Each recipient that was pending, its outcome and its result: ok, failed or deferred."""
     deferred: list[Outcome] = field(default_factory=list)
+    attempted: bool = True
+    """False when every outcome was a hold (rate limit, not granted): not an attempt."""
 
 
 def settle(env: Envelope, outcomes: list[Outcome], now: float,
@@ -37,10 +39,11 @@ def settle(env: Envelope, outcomes: list[Outcome], now: float,
     """Apply one attempt's outcomes to `env`: recipient states and replies, attempts,
     last reply, and the dead reason or the next attempt."""
     env.crashes = 0  # the attempt came back: max_crashes counts interruptions in a row
-    if not outcomes or not all(isinstance(o.failure, Held) for o in outcomes):
+    settled = Settled("deferred")
+    settled.attempted = not outcomes or not all(isinstance(o.failure, Held) for o in outcomes)
+    if settled.attempted:
         env.attempts += 1  # held on purpose (rate limit, not granted) is not an attempt
     by_address = {o.recipient: o for o in outcomes}
-    settled = Settled("deferred")
     for rcpt in env.pending:
         outcome = by_address.get(rcpt.address)
         if outcome is None:

@@ -423,6 +423,9 @@ class Scheduler:
                                           env.subject))
         health = self.server_health(server)
         deferred = settled.deferred
+        if settled.attempted:  # `queue show` lists the attempts
+            env.remember(now, server, {rcpt.address: outcome.reply
+                                       for rcpt, outcome, _ in settled.results})
         if any(o.failure is None for o in outcomes):
             health.succeeded(now)
         elif deferred and deferred[0].failure is not None:

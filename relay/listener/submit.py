@@ -30,30 +30,21 @@ import socket
 import sys
 import threading
 import time
-import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import formataddr, getaddresses, make_msgid
-from pathlib import Path
 
-from pydantic import ValidationError
-
-from relay.errors import ConfigError, DamagedEntry, SubmitError
-from relay.settings import ListenerSettings, Settings, load_settings
+from relay.errors import DamagedEntry, SubmitError
+from relay.listener.submit_target import Target as Target
+from relay.listener.submit_target import listener_address as listener_address
+from relay.listener.submit_target import sendmail_target as sendmail_target
+from relay.settings import Settings
 from relay.spool.store import Spool
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE = 0, 64, 65, 67, 69
 EX_SOFTWARE, EX_IOERR, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 70, 74, 75, 77, 78
-
-
-def listener_address(settings: Settings) -> tuple[str, int]:
-    return _connectable(settings.listener.host), settings.listener.port
-
-
-def _connectable(host: str) -> str:
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
 class Refused(SubmitError):
@@ -313,46 +304,6 @@ def read_message(stream: bytes, ignore_dots: bool) -> bytes:
         if line.rstrip(b"\r\n") == b".":
             return b"".join(lines[:i])
     return stream
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where `sendmail` hands mail: the listener, and the system address for a From: line."""
-
-    host: str
-    port: int
-    address: str
-
-
-def sendmail_target(config: Path | None, env: Mapping[str, str] | None = None) -> Target:
-    """The listener of this configuration. Raises ConfigError.
-
-    The whole configuration when this user can read it; else only its [listener] table
-    (and RELAY_LISTENER__HOST/PORT): a program calling sendmail runs as any user, and
-    the relay's secrets (password_file, systemd credentials) are none of its business.
-    """
-    env = os.environ if env is None else env
-    try:
-        settings = load_settings(config)
-        return Target(*listener_address(settings), settings.system_account.address or "")
-    except ConfigError as full:
-        try:
-            data = tomllib.loads(config.read_text("utf-8")) if config is not None else {}
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            raise full from None
-        table = data.get("listener")
-        raw = {k: v for k, v in table.items() if k in ("host", "port")} \
-            if isinstance(table, dict) else {}
-        for key in ("host", "port"):
-            if value := env.get(f"RELAY_LISTENER__{key.upper()}"):
-                raw[key] = value
-        try:
-            listener = ListenerSettings(**raw)
-        except ValidationError:
-            raise full from None
-        account = data.get("system_account")
-        address = account.get("address", "") if isinstance(account, dict) else ""
-        return Target(_connectable(listener.host), listener.port, str(address or ""))
 
 
 def default_sender() -> str:

@@ -125,6 +125,9 @@ def _describe(err: Mapping[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: required, but not set"
     secret = any(word in key for word in _SECRET_WORDS)
+    if kind == "list_type" and isinstance(err.get("input"), str) and not secret:
+        items = ", ".join(f'"{item}"' for item in str(err["input"]).replace(",", " ").split())
+        return f"{key}: a list is needed, even for one value: {loc[-1]} = [{items}]"
     value = err.get("input")
     repeated = isinstance(value, str) and repr(value) in msg
     hidden = secret or repeated or isinstance(value, dict | list)

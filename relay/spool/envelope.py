@@ -1,4 +1,5 @@
-"""A spool entry's envelope: sender, recipients and their states, attempts; and queue ids.
+"""A spool entry's envelope: sender, recipients and their states, attempts (the last
+HISTORY of them with the server's reply); and queue ids.
 
 Only the standard library: no settings, no network code, nothing else of the relay's.
 """
@@ -20,6 +21,20 @@ class Recipient:
     state: RecipientState = "pending"
     reply: str | None = None
     options: list[str] = field(default_factory=list)
+
+
+HISTORY = 20
+"""How many attempts an envelope remembers (the latest); `attempts` counts them all."""
+
+
+@dataclass
+class Attempt:
+    """One attempt that reached an answer: when it ended, through which server, and the
+    server's reply (per recipient, "<a@b>: reply; ...", when they differed)."""
+
+    at: float
+    server: str
+    reply: str
 
 
 @dataclass
@@ -50,6 +65,8 @@ class Envelope:
     """True: `message` holds the client's bytes, and the rewrite for the account as it is
     when the message is sent is applied on the way out. False: an entry written by an
     earlier version, whose `message` already holds the bytes to send."""
+    history: list[Attempt] = field(default_factory=list)
+    """The last HISTORY attempts, oldest first (empty in entries of earlier versions)."""
 
     def __post_init__(self) -> None:
         if not self.age_base:
@@ -58,6 +75,14 @@ class Envelope:
     @property
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == "pending"]
+
+    def remember(self, at: float, server: str, replies: dict[str, str]) -> None:
+        """Keep one attempt's replies (recipient -> reply), dropping the oldest beyond
+        HISTORY. One reply for all recipients is kept once."""
+        distinct = list(dict.fromkeys(replies.values()))
+        reply = distinct[0] if len(distinct) == 1 else "; ".join(
+            f"<{address}>: {text}" for address, text in replies.items())
+        self.history = [*self.history, Attempt(at, server, reply)][-HISTORY:]
 
     def to_json(self) -> bytes:
         # ASCII escapes: always valid UTF-8 JSON, whatever bytes a client put in an address
@@ -68,6 +93,7 @@ class Envelope:
         """Parse and check an envelope; ValueError/TypeError/KeyError when it is not one."""
         data: dict[str, Any] = json.loads(raw)
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
+        data["history"] = [Attempt(**a) for a in data.get("history", [])]
         env = cls(**data)
         if not env.id or not env.recipients:
             raise ValueError("no id or no recipients")
@@ -77,6 +103,10 @@ class Envelope:
                 raise ValueError(f"{name} has the wrong type ({type(value).__name__})")
         if not isinstance(env.as_received, bool):
             raise ValueError("as_received is not true or false")
+        for attempt in env.history:
+            if not (isinstance(attempt.at, int | float) and isinstance(attempt.server, str)
+                    and isinstance(attempt.reply, str)):
+                raise ValueError("an attempt in history is malformed")
         for rcpt in env.recipients:
             if (not isinstance(rcpt.address, str) or rcpt.state not in _STATES
                     or not isinstance(rcpt.options, list)):

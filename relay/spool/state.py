@@ -10,9 +10,11 @@ in systemd's StateDirectory= and on a container volume (a local file system, or 
 where Linux turns flock into a byte-range lock).
 
 The lock file says who holds it (`pid=`, `role=`, and for `serve` the admin
-listener's `admin=` address, where the command line reaches the daemon); a process
-that cannot take the lock names that holder. The file is never removed: removing a
-lock file lets two processes each lock a file of that name.
+listener's `admin=` address, where the command line reaches the daemon, and the SMTP
+listener's `listener=` address, where `sendmail` hands mail when the configuration
+names none); a process that cannot take the lock names that holder, and `serving`
+tells whether a daemon holds it now. The file is never removed: removing a lock file
+lets two processes each lock a file of that name.
 
 Every file and directory made here is created 0600/0700 whatever the umask, and
 never through a symbolic link (O_NOFOLLOW; a directory that is a symbolic link is
@@ -143,9 +145,13 @@ class Holder:
     role: str = ""
     admin: str = ""
     """serve's admin listener, "http://127.0.0.1:8525"; "" until it listens."""
+    listener: str = ""
+    """serve's SMTP listener as a local client reaches it, "127.0.0.1:2525"; "" until
+    it listens."""
 
     def render(self) -> bytes:
-        text = f"pid={self.pid or ''}\nrole={self.role}\nadmin={self.admin}\n".encode()
+        text = (f"pid={self.pid or ''}\nrole={self.role}\nadmin={self.admin}\n"
+                f"listener={self.listener}\n").encode()
         return text[:_HOLDER_BYTES].ljust(_HOLDER_BYTES, b" ")
 
     @classmethod
@@ -157,7 +163,7 @@ class Holder:
                 fields[key.strip()] = value.strip()
         pid = fields.get("pid", "")
         return cls(int(pid) if pid.isdigit() else None, fields.get("role", ""),
-                   fields.get("admin", ""))
+                   fields.get("admin", ""), fields.get("listener", ""))
 
     def describe(self) -> str:
         who = f"sysmail-relay {self.role}" if self.role else "another process"
@@ -230,6 +236,37 @@ class StateLock:
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
 
+
+def serving(state_dir: Path) -> Holder | None:
+    """The `serve` that holds `state_dir`'s lock now, as its lock file names it; None
+    when none does (none runs, the file names one that has exited, another command
+    holds it) or this user cannot read the file.
+
+    The lock itself is asked (a shared flock, given up at once), not the pid, which
+    the system may have given to another process since."""
+    try:
+        fd = os.open(state_dir / LOCK_FILE,
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Holder.parse(os.pread(fd, _HOLDER_BYTES, 0))
+            return holder if holder.role == SERVE else None
+        return None  # nobody holds it: the file tells of the past (closing unlocks)
+    except OSError:  # not a regular file, an I/O error
+        return None
+    finally:
+        os.close(fd)
+
+
+def dialable(address: tuple[str, int]) -> str:
+    """A bound address as a client on this host reaches it: "127.0.0.1:2525",
+    "[::1]:2525"; the wildcards 0.0.0.0 and :: become loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address[0], address[0])
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
 
 
 def _alive(pid: int | None) -> bool:

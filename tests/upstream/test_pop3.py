@@ -382,3 +382,23 @@ async def test_pop_before_smtp_trusts_the_ca_file_of_its_own_section(tmp_path: P
                                               .model_copy(update={"ca_file": None})})
         with pytest.raises(TemporaryFailure, match="failed certificate verification"):
             await pop_before_smtp("mail", untrusted)
+
+
+async def test_pop_before_smtp_without_its_own_ca_file_trusts_the_servers(
+        tmp_path: Path) -> None:
+    """docs/configuration.md: pop_before_smtp.ca_file not set, servers.NAME.ca_file is used."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca_file = tmp_path / "corp-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with running(Pop3Stub(), server_tls) as port:
+        pop = {"host": "127.0.0.1", "port": port, "encryption": "tls", "username": "notify",
+               "password": "secret", "timeout": 5}
+        server = ServerSettings.model_validate({
+            "host": "smtp.example.com", "port": 587, "encryption": "starttls",
+            "ca_file": str(ca_file), "pop_before_smtp": pop})
+        assert await pop_before_smtp("mail", server) == "Logged in."
+        without = server.model_copy(update={"ca_file": None})
+        with pytest.raises(TemporaryFailure, match="failed certificate verification"):
+            await pop_before_smtp("mail", without)
