@@ -302,9 +302,12 @@ def test_planted_pid_file_symlink_is_replaced_not_followed(
     d = start(daemons, daemon_config(tmp_path / "relay.toml", state, port), port,
               tmp_path / "relay.log")
     assert d.proc is not None
+    pid_file = state / "relay.pid"
+    # The listener accepts before the daemon writes its pid file (once the admin
+    # listener runs too): wait for the file, not for the port.
+    wait_for(lambda: not pid_file.is_symlink() and pid_file.exists())
     assert victim.read_bytes() == b"precious\n"
-    assert not (state / "relay.pid").is_symlink()
-    assert (state / "relay.pid").read_text() == f"{d.proc.pid}\n"
+    assert pid_file.read_text() == f"{d.proc.pid}\n"
     assert d.stop() == 0
     assert victim.read_bytes() == b"precious\n"
 
