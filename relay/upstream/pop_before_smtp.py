@@ -1,7 +1,8 @@
 """POP before SMTP: the POP3 login that makes a server let this address send.
 
-`pop_before_smtp` logs in to `servers.NAME.pop_before_smtp` through the POP3 client
-(relay.upstream.pop3) and turns its errors into AuthenticationFailure (the POP
+`pop_login` logs in to a POP3 server and out again through the POP3 client
+(relay.upstream.pop3); `pop_before_smtp` does it for `servers.NAME.pop_before_smtp`
+and turns its errors into AuthenticationFailure (the POP
 server refused the login) or TemporaryFailure (unreachable, timeout, TLS), each with
 the server's answer and the full key to change. When to log in again (the `window`)
 is the pool's business (relay.upstream.smtp_pool).
@@ -10,12 +11,13 @@ is the pool's business (relay.upstream.smtp_pool).
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Callable
 
 from relay.errors import AuthenticationFailure, Pop3Error, TemporaryFailure
 from relay.settings import ServerSettings
-from relay.upstream import pop3
 from relay.upstream.network import tls_context
+from relay.upstream.pop3 import Encryption, OnStep, Pop3Client
 
 Step = Callable[[str, float, str], None]
 
@@ -40,7 +42,7 @@ async def pop_before_smtp(name: str, server: ServerSettings,
             on_step(f"POP {stage}", seconds, answer)
 
     try:
-        return await pop3.pop_login(
+        return await pop_login(
             pop.host, pop.port, encryption=pop.encryption, ssl_context=context,
             timeout=pop.timeout, username=pop.username, password=pop.secret(), apop=pop.apop,
             on_step=step)
@@ -63,3 +65,27 @@ def _pop_fix(name: str, error: Pop3Error) -> str:
         return (f"{reply}; check {key}.host and port (995 with encryption = \"tls\", 110 "
                 f"otherwise), or raise {key}.timeout")
     return f"{reply}; check {key}.host, port and encryption"
+
+
+async def pop_login(
+    host: str,
+    port: int,
+    *,
+    encryption: Encryption,
+    ssl_context: ssl.SSLContext | None,
+    timeout: float,  # noqa: ASYNC109 - bounds each step, not the whole call
+    username: str,
+    password: str,
+    apop: bool,
+    on_step: OnStep | None = None,
+) -> str:
+    """Log in to a POP3 server and log out again (POP before SMTP); return the login's +OK text.
+
+    `on_step`, if given, hears of each step that succeeded (connect, TLS handshake,
+    greeting, CAPA, STLS, USER, PASS or APOP, QUIT): for `check --connect`.
+    """
+    client = await Pop3Client.connect(
+        host, port, encryption=encryption, ssl_context=ssl_context, timeout=timeout, on_step=on_step
+    )
+    async with client:
+        return await client.login(username, password, apop=apop)
