@@ -132,8 +132,9 @@ class Session(Login):
                 f"no TLS handshake within {wait:g} s with {self.label}: connected, but the "
                 f"server did not answer TLS; {self._tls_port_fix()}",
                 stage="connect") from None
-        except aiosmtplib.SMTPConnectResponseError as e:
-            raise self._refused("connect", e) from None
+        except aiosmtplib.SMTPConnectResponseError as e:  # a banner that refuses: 421, 554
+            raise classify(e, server=self.label, stage="connect", timeout=wait,
+                           section=key) from None
         except (ssl.SSLError, aiosmtplib.SMTPConnectError) as e:
             cause = e if isinstance(e, ssl.SSLError) else e.__cause__
             if isinstance(cause, ssl.SSLCertVerificationError):
@@ -223,13 +224,6 @@ class Session(Login):
         """RSET after a refusal the server answered (not a 421: it is closing)."""
         if answered(failure) and self.connected:
             await self.reset()
-
-    def _refused(self, stage: str, reply: aiosmtplib.SMTPResponseException) -> DeliveryFailure:
-        """The server's refusal at `stage`, temporary or permanent by its code."""
-        self.stage = stage
-        return classify(aiosmtplib.SMTPResponseException(reply.code, reply.message),
-                        server=self.label, stage=stage, timeout=self.server.timeout,
-                        section=self.key)
 
     async def reset(self) -> None:
         with contextlib.suppress(DeliveryFailure):
