@@ -39,7 +39,7 @@ from relay.spool.recovery import recover
 from relay.spool.store import Envelope, Spool
 from relay.upstream.base import Upstream
 from relay.upstream.outbox import LocalOutbox
-from relay.upstream.smtp import probe
+from relay.upstream.probe import probe
 from relay.upstream.smtp_pool import SmtpUpstream
 
 log = logging.getLogger("relay.app")

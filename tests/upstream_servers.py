@@ -291,7 +291,8 @@ async def hangs_up_in_data(reader: asyncio.StreamReader, writer: asyncio.StreamW
 class Pipelined:
     """A raw server that offers PIPELINING and answers what arrives in one read together,
     as Postfix does; it records each read, and answers DATA with 354 even when no
-    recipient was taken (a server that gets RFC 2920 wrong)."""
+    recipient was taken (a server that gets RFC 2920 wrong). Its commands may come one
+    read each, or several in one."""
 
     rcpt_replies: dict[str, bytes] = field(default_factory=dict)
     dribble: bool = False
@@ -311,11 +312,14 @@ class Pipelined:
         await reader.readline()
         writer.write(b"250-raw.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
         chunk = await reader.read(65536)
+        taken = 0  # recipients taken in this transaction
         while chunk:
             self.reads.append(chunk)
-            replies, taken = [], 0
+            replies = []
             for line in chunk.splitlines():
                 verb = line[:4].upper()
+                if verb in (b"MAIL", b"RSET"):
+                    taken = 0
                 if verb == b"RCPT":
                     address = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
                     reply = self.rcpt_replies.get(address, b"250 2.1.5 ok")

@@ -28,7 +28,7 @@ account as it is then (relay.delivery.outgoing).
 A delivery also reads its entry before it sends and removes it after: so that
 the connections never wait for the disk, up to twice as many deliveries as
 there are connections run at once (the upstream lets `pool_size` of them send, and
-as many more wait for the reply to their final dot). No more: every entry in
+as many more read or remove their entries, or wait for a connection). No more: every entry in
 `active` at a crash counts as interrupted (queue.max_crashes).
 """
 
@@ -67,7 +67,7 @@ _LOAD_SLICE = 2000
 """Envelopes read per trip to the loading thread at start-up."""
 _READ_AHEAD = 2
 """Deliveries in flight per upstream connection: one sending, and one reading or removing
-its entry or waiting for the reply to its final dot (relay.upstream.smtp_pool)."""
+its entry or waiting for the connection (relay.upstream.smtp_pool)."""
 RECENT = 50
 """How many of the latest per-recipient results the admin page can show."""
 

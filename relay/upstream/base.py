@@ -128,6 +128,12 @@ def classify(error: BaseException, *, server: str, stage: str, timeout: float,
             + ("" if " -- " in explain(_reply(error)) else
                f"; check {section}.auth.username and the password (password_file)"),
             code=error.code, stage=stage)
+    if isinstance(error, aiosmtplib.SMTPResponseException) and not 100 <= error.code < 600:
+        # aiosmtplib's -1: a reply line that is not SMTP, or over its 8 KiB / 32 KiB caps
+        return TemporaryFailure(
+            f"{server} sent something that is not an SMTP reply to {stage} "
+            f"({error.message.strip()[:120]}); the connection is closed and the message "
+            "is tried again later", stage=stage)
     if isinstance(error, aiosmtplib.SMTPResponseException):
         reply = explain(_reply(error))
         text = f"{server} answered {reply} to {stage}"

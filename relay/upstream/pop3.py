@@ -12,10 +12,10 @@ input at 64 KiB (reading pauses beyond it) and a multi-line answer at 1000 lines
 appears in an error, a step report or a log line; with `apop=True` it never
 crosses the wire at all, and there is no silent fallback to USER/PASS.
 
-The connection is an asyncio Protocol with its own buffer rather than a
-StreamReader, so that at STLS the client can see whether the server sent anything
-after its +OK and before the handshake (bytes injected there would otherwise be
-read later as if they had come over TLS) and refuse.
+The connection (relay.upstream.pop3_wire) is an asyncio Protocol with its own
+buffer rather than a StreamReader, so that at STLS the client can see whether the
+server sent anything after its +OK and before the handshake (bytes injected there
+would otherwise be read later as if they had come over TLS) and refuse.
 """
 
 from __future__ import annotations
@@ -23,25 +23,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypeVar
 
 from relay.errors import Pop3Error, Pop3Timeout
+from relay.upstream.pop3_wire import Connection, connect_failure
 
-__all__ = ["Encryption", "OnStep", "Pop3Client", "pop_login"]
+__all__ = ["Encryption", "OnStep", "Pop3Client"]
 
 Encryption = Literal["none", "tls", "starttls"]
 OnStep = Callable[[str, float, str], None]
 """Called after each successful step with its name, its duration in seconds and the
 server's answer (never what we sent)."""
 
-MAX_LINE = 8192
-_MAX_BUFFER = 65536
-_MAX_LINES = 1000
 _TIMESTAMP = re.compile(r"<[^<>\s]+>")
 _T = TypeVar("_T")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -54,53 +51,11 @@ _HINTS = {
 }
 
 
-class _Connection(asyncio.Protocol):
-    """Bytes in, with flow control, and a way to wait for more."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.lost = False
-        self.closed = asyncio.get_running_loop().create_future()
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) > _MAX_BUFFER and self.transport is not None:
-            self.transport.pause_reading()
-            self._paused = True
-        self._wake()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if not self.closed.done():
-            self.closed.set_result(None)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def wait_for_data(self) -> None:
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-
 class Pop3Client:
     """One POP3 session. Use `connect`, then `login` and `quit`, or `async with`."""
 
     def __init__(
-        self, conn: _Connection, *, host: str, port: int, timeout: float, on_step: OnStep | None
+        self, conn: Connection, *, host: str, port: int, timeout: float, on_step: OnStep | None
     ) -> None:
         self._conn = conn
         self._host = host
@@ -111,6 +66,7 @@ class Pop3Client:
         self._closed = False
         self.greeting = ""
         self.apop_timestamp: str | None = None
+        self._where = f"{host}:{port}"
 
     @classmethod
     async def connect(
@@ -134,27 +90,34 @@ class Pop3Client:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(_Connection, host, port)
+                _, conn = await loop.create_connection(Connection, host, port)
         except TimeoutError:
             message = f"timeout after {timeout:g} s connecting to the POP3 server {host}:{port}"
             raise Pop3Timeout(message, stage="connect") from None
         except OSError as exc:
-            raise Pop3Error(_connect_failure(host, port, exc), stage="connect") from exc
+            raise Pop3Error(connect_failure(host, port, exc), stage="connect") from exc
         client = cls(conn, host=host, port=port, timeout=timeout, on_step=on_step)
-        try:
-            peer = conn.transport.get_extra_info("peername") if conn.transport else None
-            client._report("connect", start, f"connected to {peer[0]}:{peer[1]}" if peer else "")
-            if encryption == "tls":
-                await client._start_tls(ssl_context)
-            client.greeting = await client._exchange(None, "greeting")
-            match = _TIMESTAMP.search(client.greeting)
-            client.apop_timestamp = match.group(0) if match else None
-            if encryption == "starttls":
-                await client.stls(ssl_context)
-        except BaseException:
-            client._abort()
-            raise
+        await client.handshake(encryption, ssl_context, start)
         return client
+
+    async def handshake(self, encryption: Encryption, ssl_context: ssl.SSLContext | None,
+                        start: float) -> None:
+        """What `connect` does once connected (`start`: when it began): report it, then
+        TLS, the greeting and STLS as `encryption` says."""
+        try:
+            transport = self._conn.transport
+            peer = transport.get_extra_info("peername") if transport else None
+            self._report("connect", start, f"connected to {peer[0]}:{peer[1]}" if peer else "")
+            if encryption == "tls":
+                await self._start_tls(ssl_context)
+            self.greeting = await self._exchange(None, "greeting")
+            match = _TIMESTAMP.search(self.greeting)
+            self.apop_timestamp = match.group(0) if match else None
+            if encryption == "starttls":
+                await self.stls(ssl_context)
+        except BaseException:
+            self._abort()
+            raise
 
     async def __aenter__(self) -> Pop3Client:
         return self
@@ -292,7 +255,7 @@ class Pop3Client:
 
         async def exchange() -> list[str] | None:
             ok, _ = await self._command(b"CAPA", "CAPA")
-            return await self._read_multiline("CAPA") if ok else None
+            return await self._conn.read_multiline("CAPA", self._where) if ok else None
 
         start = time.monotonic()
         lines = await self._bounded(exchange(), "CAPA")
@@ -343,7 +306,7 @@ class Pop3Client:
             if self._closed or self._conn.transport is None or self._conn.lost:
                 raise Pop3Error(f"the POP3 connection is closed; cannot send {step}", stage=step)
             self._conn.transport.write(command + b"\r\n")
-        line = await self._read_line(step)
+        line = await self._conn.read_line(step, self._where)
         if line[:3].upper() == "+OK":
             return True, line[3:].strip()
         if line[:4].upper() == "-ERR":
@@ -353,78 +316,3 @@ class Pop3Client:
             "check port and encryption (is this a POP3 server?)",
             stage=step,
         )
-
-    async def _read_multiline(self, step: str) -> list[str]:
-        """The lines of a multi-line answer up to the lone ".", dot-unstuffed."""
-        lines: list[str] = []
-        size = 0
-        while (line := await self._read_line(step)) != ".":
-            size += len(line) + 2
-            if len(lines) >= _MAX_LINES or size > _MAX_BUFFER:
-                raise Pop3Error(
-                    f"the POP3 server's answer to {step} is longer than {_MAX_LINES} lines "
-                    f"or {_MAX_BUFFER} bytes",
-                    stage=step,
-                )
-            lines.append(line[1:] if line.startswith(".") else line)
-        return lines
-
-    async def _read_line(self, step: str) -> str:
-        """One line without its CRLF (a bare LF is accepted), decoded leniently."""
-        conn = self._conn
-        while (end := conn.buffer.find(b"\n")) < 0:
-            if len(conn.buffer) > MAX_LINE:
-                break
-            if conn.lost:
-                raise Pop3Error(
-                    f"the POP3 server {self._host}:{self._port} closed the connection "
-                    f"during {step}",
-                    stage=step,
-                )
-            await conn.wait_for_data()
-        if end < 0 or end > MAX_LINE:
-            raise Pop3Error(
-                f"the POP3 server sent a line longer than {MAX_LINE} bytes during {step}",
-                stage=step,
-            )
-        raw = bytes(conn.buffer[: end + 1])
-        del conn.buffer[: end + 1]
-        return raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
-
-
-def _connect_failure(host: str, port: int, exc: OSError) -> str:
-    if isinstance(exc, socket.gaierror):
-        return (
-            f"cannot resolve the POP3 server name {host!r}: {exc.strerror}; "
-            "check pop_before_smtp.host"
-        )
-    if isinstance(exc, ConnectionRefusedError):
-        return (
-            f"the POP3 server {host}:{port} refused the connection (nothing listens there); "
-            "check pop_before_smtp.host, port and encryption"
-        )
-    return f"cannot connect to the POP3 server {host}:{port}: {exc.strerror or exc}"
-
-
-async def pop_login(
-    host: str,
-    port: int,
-    *,
-    encryption: Encryption,
-    ssl_context: ssl.SSLContext | None,
-    timeout: float,  # noqa: ASYNC109 - bounds each step, not the whole call
-    username: str,
-    password: str,
-    apop: bool,
-    on_step: OnStep | None = None,
-) -> str:
-    """Log in to a POP3 server and log out again (POP before SMTP); return the login's +OK text.
-
-    `on_step`, if given, hears of each step that succeeded (connect, TLS handshake,
-    greeting, CAPA, STLS, USER, PASS or APOP, QUIT): for `check --connect`.
-    """
-    client = await Pop3Client.connect(
-        host, port, encryption=encryption, ssl_context=ssl_context, timeout=timeout, on_step=on_step
-    )
-    async with client:
-        return await client.login(username, password, apop=apop)

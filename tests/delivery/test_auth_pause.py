@@ -2,7 +2,7 @@
 
 An aiosmtpd server on 127.0.0.1 answers 535 to every login (tests/upstream_servers.py);
 several deliveries are in flight at once, as with `pool_size` sessions opening together.
-The upstream's clock (`relay.smtp_client.time`) is a frozen one that the test moves on,
+The upstream's clock (`relay.upstream.pacing.time`) is a frozen one that the test moves on,
 so the pause's length is read exactly from the log and from `not_before()`, and "the
 pause has ended" needs no waiting. The last test runs the installed `sysmail-relay serve`
 as the operator did: mail held while the account is inactive goes out at once when a
@@ -27,7 +27,7 @@ from relay.errors import AuthenticationFailure, DeliveryFailure
 from relay.metrics import Metrics
 from relay.settings import ServerSettings
 from relay.spool.store import Envelope, Recipient
-from relay.upstream import smtp_pool as smtp_client
+from relay.upstream import pacing
 from relay.upstream.base import Outgoing
 from relay.upstream.smtp_pool import RateLimited, SmtpUpstream
 from tests.support import Daemon, free_port
@@ -40,7 +40,7 @@ PAUSE_LINE = re.compile(r"not sending to test for (\d+) s: (\d+) authentication 
 
 
 class FrozenClock:
-    """Stands in for the `time` module inside relay.smtp_client: `time()` stands still
+    """Stands in for the `time` module inside relay.upstream.pacing: `time()` stands still
     until the test moves it; `monotonic()` is the real one (POP windows, timeouts)."""
 
     def __init__(self) -> None:
@@ -56,7 +56,7 @@ class FrozenClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FrozenClock:
     frozen = FrozenClock()
-    monkeypatch.setattr(smtp_client, "time", frozen)
+    monkeypatch.setattr(pacing, "time", frozen)
     return frozen
 
 

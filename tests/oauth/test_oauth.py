@@ -45,7 +45,8 @@ from relay.oauth.manager import IDLE_REFRESH, OAuth
 from relay.oauth.providers import DESCRIPTION_MAX, ProviderClient
 from relay.oauth.store import StoredToken, TokenStore
 from relay.settings import OAuthClientSettings, Settings
-from relay.upstream.smtp import Session, probe
+from relay.upstream.probe import probe
+from relay.upstream.smtp import Session
 from tests.oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer, redirect_query
 from tests.support import relay_command, settings_for
 

@@ -16,8 +16,8 @@ import trustme
 
 from relay.errors import Pop3Error, Pop3Timeout, TemporaryFailure
 from relay.settings import ServerSettings
-from relay.upstream.pop3 import Pop3Client, pop_login
-from relay.upstream.smtp import pop_before_smtp
+from relay.upstream.pop3 import Pop3Client
+from relay.upstream.pop_before_smtp import pop_before_smtp, pop_login
 
 TIMESTAMP = "<1896.697170952@dbc.mtview.ca.us>"
 
