@@ -5,7 +5,7 @@ CR and LF into CRLF, doubles a leading dot and adds the final dot itself): it
 accepts no file and no iterator. So `Body.of` holds the whole message: the bytes the
 scheduler read with its claim (a message up to `spool.INLINE_BYTES`), or, for a
 larger one, its rewritten header block followed by the spool file from its offset,
-read in a thread. What that costs in memory is in docs/performance.md ("Memory");
+read in a thread. What that costs in memory is in docs/delivery.md;
 the listener still streams what it receives.
 
 `mail_options` chooses MAIL FROM's parameters from what the server offers:
