@@ -97,9 +97,33 @@ def check_getaddr(smtp: SMTP) -> None:
     assert method(smtp, "<a@b@c>") == (None, None), missing("SMTP._getaddr's refusal", why)
 
 
+def check_method(name: str, parameters: list[str]) -> Callable[[SMTP], None]:
+    def check(smtp: SMTP) -> None:
+        method = getattr(SMTP, name, None)
+        assert callable(method), missing(f"SMTP.{name}", PRIVATE_NAMES[f"SMTP.{name}"])
+        assert list(inspect.signature(method).parameters) == parameters, missing(
+            f"the signature of SMTP.{name}({', '.join(parameters)})",
+            PRIVATE_NAMES[f"SMTP.{name}"])
+    return check
+
+
+def check_timer(smtp: SMTP) -> None:
+    assert isinstance(getattr(smtp, "_timeout_handle", None), asyncio.TimerHandle), missing(
+        "SMTP._timeout_handle (the idle timer)", PRIVATE_NAMES["SMTP._timeout_handle"])
+
+
+def check_duration(smtp: SMTP) -> None:
+    assert getattr(smtp, "_timeout_duration", None) == 300, missing(
+        "SMTP._timeout_duration (SMTP(timeout=...))", PRIVATE_NAMES["SMTP._timeout_duration"])
+
+
 CHECKS: dict[str, Callable[[SMTP], None]] = {
     "SMTP._reader": check_reader,
     "SMTP._getaddr": check_getaddr,
+    "SMTP._reset_timeout": check_method("_reset_timeout", ["self", "duration"]),
+    "SMTP._timeout_cb": check_method("_timeout_cb", ["self"]),
+    "SMTP._timeout_handle": check_timer,
+    "SMTP._timeout_duration": check_duration,
 }
 
 
