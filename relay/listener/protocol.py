@@ -7,8 +7,9 @@ EHLO's, RFC 2034 section 4). DATA streams the message into the spool as it
 arrives (relay.listener.data), so a session holds a small buffer whatever the
 message's size; the client gets the reply `Intake.receive` gives once the spool
 has made the message durable. AUTH is never offered, and HELP does not list it.
-The one thing taken from aiosmtpd's internals, the session's stream, comes from
-relay.listener.aiosmtpd_internals (as do the set-up and parsing shortcuts).
+What it needs of aiosmtpd's internals (the session's stream) and the shortcuts
+it inherits (set-up, address parsing, one idle timer per session) come from
+relay.listener.aiosmtpd_internals, the only module that touches them.
 """
 
 from __future__ import annotations
