@@ -14,7 +14,7 @@ through them, and live here alone:
 - **An idle timer per session, not per command.** aiosmtpd cancels its timer and
   schedules a new one for every command (`SMTP._reset_timeout`); each cancelled
   timer stays in the event loop's heap, and keeping that heap in order (in Python)
-  cost about a quarter of intake's CPU at 1 KiB. `Shortcuts` keeps one timer that,
+  cost about a fifth of intake's CPU at 1 KiB. `Shortcuts` keeps one timer that,
   when it fires early, waits out the rest; on expiry it calls aiosmtpd's
   `_timeout_cb`, which closes the connection.
 - **Setting up a session cheaply.** For every connection, `SMTP.__init__` finds
