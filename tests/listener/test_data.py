@@ -85,3 +85,37 @@ async def test_a_client_that_hangs_up_in_data_is_a_connection_reset() -> None:
 
     with pytest.raises(ConnectionResetError):
         await read_data(reader, None, write)
+
+
+async def trickled(stream: bytes, limit: int, rng: random.Random) -> tuple[bytes, bytes]:
+    """read_data on a reader of the given limit, the stream arriving in random pieces."""
+    reader = asyncio.StreamReader(limit=limit)
+    pieces: list[bytes] = []
+
+    async def write(piece: bytearray) -> None:
+        pieces.append(bytes(piece))
+
+    reading = asyncio.create_task(read_data(reader, None, write))
+    at = 0
+    while at < len(stream):
+        step = rng.randrange(1, 9)
+        reader.feed_data(stream[at:at + step])
+        at += step
+        await asyncio.sleep(0)  # let read_data take what has arrived
+    reader.feed_eof()
+    await reading
+    return b"".join(pieces), await reader.read()
+
+
+@pytest.mark.parametrize("limit", [1, 2, 4, 5, 6, 9, 64])
+async def test_the_end_is_found_and_nothing_after_it_read_whatever_the_readers_limit(
+        limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader's limit decides where readuntil gives up; the end may straddle any
+    two arrivals; what follows the final dot stays in the reader, for the session."""
+    monkeypatch.setattr(smtp_data, "CHUNK", 3)
+    rng = random.Random(limit)
+    alphabet = [b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.", b"xyz" * 5]
+    shapes = SHAPES + [b"".join(rng.choice(alphabet) for _ in range(rng.randrange(60)))
+                       + b"\r\n.\r\nRSET\r\n" for _ in range(200)]
+    for stream in shapes:
+        assert await trickled(stream, limit, rng) == whole(stream), stream
