@@ -1,8 +1,29 @@
-"""A message as it is received and committed into the spool (see `relay.spool`).
+"""The commit path: a message as it is received and made durable in the spool.
 
 `Incoming` streams the message into incoming/ID; `GroupCommit` is the thread that
-makes messages durable in batches (`Spool.commit` gives the argument). No settings,
-no network code.
+makes messages durable in batches; `Spool.commit` hands a message to it and
+returns only when the message is durable, and then the client gets its 250. No
+settings, no network code.
+
+The durability argument. The message and its envelope are one file, incoming/ID:
+the header (the envelope) is written, the message's last bytes follow, and one
+fdatasync makes all of its bytes and its length durable (the file's data, and the
+metadata needed to read it back). Only then is it renamed into queue/ID, and
+queue/ is fsynced: the new name is durable. The spool's directories themselves
+are durable in their parents (`state.private_dir` fsyncs the parent of each it
+makes, `Spool.open` the spool and its parent at every start). A crash, or a power
+cut that drops every unsynced write, before the rename leaves the file in
+incoming/, which start-up removes: the client had no 250 and sends again. A cut
+after the rename but before queue/'s fsync returned leaves it in queue/ complete
+(its bytes were synced before its name moved) or in incoming/: delivered, or sent
+again by the client; never half a message under a name in queue/. A file system
+whose rename is not atomic may keep the old name in incoming/ as well: start-up
+removes that name, the entry in queue/ stays. So: at least once, never zero times.
+tests/spool/test_powerloss_*.py prove it on a file system that drops whatever was
+not synced (and catch a missing fsync).
+
+Concurrent commits share queue/'s fsync: one thread takes them in batches, and the
+fdatasyncs of a batch run side by side; nothing syncs a whole file system.
 """
 
 from __future__ import annotations

@@ -21,9 +21,8 @@ are read, moved and removed the same way. Where the entry sits is its state:
                    whose entry is gone)
 
 A message is written into incoming/ as it arrives (`Incoming`), made durable with
-one fdatasync and renamed into queue/ by `Spool.commit` (whose docstring gives the
-argument): only then does the client get 250. A delivery
-claims an entry by renaming it into active/, so two workers (or the daemon and
+one fdatasync and renamed into queue/ by `Spool.commit` (relay.spool.incoming gives
+the durability argument): only then does the client get 250. A delivery claims an entry by renaming it into active/, so two workers (or the daemon and
 the command line) never hold the same entry. Nothing is removed before the
 upstream has accepted it. Directories are 0700 and files 0600; an entry that is a
 symbolic link, or whose saved envelope (or, in the earlier layout, message or
@@ -173,25 +172,8 @@ class Spool:
 
     async def commit(self, envelope: Envelope, message: Incoming) -> None:
         """Make a received message durable in queue/ under `envelope`. Raises SpoolError
-        (and nothing is left behind).
-
-        The durability argument. The message and its envelope are one file,
-        incoming/ID: the header (the envelope) is written, the message's last bytes
-        follow, and one fdatasync makes all of its bytes and its length durable (the
-        file's data, and the metadata needed to read it back). Only then is it renamed
-        into queue/ID, and queue/ is fsynced: the new name is durable. Only then does
-        this return, and the client get 250. A crash (or a power loss that drops every
-        unsynced write) before the rename leaves the file in incoming/, which start-up
-        removes: the client had no 250 and sends again. A crash after the rename but
-        before queue/'s fsync returned leaves it in queue/ complete (its bytes were
-        synced before its name moved) or in incoming/: delivered, or sent again by the
-        client; never half a message under a name in queue/. A file system without a
-        journal may keep the old name in incoming/ as well: start-up removes that name,
-        the entry in queue/ stays. So: at least once, never zero times.
-
-        Concurrent commits share queue/'s fsync (one thread takes them in batches, and
-        the fdatasyncs of a batch run side by side); nothing syncs a whole file system.
-        """
+        (and nothing is left behind). Returns once it is durable: the argument is
+        relay.spool.incoming's."""
         await self._committer.call((envelope, message))
 
     def store(self, envelope: Envelope, data: bytes) -> None:
