@@ -22,8 +22,9 @@ are read, moved and removed the same way. Where the entry sits is its state:
 
 A message is written into incoming/ as it arrives (`Incoming`), made durable with
 one fdatasync and renamed into queue/ by `Spool.commit` (relay.spool.incoming gives
-the durability argument): only then does the client get 250. A delivery claims an entry by renaming it into active/, so two workers (or the daemon and
-the command line) never hold the same entry. Nothing is removed before the
+the durability argument): only then does the client get 250. A delivery claims
+an entry by renaming it into active/, so two deliveries (or the daemon and the
+command line) never hold the same entry. Nothing is removed before the
 upstream has accepted it. Directories are 0700 and files 0600; an entry that is a
 symbolic link, or whose saved envelope (or, in the earlier layout, message or
 envelope) is one, is quarantined when it is claimed or recovered, never followed
