@@ -4,10 +4,11 @@ start: take the state directory's lock (relay.state; a second `serve` on the sam
 state_dir exits 1 naming the holder, before it touches anything), open and recover
 the spool, load the delivery index, bind the listener (in this process with
 `listener.workers = 1`, else the intake workers of relay.listener.workers), start
-the scheduler, write the pid file. SIGTERM/SIGINT: stop accepting, let sessions and deliveries in flight
-finish (bounded), remove the pid file, drop the lock last, exit; a second signal stops
-at once. SIGHUP: reload the configuration (a bad one is refused and the running one
-kept). SIGUSR1: re-read the queue (after a change to the spool made outside the daemon).
+the scheduler, write the pid file. SIGTERM/SIGINT: stop accepting, let sessions and
+deliveries in flight finish (bounded), remove the pid file, drop the lock last, exit; a
+second signal stops at once. SIGHUP: reload the configuration (a bad one is refused and
+the running one kept; one during start-up is applied once started). SIGUSR1: re-read
+the queue (after a change to the spool made outside the daemon).
 """
 
 from __future__ import annotations

@@ -14,11 +14,10 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import struct
 
 SLOTS = 128
 """Places in the shared file: more than the workers that can run at once (64)."""
-_ENTRY = struct.Struct("=q")
+_SIZE = SLOTS * 8
 
 
 class LocalSlots:
@@ -42,52 +41,43 @@ class SharedSlots:
     def __init__(self, fd: int, place: int = 0) -> None:
         self.fd = fd
         self.place = place
-        self._map = mmap.mmap(fd, SLOTS * _ENTRY.size)
+        self._map = mmap.mmap(fd, _SIZE)
 
     @classmethod
     def create(cls) -> SharedSlots:
         """The parent's: a new, zeroed file (its fd is inheritable by the workers)."""
         fd = os.memfd_create("sysmail-relay-connections", 0)
-        os.ftruncate(fd, SLOTS * _ENTRY.size)
+        os.ftruncate(fd, _SIZE)
         return cls(fd)
 
-    def _total(self) -> int:
-        return sum(n for (n,) in _ENTRY.iter_unpack(self._map))
-
-    def _add(self, place: int, delta: int | None) -> int:
-        """Under the lock: add `delta` to `place` (None: set it to 0); the total before."""
+    def _update(self, place: int, delta: int, limit: int | None = None) -> bool:
+        """Add `delta` to `place`'s counter (0: set it to 0), unless the total is at
+        `limit`; under the lock, so no other process counts meanwhile."""
+        counters = memoryview(self._map).cast("q")
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
-            total = self._total()
-            offset = place * _ENTRY.size
-            (own,) = _ENTRY.unpack_from(self._map, offset)
-            _ENTRY.pack_into(self._map, offset, 0 if delta is None else own + delta)
-            return total
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
-
-    def take(self, limit: int) -> bool:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            if self._total() >= limit:
+            if limit is not None and sum(counters) >= limit:
                 return False
-            offset = self.place * _ENTRY.size
-            (own,) = _ENTRY.unpack_from(self._map, offset)
-            _ENTRY.pack_into(self._map, offset, own + 1)
+            counters[place] = counters[place] + delta if delta else 0
             return True
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            counters.release()
+
+    def take(self, limit: int) -> bool:
+        return self._update(self.place, 1, limit)
 
     def give(self) -> None:
-        self._add(self.place, -1)
+        self._update(self.place, -1)
 
     def clear(self, place: int) -> None:
         """The parent's, for a worker that ended: its sessions are gone with it."""
-        self._add(place, None)
+        self._update(place, 0)
 
     @property
     def total(self) -> int:
-        return self._total()
+        with memoryview(self._map).cast("q") as counters:
+            return sum(counters)
 
     def close(self) -> None:
         self._map.close()
