@@ -151,7 +151,8 @@ class Relay:
             await asyncio.to_thread(Workers.prepare_metrics, metrics_dir)
             self.metrics.registry.register(intake_collector(str(metrics_dir)))
             self.listener = Workers(self.settings, self.workers, metrics_dir, SHUTDOWN_GRACE,
-                                    self.scheduler.add_entry, self._worker_lost)
+                                    self.scheduler.add_entry, self._worker_lost,
+                                    self.lock.fileno())
         else:
             self.listener = Listener(self.settings, self.spool, self.metrics.intake,
                                      self._queued)

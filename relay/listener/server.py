@@ -381,21 +381,23 @@ class Listener:
         self._servers: list[asyncio.Server] = []
         self.address: tuple[str, int] | None = None
 
-    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None) -> None:
+    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
+                    serving: bool = True) -> None:
         """Listen on listener.host and port, or accept on the socket(s) given (systemd's,
-        or the parent's in an intake worker)."""
+        or the parent's in an intake worker); `serving` False: from `serve` on."""
         loop = asyncio.get_running_loop()
         cfg = self.settings.listener
         # A burst of as many clients as may be connected waits in the kernel's queue
         # instead of being dropped (each drop costs the client a 1 s SYN retry).
         backlog = max(100, cfg.max_connections)
         if sock is None:
-            self._servers = [await loop.create_server(self._protocol, cfg.host, cfg.port,
-                                                      reuse_address=True, backlog=backlog)]
+            self._servers = [await loop.create_server(
+                self._protocol, cfg.host, cfg.port, reuse_address=True, backlog=backlog,
+                start_serving=serving)]
         else:
             socks = [sock] if isinstance(sock, socket.socket) else list(sock)
-            self._servers = [await loop.create_server(self._protocol, sock=s, backlog=backlog)
-                             for s in socks]
+            self._servers = [await loop.create_server(self._protocol, sock=s, backlog=backlog,
+                                                      start_serving=serving) for s in socks]
         bound = self._servers[0].sockets[0].getsockname()
         self.address = (bound[0], bound[1])
         log.info("listening on %s port %d", *self.address)
@@ -408,6 +410,11 @@ class Listener:
             timeout=cfg.idle_timeout, auth_require_tls=True,
             auth_exclude_mechanism=["LOGIN", "PLAIN"], loop=asyncio.get_running_loop(),
         )
+
+    async def serve(self) -> None:
+        """Start accepting (after `start(serving=False)`)."""
+        for server in self._servers:
+            await server.start_serving()
 
     # --- connection policy -------------------------------------------------------------
 

@@ -7,13 +7,16 @@ Its arguments are file descriptors the parent passed: the channel (a unix stream
 socket), the shared connection slots, and the listening sockets; then its place
 among the slots and the drain time.
 
-The channel. Parent to worker: frames of a 4-byte length and a pickle of a
+The channel. Parent to worker: frames of a 4-byte length and a pickle: a
 `Settings` (the first at start, one more per reload: applied to the sessions that
-start after it, as in one process). Worker to parent: JSON lines, `{"ready":
-[host, port]}` once it listens, then `{"queued": [[id, due, age_base], ...]}`, one
-write per group commit (all the messages its batch made durable), written before
-their clients get 250. The parent trusts its own pickles; the worker, which talks
-to the network, sends only JSON.
+start after it, as in one process), or SERVE (accept from now on: the parent says so
+once every worker is ready, so the port answers only when the daemon does). Worker
+to parent: JSON lines, `{"ready": [host, port]}` once it listens, then
+`{"queued": [[id, due, age_base], ...]}`, one write per group commit (all the
+messages its batch made durable), written before their clients get 250. The parent
+trusts its own pickles; the worker, which talks to the network, sends only JSON.
+The worker also inherits the state directory's lock (it holds it with the parent,
+until it has ended) and never touches it.
 
 SIGTERM, or the channel's end (the parent is gone): stop accepting, finish the
 sessions in flight (up to the drain time), commit, exit 0. SIGINT and SIGHUP are
@@ -44,6 +47,7 @@ from relay.spool import Envelope, Spool
 log = logging.getLogger("relay.listener")
 
 FRAME = struct.Struct("!I")
+SERVE = "serve"
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -59,17 +63,17 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
-def frame(settings: Settings) -> bytes:
-    data = pickle.dumps(settings, protocol=pickle.HIGHEST_PROTOCOL)
+def frame(message: Settings | str) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return FRAME.pack(len(data)) + data
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Settings:
-    """The next settings from the parent; IncompleteReadError at the channel's end."""
+async def read_frame(reader: asyncio.StreamReader) -> Settings | str:
+    """The parent's next message; IncompleteReadError at the channel's end."""
     (size,) = FRAME.unpack(await reader.readexactly(FRAME.size))
-    settings = pickle.loads(await reader.readexactly(size))
-    assert isinstance(settings, Settings)
-    return settings
+    message = pickle.loads(await reader.readexactly(size))
+    assert isinstance(message, Settings | str)
+    return message
 
 
 class Worker:
@@ -90,7 +94,7 @@ class Worker:
         reader, self._writer = await asyncio.open_unix_connection(sock=self.channel)
         spool = Spool(settings.spool_dir)  # opened and recovered by the parent
         self.listener = Listener(settings, spool, IntakeMetrics(), self._queued, self.slots)
-        await self.listener.start(self.listening)
+        await self.listener.start(self.listening, serving=False)
         self._send({"ready": self.listener.address})
         reading = asyncio.create_task(self._read(reader), name="channel")
         await self._stop.wait()
@@ -107,15 +111,18 @@ class Worker:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while True:
             try:
-                settings = await read_frame(reader)
+                message = await read_frame(reader)
             except (asyncio.IncompleteReadError, OSError):
                 log.warning("the relay's main process is gone: finishing the sessions in "
                             "flight, then exiting")
                 self._stop.set()
                 return
             assert self.listener is not None
-            self.listener.settings = settings
-            logs.configure(settings.log, process=True)
+            if message == SERVE:
+                await self.listener.serve()
+            elif isinstance(message, Settings):
+                self.listener.settings = message
+                logs.configure(message.log, process=True)
 
     def _queued(self, env: Envelope) -> None:
         if not self._pending:

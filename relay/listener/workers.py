@@ -39,7 +39,7 @@ from pathlib import Path
 
 from relay.errors import RelayError
 from relay.listener.slots import SLOTS, SharedSlots
-from relay.listener.worker import frame
+from relay.listener.worker import SERVE, frame
 from relay.settings import Settings
 
 log = logging.getLogger("relay.listener")
@@ -101,8 +101,12 @@ class Workers:
 
     def __init__(self, settings: Settings, count: int, metrics_dir: Path, grace: float,
                  on_queued: Callable[[str, float, float], None],
-                 on_lost: Callable[[], None]) -> None:
+                 on_lost: Callable[[], None], lock_fd: int) -> None:
         self.settings = settings
+        self.lock_fd = lock_fd
+        """The state directory's lock, inherited by every worker: a worker left behind
+        by a killed parent holds it until it has finished, so no new relay recovers the
+        spool under it."""
         self.count = count
         self.metrics_dir = metrics_dir
         self.grace = grace
@@ -134,7 +138,7 @@ class Workers:
                                               reuse_address=True, start_serving=False)
             self._sockets = [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets]
             server.close()
-        for s in self._sockets:  # listening from when the first worker accepts
+        for s in self._sockets:  # listening from when the workers serve
             s.setblocking(False)
         bound = self._sockets[0].getsockname()
         self.address = (bound[0], bound[1])
@@ -147,6 +151,8 @@ class Workers:
             self.stop_accepting()
             await self.drain(1.0)
             raise
+        for proc in procs:  # all at once, when all are ready
+            proc.writer.write(frame(SERVE))
         log.info("listening on %s port %d with %d intake processes (pids %s)",
                  *self.address, len(procs), ", ".join(str(p.process.pid) for p in procs))
 
@@ -172,8 +178,8 @@ class Workers:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.listener.worker", str(theirs.fileno()),
                 str(self.slots.fd), str(place), str(self.grace), *map(str, fds),
-                pass_fds=(theirs.fileno(), self.slots.fd, *fds), stdin=asyncio.subprocess.DEVNULL,
-                env=env)
+                pass_fds=(theirs.fileno(), self.slots.fd, self.lock_fd, *fds),
+                stdin=asyncio.subprocess.DEVNULL, env=env)
         finally:
             theirs.close()
         mine.setblocking(False)
@@ -236,6 +242,7 @@ class Workers:
         except (OSError, RelayError) as e:
             log.error("intake worker %d could not be started: %s", place, e)
             return
+        proc.writer.write(frame(SERVE))
         log.info("intake worker %d (pid %d) accepting", place, proc.process.pid)
 
     def reconfigure(self, settings: Settings) -> None:

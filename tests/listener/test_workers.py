@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.errors import StateLocked
 from relay.listener.workers import MAX_AUTO, worker_count
+from relay.spool.state import StateLock
 from tests.support import Daemon, free_port
 
 MESSAGE = b"From: App <app@example.com>\r\nSubject: n %d\r\n\r\nbody %d\r\n"
@@ -259,3 +261,30 @@ def test_auto_workers_follow_affinity_and_the_cgroup_quota(tmp_path: Path) -> No
     assert worker_count("auto", root, proc) == 1  # a parent's quota holds too
     assert worker_count(3, root, proc) == 3  # a number is taken as it is
     assert worker_count("auto", tmp_path / "none", tmp_path / "none") == min(cpus, MAX_AUTO)
+
+
+def test_workers_left_by_a_killed_parent_finish_their_session_holding_the_lock(
+        tmp_path: Path, relays: list[Relay]) -> None:
+    relay = start(tmp_path)
+    relays.append(relay)
+    orphans = relay.workers()
+    state = tmp_path / "state"
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+        client.ehlo("app.example.com")
+        client.mail("app@example.com")
+        client.rcpt("user@example.com")
+        client.putcmd("DATA")
+        assert client.getreply()[0] == 354
+        client.send(b"Subject: orphan\r\n\r\nthe first half, ")
+        assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
+        with pytest.raises(StateLocked):  # the spool is still in use: no recovery under it
+            StateLock(state).acquire("test")
+        client.send(b"the second half\r\n.\r\n")
+        code, reply = client.getreply()
+        assert code == 250, reply
+    queue_id = reply.decode().rsplit(" ", 1)[1]
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in orphans))
+    again = Relay(relay.config, tmp_path / "again.log", relay.port)
+    relays.append(again)
+    again.start()
+    wait_for(lambda: queue_id in again.outbox())
