@@ -11,7 +11,8 @@ The channel. Parent to worker: frames of a 4-byte length and a pickle: a
 `Settings` (the first at start, one more per reload: applied to the sessions that
 start after it, as in one process), or SERVE (accept from now on: the parent says so
 once every worker is ready, so the port answers only when the daemon does). Worker
-to parent: JSON lines, `{"ready": [host, port]}` once it listens, then
+to parent: JSON lines, `{"ready": [host, port]}` once it listens, `{"serving":
+true}` once it accepts, then
 `{"queued": [[id, due, age_base], ...]}`, one write per group commit (all the
 messages its batch made durable), written before their clients get 250. The parent
 trusts its own pickles; the worker, which talks to the network, sends only JSON.
@@ -120,6 +121,7 @@ class Worker:
             assert self.listener is not None
             if message == SERVE:
                 await self.listener.serve()
+                self._send({"serving": True})
             elif isinstance(message, Settings):
                 self.listener.settings = message
                 logs.configure(message.log, process=True)

@@ -91,6 +91,7 @@ class _Proc:
     writer: asyncio.StreamWriter
     started: float
     ready: asyncio.Future[tuple[str, int]]
+    serving: asyncio.Future[None]
     told: bool = False
     """Told to stop (SIGTERM): its end is no loss."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -153,12 +154,17 @@ class Workers:
             raise
         for proc in procs:  # all at once, when all are ready
             proc.writer.write(frame(SERVE))
+        for proc in procs:
+            await self._ready(proc, serving=True)
         log.info("listening on %s port %d with %d intake processes (pids %s)",
                  *self.address, len(procs), ", ".join(str(p.process.pid) for p in procs))
 
-    async def _ready(self, proc: _Proc) -> None:
+    async def _ready(self, proc: _Proc, serving: bool = False) -> None:
+        """Wait until `proc` is ready to accept (`serving`: accepts). RelayError if it
+        ends or takes too long."""
         try:
-            await asyncio.wait_for(asyncio.shield(proc.ready), READY_WAIT)
+            await asyncio.wait_for(asyncio.shield(proc.serving if serving else proc.ready),
+                                   READY_WAIT)
         except (TimeoutError, asyncio.CancelledError, EOFError):
             raise RelayError(f"intake worker {proc.place} (pid {proc.process.pid}) did not "
                              f"start (exit code {proc.process.returncode}): see the lines "
@@ -185,7 +191,8 @@ class Workers:
         mine.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=mine)
         loop = asyncio.get_running_loop()
-        proc = _Proc(place, process, writer, loop.time(), loop.create_future())
+        proc = _Proc(place, process, writer, loop.time(), loop.create_future(),
+                     loop.create_future())
         self._procs[place] = proc
         writer.write(frame(self.settings))
         proc.tasks.append(asyncio.create_task(self._watch(proc, reader),
@@ -204,10 +211,13 @@ class Workers:
                     self.on_queued(str(queue_id), float(due), float(age_base))
             elif "ready" in message and not proc.ready.done():
                 proc.ready.set_result(tuple(message["ready"]))
+            elif "serving" in message and not proc.serving.done():
+                proc.serving.set_result(None)
         code = await proc.process.wait()
         proc.writer.close()
-        if not proc.ready.done():
-            proc.ready.set_exception(EOFError())
+        for started in (proc.ready, proc.serving):
+            if not started.done():
+                started.set_exception(EOFError())
         self._ended(proc, code)
 
     def _ended(self, proc: _Proc, code: int) -> None:
@@ -243,6 +253,11 @@ class Workers:
             log.error("intake worker %d could not be started: %s", place, e)
             return
         proc.writer.write(frame(SERVE))
+        try:
+            await self._ready(proc, serving=True)
+        except RelayError as e:
+            log.error("intake worker %d could not be started: %s", place, e)
+            return
         log.info("intake worker %d (pid %d) accepting", place, proc.process.pid)
 
     def reconfigure(self, settings: Settings) -> None:
