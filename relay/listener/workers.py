@@ -237,9 +237,7 @@ class Workers:
                   proc.place, proc.process.pid, how, lived,
                   f" in {self._delay:.1f} s" if self._delay else "")
         self.on_lost()
-        task = loop.create_task(self._replace(proc.place, self._delay))
-        self._spawning.add(task)
-        task.add_done_callback(self._spawning.discard)
+        self._later(proc.place)
 
     async def _replace(self, place: int, delay: float) -> None:
         if delay:
@@ -248,17 +246,25 @@ class Workers:
             return
         try:
             proc = await self._spawn(place)
-            await self._ready(proc)
-        except (OSError, RelayError) as e:
-            log.error("intake worker %d could not be started: %s", place, e)
+        except OSError as e:  # not even started: try again, later each time
+            self._delay = min(max(self._delay * 2, 0.5), RESTART_MAX)
+            log.error("intake worker %d could not be started (%s); trying again in %.1f s",
+                      place, e, self._delay)
+            self._later(place)
             return
-        proc.writer.write(frame(SERVE))
-        try:
+        try:  # one that starts and ends is replaced when it ends (`_ended`)
+            await self._ready(proc)
+            proc.writer.write(frame(SERVE))
             await self._ready(proc, serving=True)
         except RelayError as e:
             log.error("intake worker %d could not be started: %s", place, e)
             return
         log.info("intake worker %d (pid %d) accepting", place, proc.process.pid)
+
+    def _later(self, place: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._replace(place, self._delay))
+        self._spawning.add(task)
+        task.add_done_callback(self._spawning.discard)
 
     def reconfigure(self, settings: Settings) -> None:
         """New settings for every worker, for the sessions that start after this."""

@@ -288,3 +288,22 @@ def test_workers_left_by_a_killed_parent_finish_their_session_holding_the_lock(
     relays.append(again)
     again.start()
     wait_for(lambda: queue_id in again.outbox())
+
+
+def test_a_worker_that_keeps_dying_is_replaced_after_longer_pauses(
+        tmp_path: Path, relays: list[Relay]) -> None:
+    relay = start(tmp_path)
+    relays.append(relay)
+    pauses = []
+
+    def replaced(pid: int) -> Callable[[], bool]:
+        return lambda: len(relay.workers()) == 2 and pid not in relay.workers()
+
+    for _ in range(3):
+        victim = min(relay.workers())
+        os.kill(victim, signal.SIGKILL)  # each soon after it started
+        wait_for(replaced(victim))
+        pauses = re.findall(r"ended \(signal SIGKILL\) after [\d.]+ s; starting another "
+                            r"in ([\d.]+) s", relay.log_text())
+    assert [float(p) for p in pauses] == [0.5, 1.0, 2.0]
+    assert send(relay.port, 1)
