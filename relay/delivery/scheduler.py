@@ -153,9 +153,10 @@ class Scheduler:
     async def rescan(self) -> None:
         """Re-read queue/ after the command line retried or deleted entries."""
         await self._loaded.wait()
+        known = set(self._due)  # what arrives during the scan is not in it, and stays
         entries = await asyncio.to_thread(lambda: list(self.spool.scan("queue")))
         present = {queue_id for queue_id, _ in entries}
-        for queue_id in [q for q in self._due if q not in present and q not in self._inflight]:
+        for queue_id in [q for q in known if q not in present and q not in self._inflight]:
             self._forget(queue_id)
         for _, env in entries:
             if isinstance(env, Envelope) and self._due.get(env.id) != env.next_attempt:

@@ -542,3 +542,27 @@ async def test_scheduler_sleeps_while_its_pool_is_full(relay_factory: RelayFacto
     assert dispatched == 0
     upstream.gate.set()
     await wait_until(lambda: len(upstream.received) == scheduler._capacity + 3)
+
+
+async def test_a_message_queued_while_the_queue_is_re_read_stays_indexed(
+        relay_factory: RelayFactory) -> None:
+    """A re-read of the queue (SIGUSR1, or after an intake worker died) forgets what is
+    no longer on disk, not what was queued while it was reading."""
+    relay = await relay_factory(system_account={"active": False})  # held: nothing is sent
+    scheduler = relay.scheduler
+    assert scheduler is not None
+    first = await send(relay)
+    await wait_until(lambda: first in scheduler._due)
+    loop = asyncio.get_running_loop()
+    scan = relay.spool.scan
+    during: list[str] = []
+
+    def slow_scan(place: Any) -> Any:
+        listing = list(scan(place))  # read before the next message is queued
+        during.append(asyncio.run_coroutine_threadsafe(send(relay), loop).result(10))
+        return iter(listing)
+
+    relay.spool.scan = slow_scan  # type: ignore[method-assign]
+    await relay.rescan()
+    assert during and during[0] in scheduler._due
+    assert first in scheduler._due
