@@ -25,6 +25,7 @@ from bench.relay_instance import RelayUnavailable
 from bench.scenarios import (
     POSTFIX,
     RELAY,
+    SINGLE,
     Measurement,
     Status,
     System,
@@ -154,8 +155,8 @@ class Runner:
                 if "A" in plan.scenarios:
                     jobs.append(Job("A", RELAY, size, round_, plan.accept_messages[size]))
                 if "B" in plan.scenarios:
-                    jobs += [Job("B", system, size, round_, plan.relay_messages[size])
-                             for system in _order(round_)]
+                    jobs += [Job("B", system, size, round_, plan.relay_messages[size], variant)
+                             for system, variant in _order(round_)]
             if "S" in plan.scenarios:
                 cells = list(scaling.CELLS) if round_ % 2 else list(reversed(scaling.CELLS))
                 jobs += [Job("S", RELAY, KIB, round_, plan.scaling_messages, name)
@@ -195,12 +196,14 @@ class Runner:
         if job.scenario == "S":
             return scaling.cell(directory, job.variant, job.messages, job.round)
         return end_to_end(directory, job.system, job.size, job.messages, self.plan.sessions,
-                          job.round, self.plan.latency_messages[job.size])
+                          job.round, self.plan.latency_messages[job.size], job.variant)
 
 
-def _order(round_: int) -> tuple[System, System]:
-    """Alternate which system goes first, so drift over the run hits both alike."""
-    return (RELAY, POSTFIX) if round_ % 2 else (POSTFIX, RELAY)
+def _order(round_: int) -> list[tuple[System, str]]:
+    """The relay (its default, and with workers = 1) and Postfix, the order reversed every
+    other round, so drift over the run hits them alike."""
+    order: list[tuple[System, str]] = [(RELAY, ""), (POSTFIX, ""), (RELAY, SINGLE)]
+    return order if round_ % 2 else order[::-1]
 
 
 def progress_line(m: Measurement, rounds: int) -> str:
@@ -224,7 +227,9 @@ def describe_load(plan: Plan) -> list[str]:
              f"latency ('.' sent to 250 read, asyncio client): {lat} messages",
         "B": f"B  smtp-source -> system under test -> smtp-sink. {b} messages; end-to-end "
              "= first connect until the sink counted all; CPU = the whole process tree "
-             f"until its queue is empty; then latency on the same instance: {lat} messages",
+             f"until its queue is empty; then latency on the same instance: {lat} messages. "
+             "sysmail-relay: its default (listener.workers = \"auto\"); workers=1: one "
+             "process",
         "S": scaling.describe(plan.scaling_messages),
         "M": footprint.describe(plan.footprint),
     }

@@ -31,7 +31,7 @@ state_dir = "{state_dir}"
 host = "{host}"
 port = {port}
 max_connections = {max_connections}
-{max_message_size}
+{max_message_size}{workers}
 [system_account]
 active = {active}
 address = "{address}"
@@ -65,6 +65,8 @@ class RelayOptions:
     """servers.sink.pool_size, upstream connections; None: the relay's default."""
     active: bool = True
     """False: the system account is inactive, so the queue is held and nothing is sent."""
+    workers: int | None = None
+    """listener.workers; None: the relay's default ("auto")."""
 
 
 DEFAULTS = RelayOptions()
@@ -128,7 +130,7 @@ class RelayInstance:
 
     def memory_mib(self, field: str = "VmRSS") -> float:
         """The resident memory now (VmRSS) or at its peak (VmHWM) of the relay and its
-        spool writer process, in MiB (the peaks summed: at most the sum)."""
+        intake workers, in MiB (the peaks summed: at most the sum)."""
         total = 0
         for p in process_tree(self.process.pid):
             with contextlib.suppress(FileNotFoundError):  # it ended meanwhile
@@ -194,6 +196,7 @@ def write_config(directory: Path, port: int, sink_port: int | None, admin_port: 
         port=port,
         max_connections=options.max_connections,
         max_message_size="" if size is None else f"max_message_size = {size}\n",
+        workers="" if options.workers is None else f"workers = {options.workers}\n",
         active=str(options.active).lower(),
         address=SYSTEM_ADDRESS,
         server="local" if sink_port is None else SINK_SERVER,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bench.scenarios import POSTFIX, RELAY, Measurement, System
+from bench.scenarios import POSTFIX, RELAY, SINGLE, Measurement, System
 
 Better = Literal["higher", "lower"]
 
@@ -50,6 +50,9 @@ class Row:
     relay: Cell
     postfix: Cell
     ratio: float | None
+    single: Cell = Cell("-")
+    """The relay with listener.workers = 1 (scenario B)."""
+    single_ratio: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +60,8 @@ class Row:
             "label": self.figure.label, "better": self.figure.better, "size": self.size,
             "sysmail-relay": vars(self.relay), "postfix": vars(self.postfix),
             "ratio_relay_to_postfix": self.ratio,
+            "sysmail-relay workers=1": vars(self.single),
+            "ratio_workers_1_to_postfix": self.single_ratio,
         }
 
 
@@ -82,16 +87,22 @@ def summarize(measurements: list[Measurement], sizes: list[int]) -> list[Row]:
         for size in sizes:
             relay = _cell(measurements, figure, size, RELAY)
             postfix = _cell(measurements, figure, size, POSTFIX)
-            ratio = (relay.median / postfix.median
-                     if relay.median is not None and postfix.median else None)
+            single = _cell(measurements, figure, size, RELAY, SINGLE)
             if relay.count or postfix.count or relay.text != "-" or postfix.text != "-":
-                rows.append(Row(figure, size, relay, postfix, ratio))
+                rows.append(Row(figure, size, relay, postfix, _ratio(relay, postfix),
+                                single, _ratio(single, postfix)))
     return rows
 
 
-def _cell(measurements: list[Measurement], figure: Figure, size: int, system: System) -> Cell:
-    runs = [m for m in measurements
-            if m.scenario == figure.scenario and m.size == size and m.system == system]
+def _ratio(relay: Cell, postfix: Cell) -> float | None:
+    return relay.median / postfix.median if relay.median is not None and postfix.median \
+        else None
+
+
+def _cell(measurements: list[Measurement], figure: Figure, size: int, system: System,
+          variant: str = "") -> Cell:
+    runs = [m for m in measurements if m.scenario == figure.scenario and m.size == size
+            and m.system == system and m.variant == variant]
     return cell(runs, figure.key)
 
 
@@ -114,12 +125,14 @@ def cell(runs: list[Measurement], key: str) -> Cell:
 
 
 def table(rows: list[Row]) -> str:
-    header = ("", "figure", "size", "sysmail-relay", "postfix", "relay/postfix")
+    header = ("", "figure", "size", "sysmail-relay", "postfix", "relay/postfix",
+              "workers=1", "workers=1/postfix")
     lines = [header]
     for row in rows:
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x ({row.figure.better} is better)"
+        single = "-" if row.single_ratio is None else f"{row.single_ratio:.2f}x"
         lines.append((row.figure.scenario, row.figure.label, size_label(row.size),
-                      row.relay.text, row.postfix.text, ratio))
+                      row.relay.text, row.postfix.text, ratio, row.single.text, single))
     return columns(lines)
 
 

@@ -195,12 +195,18 @@ def _latency(instance: Instance, result: Measurement, size: int, messages: int,
 
 # --- scenario B: end to end into smtp-sink, the relay or a Postfix null client ------------
 
+SINGLE = "workers=1"
+"""The variant of B with the relay in one process (`listener.workers = 1`)."""
+
+
 def end_to_end(workdir: Path, system: System, size: int, messages: int, sessions: int,
-               round_: int, latency_messages: int = 0) -> Measurement:
+               round_: int, latency_messages: int = 0, variant: str = "") -> Measurement:
     """Throughput, then (latency_messages > 0) '.' to 250 with the same load, both on one
-    instance. Raises RelayUnavailable when the relay cannot deliver to SMTP servers yet."""
-    return into_sink(Measurement("B", system, size, round_, messages), workdir, sessions,
-                     latency_messages=latency_messages)
+    instance. Raises RelayUnavailable when the relay cannot deliver to SMTP servers yet.
+    `variant` SINGLE: the relay with one process instead of its default."""
+    options = RelayOptions(workers=1) if variant == SINGLE else DEFAULTS
+    return into_sink(Measurement("B", system, size, round_, messages, variant=variant),
+                     workdir, sessions, options, latency_messages=latency_messages)
 
 
 def into_sink(result: Measurement, workdir: Path, sessions: int,

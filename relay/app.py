@@ -2,11 +2,13 @@
 
 start: take the state directory's lock (relay.state; a second `serve` on the same
 state_dir exits 1 naming the holder, before it touches anything), open and recover
-the spool, load the delivery index, bind the listener, start the scheduler, write
-the pid file. SIGTERM/SIGINT: stop accepting, let sessions and deliveries in flight
-finish (bounded), remove the pid file, drop the lock last, exit; a second signal stops
-at once. SIGHUP: reload the configuration (a bad one is refused and the running one
-kept). SIGUSR1: re-read the queue (after a change to the spool made outside the daemon).
+the spool, load the delivery index, bind the listener (in this process with
+`listener.workers = 1`, else the intake workers of relay.listener.workers), start
+the scheduler, write the pid file. SIGTERM/SIGINT: stop accepting, let sessions and
+deliveries in flight finish (bounded), remove the pid file, drop the lock last, exit; a
+second signal stops at once. SIGHUP: reload the configuration (a bad one is refused and
+the running one kept; one during start-up is applied once started). SIGUSR1: re-read
+the queue (after a change to the spool made outside the daemon).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from relay.delivery.retry import backoff
 from relay.delivery.scheduler import Scheduler, UpstreamFactory
 from relay.errors import ConfigError, RelayError, SpoolError, StateLocked
 from relay.listener.server import Listener
-from relay.metrics import Metrics
+from relay.listener.worker import loop_factory
+from relay.listener.workers import Workers, worker_count
+from relay.metrics import Metrics, intake_collector
 from relay.oauth.manager import Authorization, OAuth
 from relay.settings import LOCAL_SERVER, OVERRIDES_FILE, Settings, load_settings, warnings
 from relay.spool import state
@@ -94,7 +98,8 @@ class Relay:
                  upstreams: UpstreamFactory | None = None) -> None:
         self.settings = settings
         self.config_file = config_file
-        self.metrics = Metrics()
+        self.workers = worker_count(settings.listener.workers)
+        self.metrics = Metrics(intake=self.workers == 1)  # else summed from the workers'
         # every series at 0 from the first scrape
         self.metrics.declare(settings.metric_series(), settings.oauth_clients)
         self.oauth = OAuth(settings, self.metrics)
@@ -104,7 +109,7 @@ class Relay:
         self.spool = Spool(settings.spool_dir)
         self.lock = state.StateLock(settings.state_dir)
         self.scheduler: Scheduler | None = None
-        self.listener: Listener | None = None
+        self.listener: Listener | Workers | None = None
         self.admin: AdminServer | None = None
         self.notifier = Notifier(self.spool, lambda: self.settings, self._queued)
         self.stopping = False
@@ -141,7 +146,16 @@ class Relay:
         self.scheduler = Scheduler(self.spool, self.settings, self.metrics, self.make_upstream)
         self.scheduler.on_dead = self.notifier.dead_letter
         self.notifier.recovered(recovery.crashed_out)
-        self.listener = Listener(self.settings, self.spool, self.metrics, self._queued)
+        if self.workers > 1:
+            metrics_dir = self.settings.state_dir / "metrics"
+            await asyncio.to_thread(Workers.prepare_metrics, metrics_dir)
+            self.metrics.registry.register(intake_collector(str(metrics_dir)))
+            self.listener = Workers(self.settings, self.workers, metrics_dir, SHUTDOWN_GRACE,
+                                    self.scheduler.add_entry, self._worker_lost,
+                                    self.lock.fileno())
+        else:
+            self.listener = Listener(self.settings, self.spool, self.metrics.intake,
+                                     self._queued)
         await self.listener.start(listen_socket)
         try:
             await self.admin.start()
@@ -202,6 +216,11 @@ class Relay:
         assert self.scheduler is not None
         self.scheduler.add(env)
 
+    def _worker_lost(self) -> None:
+        """An intake worker died: what it committed without telling us is in the queue."""
+        if not self.stopping:
+            asyncio.get_running_loop().create_task(self.rescan())
+
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         log.info("stopping: no new connections; finishing what is in flight (up to %.0f s)",
                  grace)
@@ -240,7 +259,13 @@ class Relay:
         self.settings = new
         logs.configure(new.log)
         assert self.listener is not None and self.scheduler is not None
-        self.listener.settings = new
+        if isinstance(self.listener, Workers):
+            self.listener.reconfigure(new)  # each worker, for its sessions from now on
+        else:
+            self.listener.settings = new
+        if worker_count(new.listener.workers) != self.workers:
+            log.warning("listener.workers changed: restart the relay to run %s intake "
+                        "processes", new.listener.workers)
         if (old_listen.host, old_listen.port) != (new.listener.host, new.listener.port):
             log.warning("listener.host/port changed: restart the relay to listen on %s:%d",
                         new.listener.host, new.listener.port)
@@ -296,6 +321,7 @@ async def serve(settings: Settings, config_file: Path | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     started = False
+    reload_pending = False
     signals = 0
 
     def on_stop() -> None:
@@ -307,8 +333,10 @@ async def serve(settings: Settings, config_file: Path | None) -> int:
         stop.set()
 
     def on_reload() -> None:
+        nonlocal reload_pending
         if not started:
-            log.warning("SIGHUP during start-up ignored: send it again once started")
+            log.info("SIGHUP during start-up: the configuration is reloaded once started")
+            reload_pending = True
             return
         sd.reloading()
         relay.reload()
@@ -333,6 +361,8 @@ async def serve(settings: Settings, config_file: Path | None) -> int:
         return 1 if isinstance(e, StateLocked) else 2
     started = True
     sd.ready(relay.status_line())
+    if reload_pending:
+        on_reload()
     keepalive = asyncio.create_task(_systemd_keepalive(sd, relay), name="systemd")
     try:
         await stop.wait()
@@ -356,18 +386,6 @@ async def _systemd_keepalive(sd: systemd.Notifier, relay: Relay) -> None:
         if sd.watchdog_interval is not None:
             sd.watchdog()
         sd.status(relay.status_line())
-
-
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    """The event loop `serve` runs on (setting `event_loop`, checked by Settings).
-
-    uvloop carries the same load with a little less CPU, but its '.' to 250 p99
-    under load is about twice asyncio's (docs/performance.md), so it is not the default.
-    """
-    if choice == "uvloop":
-        import uvloop
-        return uvloop.new_event_loop
-    return asyncio.new_event_loop
 
 
 def loop_name() -> str:

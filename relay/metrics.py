@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 _DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -22,17 +24,55 @@ OAUTH_RESULTS = ("ok", "invalid_grant", "unreachable", "error")
 """Every `result` of relay_oauth_refresh_total (relay.oauth)."""
 
 
-class Metrics:
-    """Every metric named in the design, with exactly those names and labels."""
+class IntakeMetrics:
+    """What the listener updates. With intake workers (relay.listener.workers) each
+    worker has its own, in prometheus-client's multiprocess mode, and the parent's
+    /metrics sums them (`intake_collector`); the gauge counts live workers only."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        p = "relay_"
         self.messages_received = Counter(
-            p + "messages_received", "Messages accepted by the listener (250 sent)", registry=r)
+            "relay_messages_received", "Messages accepted by the listener (250 sent)",
+            registry=r)
         self.messages_rejected = Counter(
-            p + "messages_rejected", "Messages or sessions refused by the listener",
+            "relay_messages_rejected", "Messages or sessions refused by the listener",
             ["reason"], registry=r)
+        self.smtp_sessions = Gauge(
+            "relay_smtp_sessions", "Client SMTP sessions open on the listener", registry=r,
+            multiprocess_mode="livesum")
+        for reason in REJECT_REASONS:
+            self.messages_rejected.labels(reason)
+
+
+def intake_collector(path: str) -> Collector:
+    """The workers' intake metrics, summed from the files in `path`, with their help."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+    helps = {m._name: m._documentation for m in vars(IntakeMetrics()).values()
+             if isinstance(m, Counter | Gauge)}
+
+    class Intake(Collector):
+        def collect(self) -> Iterable[Metric]:
+            collector = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
+            for family in collector.collect():  # type: ignore[no-untyped-call]
+                family.documentation = helps.get(family.name, family.documentation)
+                yield family
+
+    return Intake()
+
+
+class Metrics:
+    """Every metric named in the design, with exactly those names and labels.
+
+    `intake` False: the listener's metrics are kept out of this registry, because
+    the intake workers' (added with `intake_collector`) stand for them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, intake: bool = True) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        p = "relay_"
+        self.intake = IntakeMetrics(r if intake else None)
+        self.messages_received = self.intake.messages_received
+        self.messages_rejected = self.intake.messages_rejected
+        self.smtp_sessions = self.intake.smtp_sessions
         self.deliveries = Counter(
             p + "deliveries", "Delivery attempts per recipient, by result (ok, deferred, failed)",
             ["server", "result"], registry=r)
@@ -63,8 +103,6 @@ class Metrics:
         self.oauth_refresh = Counter(
             p + "oauth_refresh", "OAuth token refreshes by result", ["client", "result"],
             registry=r)
-        self.smtp_sessions = Gauge(
-            p + "smtp_sessions", "Client SMTP sessions open on the listener", registry=r)
         self.config_reloads = Counter(
             p + "config_reloads", "Configuration reloads (SIGHUP) by result", ["result"],
             registry=r)
@@ -75,13 +113,12 @@ class Metrics:
 
     def declare(self, servers: Iterable[tuple[str, str | None, bool]],
                 clients: Iterable[str]) -> None:
-        """Export at 0 every labelled counter series the configuration makes possible:
-        rejections by reason; per server (each configured one and the built-in outbox when
-        it sends) deliveries by result, its login's authentication failures,
-        POP-before-SMTP logins by result; OAuth token requests per client by result. Series
-        of servers or clients a reload removed stay (a counter never goes back)."""
-        for reason in REJECT_REASONS:
-            self.messages_rejected.labels(reason)
+        """Export at 0 every labelled counter series the configuration makes possible
+        (rejections by reason are there from the start, with the intake metrics): per
+        server (each configured one and the built-in outbox when it sends) deliveries by
+        result, its login's authentication failures, POP-before-SMTP logins by result;
+        OAuth token requests per client by result. Series of servers or clients a reload
+        removed stay (a counter never goes back)."""
         for name, login, pop_before_smtp in sorted(servers):
             for result in DELIVERY_RESULTS:
                 self.deliveries.labels(name, result)

@@ -204,8 +204,9 @@ class Daemon:
 
 
 def settings_for(state_dir: Path, **sections: Any) -> Settings:
-    """Settings for a test: listener on port 0, the given sections merged over the defaults."""
-    data: dict[str, Any] = {"state_dir": state_dir, "listener": {"port": 0}}
+    """Settings for a test: listener on port 0 in this process (workers = 1: the test
+    sees its sessions and metrics), the given sections merged over the defaults."""
+    data: dict[str, Any] = {"state_dir": state_dir, "listener": {"port": 0, "workers": 1}}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}

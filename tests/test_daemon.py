@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.listener.workers import worker_count
 from tests.support import Daemon, free_port, relay_command
 
 MESSAGE = (b"From: Workflow <workflow@apps.example.com>\r\nTo: boss@example.com\r\n"
@@ -108,7 +109,11 @@ def test_sigterm_stops_cleanly_with_exit_0(daemon: Daemon) -> None:
     assert daemon.proc is not None
     with smtplib.SMTP("127.0.0.1", daemon.port) as client:
         client.sendmail("workflow@apps.example.com", ["boss@example.com"], MESSAGE % (b"1", b"1"))
-    assert children(daemon.proc.pid) == []  # one process: the spool is written by threads
+    # The intake workers and nothing else (the spool is written by their threads).
+    kids = children(daemon.proc.pid)
+    assert len(kids) == worker_count("auto")
+    for kid in kids:
+        assert b"relay.listener.worker" in Path(f"/proc/{kid}/cmdline").read_bytes()
     assert daemon.stop(signal.SIGTERM) == 0
     assert "stopped" in daemon.log_text()
 

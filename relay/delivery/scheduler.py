@@ -153,9 +153,10 @@ class Scheduler:
     async def rescan(self) -> None:
         """Re-read queue/ after the command line retried or deleted entries."""
         await self._loaded.wait()
+        known = set(self._due)  # what arrives during the scan is not in it, and stays
         entries = await asyncio.to_thread(lambda: list(self.spool.scan("queue")))
         present = {queue_id for queue_id, _ in entries}
-        for queue_id in [q for q in self._due if q not in present and q not in self._inflight]:
+        for queue_id in [q for q in known if q not in present and q not in self._inflight]:
             self._forget(queue_id)
         for _, env in entries:
             if isinstance(env, Envelope) and self._due.get(env.id) != env.next_attempt:
@@ -165,6 +166,10 @@ class Scheduler:
 
     def add(self, env: Envelope) -> None:
         self._index(env.id, env.next_attempt, env.age_base)
+
+    def add_entry(self, queue_id: str, due: float, age_base: float) -> None:
+        """`add` of an entry known by its id and times (an intake worker's notice)."""
+        self._index(queue_id, due, age_base)
 
     def _index(self, queue_id: str, due: float, age_base: float) -> None:
         self._due[queue_id] = due
@@ -265,7 +270,9 @@ class Scheduler:
             self._inflight[queue_id] = task
             self._idle.clear()
             task.add_done_callback(functools.partial(self._forget_task, queue_id))
-        return None if not self._heap else max(0.0, self._heap[0][0] - now)
+        if not self._heap or len(self._inflight) >= self._capacity:
+            return None  # a finished delivery wakes the loop (no timer spinning at 0 s)
+        return max(0.0, self._heap[0][0] - now)
 
     def _forget_task(self, queue_id: str, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (error := task.exception()) is not None:

@@ -1,7 +1,8 @@
 """Intake: the aiosmtpd server applications hand their mail to, its policy
 (allowed networks, limits, replies) and the DATA stream into the spool; also the
 client side (`submit`, and `submit_target`: which listener) that `send-test` and the
-sendmail drop-in use.
+sendmail drop-in use; and the intake worker processes (`workers`, `worker`, `slots`)
+of `listener.workers`.
 
 `server` (the Listener: sockets, connection policy, a message into the spool),
 `protocol` (one session: aiosmtpd's SMTP with overridden `smtp_*` commands),
@@ -10,6 +11,6 @@ sendmail drop-in use.
 through its documented extension points; what it offers no way for lives in
 `aiosmtpd_internals` alone, which names each private member it relies on.
 
-It may import spool, rewrite, settings, errors and metrics; never upstream,
+It may import spool, rewrite, settings, errors, metrics and logs; never upstream,
 delivery, admin, app or cli.
 """

@@ -22,7 +22,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from aiosmtpd.smtp import Envelope, Session
@@ -38,7 +38,8 @@ from relay.listener.replies import (
     too_big,
     with_enhanced_codes,
 )
-from relay.metrics import Metrics
+from relay.listener.slots import LocalSlots, SharedSlots
+from relay.metrics import IntakeMetrics
 from relay.rewrite import header_value
 from relay.settings import Settings
 from relay.spool import Envelope as SpoolEnvelope
@@ -51,30 +52,39 @@ log = logging.getLogger("relay.listener")
 
 
 class Listener:
-    def __init__(self, settings: Settings, spool: Spool, metrics: Metrics,
-                 on_queued: Callable[[SpoolEnvelope], None]) -> None:
+    def __init__(self, settings: Settings, spool: Spool, metrics: IntakeMetrics,
+                 on_queued: Callable[[SpoolEnvelope], None],
+                 slots: LocalSlots | SharedSlots | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.metrics = metrics
         self.on_queued = on_queued
+        self.slots = slots or LocalSlots()
+        """Connections open, against listener.max_connections (shared by the workers)."""
         self.handler = IntakeHandler(self)
         self.hostname = settings.listener.hostname or socket.gethostname()
         self._sessions: set[RelaySMTP] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self.address: tuple[str, int] | None = None
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
+                    serving: bool = True) -> None:
+        """Listen on listener.host and port, or accept on the socket(s) given (systemd's,
+        or the parent's in an intake worker); `serving` False: from `serve` on."""
         loop = asyncio.get_running_loop()
         cfg = self.settings.listener
         # A burst of as many clients as may be connected waits in the kernel's queue
         # instead of being dropped (each drop costs the client a 1 s SYN retry).
         backlog = max(100, cfg.max_connections)
-        if sock is not None:
-            self._server = await loop.create_server(self._protocol, sock=sock, backlog=backlog)
+        if sock is None:
+            self._servers = [await loop.create_server(
+                self._protocol, cfg.host, cfg.port, reuse_address=True, backlog=backlog,
+                start_serving=serving)]
         else:
-            self._server = await loop.create_server(self._protocol, cfg.host, cfg.port,
-                                                    reuse_address=True, backlog=backlog)
-        bound = self._server.sockets[0].getsockname()
+            socks = [sock] if isinstance(sock, socket.socket) else list(sock)
+            self._servers = [await loop.create_server(self._protocol, sock=s, backlog=backlog,
+                                                      start_serving=serving) for s in socks]
+        bound = self._servers[0].sockets[0].getsockname()
         self.address = (bound[0], bound[1])
         log.info("listening on %s port %d", *self.address)
 
@@ -86,6 +96,11 @@ class Listener:
             timeout=cfg.idle_timeout, auth_require_tls=True,
             auth_exclude_mechanism=["LOGIN", "PLAIN"], loop=asyncio.get_running_loop(),
         )
+
+    async def serve(self) -> None:
+        """Start accepting (after `start(serving=False)`)."""
+        for server in self._servers:
+            await server.start_serving()
 
     # --- connection policy -------------------------------------------------------------
 
@@ -104,7 +119,7 @@ class Listener:
             log.warning("refused connection from %s: not in listener.allowed_networks", host)
             return (f"554 5.7.1 {self.hostname} does not relay for {host}: "
                     "the address is not in listener.allowed_networks")
-        if len(self._sessions) >= cfg.max_connections:
+        if not self.slots.take(cfg.max_connections):
             self.metrics.messages_rejected.labels("connections").inc()
             log.warning("refused connection from %s: listener.max_connections (%d) reached",
                         host, cfg.max_connections)
@@ -114,7 +129,9 @@ class Listener:
         return None
 
     def forget(self, session: RelaySMTP) -> None:
-        self._sessions.discard(session)
+        if session in self._sessions:
+            self._sessions.discard(session)
+            self.slots.give()
         self.metrics.smtp_sessions.set(len(self._sessions))
 
     # --- envelope policy (IntakeHandler's) ---------------------------------------------
@@ -184,8 +201,8 @@ class Listener:
     # --- stopping ----------------------------------------------------------------------
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
 
     async def drain(self, grace: float) -> None:
         """Close idle sessions now; let transactions in flight finish for `grace` seconds."""
@@ -202,8 +219,8 @@ class Listener:
             if final:
                 break
             await asyncio.sleep(0.05)  # shutdown only: wait for transactions to complete
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in self._servers:
+            await server.wait_closed()
 
 
 SUBJECT_CHARS = 200

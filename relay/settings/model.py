@@ -25,6 +25,7 @@ from relay.settings.values import (
     Port,
     RateLimit,
     Timeout,
+    Workers,
     _between,
     _loopback,
     _read_key,
@@ -43,6 +44,7 @@ class ListenerSettings(_Section):
     max_connections: Annotated[int, Field(ge=1)] = 500
     idle_timeout: Annotated[int, Field(ge=10, le=3600)] = 300
     hostname: str | None = None
+    workers: Workers = "auto"  # intake processes (relay.listener.workers)
 
 
 class SystemAccountSettings(_Section):

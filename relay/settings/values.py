@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -66,6 +66,20 @@ Address = Annotated[str, AfterValidator(_check_address)]
 Timeout = Annotated[int, _between(1, 120, " seconds")]
 Port = Annotated[int, _between(1, 65535)]
 Encryption = Literal["none", "tls", "starttls"]
+
+
+def _workers(value: Any) -> Any:
+    """listener.workers: "auto" or a number of processes, 1..64, in one message."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                           and 1 <= value <= 64):
+        return value
+    if isinstance(value, str) and value.isdigit() and 1 <= int(value) <= 64:
+        return int(value)  # from an environment variable
+    raise ValueError(f'must be "auto" (the CPUs the relay may use, at most 8) or a number '
+                     f'of intake processes from 1 to 64, not {value!r}')
+
+
+Workers = Annotated[Literal["auto"] | int, BeforeValidator(_workers)]
 
 
 class RateLimit(BaseModel):

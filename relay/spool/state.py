@@ -220,6 +220,12 @@ class StateLock:
         self._fd = fd
         self.note(Holder(os.getpid(), role))
 
+    def fileno(self) -> int:
+        """The locked file's descriptor: a process that inherits it holds the lock with
+        this one, until both have ended (the intake workers)."""
+        assert self._fd is not None, "fileno() without the lock"
+        return self._fd
+
     def note(self, holder: Holder) -> None:
         """Say who holds the lock (serve adds its admin address once it listens)."""
         assert self._fd is not None, "note() without the lock"

@@ -89,6 +89,7 @@ CONFIG = """
 state_dir = "{state}"
 [listener]
 port = 0
+workers = 1
 max_message_size = 4096
 [system_account]
 address = "notify@example.com"

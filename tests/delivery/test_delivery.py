@@ -514,3 +514,55 @@ async def test_stop_while_a_claim_runs_in_its_thread_puts_the_entry_back(
     assert relay.spool.ids("queue") == [queue_id] and relay.spool.ids("active") == []
     assert relay.spool.read(queue_id, "queue").crashes == 0
     assert upstream.received == []
+
+
+async def test_scheduler_sleeps_while_its_pool_is_full(relay_factory: RelayFactory) -> None:
+    """More due messages than deliveries may run: the scheduler waits for one to finish
+    instead of waking on a 0 s timer at every turn of the event loop (which took half
+    the delivery's CPU under load)."""
+    upstream = ScriptedUpstream()
+    upstream.gate = asyncio.Event()
+    relay = await relay_factory(upstreams=scripted(upstream))
+    scheduler = relay.scheduler
+    assert scheduler is not None
+    for _ in range(scheduler._capacity + 3):
+        await send(relay)
+    await wait_until(lambda: len(scheduler._inflight) == scheduler._capacity)
+    dispatched = 0
+    dispatch = scheduler._dispatch
+
+    def counted() -> float | None:
+        nonlocal dispatched
+        dispatched += 1
+        return dispatch()
+
+    scheduler._dispatch = counted  # type: ignore[method-assign]
+    for _ in range(200):  # turns of the event loop, with nothing finishing meanwhile
+        await asyncio.sleep(0)
+    assert dispatched == 0
+    upstream.gate.set()
+    await wait_until(lambda: len(upstream.received) == scheduler._capacity + 3)
+
+
+async def test_a_message_queued_while_the_queue_is_re_read_stays_indexed(
+        relay_factory: RelayFactory) -> None:
+    """A re-read of the queue (SIGUSR1, or after an intake worker died) forgets what is
+    no longer on disk, not what was queued while it was reading."""
+    relay = await relay_factory(system_account={"active": False})  # held: nothing is sent
+    scheduler = relay.scheduler
+    assert scheduler is not None
+    first = await send(relay)
+    await wait_until(lambda: first in scheduler._due)
+    loop = asyncio.get_running_loop()
+    scan = relay.spool.scan
+    during: list[str] = []
+
+    def slow_scan(place: Any) -> Any:
+        listing = list(scan(place))  # read before the next message is queued
+        during.append(asyncio.run_coroutine_threadsafe(send(relay), loop).result(10))
+        return iter(listing)
+
+    relay.spool.scan = slow_scan  # type: ignore[method-assign]
+    await relay.rescan()
+    assert during and during[0] in scheduler._due
+    assert first in scheduler._due

@@ -69,8 +69,9 @@ def open_data(port: int) -> socket.socket:
 def test_100_sessions_each_in_a_20_mib_data_stay_under_150_mib(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "relay.toml"
+    # One intake process: the bound is per process (each worker streams the same way).
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n[listener]\nport = {port}\n'
-                      '[system_account]\nactive = false\n')
+                      'workers = 1\n[system_account]\nactive = false\n')
     daemon = Daemon(config, tmp_path / "relay.log", port)
     daemon.start()
     assert daemon.proc is not None
