@@ -86,13 +86,13 @@ class Worker:
         self.grace = grace
         self.listener: Listener | None = None
         self._pending: list[tuple[str, float, float]] = []
-        self._writer: asyncio.StreamWriter | None = None
+        self._channel_out: asyncio.StreamWriter | None = None
         self._stop = asyncio.Event()
 
     async def run(self, settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        reader, self._writer = await asyncio.open_unix_connection(sock=self.channel)
+        reader, self._channel_out = await asyncio.open_unix_connection(sock=self.channel)
         spool = Spool(settings.spool_dir)  # opened and recovered by the parent
         self.listener = Listener(settings, spool, IntakeMetrics(), self._queued, self.slots)
         await self.listener.start(self.listening, serving=False)
@@ -105,8 +105,8 @@ class Worker:
         reading.cancel()
         self._flush()
         with contextlib.suppress(OSError):
-            await self._writer.drain()
-        self._writer.close()
+            await self._channel_out.drain()
+        self._channel_out.close()
         return 0
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -132,14 +132,14 @@ class Worker:
         self._pending.append((env.id, env.next_attempt, env.age_base))
 
     def _flush(self) -> None:
-        if self._pending and self._writer is not None:
+        if self._pending and self._channel_out is not None:
             self._send({"queued": self._pending})
             self._pending = []
 
     def _send(self, message: object) -> None:
-        assert self._writer is not None
-        if not self._writer.is_closing():
-            self._writer.write(json.dumps(message).encode() + b"\n")
+        assert self._channel_out is not None
+        if not self._channel_out.is_closing():
+            self._channel_out.write(json.dumps(message).encode() + b"\n")
 
 
 def main(argv: list[str]) -> int:
