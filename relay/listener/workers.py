@@ -197,7 +197,24 @@ class Workers:
         writer.write(frame(self.settings))
         proc.tasks.append(asyncio.create_task(self._watch(proc, reader),
                                               name=f"intake-worker-{place}"))
+        proc.tasks.append(asyncio.create_task(self._reap(proc),
+                                              name=f"intake-worker-{place}-exit"))
         return proc
+
+    @staticmethod
+    async def _reap(proc: _Proc) -> None:
+        """Once the worker has exited, its channel ends: `_watch` reads what is left,
+        then the end of file. Should that not come (seen with a worker killed while it
+        started), the channel is closed here after a second, so `_watch` ends and the
+        worker is replaced; a notice lost so is made good by the queue's re-read that
+        follows a lost worker (`on_lost`)."""
+        await proc.process.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proc.tasks[0]), 1.0)
+        if not proc.tasks[0].done():
+            log.warning("intake worker %d (pid %d) exited without closing its channel: "
+                        "closed here", proc.place, proc.process.pid)
+            proc.writer.close()
 
     async def _watch(self, proc: _Proc, reader: asyncio.StreamReader) -> None:
         """Read the worker's notices until its channel ends; then see it exit."""
