@@ -299,11 +299,15 @@ def test_a_worker_that_keeps_dying_is_replaced_after_longer_pauses(
     def replaced(pid: int) -> Callable[[], bool]:
         return lambda: len(relay.workers()) == 2 and pid not in relay.workers()
 
-    for _ in range(3):
+    def logged() -> list[str]:
+        return re.findall(r"ended \(signal SIGKILL\) after [\d.]+ s; starting another "
+                          r"in ([\d.]+) s", relay.log_text())
+
+    for killed in range(1, 4):
         victim = min(relay.workers())
         os.kill(victim, signal.SIGKILL)  # each soon after it started
         wait_for(replaced(victim))
-        pauses = re.findall(r"ended \(signal SIGKILL\) after [\d.]+ s; starting another "
-                            r"in ([\d.]+) s", relay.log_text())
+        wait_for(lambda: len(logged()) >= killed)  # noqa: B023 (waited for at once)
+        pauses = logged()
     assert [float(p) for p in pauses] == [0.5, 1.0, 2.0]
     assert send(relay.port, 1)
