@@ -203,6 +203,17 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM, wait; SIGKILL if it has not ended: never leave a daemon behind."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def settings_for(state_dir: Path, **sections: Any) -> Settings:
     """Settings for a test: listener on port 0 in this process (workers = 1: the test
     sees its sessions and metrics), the given sections merged over the defaults."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pytest
 
 from relay.settings import DEFAULT_CONFIG_FILE
 from relay.spool import state
-from tests.support import free_port, relay_command
+from tests.support import free_port, relay_command, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -113,13 +112,7 @@ def reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reader]:
             time.sleep(0.05)
         yield Reader(checkout_copy(base / "checkout"), env, state_dir / "outbox" / "new", log)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait(10)
+        stop_process(daemon)
 
 
 def test_the_docs_mark_the_examples_a_reader_can_run() -> None:

@@ -21,7 +21,7 @@ import pytest
 from relay.listener.submit_target import listener_address
 from relay.settings import DEFAULT_CONFIG_FILE, Settings
 from relay.spool import state
-from tests.support import Daemon, free_port, relay_command
+from tests.support import Daemon, free_port, relay_command, stop_process
 
 SYSMAIL_SENDMAIL = Path(sys.executable).parent / "sysmail-sendmail"
 CRON_MAIL = "To: ops@example.com\nSubject: cron\n\nbackup done\n"
@@ -180,10 +180,4 @@ def test_sendmail_reaches_a_daemon_on_a_socket_systemd_passed(tmp_path: Path) ->
         (message,) = wait_for_outbox(state_dir, 1)
         assert b"Subject: cron" in message
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc)
