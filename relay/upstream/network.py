@@ -1,7 +1,9 @@
 """What every upstream connection starts with: the TLS context and the TCP connection.
 
 `tls_context` builds the trust for a server (system CAs plus `ca_file`, the name
-checked, TLS 1.2 or newer), shared by SMTP and POP before SMTP; `tcp_connect` opens
+checked, TLS 1.2 or newer), shared by SMTP and POP before SMTP. Building one reads
+the whole system trust store (tens of milliseconds of CPU), so a pool keeps its
+server's in a `TlsContexts`, built again only when the CA file changes. `tcp_connect` opens
 the TCP connection itself, so that the SMTP session can tell a connect timeout from
 a server that connected but never greeted.
 """
@@ -39,6 +41,36 @@ def tls_context(server: ServerSettings, ca_file: Path | None = None,
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+class TlsContexts:
+    """One server's TLS context, made once and reused by every session: made again when
+    its `ca_file` changes on disk (a renewed CA is used without a reload) or went away
+    (then `tls_context` raises what it says)."""
+
+    def __init__(self, server: ServerSettings, key: str) -> None:
+        self.server = server
+        self.key = key
+        self._made: tuple[tuple[int, int, int] | None, ssl.SSLContext] | None = None
+
+    def get(self) -> ssl.SSLContext:
+        stamp = _stamp(self.server.ca_file)
+        if self._made is None or self._made[0] != stamp or stamp == _MISSING:
+            self._made = (stamp, tls_context(self.server, key=self.key))
+        return self._made[1]
+
+
+_MISSING = (-1, -1, -1)
+
+
+def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        info = path.stat()
+    except OSError:
+        return _MISSING
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 async def tcp_connect(host: str, port: int) -> socket.socket:

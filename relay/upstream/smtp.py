@@ -35,7 +35,7 @@ from relay.errors import (
 from relay.settings import ServerSettings
 from relay.upstream.base import Outcome, Outgoing, classify
 from relay.upstream.message import Body, eight_bit_refusal, mail_options
-from relay.upstream.network import tcp_connect, tls_context
+from relay.upstream.network import TlsContexts, tcp_connect, tls_context
 from relay.upstream.smtp_login import PORTS, Login, Step, reply_text
 
 if TYPE_CHECKING:
@@ -46,7 +46,8 @@ class Session(Login):
     """One connection to the server, opened, encrypted and authenticated."""
 
     def __init__(self, name: str, server: ServerSettings, hostname: str,
-                 on_step: Step | None = None, oauth: OAuth | None = None) -> None:
+                 on_step: Step | None = None, oauth: OAuth | None = None,
+                 contexts: TlsContexts | None = None) -> None:
         assert server.host is not None and server.port is not None
         self.name = name
         self.server = server
@@ -55,8 +56,12 @@ class Session(Login):
         self.stage = "connect"
         self.on_step = on_step
         self.key = f"servers.{name}"
-        self.context = (tls_context(server, key=f"{self.key}.ca_file")
-                        if server.encryption != "none" else None)
+        if server.encryption == "none":
+            self.context: ssl.SSLContext | None = None
+        elif contexts is not None:
+            self.context = contexts.get()
+        else:
+            self.context = tls_context(server, key=f"{self.key}.ca_file")
         self.client = aiosmtplib.SMTP(  # the port: `_connect` opens the TCP connection
             hostname=server.host, timeout=server.timeout,
             use_tls=server.encryption == "tls", start_tls=False, tls_context=self.context,

@@ -21,6 +21,7 @@ from relay.metrics import Metrics
 from relay.settings import ServerSettings
 from relay.upstream.base import Outcome, Outgoing
 from relay.upstream.message import Body
+from relay.upstream.network import TlsContexts
 from relay.upstream.pacing import Pacing, RateLimited
 from relay.upstream.pop_before_smtp import pop_before_smtp
 from relay.upstream.smtp import Session, answered
@@ -49,6 +50,7 @@ class SmtpUpstream:
         self.hostname = hostname
         self.oauth = oauth
         self.pacing = Pacing(name, server)
+        self._contexts = TlsContexts(server, key=f"servers.{name}.ca_file")
         self._slots = asyncio.Semaphore(server.pool_size)
         """One per transaction sending: at most pool_size at once, one per session."""
         self._idle: list[Session] = []
@@ -93,7 +95,8 @@ class SmtpUpstream:
     # --- sessions ----------------------------------------------------------------------
 
     async def _new_session(self) -> Session:
-        session = Session(self.name, self.server, self.hostname, oauth=self.oauth)
+        session = Session(self.name, self.server, self.hostname, oauth=self.oauth,
+                          contexts=self._contexts)
         method = (self.server.auth.method if self.server.auth
                   else "XOAUTH2" if self.server.oauth else "none")
         self.pacing.check_paused()  # never log in while paused, even for a waiting delivery

@@ -35,6 +35,7 @@ from relay.errors import (
 from relay.metrics import Metrics
 from relay.settings import ServerSettings
 from relay.spool.store import INLINE_BYTES, Envelope, Recipient
+from relay.upstream import network
 from relay.upstream import smtp_pool as smtp_client
 from relay.upstream.base import Outcome, Outgoing, classify, explain, slow_down_requested
 from relay.upstream.message import Body
@@ -599,6 +600,38 @@ async def test_messages_at_once_over_one_starttls_connection_all_arrive_encrypte
     assert script.encrypted == [True] * 5 and script.connections == 1
     assert sorted(m.rcpt_tos[0] for m in script.messages) == [
         f"r{n}@example.com" for n in range(5)]
+
+
+async def test_sessions_share_one_tls_context_made_again_when_the_ca_file_changes(
+        servers: Servers, client: Client, ca_file: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making a context reads the system trust store (tens of ms of CPU): two sessions
+    share one. A CA file replaced on disk (a renewed CA) is used by the next session,
+    without a reload."""
+    made: list[ssl.SSLContext] = []
+    real = network.tls_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(network, "tls_context", counted)
+    renewed = trustme.CA(organization_name="renewed upstream CA")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    renewed.issue_cert("127.0.0.1").configure_cert(server_tls)
+    script = Script()
+    port = await servers.smtp(script, tls_context=server_tls)
+    upstream = client.upstream(port, encryption="starttls", ca_file=ca_file, pool_size=2)
+    with pytest.raises(TemporaryFailure, match="not trusted"):
+        await upstream.deliver(client.message())
+    assert len(made) == 1
+    renewed.cert_pem.write_to_path(str(ca_file))
+    results = await asyncio.gather(*(upstream.deliver(client.message(f"r{n}@example.com"))
+                                     for n in range(4)))
+    assert all(delivered(r) for r in results)
+    assert script.connections == 3  # the untrusted one, then pool_size at once
+    assert script.encrypted == [True] * 4
+    assert len(made) == 2  # once for the old file, once for the renewed one
 
 
 async def test_starttls_untrusted_certificate_fails_as_not_trusted(
