@@ -128,7 +128,9 @@ def resumed(details: bytes) -> bool:
     "server-digest SHA256" after the signature algorithm only when the server signed the
     handshake with its certificate's key, which a resumption skips (checked with
     `openssl s_client -sess_in`: "Reused" and no server-digest). A resumed TLS 1.2
-    session logs the same line as a new one: not counted (both systems speak TLS 1.3)."""
+    session logs the same line as a new one: not counted (both systems speak TLS 1.3).
+    Level 2 would log "Reusing old session (RFC 5077 session ticket)", and counts the same,
+    but also every handshake state."""
     return details.startswith(b"TLSv1.3 ") and b"server-digest" not in details
 
 
