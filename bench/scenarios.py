@@ -259,7 +259,7 @@ def still_running(instance: Instance, sink: Upstream | None = None) -> Callable[
             raise MeasurementError(f"the system under test exited during the measurement:\n"
                                    f"{instance.log_tail(5)}")
         status = sink.exit_status() if sink is not None else None
-        if status is not None:
+        if sink is not None and status is not None:
             how = f"signal {-status}" if status < 0 else f"exit code {status}"
             raise MeasurementError(f"{sink.name} ended during the measurement ({how}); "
                                    "something else on the machine may have killed it")

@@ -166,6 +166,9 @@ def sign_in(config: Path, timeout: float = 30.0) -> None:
                 with urllib.request.urlopen(url, timeout=timeout) as page:
                     page.read()
             out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"`sysmail-relay oauth authorize` did not finish within "
+                               f"{timeout:g} s after the sign-in page was opened") from None
         finally:
             if process.poll() is None:
                 process.kill()
