@@ -1,4 +1,5 @@
-"""`bench/run.py`: run scenarios A, B and S interleaved, then M; print the tables, save them."""
+"""`bench/run.py`: run scenarios A, B, S, T, X and TS interleaved, then M; print the tables,
+save them."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import footprint, machine, report, scaling
+from bench import footprint, machine, report, scaling, tls, tls_scaling
 from bench.footprint import FootprintPlan
 from bench.load import smtp_source_command
 from bench.procstat import process_tree, processes_mentioning
-from bench.relay_instance import RelayUnavailable
+from bench.relay_instance import DEFAULTS, RelayOptions, RelayUnavailable
 from bench.scenarios import (
     POSTFIX,
     RELAY,
@@ -37,7 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 KIB = 1024
 SIZES = (1 * KIB, 100 * KIB)
 BUSY_MACHINE = 0.25  # cores of background load above which the run is flagged
-SCENARIOS = ("A", "B", "M", "S")
+SCENARIOS = ("A", "B", "M", "S", "T", "X", "TS")
+ISSUE_10 = ("A", "B", "M", "S")
+"""What --all runs."""
 DEFAULT_SCENARIOS = ("A", "B")
 
 
@@ -52,6 +55,12 @@ class Plan:
     scaling_messages: int
     """messages per cell of the S grid"""
     footprint: FootprintPlan
+    tls_messages: dict[int, int]
+    """messages per T and X measurement, by size"""
+    tls_scaling_messages: int
+    """messages per cell of the TS grid"""
+    postfix_tls_reuse: bool = True
+    """T's null client with smtp_tls_connection_reuse = yes"""
 
     @property
     def sizes(self) -> list[int]:
@@ -86,7 +95,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     grid = max(20, round(SCALING_MESSAGES["quick" if args.quick else "full"] * args.scale))
     memory = (footprint.QUICK if args.quick else footprint.FULL).scaled(args.scale)
     return Plan(rounds, args.sessions, counts.accept, counts.latency, counts.relay,
-                tuple(SCENARIOS if args.all else args.only or DEFAULT_SCENARIOS), grid, memory)
+                tuple(ISSUE_10 if args.all else args.only or DEFAULT_SCENARIOS), grid, memory,
+                tls.counts(args.quick, args.scale), tls_scaling.messages(args.quick, args.scale),
+                args.postfix_tls_reuse == "yes")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -95,7 +106,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description="sysmail-relay benchmark: A) acceptance into the local outbox, "
                     "B) end to end into smtp-sink, side by side with a Postfix null client; "
                     "on request M) memory and start-up, S) scaling by client sessions and "
-                    "upstream pool_size.")
+                    "upstream pool_size, T) end to end through STARTTLS and AUTH PLAIN beside "
+                    "the null client, X) the same with XOAUTH2, TS) T's scaling.")
     p.add_argument("--quick", action="store_true",
                    help="1 round with fewer messages (under a minute)")
     p.add_argument("--rounds", type=int, default=None,
@@ -105,8 +117,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="multiply every message count (e.g. 0.5 or 2)")
     p.add_argument("--only", choices=SCENARIOS, action="append",
                    help="run only this scenario (repeatable; default A and B)")
+    p.add_argument("--postfix-tls-reuse", choices=("yes", "no"), default="yes",
+                   help="T: the null client's smtp_tls_connection_reuse (default yes)")
     p.add_argument("--all", action="store_true",
-                   help="every scenario: A, B, M and S (about 6 minutes on 2 cores)")
+                   help="issue 10's scenarios: A, B, M and S (about 6 minutes on 2 cores)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
                    help="directory for <UTC timestamp>.json and .txt (default bench/results)")
     p.add_argument("--keep", action="store_true",
@@ -161,6 +175,7 @@ class Runner:
                 cells = list(scaling.CELLS) if round_ % 2 else list(reversed(scaling.CELLS))
                 jobs += [Job("S", RELAY, KIB, round_, plan.scaling_messages, name)
                          for name in cells]
+            jobs += tls_jobs(plan, round_)
         if "M" in plan.scenarios:
             jobs += [Job("M", RELAY, size, 1, messages, part)
                      for part, size, messages in footprint.parts(plan.footprint)]
@@ -195,8 +210,33 @@ class Runner:
             return job.placeholder("not available", self.relay_unavailable)
         if job.scenario == "S":
             return scaling.cell(directory, job.variant, job.messages, job.round)
+        if job.scenario == "T":
+            return tls.end_to_end_tls(directory, job.system, job.size, job.messages,
+                                      self.plan.sessions, job.round, job.variant,
+                                      RelayOptions(workers=1) if job.variant == SINGLE
+                                      else DEFAULTS, postfix_tls_reuse=self.plan.postfix_tls_reuse)
+        if job.scenario == "X":
+            return tls.xoauth2(directory, job.size, job.messages, self.plan.sessions, job.round)
+        if job.scenario == "TS":
+            return tls_scaling.cell(directory, job.variant, job.messages, job.round)
         return end_to_end(directory, job.system, job.size, job.messages, self.plan.sessions,
                           job.round, self.plan.latency_messages[job.size], job.variant)
+
+
+def tls_jobs(plan: Plan, round_: int) -> list[Job]:
+    """T (both systems, as B), X and the TS grid in one round."""
+    jobs = []
+    for size in plan.sizes:
+        if "T" in plan.scenarios:
+            jobs += [Job("T", system, size, round_, plan.tls_messages[size], variant)
+                     for system, variant in _order(round_)]
+        if "X" in plan.scenarios:
+            jobs.append(Job("X", RELAY, size, round_, plan.tls_messages[size]))
+    if "TS" in plan.scenarios:
+        cells = list(tls_scaling.CELLS)
+        jobs += [Job("TS", RELAY, KIB, round_, plan.tls_scaling_messages, name)
+                 for name in (cells if round_ % 2 else cells[::-1])]
+    return jobs
 
 
 def _order(round_: int) -> list[tuple[System, str]]:
@@ -232,6 +272,8 @@ def describe_load(plan: Plan) -> list[str]:
              "process",
         "S": scaling.describe(plan.scaling_messages),
         "M": footprint.describe(plan.footprint),
+        **tls.describe(plan.scenarios, plan.tls_messages),
+        "TS": tls_scaling.describe(plan.tls_scaling_messages),
     }
     described = [
         f"load: {plan.sessions} concurrent client sessions, one message per connection "
@@ -256,7 +298,8 @@ def render(plan: Plan, meta: dict[str, Any], rows: list[report.Row],
     if rows:
         lines += ["", report.table(rows)]
     lines.append(_background_line(measurements))
-    for section in (footprint.section(measurements), scaling.section(measurements)):
+    for section in (footprint.section(measurements), scaling.section(measurements),
+                    tls_scaling.section(measurements)):
         if section:
             lines += ["", *section]
     notes = _notes(measurements)
@@ -354,6 +397,8 @@ def publish(out: Path, stamp: str, plan: Plan, meta: dict[str, Any], runner: Run
                 "summary": [row.as_dict() for row in rows],
                 "footprint": footprint.summary(runner.measurements),
                 "scaling": scaling.summary(runner.measurements),
+                "tls_scaling": tls_scaling.summary(runner.measurements),
+                "oauth_tokens": tls.summary(runner.measurements),
                 "measurements": [asdict(m) for m in runner.measurements]}
     for path in write_results(out, stamp, document, text):
         print(f"wrote {path}")

@@ -6,6 +6,11 @@ everything to one upstream. Everything else is Postfix's default (process
 limits, destination concurrency 20, connection cache on demand, in_flow_delay),
 plus what a private instance needs on these machines (PEER-NOTES.md): its own
 queue and data directories, a log file through postlogd, `chroot = n`.
+
+For scenario T (`TlsHop`) the hop to the upstream wants STARTTLS and AUTH PLAIN:
+TLS required and verified against the upstream's CA, SASL with a password map,
+the TLS session cache and `smtp_tls_connection_reuse` (tlsproxy), without which
+Postfix caches no TLS connection.
 """
 
 from __future__ import annotations
@@ -50,6 +55,21 @@ maillog_file = {dir}/postfix.log
 maillog_file_prefixes = {dir}
 """
 
+TLS_HOP = """
+# Scenario T: the hop to the upstream wants STARTTLS and a login (AUTH PLAIN), as the
+# relay's [servers.sink] does; Postfix's connection and TLS session caches are on.
+smtp_tls_security_level = encrypt
+smtp_tls_CAfile = {ca_file}
+smtp_tls_session_cache_database = btree:{dir}/data/smtp_scache
+smtp_tls_connection_reuse = {reuse}
+smtp_sasl_auth_enable = yes
+smtp_sasl_password_maps = texthash:{dir}/etc/sasl_passwd
+smtp_sasl_security_options = noanonymous
+smtp_sasl_tls_security_options = noanonymous
+smtp_sasl_mechanism_filter = plain
+smtp_connection_cache_on_demand = yes
+"""
+
 MASTER_CF = """# service type private unpriv chroot wakeup maxproc command
 {host}:{port} inet n - n - - smtpd
 pickup    unix  n - n 60   1 pickup
@@ -73,7 +93,20 @@ discard   unix  - - n -    - discard
 anvil     unix  - - n -    1 anvil
 scache    unix  - - n -    1 scache
 postlog   unix-dgram n - n - 1 postlogd
+tlsproxy  unix  - - n -    0 tlsproxy
 """
+
+
+@dataclass(frozen=True)
+class TlsHop:
+    """Scenario T's upstream hop: STARTTLS with this CA, AUTH PLAIN with this login."""
+
+    ca_file: Path
+    username: str
+    password: str
+    connection_reuse: bool = True
+    """smtp_tls_connection_reuse: without it Postfix caches no TLS connection at all
+    (each delivery opens one, with its own TLS handshake and AUTH)."""
 
 
 @dataclass
@@ -117,22 +150,31 @@ class NullClient:
         return "\n".join(self.postfix.log_text().splitlines()[-lines:])
 
 
-def configure(directory: Path, sink_port: int) -> NullClient:
-    """Write the instance's files under *directory* (nothing is started)."""
+def configure(directory: Path, sink_port: int, hop: TlsHop | None = None) -> NullClient:
+    """Write the instance's files under *directory* (nothing is started); *hop*: STARTTLS
+    and AUTH PLAIN to the upstream (scenario T), else plain SMTP (B)."""
     make_dir(directory, 0o755)
     grant_traverse(directory)  # postfix-owned daemons must reach the queue
     etc = make_dir(directory / "etc", 0o755)
     make_dir(directory / "queue", 0o755)  # postfix start creates the rest
     make_dir(directory / "data", 0o700, owner="postfix")
     (port,) = free_ports(1)
-    write_file(etc / "main.cf", MAIN_CF.format(
-        dir=directory, host=HOST, sink_port=sink_port, address=SYSTEM_ADDRESS))
+    main_cf = MAIN_CF.format(dir=directory, host=HOST, sink_port=sink_port,
+                             address=SYSTEM_ADDRESS)
+    if hop is not None:
+        main_cf += TLS_HOP.format(dir=directory, ca_file=hop.ca_file,
+                                  reuse="yes" if hop.connection_reuse else "no")
+        # Looked up by the next hop, as relayhost names it; opened before the smtp
+        # processes drop root, so mode 0600 like a postmap'ed sasl_passwd.db.
+        write_file(etc / "sasl_passwd", f"[{HOST}]:{sink_port} {hop.username}:{hop.password}\n",
+                   mode=0o600)
+    write_file(etc / "main.cf", main_cf)
     write_file(etc / "master.cf", MASTER_CF.format(host=HOST, port=port))
     return NullClient(Postfix(directory=directory, ports={SMTPD: port}))
 
 
-def start_null_client(directory: Path, sink_port: int) -> NullClient:
-    client = configure(directory, sink_port)
+def start_null_client(directory: Path, sink_port: int, hop: TlsHop | None = None) -> NullClient:
+    client = configure(directory, sink_port, hop)
     try:
         client.postfix.start()
     except BaseException:

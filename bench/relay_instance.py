@@ -50,8 +50,8 @@ SINK_SECTION = """
 [servers.{name}]
 host = "{host}"
 port = {port}
-encryption = "none"
-{pool_size}"""
+{pool_size}{server}"""
+PLAIN_SERVER = 'encryption = "none"\n'
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ class RelayOptions:
     """False: the system account is inactive, so the queue is held and nothing is sent."""
     workers: int | None = None
     """listener.workers; None: the relay's default ("auto")."""
+    server: str = PLAIN_SERVER
+    """The rest of [servers.sink] after host, port and pool_size (its sub-tables too):
+    scenario B's plain hop, or TLS and a login for T and X (bench/tls.py)."""
+    extra: str = ""
+    """TOML tables appended to the file (X: its [oauth_clients.NAME])."""
 
 
 DEFAULTS = RelayOptions()
@@ -205,7 +210,9 @@ def write_config(directory: Path, port: int, sink_port: int | None, admin_port: 
     if sink_port is not None:
         pool = options.pool_size
         text += SINK_SECTION.format(name=SINK_SERVER, host=HOST, port=sink_port,
-                                    pool_size="" if pool is None else f"pool_size = {pool}\n")
+                                    pool_size="" if pool is None else f"pool_size = {pool}\n",
+                                    server=options.server)
+    text += options.extra
     path = directory / "relay.toml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -228,7 +235,7 @@ def start_relay(directory: Path, sink_port: int | None = None, timeout: float = 
     with (directory / "relay.log").open("ab") as log:
         process = subprocess.Popen(
             [relay_binary(), "serve", "--config", str(config)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_clean_env(),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=clean_env(),
             start_new_session=True,  # Ctrl-C reaches the harness only; it stops the relay
         )
     relay = RelayInstance(directory, port, process, admin_port, started, code)
@@ -265,7 +272,7 @@ def _unavailable_line(tail: str) -> str:
     return tail.strip()
 
 
-def _clean_env() -> dict[str, str]:
+def clean_env() -> dict[str, str]:
     """No RELAY_* or STATE_DIRECTORY from the caller may override the benchmark's file."""
     return {k: v for k, v in os.environ.items()
             if not k.startswith("RELAY_") and k != "STATE_DIRECTORY"}

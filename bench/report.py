@@ -20,6 +20,20 @@ class Figure:
     better: Better
 
 
+_HOP_FIGURES: tuple[tuple[str, str, Better], ...] = (
+    ("end_to_end_per_s", "end-to-end msg/s", "higher"),
+    ("cpu_ms_per_msg", "CPU ms/msg, whole instance", "lower"),
+    ("accepted_per_s", "client finished, msg/s", "higher"),
+    ("sessions_per_1000", "upstream sessions /1000 msg", "lower"),
+    ("tls_handshakes_per_1000", "TLS handshakes /1000 msg", "lower"),
+    ("tls_resumed_per_1000", "of them resumed /1000 msg", "higher"),
+    ("auth_per_1000", "AUTH exchanges /1000 msg", "lower"),
+    ("token_refreshes", "OAuth token refreshes", "lower"),
+    ("upstream_cpu_ms_per_msg", "upstream's CPU ms/msg", "lower"),
+    ("upstream_queue_wait_ms", "upstream's queue wait, mean ms", "lower"),
+)
+"""T's and X's figures: key, label, which is better."""
+
 FIGURES = (
     Figure("A", "accepted_per_s", "accepted msg/s (smtp-source)", "higher"),
     Figure("A", "cpu_ms_per_msg", "relay CPU ms/msg", "lower"),
@@ -31,6 +45,8 @@ FIGURES = (
     Figure("B", "kernel_ms_per_msg", "kernel, uncharged ms/msg (machine)", "lower"),
     Figure("B", "latency_p50_ms", "'.' to 250, p50 ms", "lower"),
     Figure("B", "latency_p99_ms", "'.' to 250, p99 ms", "lower"),
+    *(Figure(scenario, key, label, better) for scenario in ("T", "X")
+      for key, label, better in _HOP_FIGURES),
 )
 
 
@@ -112,9 +128,9 @@ def cell(runs: list[Measurement], key: str) -> Cell:
     if not runs:
         return Cell("-")
     values = [m.figures[key] for m in runs if m.status == "ok" and key in m.figures]
-    if not values:
-        statuses = sorted({m.status for m in runs})
-        return Cell(", ".join(statuses))
+    if not values:  # '-' when the runs went well but do not have this figure
+        statuses = sorted({m.status for m in runs if m.status != "ok"})
+        return Cell(", ".join(statuses) or "-")
     median, low, high = statistics.median(values), min(values), max(values)
     text = number(median) if len(values) == 1 else \
         f"{number(median)} ({number(low)}-{number(high)})"

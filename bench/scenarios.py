@@ -72,6 +72,19 @@ class Instance(Protocol):
     def process_names(self) -> dict[str, int]: ...
 
 
+class Upstream(Protocol):
+    """What the system under test delivers into: smtp-sink (B, S), or the Postfix that
+    wants STARTTLS and a login (T, X: bench/upstream.py)."""
+
+    name: str
+
+    def received(self) -> int: ...
+
+    def cpu_seconds(self) -> float: ...
+
+    def exit_status(self) -> int | None: ...
+
+
 class MeasurementError(Exception):
     pass
 
@@ -237,7 +250,7 @@ def _start(system: System, workdir: Path, sink_port: int, result: Measurement,
     return start_null_client(workdir / "postfix", sink_port)
 
 
-def still_running(instance: Instance, sink: CountingSink | None = None) -> Callable[[], None]:
+def still_running(instance: Instance, sink: Upstream | None = None) -> Callable[[], None]:
     """A check for `wait_for`: fail at once when a process the measurement needs has died
     (on a shared machine something else may kill it)."""
 
@@ -246,15 +259,15 @@ def still_running(instance: Instance, sink: CountingSink | None = None) -> Calla
             raise MeasurementError(f"the system under test exited during the measurement:\n"
                                    f"{instance.log_tail(5)}")
         status = sink.exit_status() if sink is not None else None
-        if status is not None:
+        if sink is not None and status is not None:
             how = f"signal {-status}" if status < 0 else f"exit code {status}"
-            raise MeasurementError(f"smtp-sink ended during the measurement ({how}); "
+            raise MeasurementError(f"{sink.name} ended during the measurement ({how}); "
                                    "something else on the machine may have killed it")
 
     return check
 
 
-def _wait_for_sink(instance: Instance, sink: CountingSink, source: subprocess.Popen[bytes],
+def _wait_for_sink(instance: Instance, sink: Upstream, source: subprocess.Popen[bytes],
                    total: int, started: float, limit: float) -> float | None:
     """Poll until the sink has *total*; returns when smtp-source finished, if it did."""
     client_done: float | None = None
@@ -270,7 +283,7 @@ def _wait_for_sink(instance: Instance, sink: CountingSink, source: subprocess.Po
     return client_done
 
 
-def relay_through(instance: Instance, sink: CountingSink, result: Measurement, size: int,
+def relay_through(instance: Instance, sink: Upstream, result: Measurement, size: int,
                   messages: int, sessions: int) -> None:
     """One smtp-source pass through *instance* into *sink* (which may have counted earlier
     passes); returns when the sink has all and the queue is empty."""

@@ -21,6 +21,8 @@ _TAIL = 64  # bytes kept between reads: a counter split across two reads is stil
 
 
 class CountingSink:
+    name = "smtp-sink"
+
     def __init__(self, log_file: Path) -> None:
         self.log_file = log_file
         self._sink = smtp_sink.start(log_file, extra_args=("-c",))
