@@ -19,8 +19,9 @@ once per entry and cause, not at every try. No exception leaves a delivery task.
 
 Every file-system call of a delivery runs in a thread: one hop to claim the entry
 and read a small message, one to remove it once delivered, both in batches (one
-thread for every claim and removal: relay.delivery.disk); what waits for the
-disk (fsync on a deferral or a dead letter) in asyncio's threads.
+thread for every claim and removal, with one fsync of active/ for a batch of claims:
+relay.delivery.disk); what waits for the disk (fsync on a deferral or a dead letter)
+in asyncio's threads.
 
 The spool holds what the client sent; each attempt applies the rewrite for the
 account as it is then (relay.delivery.outgoing).
@@ -325,7 +326,8 @@ class Scheduler:
             await self._trouble(queue_id, e, "internal error in the relay")
 
     async def _deliver_entry(self, queue_id: str) -> None:
-        claiming = asyncio.ensure_future(self._disk.run(functools.partial(self._claim, queue_id)))
+        claiming = asyncio.ensure_future(  # the claim made durable: one sync of active/ a batch
+            self._disk.run(functools.partial(self._claim, queue_id), self.spool.sync))
         try:
             claimed = await asyncio.shield(claiming)  # claim and, when small, the bytes: one hop
         except DamagedEntry as e:

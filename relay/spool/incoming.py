@@ -1,9 +1,10 @@
 """The commit path: a message as it is received and made durable in the spool.
 
 `Incoming` streams the message into incoming/ID; `GroupCommit` is the thread that
-makes messages durable in batches; `Spool.commit` hands a message to it and
-returns only when the message is durable, and then the client gets its 250. No
-settings, no network code.
+makes messages durable in batches; `Intake` (the spool's accepting side, behind
+`Spool.receive`, `Spool.commit` and `Spool.store`) hands a message to it and returns
+only when the message is durable, and then the client gets its 250. No settings, no
+network code.
 
 The durability argument. The message and its envelope are one file, incoming/ID:
 the header (the envelope) is written, the message's last bytes follow, and one
@@ -32,13 +33,16 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from relay.errors import SpoolError
 from relay.spool import files as spool_file
-from relay.spool.batches import AwaitedWorker, Worker
+from relay.spool.batches import AwaitedWorker
 from relay.spool.envelope import Envelope
+from relay.spool.files import fsync_dir
+from relay.spool.removal import Remover
 
 
 class Incoming:
@@ -61,7 +65,7 @@ class Incoming:
 
     def __init__(self, root: Path, queue_id: str,
                  writes: Callable[[], concurrent.futures.ThreadPoolExecutor],
-                 remover: Worker[Callable[[], None]]) -> None:
+                 remover: Remover) -> None:
         self.queue_id = queue_id
         self.size = 0
         self.head = bytearray()
@@ -104,7 +108,7 @@ class Incoming:
         if self._writing is not None:  # else nothing is on disk yet
             # Called at once when it is done, else by its thread when it finishes:
             # never while it still writes, even if the session's wait was cancelled.
-            self._writing.add_done_callback(lambda _: self._remover.submit(self._remove))
+            self._writing.add_done_callback(lambda _: self._remover.submit((self._remove, None)))
 
     # --- in a thread ---------------------------------------------------------------
 
@@ -195,7 +199,7 @@ class GroupCommit(AwaitedWorker[tuple["Envelope", Incoming], None]):
     """Makes concurrently received messages durable together, in one thread.
 
     Each message of a batch gets its header, is fdatasync'ed (the threads of
-    `Spool.WRITERS` do this side by side: a journaling file system makes them durable
+    `Intake.WRITERS` do this side by side: a journaling file system makes them durable
     in one commit of its journal) and renamed into queue/; then queue/ is fsynced
     once for the whole batch. No message is acknowledged before its own bytes and
     its name in queue/ are on disk.
@@ -221,3 +225,65 @@ def commit_one(envelope: Envelope, message: Incoming) -> SpoolError | None:
         cause = e.strerror if isinstance(e, OSError) else str(e)
         return SpoolError(f"cannot write the message to the spool: {cause}")
     return None
+
+
+class Intake:
+    """The spool's accepting side: receptions into incoming/, the group commit into
+    queue/, and the threads that write large messages out while they arrive."""
+
+    WRITERS = 8
+    """Threads writing out large messages as they are received, and syncing the
+    messages of a commit side by side."""
+
+    def __init__(self, root: Path, remover: Remover) -> None:
+        self.root = root
+        self._remover = remover
+        self._committer = GroupCommit(self.commit_batch)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def receive(self, queue_id: str) -> Incoming:
+        return Incoming(self.root, queue_id, self._writes, self._remover)
+
+    async def commit(self, envelope: Envelope, message: Incoming) -> None:
+        await self._committer.call((envelope, message))
+
+    def store_batch(self, items: list[tuple[Envelope, bytes]]) -> list[SpoolError | None]:
+        batch = []
+        for envelope, data in items:
+            message = self.receive(envelope.id)
+            message._pieces, message.size = [data], len(data)
+            batch.append((envelope, message))
+        return self.commit_batch(batch)
+
+    def commit_batch(self, items: list[tuple[Envelope, Incoming]]) -> list[SpoolError | None]:
+        """In this thread: commit each message, then one fsync of queue/ for all."""
+        # The messages' own syncs run side by side: a file system that journals
+        # (ext4, xfs) then makes them durable in one commit of its journal.
+        if len(items) == 1:
+            errors = [commit_one(*items[0])]
+        else:
+            errors = list(self._writes().map(lambda item: commit_one(*item), items))
+        committed = [i for i, error in enumerate(errors) if error is None]
+        if committed:
+            try:
+                fsync_dir(self.root / "queue")
+            except OSError as e:  # in queue/ but perhaps not durable: the client retries
+                for i in committed:
+                    errors[i] = SpoolError(f"cannot sync the spool directory: {e.strerror}")
+        return errors
+
+    def _writes(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that write large messages out while they are received."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    self.WRITERS, thread_name_prefix="spool-write")
+            return self._executor
+
+    def close(self) -> None:
+        """Wait for writes in progress and stop their threads (a later one starts them again)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)

@@ -5,19 +5,23 @@ removal a crash interrupted are removed; entries claimed by a delivery (active/)
 by `queue retry` (edit/) go back to the queue, counting the interruption, or become
 dead letters after `queue.max_crashes` of them; damaged entries and planted symbolic
 links are quarantined, never followed; saved envelopes and temporary files whose
-entry is gone are removed.
+entry is gone are removed. An entry in active/ or edit/ that is the very file of the
+same ID in queue/ or dead/ (a move whose two halves did not both reach the disk: a
+power cut, where renames are not atomic across a crash) keeps only that other name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.errors import DamagedEntry
-from relay.spool.store import ENVELOPES, Place, Spool, remove_tree
+from relay.spool.removal import remove_tree
+from relay.spool.store import ENVELOPES, Place, Spool
 
 
 @dataclass
@@ -47,6 +51,7 @@ def recover(spool: Spool, max_crashes: int, backoff: Callable[[int], float] | No
             os.unlink(spool.saved_path(name))
     places: tuple[Place, ...] = ("edit", "active")
     for place in places:
+        _drop_second_names(spool, place)
         for queue_id, env in list(spool.scan(place)):
             try:  # a planted symbolic link: quarantined, its target never written
                 spool.refuse_link(spool.place_dir(place) / queue_id)
@@ -72,6 +77,18 @@ def recover(spool: Spool, max_crashes: int, backoff: Callable[[int], float] | No
                 report.requeued.append(queue_id)
     _remove_strays(spool)
     return report
+
+def _drop_second_names(spool: Spool, place: Place) -> None:
+    """Remove the names in `place` of entries that are the same file in queue/ or dead/."""
+    for queue_id in spool.ids(place):
+        here = spool.place_dir(place) / queue_id
+        for other in ("queue", "dead"):
+            with contextlib.suppress(OSError):
+                a, b = os.lstat(here), os.lstat(spool.place_dir(other) / queue_id)
+                if stat.S_ISREG(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                    os.unlink(here)
+                    break
+
 
 def _remove_strays(spool: Spool) -> None:
     """Saved envelopes and marks whose entry is gone (delivered before a crash ended

@@ -24,46 +24,45 @@ A message is written into incoming/ as it arrives (`Incoming`), made durable wit
 one fdatasync and renamed into queue/ by `Spool.commit` (relay.spool.incoming gives
 the durability argument): only then does the client get 250. A delivery claims
 an entry by renaming it into active/, so two deliveries (or the daemon and the
-command line) never hold the same entry. Nothing is removed before the
-upstream has accepted it. Directories are 0700 and files 0600; an entry that is a
-symbolic link, or whose saved envelope (or, in the earlier layout, message or
-envelope) is one, is quarantined when it is claimed or recovered, never followed
-(its target is neither sent nor truncated).
-`read` takes an entry from one open file (or directory), so an entry that moves
-meanwhile is read whole or not found, never called damaged. Every method here
-waits for the disk: call it from a thread (the scheduler does, once to claim and
-read a message, once to finish it).
+command line) never hold the same entry. The claim is made durable by an fsync of
+active/ right after the rename (`claim` syncs its own; a delivery thread that
+`take`s a batch calls `sync` once for all): where a rename is not atomic across a
+crash (ext4, xfs and btrfs journal it whole), only a power cut between the rename
+and that sync, after someone fsyncs queue/, could lose the entry. Nothing is removed
+before the upstream has accepted it; a delivered entry's move out of active/ is made
+durable by the remover thread, once per batch (relay.spool.removal). Damaged
+entries go to quarantine/ (relay.spool.quarantine). Directories are 0700 and files
+0600; an entry that is a symbolic link, or whose saved envelope (or, in the earlier
+layout, message or envelope) is one, is quarantined when it is claimed or recovered,
+never followed (its target is neither sent nor truncated). `read` takes an entry
+from one open file (or directory), so an entry that moves meanwhile is read whole or
+not found, never called damaged. Every method here waits for the disk: call it from
+a thread (the scheduler does, once to claim and read a message, once to finish it).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
 import functools
-import logging
 import os
-import shutil
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 from relay.errors import DamagedEntry, SpoolError
-from relay.spool import entries, state
-from relay.spool.batches import Worker
+from relay.spool import entries, quarantine, state
 from relay.spool.entries import Claimed as Claimed
 from relay.spool.envelope import Envelope as Envelope
 from relay.spool.envelope import Recipient as Recipient
 from relay.spool.envelope import RecipientState as RecipientState
 from relay.spool.envelope import new_queue_id as new_queue_id
-from relay.spool.files import ENVELOPE, MESSAGE, fsync_dir
+from relay.spool.files import fsync_dir
 from relay.spool.files import read_regular as read_regular
-from relay.spool.incoming import GroupCommit, commit_one
 from relay.spool.incoming import Incoming as Incoming
-
-log = logging.getLogger("relay.spool")
+from relay.spool.incoming import Intake
+from relay.spool.removal import Remover, remove_entry
+from relay.spool.removal import remove_tree as remove_tree
 
 Place = Literal["queue", "active", "dead", "edit"]
 ENVELOPES = "envelopes"
@@ -71,72 +70,16 @@ MARKS = ("notified",)
 """What `mark_once` records beside an entry (the dead-letter report was queued)."""
 _DIRS = ("incoming", "queue", "active", "edit", "dead", "quarantine", "trash", ENVELOPES)
 
-
-def _write_reason(entry: Path, reason: str) -> None:
-    """The REASON file of a quarantined entry (private, never through a link)."""
-    fd = state.open_private(entry / "REASON", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        os.write(fd, (reason + "\n").encode("utf-8", "replace"))
-    finally:
-        os.close(fd)
-
-
 INLINE_BYTES = 1 << 20
 """Messages up to this size are read whole when they are claimed (in the same thread),
 larger ones a chunk at a time as they are sent."""
 
 
-class _Remover(Worker[Callable[[], None]]):
-    """Removes delivered entries and discarded receptions, so no session or delivery
-    waits for it."""
-
-    NAME = "spool-remove"
-
-    def handle(self, batch: list[Callable[[], None]]) -> None:
-        for job in batch:
-            job()
-
-
-def _remove_entry(entry: Path, latest: Path) -> None:
-    """Remove a finished entry (a file, or a directory of the earlier layout), then the
-    envelope saved beside it and its marks."""
-    try:
-        os.unlink(entry)
-    except IsADirectoryError:
-        try:  # the files an entry of the earlier layout has; anything else: the slow way
-            os.unlink(entry / MESSAGE)
-            os.unlink(entry / ENVELOPE)
-            os.rmdir(entry)
-        except OSError:
-            shutil.rmtree(entry, ignore_errors=True)
-    except OSError:
-        pass
-    for path in (latest, *(latest.with_name(f"{latest.name}.{mark}") for mark in MARKS)):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a file, or a directory tree; a symbolic link is removed itself, its target
-    untouched."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class Spool:
-    WRITERS = 8
-    """Threads writing out large messages as they are received, and syncing the
-    messages of a commit side by side."""
-
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._committer = GroupCommit(self._commit_batch)
-        self._remover = _Remover()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._remover = Remover()
+        self.intake = Intake(root, self._remover)
 
     def place_dir(self, place: str) -> Path:
         return self.root / place
@@ -165,17 +108,17 @@ class Spool:
                 "make it writable by the relay's user or set state_dir"
             ) from None
 
-    # --- accepting -------------------------------------------------------------------
+    # --- accepting (relay.spool.incoming) --------------------------------------------
 
     def receive(self, queue_id: str) -> Incoming:
         """A new message, to be written into with `Incoming.write` and then `commit`ted."""
-        return Incoming(self.root, queue_id, self._writes, self._remover)
+        return self.intake.receive(queue_id)
 
     async def commit(self, envelope: Envelope, message: Incoming) -> None:
         """Make a received message durable in queue/ under `envelope`. Raises SpoolError
         (and nothing is left behind). Returns once it is durable: the argument is
         relay.spool.incoming's."""
-        await self._committer.call((envelope, message))
+        await self.intake.commit(envelope, message)
 
     def store(self, envelope: Envelope, data: bytes) -> None:
         """`commit` of a message already in memory, in this thread (which waits for the disk)."""
@@ -185,59 +128,31 @@ class Spool:
 
     def store_batch(self, items: list[tuple[Envelope, bytes]]) -> list[SpoolError | None]:
         """`store` for several messages, sharing the directory sync; one result each."""
-        batch = []
-        for envelope, data in items:
-            message = self.receive(envelope.id)
-            message._pieces, message.size = [data], len(data)
-            batch.append((envelope, message))
-        return self._commit_batch(batch)
-
-    def _commit_batch(self, items: list[tuple[Envelope, Incoming]]) -> list[SpoolError | None]:
-        # The messages' own syncs run side by side: a file system that journals
-        # (ext4, xfs) then makes them durable in one commit of its journal.
-        if len(items) == 1:
-            errors = [commit_one(*items[0])]
-        else:
-            errors = list(self._writes().map(lambda item: commit_one(*item), items))
-        committed = [i for i, error in enumerate(errors) if error is None]
-        if committed:
-            try:
-                fsync_dir(self.place_dir("queue"))
-            except OSError as e:  # in queue/ but perhaps not durable: the client retries
-                for i in committed:
-                    errors[i] = SpoolError(f"cannot sync the spool directory: {e.strerror}")
-        return errors
-
-    def _writes(self) -> concurrent.futures.ThreadPoolExecutor:
-        """The threads that write large messages out while they are received."""
-        with self._lock:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    self.WRITERS, thread_name_prefix="spool-write")
-            return self._executor
+        return self.intake.store_batch(items)
 
     def close(self) -> None:
         """Wait for writes in progress and stop their threads (a later one starts them again)."""
-        with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+        self.intake.close()
 
     # --- delivering ------------------------------------------------------------------
 
     def claim(self, queue_id: str, src: Place = "queue", dst: Place = "active") -> Envelope | None:
-        """Take an entry by renaming it; None if someone else took or deleted it.
+        """Take an entry by renaming it, durably (`sync` of `dst`); None if someone else
+        took or deleted it.
 
         A damaged entry raises DamagedEntry (in `dst`, for quarantine). When the system
         refuses to read it (an I/O error, permissions, no file descriptor left: nothing
         says the entry is damaged) it goes back to `src` and SpoolError says why."""
         taken = self.take(queue_id, src=src, dst=dst)
+        if taken is not None:
+            self.sync(dst)
         return None if taken is None else taken.envelope
 
     def take(self, queue_id: str, inline: int = -1, src: Place = "queue",
              dst: Place = "active") -> Claimed | None:
         """`claim`, and where its message is; with its bytes too when the message is not
-        larger than `inline` (read through the same open file, in this thread)."""
+        larger than `inline` (read through the same open file, in this thread). The
+        caller makes it durable: `sync(dst)`, once for a batch of takes."""
         entry = self.place_dir(src) / queue_id
         try:
             os.rename(entry, self.place_dir(dst) / queue_id)
@@ -257,6 +172,11 @@ class Spool:
                 os.rename(self.place_dir(dst) / queue_id, entry)
             raise SpoolError(e.errno, e.strerror, str(entry / os.fsdecode(e.filename or ""))
                              ) from e
+
+    def sync(self, place: Place = "active") -> None:
+        """Make the entries moved into `place` durable there: one fsync of its directory
+        for every `take` before it. OSError when the disk refuses."""
+        fsync_dir(self.place_dir(place))
 
     def refuse_link(self, entry: Path) -> None:
         """DamagedEntry when the entry or a file of it is a symbolic link (never followed)."""
@@ -305,36 +225,27 @@ class Spool:
             os.rename(self.place_dir(src) / queue_id, self.place_dir("queue") / queue_id)
 
     def finish(self, queue_id: str, place: Place = "active", size: int | None = None) -> None:
-        """The upstream has the message (of `size` bytes, when known): remove it."""
+        """The upstream has the message (of `size` bytes, when known): remove it (in the
+        remover's thread, which first makes its move out of `place` durable)."""
         trash = self.place_dir("trash") / queue_id
         os.rename(self.place_dir(place) / queue_id, trash)
-        self._remover.submit(functools.partial(_remove_entry, trash, self.saved_path(queue_id)))
+        saved = self.saved_path(queue_id)
+        marks = [saved, *(saved.with_name(f"{queue_id}.{mark}") for mark in MARKS)]
+        self._remover.submit((functools.partial(remove_entry, trash, marks),
+                              self.place_dir(place)))
 
     def removed(self, timeout: float = 10.0) -> bool:
         """True once every finished entry is deleted (it happens in a thread)."""
         return self._remover.wait(timeout)
 
     def quarantine(self, queue_id: str, place: str, reason: str) -> None:
-        """Move a damaged entry (a file, a directory, or anything else) aside, with the
-        envelope saved beside it if any; never raises."""
-        src = self.place_dir(place) / queue_id
-        dst = self.place_dir("quarantine") / queue_id
-        if dst.exists():
-            dst = dst.with_name(f"{queue_id}.{time.time_ns()}")
-        try:
-            if src.is_dir() and not src.is_symlink():
-                with contextlib.suppress(OSError):  # the reason arrives with the entry
-                    _write_reason(src, reason)
-                os.rename(src, dst)
-            else:
-                dst.mkdir(mode=0o700)
-                os.rename(src, dst / queue_id)
-            if not (dst / "REASON").is_file():
-                _write_reason(dst, reason)
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self.saved_path(queue_id), dst / f"{ENVELOPES}.{queue_id}")
-        except OSError:
-            pass  # gone meanwhile, or the disk refuses: the next start finds it again
+        """Move a damaged entry aside (relay.spool.quarantine); never raises."""
+        quarantine.quarantine(self.place_dir(place) / queue_id, self.place_dir("quarantine"),
+                              self.saved_path(queue_id), reason)
+
+    def quarantined(self, queue_id: str) -> str | None:
+        """Why an entry was moved to quarantine/ (its REASON), or None if it was not."""
+        return quarantine.quarantined(self.place_dir("quarantine"), queue_id)
 
     def mark_once(self, queue_id: str, place: Place, mark: str) -> bool:
         """Record `mark` (one of MARKS) for an entry in `place`: True the first time,
@@ -349,17 +260,6 @@ class Spool:
         except FileExistsError:
             return False
         return True
-
-    def quarantined(self, queue_id: str) -> str | None:
-        """Why an entry was moved to quarantine/ (its REASON), or None if it was not."""
-        found = sorted(p for p in self.place_dir("quarantine").glob(f"{queue_id}*")
-                       if p.name == queue_id or p.name.startswith(f"{queue_id}."))
-        if not found:
-            return None
-        try:
-            return (found[-1] / "REASON").read_text(errors="replace").strip()
-        except OSError:
-            return f"no reason recorded in {found[-1]}"
 
     # --- looking ---------------------------------------------------------------------
 

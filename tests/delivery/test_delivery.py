@@ -419,9 +419,9 @@ async def test_a_delivery_touches_the_spool_only_from_threads_in_two_hops(
     disk = relay.scheduler._disk  # type: ignore[union-attr]
     real_run = disk.run
 
-    async def run(call: Any) -> Any:
+    async def run(call: Any, then: Any = None) -> Any:
         hops.append((call.func.__name__, call.args[0]))
-        return await real_run(call)
+        return await real_run(call, then)
 
     monkeypatch.setattr(disk, "run", run)
     queue_id = await send(relay)

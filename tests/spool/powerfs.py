@@ -8,7 +8,10 @@ It keeps the whole tree in memory, twice:
   become durable only when that file is fsync'ed or fdatasync'ed; a change of names
   (a file or directory made, removed, or renamed) only when a directory it changes
   is fsync'ed. A rename is one change: the old name goes and the new one comes
-  together, when the source or the target directory is synced.
+  together, when the source or the target directory is synced. With
+  `split_renames` its two halves are two changes: the old name goes when the
+  source directory is synced, the new one comes when the target is (a file system
+  whose renames are not atomic across a crash, or POSIX read to the letter).
 
 A *cut* (`cut`, or `cut N`: before the N-th state-changing operation from now) is
 the power going off: from then on every operation fails with EIO, and the durable
@@ -21,21 +24,24 @@ data and the metadata needed to read it back durable, but not its name: "an
 explicit fsync() on a file descriptor for the directory is also needed" (fsync(2));
 the same goes for a directory made by mkdir, durable only once its parent is
 synced. ext4 (data=ordered), xfs and btrfs journal each rename as one transaction
-(so it is atomic across a crash, as here), but they also commit in order: a fsync
-there makes every earlier create, mkdir, unlink and rename durable too, and ext4
-flushes the data of a file renamed over another (auto_da_alloc). None of that holds
-here: a fsync makes durable only what this docstring says, directories are synced
-one by one, and the order in which changes were made says nothing about which
-survive (a later rename can be durable while an earlier mkdir is not). By default
-nothing unsynced survives, the outcome that loses most; `image DIR KEEP SEED`
-instead keeps each unsynced change of names with probability KEEP, and for a file
-whose bytes changed since its sync, takes its old or new length and each 4 KiB page
-from the old or the new bytes (the torn writes a disk's write-back can leave).
+(so it is atomic across a crash, as here unless `split_renames`), but they also
+commit in order: a fsync there makes every earlier create, mkdir, unlink and rename
+durable too, and ext4 flushes the data of a file renamed over another
+(auto_da_alloc). None of that holds here: a fsync makes durable only what this
+docstring says, directories are synced one by one, and the order in which changes
+were made says nothing about which survive (a later rename can be durable while an
+earlier mkdir is not). By default nothing unsynced survives, the outcome that loses
+most; `image DIR KEEP SEED` instead keeps each unsynced change of names with
+probability KEEP, and for a file whose bytes changed since its sync, takes its old
+or new length and each 4 KiB page from the old or the new bytes (the torn writes a
+disk's write-back can leave).
 
-Not modelled: a file system without atomic renames (ext2, vfat), where a rename can
-be durable in one directory and not the other; permissions, owners and times (durable
-at once, never what a test looks at); symbolic and hard links (link(2), symlink(2)
-get ENOSYS); xattrs; I/O errors before the cut; a disk that ignores cache flushes.
+A file whose rename was split can survive under both names: `image` writes it as
+two hard links, as a file system without atomic renames (ext2, vfat) can leave it.
+
+Not modelled: permissions, owners and times (durable at once, never what a test
+looks at); symbolic and hard links (link(2), symlink(2) get ENOSYS); xattrs; I/O
+errors before the cut; a disk that ignores cache flushes.
 
 The FUSE side is tests/spool/powerfs_fuse.py, a process of its own; `PowerMount` mounts
 it and drives it from a test.
@@ -177,12 +183,15 @@ def read_image(source: Path) -> Node:
 class PowerMount:
     """A PowerFS mounted at `mountpoint` in a process of its own, and its controls."""
 
-    def __init__(self, mountpoint: Path, image: Path | None = None) -> None:
+    def __init__(self, mountpoint: Path, image: Path | None = None,
+                 split_renames: bool = False) -> None:
         self.mountpoint = mountpoint
         mountpoint.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "tests.spool.powerfs_fuse", str(mountpoint)]
         if image is not None:
             command += ["--image", str(image)]
+        if split_renames:
+            command.append("--split-renames")
         self.proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parents[2])

@@ -1,11 +1,13 @@
 """The PowerFS process: tests/spool/powerfs.py's model served over FUSE by mfusepy.
 
-`python -m tests.spool.powerfs_fuse MOUNTPOINT [--image DIR]` mounts it (empty, or holding
-the tree of DIR), prints `ready`, and takes one command a line on stdin, answering
-each with one line: `ops` (how many state-changing operations so far), `cut [N]`
-(the power goes off now, or before the N-th such operation from now), `cut?`
-(`yes` once it is off), `image DIR [KEEP SEED]` (the power goes off and what
-survived is written into DIR). `tests.spool.powerfs.PowerMount` speaks this for a test.
+`python -m tests.spool.powerfs_fuse MOUNTPOINT [--image DIR] [--split-renames]` mounts
+it (empty, or holding the tree of DIR; `--split-renames`: the two halves of a rename
+become durable separately, tests/spool/powerfs.py), prints `ready`, and takes one
+command a line on stdin, answering each with one line: `ops` (how many
+state-changing operations so far), `cut [N]` (the power goes off now, or before the
+N-th such operation from now), `cut?` (`yes` once it is off), `image DIR [KEEP SEED]`
+(the power goes off and what survived is written into DIR).
+`tests.spool.powerfs.PowerMount` speaks this for a test.
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ def _op(changes: bool) -> Callable[[F], F]:
 class PowerFS(mfusepy.Operations):  # type: ignore[misc]
     use_ns = True
 
-    def __init__(self, root: Node) -> None:
+    def __init__(self, root: Node, split_renames: bool = False) -> None:
         self.mutex = threading.Lock()
+        self.split_renames = split_renames
+        """A rename's leaving and arriving are durable separately (each with its directory)."""
         self.root = root
         self.handles: dict[int, Node] = {}
         self.fhs = itertools.count(1)
@@ -197,7 +201,11 @@ class PowerFS(mfusepy.Operations):  # type: ignore[misc]
                 raise _fail(errno.ENOTEMPTY)
         del src.kids[old_name]
         dst.kids[new_name] = node
-        self.pending.append(Change(node, src, old_name, dst, new_name))
+        if self.split_renames:
+            self.pending += [Change(node, src=src, src_name=old_name),
+                             Change(node, dst=dst, dst_name=new_name)]
+        else:
+            self.pending.append(Change(node, src, old_name, dst, new_name))
         return 0
 
     @_op(changes=True)
@@ -279,11 +287,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mountpoint")
     parser.add_argument("--image", type=Path, help="start from this directory's tree")
+    parser.add_argument("--split-renames", action="store_true",
+                        help="a rename's two halves become durable separately")
     args = parser.parse_args()
     root = read_image(args.image) if args.image else Node(stat.S_IFDIR | 0o755)
     root.mode = stat.S_IFDIR | 0o755
-    mfusepy.FUSE(PowerFS(root), args.mountpoint, foreground=True, nothreads=False,
-                 hard_remove=True, use_ino=True, fsname="powerfs", max_threads=16)
+    mfusepy.FUSE(PowerFS(root, args.split_renames), args.mountpoint, foreground=True,
+                 nothreads=False, hard_remove=True, use_ino=True, fsname="powerfs", max_threads=16)
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def test_a_commit_syncs_each_message_once_and_the_queue_once_per_batch(
     """One fdatasync per message (its one file holds the envelope and the message),
     before its rename into queue/; queue/ is fsynced once per batch; nothing else, and
     never the whole file system."""
-    import relay.spool.store as spool_module
+    import relay.spool.incoming as spool_module
 
     events: list[str] = []
     real = spool_module.fsync_dir
@@ -279,7 +279,7 @@ def test_a_commit_syncs_each_message_once_and_the_queue_once_per_batch(
     batch = [(env, spool.receive(env.id)) for env in (envelope() for _ in range(5))]
     for _, message in batch:
         message._pieces = [b"n\r\n"]
-    assert spool._commit_batch(batch) == [None] * 5
+    assert spool.intake.commit_batch(batch) == [None] * 5
     assert sorted(events) == sorted(["fdatasync", "rename queue"] * 5 + ["fsync queue"])
     assert events[-1] == "fsync queue"
     assert len(spool.ids("queue")) == 6
@@ -551,7 +551,7 @@ def _crash_in_commit(spool_root: Path, env: Envelope, data: bytes, at: str) -> N
     elif at == "before the rename":
         os.rename = die  # type: ignore[assignment]
     elif at == "before the queue's fsync":
-        import relay.spool.store as spool_module
+        import relay.spool.incoming as spool_module
         spool_module.fsync_dir = die  # type: ignore[assignment]
     elif at == "in the header of a large message":
         os.pwrite = die  # type: ignore[assignment]
