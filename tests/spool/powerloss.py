@@ -3,8 +3,12 @@
 `TEST_POWERCUTS` sets how many cuts the power-loss tests make in all (20 by default,
 the form CI runs; 100 or more for the full one, docs/reliability.md), split between
 the spool (three in four) and the installed daemon (one in four).
-`TEST_POWERCUT_SEED` replays a run: each test prints the seed it used. (Not RELAY_*:
-those are the relay's settings, which the tests clear.)
+`TEST_POWERCUT_SEED` replays a run: each test prints the seed it used.
+`TEST_POWERCUT_SPLIT_RENAMES=1` runs them on a PowerFS whose renames become durable
+by halves (tests/spool/powerfs.py), as where renames are not atomic across a crash:
+there, a power cut between a claim's rename and its fsync of active/, after another
+process fsynced queue/, can still lose an entry (docs/reliability.md, section 8).
+(Not RELAY_*: those are the relay's settings, which the tests clear.)
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from relay.spool import Envelope, Spool, recover
 CUTS = int(os.environ.get("TEST_POWERCUTS", "20"))
 DAEMON_CUTS = max(CUTS // 4, 1)
 SPOOL_CUTS = max(CUTS - DAEMON_CUTS, 1)
+SPLIT_RENAMES = os.environ.get("TEST_POWERCUT_SPLIT_RENAMES") == "1"
 
 
 def seed(name: str) -> int:
     """The run's seed (TEST_POWERCUT_SEED, else a new one), printed for a replay."""
     value = int(os.environ.get("TEST_POWERCUT_SEED") or random.randrange(1 << 32))
-    print(f"{name}: TEST_POWERCUT_SEED={value} TEST_POWERCUTS={CUTS}")
+    print(f"{name}: TEST_POWERCUT_SEED={value} TEST_POWERCUTS={CUTS}"
+          + (" TEST_POWERCUT_SPLIT_RENAMES=1" if SPLIT_RENAMES else ""))
     return value
 
 

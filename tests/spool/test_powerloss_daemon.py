@@ -26,7 +26,7 @@ import pytest
 
 from ..support import Daemon, free_port
 from .powerfs import PowerMount
-from .powerloss import DAEMON_CUTS, seed
+from .powerloss import DAEMON_CUTS, SPLIT_RENAMES, seed
 
 CLIENTS = 3
 OPS_PER_CUT = 3000
@@ -124,7 +124,7 @@ def test_every_message_that_got_250_is_delivered_after_power_cuts(tmp_path: Path
     acked: dict[str, bytes] = {}
     numbers = iter(range(10**9))
     started = time.monotonic()
-    mount = PowerMount(mnt)
+    mount = PowerMount(mnt, split_renames=SPLIT_RENAMES)
     try:
         for cut in range(DAEMON_CUTS):
             at = rng.randrange(OPS_PER_CUT)
@@ -143,7 +143,7 @@ def test_every_message_that_got_250_is_delivered_after_power_cuts(tmp_path: Path
             mount.save(tmp_path / f"image{cut}", 0.0 if cut % 2 == 0 else 0.5,
                        rng.randrange(1 << 32))
             mount.unmount()
-            mount = PowerMount(mnt, tmp_path / f"image{cut}")
+            mount = PowerMount(mnt, tmp_path / f"image{cut}", SPLIT_RENAMES)
         daemon.start()
         spool = mnt / "state" / "spool"
         deadline = time.monotonic() + 60

@@ -31,7 +31,7 @@ from relay.spool import Envelope, Recipient, Spool, new_queue_id
 from relay.spool import incoming as spool_incoming
 
 from .powerfs import PowerMount
-from .powerloss import SPOOL_CUTS, Sent, check_spool, seed
+from .powerloss import SPLIT_RENAMES, SPOOL_CUTS, Sent, check_spool, seed
 
 MESSAGES = 48
 SESSIONS = 12
@@ -94,7 +94,7 @@ async def load(spool: Spool, rng: random.Random, sent: Sent) -> None:
 
 @contextlib.contextmanager
 def mounted(where: Path) -> Iterator[PowerMount]:
-    mount = PowerMount(where)
+    mount = PowerMount(where, split_renames=SPLIT_RENAMES)
     try:
         yield mount
     finally:
