@@ -12,7 +12,8 @@ server's state:
     not granted   OAuth authorization is missing: the mail waits for a sign-in
     inactive      the system account is inactive: mail is accepted and held
 
-Held mail is mail that waits for the operator: `inactive`, `not granted` and
+`Servers` keeps one per server, with its relay_upstream_up gauge. Held mail is mail
+that waits for the operator: `inactive`, `not granted` and
 `paused` (HELD_STATES), and the same definition is used by `status`, `/status`,
 the page, `queue list` and relay_queue_messages{state="held"}.
 """
@@ -20,8 +21,11 @@ the page, `queue list` and relay_queue_messages{state="held"}.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client import Gauge
 
 from relay.errors import AuthenticationFailure, DeliveryFailure, Held
 
@@ -93,6 +97,34 @@ class ServerHealth:
             "last_success": self.last_success,
             "next_attempt": max(paused_until, next_attempt) if next_attempt else None,
         }
+
+
+class Servers(dict[str, ServerHealth]):
+    """Every server's `ServerHealth` by name, each made on first use with its
+    relay_upstream_up gauge. `paused_until(name)`: the upstream's pause for that server
+    (0: none)."""
+
+    def __init__(self, gauge: Gauge, paused_until: Callable[[str], float]) -> None:
+        super().__init__()
+        self._gauge = gauge
+        self._paused_until = paused_until
+
+    def of(self, name: str) -> ServerHealth:
+        found = self.get(name)
+        if found is None:
+            found = self[name] = ServerHealth(name)
+            self._gauge.labels(name).set_function(
+                lambda: float(found.up(self._paused_until(name), time.time())))
+        return found
+
+    def reports(self, sending: str, *, active: bool, paused_until: float,
+                next_attempt: float | None) -> list[dict[str, Any]]:
+        """Every server's `report`; `sending`'s with the pause and the next attempt."""
+        now = time.time()
+        return [health.report(active=active, now=now,
+                              paused_until=paused_until if name == sending else 0.0,
+                              next_attempt=next_attempt if name == sending else None)
+                for name, health in self.items()]
 
 
 def state_label(report: dict[str, Any]) -> str:

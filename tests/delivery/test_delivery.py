@@ -85,10 +85,7 @@ async def test_mixed_results_retry_only_the_deferred_recipient(
 
 async def test_message_older_than_max_age_becomes_a_dead_letter_with_the_last_reply(
         relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    import relay.delivery.scheduler as delivery
-
-    clock = FrozenClock()
-    monkeypatch.setattr(delivery, "time", clock)
+    clock = FrozenClock.frozen(monkeypatch)
     upstream = ScriptedUpstream({"user@example.com": ["421 4.7.0 server busy"]})
     relay = await relay_factory(upstreams=scripted(upstream),
                                 queue={"retry_initial": "30s", "retry_max": "30s",
@@ -252,7 +249,7 @@ async def test_listener_accepts_while_a_large_queue_is_indexed_and_all_is_sent(
         relay_factory: RelayFactory, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from relay.delivery.scheduler import Scheduler
+    from relay.delivery.index import QueueIndex
     from relay.spool.store import Envelope, Recipient, Spool, new_queue_id
 
     spool = Spool(state_dir / "spool")
@@ -263,13 +260,13 @@ async def test_listener_accepts_while_a_large_queue_is_indexed_and_all_is_sent(
     assert spool.store_batch([(env, b"Subject: old\r\n\r\nqueued before the start\r\n")
                               for env in waiting]) == [None] * len(waiting)
     gate = threading.Event()
-    real = Scheduler._read_index
+    real = QueueIndex.read
 
-    def slow(self: Scheduler, ids: list[str]) -> object:
+    def slow(self: QueueIndex, ids: list[str]) -> object:
         gate.wait(30)  # the index is still being read while the test sends
         return real(self, ids)
 
-    monkeypatch.setattr(Scheduler, "_read_index", slow)
+    monkeypatch.setattr(QueueIndex, "read", slow)
     upstream = ScriptedUpstream()
     relay = await asyncio.wait_for(relay_factory(upstreams=scripted(upstream)), 5)
     queue_id = await send(relay)  # accepted while nothing of the queue is indexed yet
@@ -290,6 +287,18 @@ class FrozenClock:
 
     def time(self) -> float:
         return self.now
+
+    @classmethod
+    def frozen(cls, monkeypatch: pytest.MonkeyPatch) -> FrozenClock:
+        """A clock that the scheduler and its attempts and index read, for this test."""
+        import relay.delivery.attempt
+        import relay.delivery.index
+        import relay.delivery.scheduler
+
+        clock = cls()
+        for module in (relay.delivery.scheduler, relay.delivery.attempt, relay.delivery.index):
+            monkeypatch.setattr(module, "time", clock)
+        return clock
 
 
 async def _wake_and_settle(relay: Relay, times: int = 1) -> None:
@@ -312,10 +321,7 @@ async def test_a_spool_error_on_claim_backs_off_exponentially_and_is_logged_once
     exception nobody retrieves, nor a quarantine, but a deferral like a 4xx."""
     import threading
 
-    import relay.delivery.scheduler as delivery
-
-    clock = FrozenClock()
-    monkeypatch.setattr(delivery, "time", clock)
+    clock = FrozenClock.frozen(monkeypatch)
     claims: list[str] = []
     failing = [True]
     if where == "rename":
@@ -420,7 +426,7 @@ async def test_a_delivery_touches_the_spool_only_from_threads_in_two_hops(
     real_run = disk.run
 
     async def run(call: Any, then: Any = None) -> Any:
-        hops.append((call.func.__name__, call.args[0]))
+        hops.append((call.func.__name__, call.args[-1]))  # (spool, upstream,) queue id
         return await real_run(call, then)
 
     monkeypatch.setattr(disk, "run", run)
@@ -429,7 +435,7 @@ async def test_a_delivery_touches_the_spool_only_from_threads_in_two_hops(
     await wait_until(lambda: relay.spool.ids("active") == [] and relay.spool.ids("queue") == [])
     assert upstream.data_given == [True]
     assert on_loop == []
-    assert [name for name, first in hops if first == queue_id] == ["_claim", "finish"]
+    assert [name for name, first in hops if first == queue_id] == ["claim", "finish"]
     assert relay.spool.find(queue_id) is None
 
 
@@ -446,11 +452,8 @@ async def test_a_read_only_spool_defers_the_message_until_it_is_writable_again(
     read-only bind mount of the spool, since the relay keeps its lock file open for
     writing beside it, and a file system with a file open for writing cannot be
     remounted read-only by hand)."""
-    import relay.delivery.scheduler as delivery
-
     caplog.set_level(logging.DEBUG, logger="relay.delivery")
-    clock = FrozenClock()
-    monkeypatch.setattr(delivery, "time", clock)
+    clock = FrozenClock.frozen(monkeypatch)
     upstream = ScriptedUpstream()
     state = tmp_path / "state"
     sections: dict[str, Any] = {"queue": {"retry_initial": "30s", "retry_max": "15m"}}
@@ -552,7 +555,7 @@ async def test_a_message_queued_while_the_queue_is_re_read_stays_indexed(
     scheduler = relay.scheduler
     assert scheduler is not None
     first = await send(relay)
-    await wait_until(lambda: first in scheduler._due)
+    await wait_until(lambda: first in scheduler.index)
     loop = asyncio.get_running_loop()
     scan = relay.spool.scan
     during: list[str] = []
@@ -564,5 +567,5 @@ async def test_a_message_queued_while_the_queue_is_re_read_stays_indexed(
 
     relay.spool.scan = slow_scan  # type: ignore[method-assign]
     await relay.rescan()
-    assert during and during[0] in scheduler._due
-    assert first in scheduler._due
+    assert during and during[0] in scheduler.index
+    assert first in scheduler.index
