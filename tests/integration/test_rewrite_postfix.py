@@ -4,7 +4,7 @@ header (header_checks WARN), and its delivered file is parsed too.
 
 The messages go to `sysmail-relay serve` byte for byte (a raw SMTP client: smtplib
 would turn bare CR and LF into CRLF before the relay sees them), and from the relay
-to Postfix's plain listener. tests/test_rewrite_shapes.py checks the same shapes
+to Postfix's plain listener. tests/rewrite/test_rewrite_shapes.py checks the same shapes
 against Python's `email` parser.
 """
 
