@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Literal, TypeVar
 
 from relay.errors import Pop3Error, Pop3Timeout
-from relay.upstream.pop3_wire import Connection, connect_failure
+from relay.upstream.pop3_wire import Connection, connect_failure, start_tls
 
 __all__ = ["Encryption", "OnStep", "Pop3Client"]
 
@@ -207,48 +207,15 @@ class Pop3Client:
             self._on_step(step, time.monotonic() - start, answer)
 
     async def _start_tls(self, ssl_context: ssl.SSLContext | None) -> None:
-        context = ssl_context or ssl.create_default_context()
-        transport = self._conn.transport
-        assert transport is not None
-        where = f"the POP3 server {self._host}:{self._port}"
-        if self._conn.buffer:
-            # Bytes read before the handshake would later be taken as if they had come
-            # over TLS: a plain-text port, or someone injecting answers after STLS.
-            self._abort()
-            raise Pop3Error(
-                f"{where} sent data before the TLS handshake ({bytes(self._conn.buffer[:40])!r}); "
-                'refusing it. With encryption = "tls", is this a plain POP3 port? '
-                'With "starttls", someone may be injecting data into the connection',
-                stage="TLS handshake",
-            )
         start = time.monotonic()
-        step = "TLS handshake"
         try:
-            async with asyncio.timeout(self._timeout):
-                new = await asyncio.get_running_loop().start_tls(
-                    transport, self._conn, context, server_hostname=self._host
-                )
-            if new is None:  # only when the connection went away meanwhile
-                raise ConnectionResetError("connection closed")
-        except BaseException as exc:
+            info = await start_tls(self._conn, ssl_context or ssl.create_default_context(),
+                                   self._host, self._port, self._timeout)
+        except BaseException:
             self._abort()
-            if isinstance(exc, TimeoutError):
-                message = f"timeout after {self._timeout:g} s in the TLS handshake with {where}"
-                raise Pop3Timeout(message, stage=step) from None
-            if isinstance(exc, ssl.SSLCertVerificationError):
-                message = (
-                    f"{where} failed certificate verification: {exc.verify_message}; "
-                    "check the server name, or trust its CA with ca_file"
-                )
-                raise Pop3Error(message, stage=step) from exc
-            if isinstance(exc, (OSError, EOFError)):
-                message = f"the TLS handshake with {where} failed: {exc}; check port and encryption"
-                raise Pop3Error(message, stage=step) from exc
             raise
-        self._conn.transport = new
         self._tls = True
-        info = new.get_extra_info("ssl_object")
-        self._report("TLS handshake", start, f"{info.version()} {info.cipher()[0]}" if info else "")
+        self._report("TLS handshake", start, info)
 
     async def _capa(self) -> list[str] | None:
         """CAPA's lines, or None when the server answers -ERR (it predates RFC 2449)."""

@@ -4,16 +4,19 @@
 what arrived in its own buffer (so that at STLS the client can see bytes sent
 before the handshake), pauses reading beyond 64 KiB, and reads one line (at most
 8 KiB) or a multi-line answer (at most 1000 lines and 64 KiB), so a hostile server
-cannot exhaust memory. `connect_failure` words a failed connect for the operator.
+cannot exhaust memory. `start_tls` upgrades it to TLS in place, refusing bytes the
+server sent before the handshake (they would later be read as if they had come over
+TLS). `connect_failure` words a failed connect for the operator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import cast
 
-from relay.errors import Pop3Error
+from relay.errors import Pop3Error, Pop3Timeout
 
 MAX_LINE = 8192
 MAX_BUFFER = 65536
@@ -97,6 +100,43 @@ class Connection(asyncio.Protocol):
         raw = bytes(self.buffer[: end + 1])
         del self.buffer[: end + 1]
         return raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
+
+
+async def start_tls(conn: Connection, context: ssl.SSLContext, host: str, port: int,
+                    timeout: float) -> str:  # noqa: ASYNC109 - bounds the handshake
+    """Upgrade `conn` to TLS within `timeout` (its transport becomes the TLS one); return
+    the version and cipher, for the step's report. Pop3Error or Pop3Timeout naming the
+    cause; the caller aborts the connection."""
+    transport = conn.transport
+    assert transport is not None
+    where = f"the POP3 server {host}:{port}"
+    step = "TLS handshake"
+    if conn.buffer:
+        raise Pop3Error(
+            f"{where} sent data before the TLS handshake ({bytes(conn.buffer[:40])!r}); "
+            'refusing it. With encryption = "tls", is this a plain POP3 port? '
+            'With "starttls", someone may be injecting data into the connection',
+            stage=step,
+        )
+    try:
+        async with asyncio.timeout(timeout):
+            new = await asyncio.get_running_loop().start_tls(
+                transport, conn, context, server_hostname=host)
+        if new is None:  # only when the connection went away meanwhile
+            raise ConnectionResetError("connection closed")
+    except TimeoutError:
+        raise Pop3Timeout(f"timeout after {timeout:g} s in the TLS handshake with {where}",
+                          stage=step) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise Pop3Error(f"{where} failed certificate verification: {exc.verify_message}; "
+                        "check the server name, or trust its CA with ca_file", stage=step
+                        ) from exc
+    except (OSError, EOFError) as exc:
+        raise Pop3Error(f"the TLS handshake with {where} failed: {exc}; check port and "
+                        "encryption", stage=step) from exc
+    conn.transport = new
+    info = new.get_extra_info("ssl_object")
+    return f"{info.version()} {info.cipher()[0]}" if info else ""
 
 
 def connect_failure(host: str, port: int, exc: OSError) -> str:
