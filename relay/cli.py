@@ -30,7 +30,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
 
 
 def _settings_to_read(args: argparse.Namespace) -> tuple[Settings, str | None]:
-    from relay.admin import status
+    from relay.admin import running
     """For `status` and `queue list|show`: the settings, or, when the file is invalid but
     a daemon runs on its state directory, enough to ask it and read the spool, after
     saying so on standard error."""
@@ -38,7 +38,7 @@ def _settings_to_read(args: argparse.Namespace) -> tuple[Settings, str | None]:
     try:
         return load_settings(path), None
     except ConfigError as e:
-        found = status.despite_invalid(path, e)
+        found = running.despite_invalid(path, e)
         if found is None:
             raise
         settings, note = found
@@ -69,9 +69,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from relay.admin import status
+    from relay.admin import running, status
     settings, invalid = _settings_to_read(args)
-    report = status.report(settings)
+    report = running.report(settings)
     if invalid:
         report["configuration_file_invalid"] = invalid
     print(json.dumps(report, indent=2) if args.json else status.render(report))
@@ -92,13 +92,13 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     from relay.admin import queue as queue_admin
-    from relay.admin import queue_view, status
+    from relay.admin import queue_view, running
     from relay.spool import Spool
     settings = _settings_to_read(args)[0] if args.action in ("list", "show") \
         else _settings(args)[0]
     spool = Spool(settings.spool_dir)
     if args.action == "list":
-        held = status.held_now(settings)
+        held = running.held_now(settings)
         rows = queue_admin.entries(spool, held)
         print(json.dumps(rows, indent=2) if args.json else queue_view.table(rows))
         return OK

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.listener.workers import worker_count
+from relay.listener.cpus import worker_count
 from tests.support import Daemon, free_port, relay_command
 
 MESSAGE = (b"From: Workflow <workflow@apps.example.com>\r\nTo: boss@example.com\r\n"

@@ -1,8 +1,8 @@
 """Intake: the aiosmtpd server applications hand their mail to, its policy
 (allowed networks, limits, replies) and the DATA stream into the spool; also the
 client side (`submit`, and `submit_target`: which listener) that `send-test` and the
-sendmail drop-in use; and the intake worker processes (`workers`, `worker`, `slots`)
-of `listener.workers`.
+sendmail drop-in use; and the intake worker processes (`workers`, `worker`, `slots`,
+`cpus`: how many) of `listener.workers`.
 
 `server` (the Listener: sockets, connection policy, a message into the spool),
 `protocol` (one session: aiosmtpd's SMTP with overridden `smtp_*` commands),

@@ -19,6 +19,8 @@ group commit), so nothing polls the spool.
 - `listener.max_connections` holds for all of them (relay.listener.slots); each
   worker's metrics are summed by the parent's /metrics (prometheus-client's
   multiprocess mode, files in <state_dir>/metrics, emptied at start).
+
+How many workers "auto" means: relay.listener.cpus.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -38,50 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.errors import RelayError
+from relay.listener.cpus import worker_count as worker_count  # where relay.app finds it
 from relay.listener.slots import SLOTS, SharedSlots
 from relay.listener.worker import SERVE, frame
 from relay.settings import Settings
 
 log = logging.getLogger("relay.listener")
 
-MAX_AUTO = 8
 READY_WAIT = 30.0
 RESTART_MAX = 30.0
 STEADY = 10.0
 """A worker that ran this long before it ended is replaced at once."""
-
-
-def worker_count(setting: str | int, cgroup_root: Path = Path("/sys/fs/cgroup"),
-                 proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
-    """How many intake processes: `setting`, or for "auto" the CPUs this process may
-    use (its affinity, and the cgroup v2 CPU quota of its cgroup and those above
-    it), at most MAX_AUTO."""
-    if setting != "auto":
-        return int(setting)
-    cpus = len(os.sched_getaffinity(0))
-    for quota in _cpu_quotas(cgroup_root, proc_cgroup):
-        cpus = min(cpus, quota)
-    return max(1, min(cpus, MAX_AUTO))
-
-
-def _cpu_quotas(root: Path, proc_cgroup: Path) -> list[int]:
-    """The CPUs each cgroup on the path to this process may use (cpu.max: "QUOTA
-    PERIOD" or "max PERIOD"), rounded up."""
-    try:
-        own = next((line[3:].strip() for line in proc_cgroup.read_text().splitlines()
-                    if line.startswith("0::")), "/")
-    except OSError:
-        own = "/"
-    found = []
-    path = root / own.lstrip("/")
-    while True:
-        with contextlib.suppress(OSError, ValueError):
-            quota, period = (path / "cpu.max").read_text().split()[:2]
-            if quota != "max":
-                found.append(max(1, math.ceil(int(quota) / int(period))))
-        if path == root or root not in path.parents:
-            return found
-        path = path.parent
 
 
 @dataclass

@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.errors import StateLocked
-from relay.listener.workers import MAX_AUTO, worker_count
+from relay.listener.cpus import MAX_AUTO, worker_count
 from relay.spool.state import StateLock
 from tests.support import Daemon, free_port
 
