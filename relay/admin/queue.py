@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from relay.admin import running
 from relay.admin.status import quarantined
 from relay.errors import DamagedEntry, RelayError, StateLocked
-from relay.settings import Settings, admin_token
+from relay.settings import Settings
 from relay.spool.state import SERVE, Holder, StateLock
 from relay.spool.store import Envelope, Place, Spool
 
@@ -209,24 +210,16 @@ def _ask_daemon(settings: Settings, holder: Holder, action: Action,
                 queue_id: str | None) -> Changed:
     """POST the change to the daemon's admin listener (its page's buttons), as JSON.
     OSError when it does not answer."""
-    url = urllib.parse.urlsplit(holder.admin)
     path = "/queue/retry-all" if action == "retry-all" else \
         f"/queue/{urllib.parse.quote(queue_id or '', safe='')}/{action}"
     csrf = secrets.token_urlsafe(32)  # the page's double-submitted cookie
-    headers = {"Accept": "application/json", "Cookie": f"relay_csrf={csrf}",
+    headers = {"Cookie": f"relay_csrf={csrf}",
                "Content-Type": "application/x-www-form-urlencoded"}
-    token = admin_token(settings.admin)
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
     try:
-        conn.request("POST", path, urllib.parse.urlencode({"csrf": csrf}), headers)
-        response = conn.getresponse()
-        raw = response.read()
+        response, raw = running.ask(settings, holder.admin, "POST", path,
+                                    urllib.parse.urlencode({"csrf": csrf}), headers, timeout=30)
     except http.client.HTTPException as e:
         raise ConnectionError(f"{holder.admin}: {e}") from None
-    finally:
-        conn.close()
     try:
         answer: dict[str, Any] = json.loads(raw)
     except ValueError:

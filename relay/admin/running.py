@@ -6,7 +6,9 @@ time, the next attempt, the last success; relay.delivery.health) comes from its
 `/status`: `report` asks the daemon that holds the state directory through its
 admin listener (the lock file names it, relay.spool.state) and falls back to
 `relay.admin.status.collect`, saying why. `despite_invalid` finds that daemon even
-when the configuration file has become invalid since it loaded it.
+when the configuration file has become invalid since it loaded it. `ask` is the one
+request to its admin listener, with this configuration's token (`queue retry|delete`
+use it too, relay.admin.queue).
 """
 
 from __future__ import annotations
@@ -106,21 +108,30 @@ def lock_holder(settings: Settings) -> Holder | None:
     return holder
 
 
-def daemon_status(settings: Settings, admin: str) -> dict[str, Any]:
-    """GET /status from the daemon's admin listener. OSError, ValueError or
-    HTTPException when it does not answer with JSON."""
+def ask(settings: Settings, admin: str, method: str, path: str, body: str | None = None,
+        headers: dict[str, str] | None = None, timeout: float = 10
+        ) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request to the daemon's admin listener at `admin` (its URL), with this
+    configuration's admin token: the response and its body. OSError or HTTPException
+    when it does not answer."""
     url = urllib.parse.urlsplit(admin)
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": "application/json", **(headers or {})}
     token = admin_token(settings.admin)
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=10)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=timeout)
     try:
-        conn.request("GET", "/status", headers=headers)
+        conn.request(method, path, body, headers)
         response = conn.getresponse()
-        raw = response.read()
+        return response, response.read()
     finally:
         conn.close()
+
+
+def daemon_status(settings: Settings, admin: str) -> dict[str, Any]:
+    """GET /status from the daemon's admin listener. OSError, ValueError or
+    HTTPException when it does not answer with JSON."""
+    response, raw = ask(settings, admin, "GET", "/status")
     if response.status != 200:
         hint = ": this configuration's admin token is not the daemon's" \
             if response.status == 401 else ""

@@ -1,7 +1,8 @@
 """The spool: every accepted message on disk until the upstream has it. The
 envelope, the one-file entry format, the commit path (`incoming`), the store's
-claims and recovery, queue operations, and the state directory (its lock and
-`write_atomically`, the one atomic write for every other file the relay keeps).
+claims, `removal` of delivered entries, `quarantine`, recovery, queue operations,
+and the state directory (its lock and `write_atomically`, the one atomic write for
+every other file the relay keeps).
 
 It imports no network code and no settings: only errors and the standard library.
 """

@@ -49,6 +49,7 @@ it and drives it from a test.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -57,7 +58,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -241,3 +242,13 @@ class PowerMount:
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+@contextlib.contextmanager
+def mounted(where: Path, split_renames: bool = False) -> Iterator[PowerMount]:
+    """A fresh PowerFS mounted at `where` for the block, unmounted after it."""
+    mount = PowerMount(where, split_renames=split_renames)
+    try:
+        yield mount
+    finally:
+        mount.unmount()

@@ -29,16 +29,7 @@ from relay.spool import Envelope, Recipient, Spool, new_queue_id, recover
 from tests.delivery.test_delivery import scripted, send
 from tests.support import ScriptedUpstream, settings_for, wait_until
 
-from .powerfs import PowerMount
-
-
-@contextlib.contextmanager
-def mounted(where: Path, split_renames: bool) -> Iterator[PowerMount]:
-    mount = PowerMount(where, split_renames=split_renames)
-    try:
-        yield mount
-    finally:
-        mount.unmount()
+from .powerfs import PowerMount, mounted
 
 
 def stored(spool: Spool) -> str:

@@ -16,12 +16,10 @@ that the same check then finds the loss.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,7 @@ from relay.errors import SpoolError
 from relay.spool import Envelope, Recipient, Spool, new_queue_id
 from relay.spool import incoming as spool_incoming
 
-from .powerfs import PowerMount
+from .powerfs import mounted
 from .powerloss import SPLIT_RENAMES, SPOOL_CUTS, Sent, check_spool, seed
 
 MESSAGES = 48
@@ -92,21 +90,12 @@ async def load(spool: Spool, rng: random.Random, sent: Sent) -> None:
         await asyncio.to_thread(thread.join)
 
 
-@contextlib.contextmanager
-def mounted(where: Path) -> Iterator[PowerMount]:
-    mount = PowerMount(where, split_renames=SPLIT_RENAMES)
-    try:
-        yield mount
-    finally:
-        mount.unmount()
-
-
 async def cut_once(tmp: Path, rng: random.Random, cut_at: int | None, keep: float
                    ) -> tuple[Sent, Path, int]:
     """One run under load, the power cut before operation `cut_at` (None: after the
     load); what the clients were told, where the survivors are, the operations done."""
     sent = Sent()
-    with mounted(tmp / "mnt") as mount:
+    with mounted(tmp / "mnt", SPLIT_RENAMES) as mount:
         if cut_at is not None:
             mount.cut(cut_at)
         spool = Spool(tmp / "mnt" / "spool")
