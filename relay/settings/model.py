@@ -16,18 +16,17 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from relay.settings.servers import (
-    _PROVIDER_SERVERS,
     AuthSettings,
     PopBeforeSmtpSettings,
     ServerOAuthSettings,
     ServerSettings,
+    check_servers,
 )
 from relay.settings.values import (
     DEFAULT_ADDRESS,
     LOCAL_SERVER,
     Address,
     Duration,
-    Encryption,
     Workers,
     _loopback,
     _read_key,
@@ -158,19 +157,7 @@ class Settings(BaseSettings):
             known = ", ".join([LOCAL_SERVER, *sorted(self.servers)])
             raise ValueError(f"system_account.server = {account.server!r} names no server; "
                              f"defined: {known}")
-        for name, server in self.servers.items():
-            if server.oauth is None:
-                continue
-            client = self.oauth_clients.get(server.oauth.client)
-            if client is None:
-                raise ValueError(f"servers.{name}.oauth.client = {server.oauth.client!r} names "
-                                 "no [oauth_clients] entry")
-            provider: tuple[str | None, Encryption] = _PROVIDER_SERVERS.get(
-                client.provider, (None, "starttls"))
-            host, enc = provider
-            if host is None and server.host is None:
-                raise ValueError(f"servers.{name}.host is required with a generic OAuth provider")
-            server._fill_transport(host, enc)
+        check_servers(self.servers, self.oauth_clients)
         if self.admin.token is not None and self.admin.token_file is not None:
             raise ValueError("admin: set either token or token_file, not both")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
