@@ -69,6 +69,10 @@ def account_rows(settings: Settings) -> list[tuple[str, str]]:
     if server is None:
         return [*rows, ("Outgoing e-mail server name (SMTP)",
                         f"built-in outbox {settings.outbox}")]
+    if server.http:
+        return [*rows, ("Protocol", server.protocol_label), ("API", server.api_url),
+                ("Time-out Period", f"{server.timeout} seconds"),
+                ("Use OAuth to send e-mails", "Yes (bearer token)")]
     encryption = ENCRYPTION[server.encryption or "none"]
     if server.encryption != "none" and not server.tls_verify:
         encryption += " (certificate NOT verified: tls_verify = false)"

@@ -116,6 +116,12 @@ class ServerSettings(_Section):
         return (self.graph_url if self.protocol == "graph" else self.gmail_url).rstrip("/")
 
     @property
+    def protocol_label(self) -> str:
+        """The protocol for people (`status`, the admin page)."""
+        return {"smtp": "SMTP", "graph": "Microsoft Graph (sendMail)",
+                "gmail_api": "Gmail API (messages.send)"}[self.protocol]
+
+    @property
     def endpoint(self) -> str:
         """Where the server is, for people: host:port, or the API's URL."""
         return self.api_url if self.http else f"{self.host}:{self.port}"
