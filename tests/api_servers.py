@@ -281,7 +281,9 @@ class GmailServer(_ApiServer):
     def _error(self, status: int, reason: str | None, message: str) -> web.Response:
         found, state = self._REASONS.get(status, ("failedPrecondition", "FAILED_PRECONDITION"))
         headers = {}
-        if status in (429, 503, 504) and self.retry_after is not None:
+        limited = status in (429, 503, 504) or reason in ("rateLimitExceeded",
+                                                          "userRateLimitExceeded")
+        if limited and self.retry_after is not None:
             headers["Retry-After"] = self.retry_after
         if status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="https://accounts.google.com/"'
