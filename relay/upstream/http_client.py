@@ -100,11 +100,12 @@ class Client:
         return self.oauth.username_for(self.name)
 
     def http(self) -> httpx.AsyncClient:
+        """The server's client, made on first use (its TLS context reads ca_file)."""
         if self._http is None:
+            context = tls_context(self.server, key=f"{self.key}.ca_file")
             self._http = httpx.AsyncClient(
-                base_url=self.server.api_url, verify=tls_context(self.server, key=f"{self.key}"
-                                                                 ".ca_file"),
-                timeout=self.server.timeout, follow_redirects=False,
+                base_url=self.server.api_url, verify=context, timeout=self.server.timeout,
+                follow_redirects=False,
                 limits=httpx.Limits(max_connections=self.server.pool_size))
         return self._http
 
