@@ -3,7 +3,8 @@
 Written from Microsoft's and Google's published REST reference, NOT checked against
 the real services: no test here reaches graph.microsoft.com or gmail.googleapis.com.
 aiohttp on 127.0.0.1 in its own thread (like tests/oauth_server.py), so the relay, in
-the test's process or as `sysmail-relay serve`, reaches it over real HTTP.
+the test's process or as `sysmail-relay serve`, reaches it over real HTTP (HTTPS when
+given a TLS context).
 
 Graph (`GraphServer`):
 - `POST /v1.0/users/{id}/sendMail`: `Content-Type: text/plain`, the body the MIME
@@ -36,6 +37,7 @@ import asyncio
 import base64
 import binascii
 import secrets
+import ssl
 import threading
 from dataclasses import dataclass
 from email import message_from_bytes, policy
@@ -81,8 +83,10 @@ class _ApiServer:
 
     title = ""
 
-    def __init__(self, introspect_url: str, mailboxes: set[str]) -> None:
+    def __init__(self, introspect_url: str, mailboxes: set[str],
+                 tls: ssl.SSLContext | None = None) -> None:
         self.introspect_url = introspect_url
+        self.tls = tls
         self.mailboxes = {m.lower() for m in mailboxes}
         self.deliveries: list[Delivery] = []
         self.answers: list[int] = []
@@ -107,7 +111,7 @@ class _ApiServer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
 
     async def _start(self) -> None:
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         server = site._server
         assert isinstance(server, asyncio.Server)
@@ -115,7 +119,7 @@ class _ApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def close(self) -> None:
         self._call(self._runner.cleanup())
@@ -193,9 +197,10 @@ class GraphServer(_ApiServer):
               413: "ErrorMessageSizeExceeded", 429: "ApplicationThrottled",
               503: "ServiceUnavailable", 504: "GatewayTimeout"}
 
-    def __init__(self, introspect_url: str, mailboxes: set[str]) -> None:
+    def __init__(self, introspect_url: str, mailboxes: set[str],
+                 tls: ssl.SSLContext | None = None) -> None:
         self.can_read_users = True
-        super().__init__(introspect_url, mailboxes)
+        super().__init__(introspect_url, mailboxes, tls)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1.0/users/{id}/sendMail", self._send_mail)

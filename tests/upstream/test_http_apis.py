@@ -12,15 +12,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import ssl
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
+from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import trustme
 
 from relay.admin import queue as queue_admin
 from relay.app import Relay
 from relay.upstream.http_api import ApiUpstream
+from relay.upstream.http_client import retry_after
 from tests.api_servers import GmailServer, GraphServer
 from tests.oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer, redirect_query
 from tests.support import RawSMTP, RelayFactory, listener_port, wait_until
@@ -358,3 +365,41 @@ async def test_rate_limit_applies_to_an_api_server(
     assert relay.scheduler is not None
     assert relay.scheduler.counts()["deferred"] + relay.scheduler.counts()["queued"] == 1
     assert upstream(relay).not_before() > 0 and graph.answers == [202]
+
+
+async def test_https_api_with_a_private_ca_is_refused_until_ca_file_names_it(
+        relay_factory: RelayFactory, provider: AuthServer, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    server = GraphServer(f"{provider.url}/introspect", {USER}, tls)
+    try:
+        assert server.url.startswith("https://")
+        relay = await relay_factory(**api_sections("graph", server.url, provider))
+        queue_id = await submit(relay, message())
+        assert relay.scheduler is not None
+        await wait_until(lambda: counter(relay, "deferred") >= 1)
+        last = relay.scheduler.health["api"].last_error or ""
+        assert "TLS certificate of api (Microsoft Graph at https://127.0.0.1:" in last
+        assert 'servers.api.ca_file = "/path/to/ca.pem"' in last and server.answers == []
+        await relay.stop(grace=1)
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        relay = await relay_factory(**api_sections("graph", server.url, provider,
+                                                   server={"ca_file": tmp_path / "ca.pem"}))
+        await wait_until(lambda: relay.spool.find(queue_id) is None)
+        assert server.answers == [202] and len(server.delivered()) == 1
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("120", 120.0), ("", None), ("soon", None),
+    (format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True), 3600.0),
+])
+def test_retry_after_is_read_as_seconds_or_an_http_date(value: str,
+                                                         seconds: float | None) -> None:
+    found = retry_after(httpx.Response(503, headers={"Retry-After": value} if value else {}))
+    if seconds is None:
+        assert found is None
+    else:
+        assert found is not None and seconds - 5 <= found <= seconds
