@@ -65,17 +65,19 @@ def mailbox_path(address: str) -> str:
     return quote(address, safe="@")
 
 
-def retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds (a number, or an HTTP date), None when absent or unreadable."""
+def retry_after(response: httpx.Response, now: float | None = None) -> float | None:
+    """Retry-After in seconds (a number, or an HTTP date: the seconds from `now`, default
+    the current time, to it), None when absent or unreadable."""
     value = response.headers.get("Retry-After", "").strip()
     if not value:
         return None
     if value.isdigit():
         return float(value)
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        when = parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError):
         return None
+    return max(0.0, when - (time.time() if now is None else now))
 
 
 class Client:
