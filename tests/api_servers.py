@@ -117,11 +117,23 @@ class _ApiServer:
         assert isinstance(server, asyncio.Server)
         self.port = server.sockets[0].getsockname()[1]
 
+    async def _drop_connections(self) -> None:
+        """Kept-alive clients (the relay's pool) lose theirs too, before the loop closes."""
+        server = self._runner.server
+        if server is None:
+            return
+        for handler in list(server.connections):
+            handler.force_close()
+            if handler.transport is not None:
+                handler.transport.abort()  # at once: a TLS close would wait for the peer
+        await asyncio.sleep(0)
+
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def close(self) -> None:
+        self._call(self._drop_connections())
         self._call(self._runner.cleanup())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)

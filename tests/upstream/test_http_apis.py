@@ -388,6 +388,7 @@ async def test_https_api_with_a_private_ca_is_refused_until_ca_file_names_it(
                                                    server={"ca_file": tmp_path / "ca.pem"}))
         await wait_until(lambda: relay.spool.find(queue_id) is None)
         assert server.answers == [202] and len(server.delivered()) == 1
+        await relay.stop(grace=1)
     finally:
         server.close()
 
