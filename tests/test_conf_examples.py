@@ -24,4 +24,5 @@ def test_example_configuration_is_valid(example: Path, tmp_path: Path) -> None:
     settings = load_settings(copy)
     assert settings.system_account.address
     if settings.system_account.server != "local":
-        assert settings.active_server is not None and settings.active_server.host
+        server = settings.active_server
+        assert server is not None and (server.host or server.http)

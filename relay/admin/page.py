@@ -1,17 +1,18 @@
 """The "System e-mail account details" page and what its buttons do.
 
 Server-rendered, no JavaScript: the account in the terms operators know (Active /
-Inactive, system e-mail address, outgoing server, encryption, time-out,
-authentication, POP before SMTP, OAuth authorization Granted / Not granted with its
-"Sign in with ..." button), the configuration's warnings (a password sent in clear,
-a certificate not checked), the upstream's health (per server: ok, failing, paused
-until, not granted, inactive; the last error with its time, the next attempt, the
-last success), queue counts, the latest results with the server's
-reply, and the waiting and dead messages with Retry and Delete buttons (POST, CSRF
-protected). With `Accept: application/json` the buttons, and /queue/retry-all, answer
-JSON: that is how `sysmail-relay queue retry|delete` changes the spool while the
-daemon holds it. "Send test message" submits through the listener, as an application
-does, and shows the listener's and the upstream's answers. Never shows a secret.
+Inactive, system e-mail address, outgoing server, encryption, time-out (for a Graph
+or Gmail API server: its protocol and API address), authentication, POP before
+SMTP, OAuth authorization Granted / Not granted with its "Sign in with ..." button),
+the configuration's warnings (a password sent in clear, a certificate not checked),
+the upstream's health (per server: ok, failing, paused until, not granted, inactive;
+the last error with its time, the next attempt, the last success), queue counts, the
+latest results with the server's reply, and the waiting and dead messages with Retry
+and Delete buttons (POST, CSRF protected). With `Accept: application/json` the
+buttons, and /queue/retry-all, answer JSON: that is how `sysmail-relay queue
+retry|delete` changes the spool while the daemon holds it. "Send test message"
+submits through the listener, as an application does, and shows the listener's and
+the upstream's answers. Never shows a secret.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def account_rows(settings: Settings) -> list[tuple[str, str]]:
     if server is None:
         return [*rows, ("Outgoing e-mail server name (SMTP)",
                         f"built-in outbox {settings.outbox}")]
+    if server.http:
+        return [*rows, ("Protocol", server.protocol_label), ("API", server.api_url),
+                ("Time-out Period", f"{server.timeout} seconds"),
+                ("Use OAuth to send e-mails", "Yes (bearer token)")]
     encryption = ENCRYPTION[server.encryption or "none"]
     if server.encryption != "none" and not server.tls_verify:
         encryption += " (certificate NOT verified: tls_verify = false)"

@@ -44,7 +44,8 @@ def authentication(settings: Settings) -> str:
         how = "APOP" if pop.apop else "USER/PASS"
         return f"POP before SMTP ({how} as {pop.username} at {pop.host}:{pop.port})"
     if server.oauth is not None:
-        return f"OAuth 2.0 (XOAUTH2), client {server.oauth.client}"
+        how = "bearer token" if server.http else "XOAUTH2"
+        return f"OAuth 2.0 ({how}), client {server.oauth.client}"
     return "(Unused)"
 
 
@@ -107,9 +108,11 @@ def collect(settings: Settings) -> dict[str, Any]:
         details.update(outgoing_server=f"built-in outbox {settings.outbox}", port=None,
                        encryption=None, timeout=None)
     else:
-        details.update(outgoing_server=server.host, port=server.port,
-                       encryption=server.encryption, timeout=server.timeout,
-                       tls_verify=server.tls_verify)
+        http = server.http
+        details.update(protocol=server.protocol_label, api=server.api_url if http else None,
+                       outgoing_server=None if http else server.host,
+                       port=None if http else server.port, encryption=server.encryption,
+                       timeout=server.timeout, tls_verify=server.tls_verify)
         if server.oauth is not None:  # "OAuth authorization": Granted / Not granted
             auth = oauth_authorization(settings, server.oauth.client)
             details.update(oauth_authorization=auth.label, oauth=asdict(auth),
@@ -134,6 +137,8 @@ _LABELS = [
     ("system_email_account", "System e-mail account"),
     ("system_email_address", "System e-mail address"),
     ("email_server", "E-mail server to be used"),
+    ("protocol", "Protocol"),
+    ("api", "API"),
     ("outgoing_server", "Outgoing e-mail server name (SMTP)"),
     ("port", "Outgoing e-mail server port number"),
     ("encryption", "Encryption"),

@@ -7,9 +7,9 @@ what is allowed. Every file the configuration names (CA files, secret files, the
 token store) is opened then too (`file_problems`), so a missing or unusable one is
 an invalid configuration for `check`, at start and at reload.
 
-`values` holds the value types, `model` the sections and keys, `load` where they
-come from, `files` the checks of the files they name; everything is imported from
-here. It may import only `relay.errors`.
+`values` holds the value types, `model` the sections and keys (`servers` those of
+[servers.NAME]), `load` where they come from, `files` the checks of the files they
+name; everything is imported from here. It may import only `relay.errors`.
 """
 
 from relay.settings.files import (
@@ -31,17 +31,19 @@ from relay.settings.load import (
 )
 from relay.settings.model import (
     AdminSettings,
-    AuthSettings,
     ListenerSettings,
     LogSettings,
     OAuthClientSettings,
-    PopBeforeSmtpSettings,
     QueueSettings,
-    ServerOAuthSettings,
     ServerSeries,
-    ServerSettings,
     Settings,
     SystemAccountSettings,
+)
+from relay.settings.servers import (
+    AuthSettings,
+    PopBeforeSmtpSettings,
+    ServerOAuthSettings,
+    ServerSettings,
 )
 from relay.settings.values import (
     DEFAULT_ADDRESS,

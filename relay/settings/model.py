@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
@@ -16,23 +15,26 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from relay.settings.servers import (
+    AuthSettings,
+    PopBeforeSmtpSettings,
+    ServerOAuthSettings,
+    ServerSettings,
+    check_servers,
+)
 from relay.settings.values import (
     DEFAULT_ADDRESS,
     LOCAL_SERVER,
     Address,
     Duration,
-    Encryption,
-    Port,
-    RateLimit,
-    Timeout,
     Workers,
-    _between,
     _loopback,
     _read_key,
-    _Secret,
     _Section,
     default_state_dir,
 )
+
+__all__ = ["AuthSettings", "PopBeforeSmtpSettings", "ServerOAuthSettings", "ServerSettings"]
 
 
 class ListenerSettings(_Section):
@@ -52,94 +54,6 @@ class SystemAccountSettings(_Section):
     address: Address | None = None
     server: str = LOCAL_SERVER
     from_header: Literal["rewrite", "keep"] = "rewrite"
-
-
-class AuthSettings(_Secret):
-    method: Literal["PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5"]
-    username: str
-
-
-class PopBeforeSmtpSettings(_Secret):
-    host: str
-    port: Port | None = None
-    encryption: Encryption = "none"
-    ca_file: Path | None = None
-    apop: bool = False
-    username: str
-    timeout: Timeout = 10
-    wait: Annotated[int, _between(0, 10, " seconds")] = 0
-    window: Annotated[int, Field(ge=1, le=86400)] = 60
-
-    @model_validator(mode="after")
-    def _default_port(self) -> PopBeforeSmtpSettings:
-        if self.port is None:
-            object.__setattr__(self, "port", 995 if self.encryption == "tls" else 110)
-        return self
-
-
-class ServerOAuthSettings(_Section):
-    client: str
-    username: str | None = None
-
-
-class ServerSettings(_Section):
-    host: str | None = None
-    port: Port | None = None
-    encryption: Encryption | None = None
-    timeout: Timeout = 10
-    tls_verify: bool = True
-    ca_file: Path | None = None
-    rate_limit: RateLimit | None = None
-    max_recipients_per_day: Annotated[int, Field(ge=1)] | None = None
-    pool_size: Annotated[int, Field(ge=1, le=20)] = 2
-    auth: AuthSettings | None = None
-    pop_before_smtp: PopBeforeSmtpSettings | None = None
-    oauth: ServerOAuthSettings | None = None
-
-    @property
-    def login_method(self) -> str | None:
-        """The `method` label of its authentication failures, None without a login."""
-        if self.auth is not None:
-            return self.auth.method
-        if self.oauth is not None:
-            return "XOAUTH2"
-        if self.pop_before_smtp is not None:
-            return "POP"
-        return None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_authentication(cls, data: object) -> object:
-        if isinstance(data, Mapping):
-            chosen = [k for k in ("auth", "pop_before_smtp", "oauth") if data.get(k) is not None]
-            if len(chosen) > 1:
-                raise ValueError(f"{' and '.join(chosen)} cannot be combined on one server: "
-                                 "choose one way to authenticate")
-        return data
-
-    @model_validator(mode="after")
-    def _transport(self) -> ServerSettings:
-        if self.oauth is None and self.host is None:
-            raise ValueError("host is required (the outgoing e-mail server name)")
-        if self.oauth is None:
-            # A password never goes out unencrypted unless encryption = "none" is written.
-            plain: Encryption = "starttls" if self.auth is not None else "none"
-            by_port: dict[int, Encryption] = {465: "tls", 587: "starttls"}
-            self._fill_transport(self.host, by_port.get(self.port or 25, plain))
-        return self
-
-    def _fill_transport(self, host: str | None, encryption: Encryption) -> None:
-        enc = self.encryption or encryption
-        object.__setattr__(self, "host", self.host or host)
-        object.__setattr__(self, "encryption", enc)
-        if self.port is None:
-            object.__setattr__(self, "port", {"none": 25, "tls": 465, "starttls": 587}[enc])
-
-
-_PROVIDER_SERVERS: dict[str, tuple[str, Encryption]] = {
-    "google": ("smtp.gmail.com", "tls"),
-    "microsoft": ("smtp.office365.com", "starttls"),
-}
 
 
 class OAuthClientSettings(_Section):
@@ -243,19 +157,7 @@ class Settings(BaseSettings):
             known = ", ".join([LOCAL_SERVER, *sorted(self.servers)])
             raise ValueError(f"system_account.server = {account.server!r} names no server; "
                              f"defined: {known}")
-        for name, server in self.servers.items():
-            if server.oauth is None:
-                continue
-            client = self.oauth_clients.get(server.oauth.client)
-            if client is None:
-                raise ValueError(f"servers.{name}.oauth.client = {server.oauth.client!r} names "
-                                 "no [oauth_clients] entry")
-            provider: tuple[str | None, Encryption] = _PROVIDER_SERVERS.get(
-                client.provider, (None, "starttls"))
-            host, enc = provider
-            if host is None and server.host is None:
-                raise ValueError(f"servers.{name}.host is required with a generic OAuth provider")
-            server._fill_transport(host, enc)
+        check_servers(self.servers, self.oauth_clients)
         if self.admin.token is not None and self.admin.token_file is not None:
             raise ValueError("admin: set either token or token_file, not both")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:

@@ -10,7 +10,9 @@ again, each pause twice as long as the one before (at most an hour); an accepted
 login starts over. Logins already in flight when a pause begins were tried with
 the same credentials: their refusals never start or lengthen a pause (the pool
 still counts them in `relay_auth_failures_total`). A 4xx that says "too many"
-pauses the server for 30 s, doubling while it repeats (at most 15 minutes).
+pauses the server for 30 s, doubling while it repeats (at most 15 minutes); an HTTP
+API's 429 or 503 pauses it for its Retry-After (at most RETRY_AFTER_MAX), or like a
+"too many" without one (`wait_asked`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ AUTH_FAILURES_BEFORE_PAUSE = 3
 """Refused logins in a row before the first pause; after a pause, one more pauses again."""
 AUTH_PAUSE_FIRST = 60.0
 AUTH_PAUSE_MAX = 3600.0
+RETRY_AFTER_MAX = 3600.0
+"""The longest pause a server's Retry-After is taken for."""
 Tried = tuple[float, int]
 """When a message was tried, and its number of recipients."""
 
@@ -149,6 +153,16 @@ class Pacing:
             self._pause(self._slowdown, f"the server asked to slow down: {explain(reply)}")
         elif code is not None and code // 100 == 2:
             self._slowdown = 0.0
+
+
+    def wait_asked(self, seconds: float | None, reason: str) -> None:
+        """An HTTP API answered 429 / 503 / 504: pause for its Retry-After (`seconds`), or,
+        without one, as for a 4xx that says "too many" (30 s doubling, at most 15 min)."""
+        if seconds is None:
+            self._slowdown = min(900.0, max(30.0, self._slowdown * 2))
+            self._pause(self._slowdown, reason)
+        elif seconds > 0:
+            self._pause(min(seconds, RETRY_AFTER_MAX), f"{reason} (Retry-After: {seconds:g} s)")
 
 
 def _clock(epoch: float) -> str:

@@ -1,5 +1,9 @@
 """`check --connect`: open an upstream session step by step and print each step.
 
+For an HTTP API server (`probe_api`): the OAuth token, then a look-up of the mailbox
+(Graph: `GET /v1.0/users/{mailbox}?$select=id,mail`; Gmail: its profile); nothing is
+sent.
+
 The probe runs what a delivery runs before its first message (POP before SMTP
 when configured, connect, TLS, EHLO, STARTTLS, AUTH or the OAuth token), prints
 one line per step with its time and the server's answer, and QUITs. A failing
@@ -12,16 +16,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+
+import httpx
 
 from relay.errors import DeliveryFailure
+from relay.oauth.providers import ProviderClient
+from relay.oauth.state import clock
 from relay.settings import ServerSettings
 from relay.upstream.base import explain
+from relay.upstream.http_client import Client, Request
 from relay.upstream.pop_before_smtp import pop_before_smtp
 from relay.upstream.smtp import Session
 
 if TYPE_CHECKING:
     from relay.oauth.manager import OAuth
+
+
+class Probing(Protocol):
+    def probe(self, mailbox: str) -> Request: ...
+    def probed(self, response: httpx.Response, mailbox: str) -> tuple[bool, str]: ...
 
 
 async def probe(name: str, server: ServerSettings, hostname: str,
@@ -60,3 +74,41 @@ async def probe(name: str, server: ServerSettings, hostname: str,
     await session.quit()
     step("QUIT", time.monotonic() - started, "closed")
     return True
+
+
+async def probe_api(client: Client, api: Probing, oauth: OAuth,
+                    emit: Callable[[str], None]) -> bool:
+    """`check --connect` for an HTTP API server: the token (from which endpoint, for
+    which scopes, until when), then the API's harmless look-up of the mailbox; it stops
+    before sending. True when both passed."""
+
+    def step(stage: str, seconds: float, answer: str) -> None:
+        emit(f"{stage:<16} {seconds * 1000:7.1f} ms  {answer}")
+
+    assert client.server.oauth is not None
+    name = client.server.oauth.client
+    started = time.monotonic()
+    try:
+        await client.token()
+        auth = await asyncio.to_thread(oauth.authorization, name)
+        endpoint = ProviderClient(name, oauth.settings.oauth_clients[name]).endpoints.token_url
+        until = f"valid until {clock(auth.expires_at)}" if auth.expires_at else "no expiry given"
+        step("OAuth token", time.monotonic() - started,
+             f"ok for {client.mailbox} from {endpoint} (client {name}; scopes "
+             f"{' '.join(auth.scopes) or '-'}; {until}; token not shown)")
+        request = api.probe(client.mailbox)
+        started = time.monotonic()
+        response = await client.request(request, "mailbox look-up")
+        passed, text = api.probed(response, client.mailbox)
+        step(f"{request.method} {request.path}", time.monotonic() - started, text)
+    except DeliveryFailure as e:
+        step(e.stage or "request", time.monotonic() - started, f"FAILED: {e.reply}")
+        return False
+    except Exception as e:  # a bug: still one line with what happened, not a traceback
+        step("request", time.monotonic() - started,
+             f"FAILED: internal error in the relay: {e!r}; please report it")
+        return False
+    finally:
+        await client.close()
+    step("send", 0.0, "not tried: `check --connect` sends nothing (`send-test` does)")
+    return passed

@@ -1,4 +1,4 @@
-"""The daemon's lifecycle: start-up, main loop, reload, shutdown.
+"""The daemon's lifecycle: start-up, reload, shutdown (the main loop: relay.app.serve).
 
 start: take the state directory's lock (relay.state; a second `serve` on the same
 state_dir exits 1 naming the holder, before it touches anything), open and recover
@@ -19,21 +19,17 @@ import functools
 import importlib.metadata
 import logging
 import os
-import signal
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from relay import logs, systemd
+from relay import logs
 from relay.admin import queue as queue_admin
 from relay.admin.server import AdminServer
 from relay.delivery.notices import Notifier
 from relay.delivery.retry import backoff
 from relay.delivery.scheduler import Scheduler, UpstreamFactory
-from relay.errors import ConfigError, RelayError, SpoolError, StateLocked
+from relay.errors import ConfigError, RelayError, SpoolError
 from relay.listener.server import Listener
-from relay.listener.worker import loop_factory
 from relay.listener.workers import Workers, worker_count
 from relay.metrics import Metrics, intake_collector
 from relay.oauth.manager import Authorization, OAuth
@@ -41,10 +37,8 @@ from relay.settings import LOCAL_SERVER, OVERRIDES_FILE, Settings, load_settings
 from relay.spool import state
 from relay.spool.recovery import recover
 from relay.spool.store import Envelope, Spool
-from relay.upstream.base import Upstream
+from relay.upstream.choose import make_upstream
 from relay.upstream.outbox import LocalOutbox
-from relay.upstream.probe import probe
-from relay.upstream.smtp_pool import SmtpUpstream
 
 log = logging.getLogger("relay.app")
 
@@ -53,44 +47,6 @@ PID_FILE = state.PID_FILE
 LOCK_WAIT = 10.0
 """How long start-up waits for a `queue retry|delete` that holds the state directory's
 lock for a moment (another `serve` holding it is not waited for)."""
-
-
-def make_upstream(settings: Settings, metrics: Metrics | None = None,
-                  oauth: OAuth | None = None) -> Upstream:
-    name = settings.system_account.server
-    server = settings.active_server
-    if server is None:
-        return LocalOutbox(settings.outbox)
-    metrics = metrics or Metrics()
-    if oauth is None and server.oauth is not None:
-        oauth = OAuth(settings, metrics)
-    return SmtpUpstream(name, server, metrics, local_hostname(settings), oauth=oauth)
-
-
-def local_hostname(settings: Settings) -> str:
-    return settings.listener.hostname or socket.gethostname()
-
-
-def check_connect(settings: Settings, emit: Callable[[str], None]) -> bool:
-    """`check --connect`: try the delivery path step by step, one line per step."""
-    if settings.system_account.server == LOCAL_SERVER:
-        started = time.monotonic()
-        try:
-            outbox = LocalOutbox(settings.outbox)
-            outbox.ensure()
-            scratch = settings.outbox / "tmp" / f".check-{os.getpid()}"
-            os.close(state.open_private(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-            scratch.unlink()
-        except OSError as e:
-            emit(f"outbox   FAILED  {settings.outbox}: {e.strerror}")
-            return False
-        emit(f"outbox   ok      {settings.outbox} is writable "
-             f"({(time.monotonic() - started) * 1000:.1f} ms)")
-        return True
-    server = settings.active_server
-    assert server is not None
-    return asyncio.run(probe(settings.system_account.server, server, local_hostname(settings),
-                             emit, oauth=OAuth(settings, Metrics())))
 
 
 class Relay:
@@ -314,97 +270,9 @@ class Relay:
         log.info("OAuth authorization granted: %d waiting messages are due now", count)
 
 
-async def serve(settings: Settings, config_file: Path | None) -> int:
-    """Run until SIGTERM/SIGINT. Returns the exit code."""
-    relay = Relay(settings, config_file)
-    sd = systemd.Notifier()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    started = False
-    reload_pending = False
-    signals = 0
-
-    def on_stop() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            log.warning("second stop signal: exiting now")
-            os._exit(1)
-        stop.set()
-
-    def on_reload() -> None:
-        nonlocal reload_pending
-        if not started:
-            log.info("SIGHUP during start-up: the configuration is reloaded once started")
-            reload_pending = True
-            return
-        sd.reloading()
-        relay.reload()
-        sd.ready(relay.status_line())
-
-    handlers = {  # installed first, so a signal during start-up is handled, not fatal
-        signal.SIGTERM: on_stop,
-        signal.SIGINT: on_stop,
-        signal.SIGHUP: on_reload,
-        signal.SIGUSR1: lambda: started and loop.create_task(relay.rescan()),
-    }
-    for sig, handler in handlers.items():
-        loop.add_signal_handler(sig, handler)
-    passed = systemd.listen_sockets()  # socket activation (sysmail-relay.socket)
-    try:
-        await relay.start(passed[0] if passed else None)
-    except (StateLocked, SpoolError, ConfigError, OSError) as e:
-        log.error("cannot start: %s", e)
-        relay.release()
-        for sig in handlers:
-            loop.remove_signal_handler(sig)
-        return 1 if isinstance(e, StateLocked) else 2
-    started = True
-    sd.ready(relay.status_line())
-    if reload_pending:
-        on_reload()
-    keepalive = asyncio.create_task(_systemd_keepalive(sd, relay), name="systemd")
-    try:
-        await stop.wait()
-        sd.stopping()
-        keepalive.cancel()
-        await relay.stop()
-    finally:
-        for sig in handlers:
-            loop.remove_signal_handler(sig)
-        sd.close()
-    return 0
-
-
-async def _systemd_keepalive(sd: systemd.Notifier, relay: Relay) -> None:
-    """WATCHDOG=1 at half of WatchdogSec when set, and STATUS= with the queue counts."""
-    if not sd.enabled:
-        return
-    interval = min(sd.watchdog_interval or 30.0, 30.0)
-    while True:
-        await asyncio.sleep(interval)
-        if sd.watchdog_interval is not None:
-            sd.watchdog()
-        sd.status(relay.status_line())
-
-
 def loop_name() -> str:
     """The running event loop, for the start-up line: "uvloop 0.23.0" or "asyncio"."""
     module = type(asyncio.get_running_loop()).__module__.partition(".")[0]
     if module == "uvloop":
         return f"uvloop {importlib.metadata.version('uvloop')}"
     return module
-
-
-def run(settings: Settings, config_file: Path | None) -> int:
-    logs.configure(settings.log)
-    # Whatever umask the daemon was started with, what it creates in state_dir is its
-    # own: files and directories are created 0600/0700 explicitly, and this covers any
-    # that a library or a later change creates without a mode.
-    os.umask(0o077)
-    try:
-        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
-            return runner.run(serve(settings, config_file))
-    except RelayError as e:
-        log.error("%s", e)
-        return 1
