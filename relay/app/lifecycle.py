@@ -29,8 +29,9 @@ from relay.delivery.notices import Notifier
 from relay.delivery.retry import backoff
 from relay.delivery.scheduler import Scheduler, UpstreamFactory
 from relay.errors import ConfigError, RelayError, SpoolError
+from relay.listener.cpus import worker_count
 from relay.listener.server import Listener
-from relay.listener.workers import Workers, worker_count
+from relay.listener.workers import Workers
 from relay.metrics import Metrics, intake_collector
 from relay.oauth.manager import Authorization, OAuth
 from relay.settings import LOCAL_SERVER, OVERRIDES_FILE, Settings, load_settings, warnings

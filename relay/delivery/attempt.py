@@ -35,7 +35,7 @@ def claim(spool: Spool, upstream: Upstream, queue_id: str) -> Claimed | None:
     """Take the entry and, when the message is not large and the upstream wants its
     bytes or they are to be rewritten, its bytes (the page cache's work; a large
     message is read as it is sent): one open of the entry, in this thread. The caller
-    makes the claim durable (`Spool.sync`)."""
+    has the claim made durable (`Spool.sync`, by `disk.ClaimSync`)."""
     taken = spool.take(queue_id, INLINE_BYTES)
     if taken is None or upstream.wants_data or taken.envelope.as_received:
         return taken

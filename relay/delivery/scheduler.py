@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 
 from relay.delivery.attempt import claim, record, send
-from relay.delivery.disk import DiskWork, Result
+from relay.delivery.disk import ClaimSync, DiskWork, Result
 from relay.delivery.health import HELD_STATES, ServerHealth, Servers
 from relay.delivery.index import QueueIndex
 from relay.delivery.retry import backoff
@@ -68,6 +68,7 @@ class Scheduler:
         self.index = QueueIndex(spool, self._wake.set)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._disk = DiskWork()
+        self.claim_sync = ClaimSync()
         self._troubles = Troubles()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -229,9 +230,8 @@ class Scheduler:
             await self._trouble(queue_id, e, "internal error in the relay")
 
     async def _deliver_entry(self, queue_id: str) -> None:
-        claiming = asyncio.ensure_future(  # the claim made durable: one sync of active/ a batch
-            self._disk.run(functools.partial(claim, self.spool, self.upstream, queue_id),
-                           self.spool.sync))
+        claiming = asyncio.ensure_future(
+            self._disk.run(functools.partial(claim, self.spool, self.upstream, queue_id)))
         try:
             claimed = await asyncio.shield(claiming)  # claim and, when small, the bytes: one hop
         except DamagedEntry as e:
@@ -250,6 +250,7 @@ class Scheduler:
         if claimed is None:  # deleted or taken by `queue retry|delete`
             self._forget(queue_id)
             return
+        self.claim_sync.submit(self.spool.sync)  # durable soon; the delivery does not wait
         env = claimed.envelope
         troubled = queue_id in self._troubles
         try:

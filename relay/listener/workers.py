@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.errors import RelayError
-from relay.listener.cpus import worker_count as worker_count  # where relay.app finds it
 from relay.listener.slots import SLOTS, SharedSlots
 from relay.listener.worker import SERVE, frame
 from relay.settings import Settings

@@ -425,9 +425,9 @@ async def test_a_delivery_touches_the_spool_only_from_threads_in_two_hops(
     disk = relay.scheduler._disk  # type: ignore[union-attr]
     real_run = disk.run
 
-    async def run(call: Any, then: Any = None) -> Any:
+    async def run(call: Any) -> Any:
         hops.append((call.func.__name__, call.args[-1]))  # (spool, upstream,) queue id
-        return await real_run(call, then)
+        return await real_run(call)
 
     monkeypatch.setattr(disk, "run", run)
     queue_id = await send(relay)

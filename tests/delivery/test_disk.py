@@ -1,71 +1,54 @@
-"""The delivery thread's batches: one fsync of active/ for all the claims of a batch."""
+"""Claims made durable beside the deliveries: one fsync of active/ for all the claims
+handed over while the last one ran, and a failed fsync said in the log."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
+import logging
 import threading
 
-from relay.delivery.disk import DiskWork
+import pytest
+
+from relay.delivery.disk import ClaimSync
 
 
 class Place:
-    """A stand-in for `Spool.sync`: records its calls among the batch's."""
+    """A stand-in for `Spool.sync`: counts its calls; the first may be held."""
 
-    def __init__(self, events: list[str], fails: bool = False) -> None:
-        self.events = events
+    def __init__(self, fails: bool = False) -> None:
+        self.calls = 0
         self.fails = fails
+        self.release = threading.Event()
+        self.release.set()
+        self.started = threading.Event()
 
     def sync(self) -> None:
-        self.events.append("sync")
+        self.calls += 1
+        self.started.set()
+        self.release.wait(10)
         if self.fails:
             raise OSError(errno.EIO, "Input/output error")
 
 
-async def batch_behind_a_blocked_call(work: DiskWork, events: list[str],
-                                      calls: list[tuple[str, Place | None]]) -> list[object]:
-    """Run `calls` as one batch: the first call holds the thread until all are handed over."""
-    release = threading.Event()
-    first = asyncio.ensure_future(work.run(lambda: release.wait(10)))
-
-    def call(name: str) -> str:
-        events.append(name)
-        if name.startswith("bad"):
-            raise ValueError(name)
-        return name
-
-    pending = [asyncio.ensure_future(work.run(lambda n=name: call(n),  # type: ignore[misc]
-                                              None if place is None else place.sync))
-               for name, place in calls]
-    await asyncio.sleep(0)  # every call handed over
-    release.set()
-    await first
-    return await asyncio.gather(*pending, return_exceptions=True)
+def test_claims_handed_over_during_a_sync_share_the_next_one() -> None:
+    active = Place()
+    active.release.clear()
+    work = ClaimSync()
+    work.submit(active.sync)  # the first claim: its sync runs and is held
+    assert active.started.wait(10)
+    for _ in range(5):  # five more claims while it runs
+        work.submit(active.sync)
+    active.release.set()
+    assert work.wait()
+    assert active.calls == 2
 
 
-async def test_the_claims_of_a_batch_share_one_sync_after_all_of_them() -> None:
-    events: list[str] = []
-    active = Place(events)
-    results = await batch_behind_a_blocked_call(
-        DiskWork(), events, [("claim1", active), ("finish", None), ("claim2", active),
-                             ("claim3", active)])
-    assert results == ["claim1", "finish", "claim2", "claim3"]
-    assert events == ["claim1", "finish", "claim2", "claim3", "sync"]
-
-
-async def test_a_failed_sync_fails_the_claims_of_its_batch_only() -> None:
-    events: list[str] = []
-    active = Place(events, fails=True)
-    results = await batch_behind_a_blocked_call(
-        DiskWork(), events, [("claim1", active), ("finish", None), ("bad claim", active)])
-    assert isinstance(results[0], OSError) and results[0].errno == errno.EIO
-    assert results[1] == "finish"
-    assert isinstance(results[2], ValueError)  # its own error, not the sync's
-
-
-async def test_a_batch_without_claims_syncs_nothing() -> None:
-    events: list[str] = []
-    assert await batch_behind_a_blocked_call(DiskWork(), events, [("finish", None)]) == [
-        "finish"]
-    assert events == ["finish"]
-
+def test_a_failed_sync_is_logged_naming_the_cause(caplog: pytest.LogCaptureFixture) -> None:
+    active = Place(fails=True)
+    work = ClaimSync()
+    with caplog.at_level(logging.ERROR, logger="relay.delivery"):
+        work.submit(active.sync)
+        assert work.wait()
+    assert active.calls == 1
+    assert "cannot make claimed messages durable" in caplog.text
+    assert "Input/output error" in caplog.text

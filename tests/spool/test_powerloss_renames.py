@@ -6,9 +6,10 @@ where renames are not atomic across a crash. Each test drives one move into a kn
 state, cuts the power, and starts the spool on what survived as `serve` does
 (`recover`):
 
-- a delivery's claim (queue/ -> active/) is made durable by the delivery thread's
-  fsync of active/: a later fsync of queue/ (the next message's commit) can no longer
-  make the entry vanish from both places;
+- a delivery's claim (queue/ -> active/) is made durable by the claim-sync thread's
+  fsync of active/ (soon after the claim; the delivery does not wait for it): from then
+  on a later fsync of queue/ (the next message's commit) can no longer make the entry
+  vanish from both places;
 - a delivered entry's move out of active/ is made durable by the remover thread, so
   the message does not come back as an interrupted delivery, to be sent again;
 - an entry that a split rename left under two names is kept once, in queue/.
@@ -64,6 +65,8 @@ async def test_a_claimed_message_survives_a_cut_after_the_next_commit_syncs_the_
         active = relay.spool.place_dir("active")
         first = await send(relay)
         await wait_until(lambda: os.listdir(active) == [first])
+        assert relay.scheduler is not None
+        assert await asyncio.to_thread(relay.scheduler.claim_sync.wait)  # the claim synced
         second = await send(relay)  # its commit fsyncs queue/: the claim's first half is durable
         mount.cut()
     finally:
