@@ -16,6 +16,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from relay.settings.fleet import FleetSettings
 from relay.settings.values import (
     DEFAULT_ADDRESS,
     LOCAL_SERVER,
@@ -216,6 +217,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
+    fleet: FleetSettings | None = None  # several relays, one account (relay.fleet)
 
     @classmethod
     def settings_customise_sources(
