@@ -24,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from relay import logs, systemd
 from relay.admin import queue as queue_admin
@@ -46,6 +47,9 @@ from relay.upstream.outbox import LocalOutbox
 from relay.upstream.probe import probe
 from relay.upstream.smtp_pool import SmtpUpstream
 
+if TYPE_CHECKING:
+    from relay.fleet import Fleet
+
 log = logging.getLogger("relay.app")
 
 SHUTDOWN_GRACE = 10.0
@@ -56,7 +60,7 @@ lock for a moment (another `serve` holding it is not waited for)."""
 
 
 def make_upstream(settings: Settings, metrics: Metrics | None = None,
-                  oauth: OAuth | None = None) -> Upstream:
+                  oauth: OAuth | None = None, fleet: Fleet | None = None) -> Upstream:
     name = settings.system_account.server
     server = settings.active_server
     if server is None:
@@ -64,7 +68,9 @@ def make_upstream(settings: Settings, metrics: Metrics | None = None,
     metrics = metrics or Metrics()
     if oauth is None and server.oauth is not None:
         oauth = OAuth(settings, metrics)
-    return SmtpUpstream(name, server, metrics, local_hostname(settings), oauth=oauth)
+    shared = fleet.limits(name, server) if fleet is not None else None
+    return SmtpUpstream(name, server, metrics, local_hostname(settings), oauth=oauth,
+                        shared=shared)
 
 
 def local_hostname(settings: Settings) -> str:
@@ -104,8 +110,12 @@ class Relay:
         self.metrics.declare(settings.metric_series(), settings.oauth_clients)
         self.oauth = OAuth(settings, self.metrics)
         self.oauth.on_granted.append(self._oauth_granted)
+        self.fleet: Fleet | None = None
+        if settings.fleet is not None:  # redis is imported only for a fleet
+            from relay.fleet import Fleet
+            self.fleet = Fleet(settings, self.metrics, self._counts)
         self.make_upstream: UpstreamFactory = upstreams or functools.partial(
-            make_upstream, metrics=self.metrics, oauth=self.oauth)
+            make_upstream, metrics=self.metrics, oauth=self.oauth, fleet=self.fleet)
         self.spool = Spool(settings.spool_dir)
         self.lock = state.StateLock(settings.state_dir)
         self.scheduler: Scheduler | None = None
@@ -145,6 +155,8 @@ class Relay:
             log.error("%s: moved to quarantine: %s", queue_id, reason)
         self.scheduler = Scheduler(self.spool, self.settings, self.metrics, self.make_upstream)
         self.scheduler.on_dead = self.notifier.dead_letter
+        if self.fleet is not None:
+            await self.fleet.start()  # Redis or not: the relay starts, the heartbeat retries
         self.notifier.recovered(recovery.crashed_out)
         if self.workers > 1:
             metrics_dir = self.settings.state_dir / "metrics"
@@ -212,6 +224,13 @@ class Relay:
                 self.pid_file.unlink()
             self.lock.release()
 
+    def _counts(self) -> dict[str, int]:
+        return self.scheduler.counts() if self.scheduler is not None else {}
+
+    def fleet_status(self) -> dict[str, Any] | None:
+        """The fleet as this relay sees it (`[fleet]`), None without one."""
+        return self.fleet.status() if self.fleet is not None else None
+
     def _queued(self, env: Envelope) -> None:
         assert self.scheduler is not None
         self.scheduler.add(env)
@@ -235,6 +254,8 @@ class Relay:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.fleet is not None:
+            await self.fleet.stop()
         await self.notifier.close()
         await asyncio.to_thread(self.spool.close)  # writes of messages being received end
         if self.admin is not None:
@@ -255,7 +276,7 @@ class Relay:
                       "; ".join(e.problems))
             return False
         old_listen, old_admin = self.settings.listener, self.settings.admin
-        old_loop = self.settings.event_loop
+        old_loop, old_fleet = self.settings.event_loop, self.settings.fleet
         self.settings = new
         logs.configure(new.log)
         assert self.listener is not None and self.scheduler is not None
@@ -272,6 +293,9 @@ class Relay:
         if (old_admin.host, old_admin.port) != (new.admin.host, new.admin.port):
             log.warning("admin.host/port changed: restart the relay to serve the admin "
                         "listener on %s:%d", new.admin.host, new.admin.port)
+        if old_fleet != new.fleet:
+            log.warning("[fleet] changed: restart the relay to join or leave the fleet "
+                        "with the new settings")
         if old_loop != new.event_loop:
             log.warning("event_loop changed: restart the relay to run on %s", new.event_loop)
         self.oauth.reconfigure(new)

@@ -27,6 +27,16 @@ def test_without_fleet_the_daemon_never_loads_redis(tmp_path: Path) -> None:
     assert out.strip() == "[]"
 
 
+def test_with_fleet_the_daemon_loads_it(tmp_path: Path) -> None:
+    code = ("import sys\nfrom relay.app import Relay\nfrom relay.settings import validate\n"
+            f"Relay(validate({{'state_dir': {str(tmp_path)!r}, 'fleet': "
+            "{'url': 'redis://127.0.0.1:1/0'}}, 'x'))\n"
+            "print('redis' in sys.modules, 'relay.fleet' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "True True"
+
+
 @pytest.mark.parametrize("url", ["redis://redis:6379/0", "rediss://redis:6380/0",
                                  "unix:///run/redis/redis.sock?db=1"])
 def test_the_three_kinds_of_url_are_accepted(tmp_path: Path, url: str) -> None:
