@@ -1,7 +1,7 @@
 """Three installed `sysmail-relay serve` processes, one redis-server, one upstream that
 records arrival times: the fleet's rate limit holds at the upstream with nobody
-starved, and Redis stopped and started in the middle of a run loses nothing and sends
-nothing twice."""
+starved, `status` shows the fleet, and Redis stopped and started in the middle of a
+run loses nothing and sends nothing twice."""
 
 from __future__ import annotations
 
@@ -72,6 +72,26 @@ async def test_the_rate_limit_holds_for_the_fleet_at_the_upstream_and_nobody_sta
     assert all(by_relay[f"r{i}"] >= per_relay // 4 for i in range(RELAYS)), by_relay
 
 
+async def test_status_shows_every_live_relay_of_the_fleet(
+        tmp_path: Path, redis_server: RedisServer, upstream: tuple[Arrivals, int]) -> None:
+    _, port = upstream
+    fleet = Fleet(tmp_path, RELAYS, port, redis_server.url)
+    await asyncio.to_thread(fleet.start)
+    try:
+        await wait_for(lambda: len(fleet.status(0)["fleet"]["members"]) == RELAYS, 20,
+                       "relay0 sees the three relays")
+        status = await asyncio.to_thread(fleet.status, 0)
+        text = await asyncio.to_thread(fleet.status_text, 0)
+    finally:
+        await asyncio.to_thread(fleet.stop)
+    assert status["fleet"]["connected"] is True
+    assert [m["node"] for m in status["fleet"]["members"]] == ["relay0", "relay1", "relay2"]
+    assert all("queued" in m["queue"] for m in status["fleet"]["members"])
+    assert f"Redis {redis_server.url}: connected; this relay is relay0; 3 relays alive" in text
+    assert "  relay0 (this relay): queued 0" in text
+    assert "  relay2: queued 0" in text
+
+
 async def test_redis_stopped_and_started_mid_run_loses_and_duplicates_nothing(
         tmp_path: Path, redis_server: RedisServer, upstream: tuple[Arrivals, int]) -> None:
     script, port = upstream
@@ -91,11 +111,13 @@ async def test_redis_stopped_and_started_mid_run_loses_and_duplicates_nothing(
         await wait_for(lambda: len(script.arrived) >= len(sent), 60, "every message arrived")
         await wait_for(lambda: all(fleet.status(i)["fleet"]["connected"]
                                    for i in range(RELAYS)), 20, "every relay rejoined")
+        text = await asyncio.to_thread(fleet.status_text, 1)
     finally:
         await asyncio.to_thread(fleet.stop)
     got = [rcpt for _, rcpt in script.arrived]
     assert sorted(got) == sorted(sent)  # nothing lost, nothing twice
     assert all(s["fleet"]["connected"] is False for s in statuses)
+    assert "3 relays alive" in text
     for daemon in fleet.daemons:
         log = daemon.log_text()
         assert log.count("does not answer") == 1, log  # said once, not per message
