@@ -11,6 +11,7 @@ heartbeat reaches Redis again.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import math
@@ -33,8 +34,10 @@ log = logging.getLogger("relay.fleet")
 DAY = 86400
 IDLE_SHARED = 2.0
 """Seconds an idle connection holds its lease before it is closed."""
-CONNECTION_WAIT = 1.0
+CONNECTION_WAIT = 0.2
 """Seconds before asking again for a connection that every relay's pool uses."""
+WAIT_IN_PLACE = 1.0
+"""A delivery told to try again within this many seconds waits for it in place."""
 
 
 class Member(Protocol):
@@ -147,12 +150,25 @@ class FleetLimits:
 
     async def _take(self, limits: list[Limit], why: str,
                     lease: bool = False) -> Taken:
-        if self.fleet.connected:
+        """Taken now, or after a short wait in place (at most WAIT_IN_PLACE at a time and
+        the server's timeout in all): a delivery that will be let through within a moment
+        keeps its place rather than going back to the queue. Else RateLimited."""
+        waited = 0.0
+        while True:
             try:
-                return await self._take_shared(limits, why, lease)
-            except UNREACHABLE as e:
-                self.fleet.lost(e)
-        return self._take_local(limits, why)
+                if self.fleet.connected:
+                    try:
+                        return await self._take_shared(limits, why, lease)
+                    except UNREACHABLE as e:
+                        self.fleet.lost(e)
+                return self._take_local(limits, why)
+            except RateLimited as refused:
+                pause = (refused.retry_at or 0.0) - time.time()
+                if pause > WAIT_IN_PLACE or waited + pause > self.server.timeout:
+                    raise
+                pause = max(pause, 0.01)
+                await asyncio.sleep(pause)
+                waited += pause
 
     async def _take_shared(self, limits: list[Limit], why: str,
                            lease: bool) -> Taken:

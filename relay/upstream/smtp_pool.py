@@ -207,14 +207,11 @@ class SmtpUpstream:
             try:
                 self.pacing.check(message)
                 await self._ensure_pop_login()
-                taken = await self.shared.take(message) if self.shared is not None else None
                 tried = self.pacing.count(message)
                 try:
                     outcomes = await self._send(message, body)
                 except BaseException:
                     self.pacing.uncount(tried)  # nothing was taken: no limit is used up
-                    if self.shared is not None:
-                        self.shared.give_back(taken)
                     raise
             except DeliveryFailure as failure:
                 self.pacing.answered(failure.code, failure.reply)
@@ -225,9 +222,26 @@ class SmtpUpstream:
         return outcomes
 
     async def _send(self, message: Outgoing, body: Body) -> list[Outcome]:
+        """In a fleet, the message is counted against the shared limits once it has its
+        session (so that it goes at once: the upstream sees the pace Redis counted)."""
+        session, pooled = await self._session()
+        if self.shared is None:
+            return await self._send_on(session, pooled, message, body)
+        try:
+            taken = await self.shared.take(message)
+        except BaseException:
+            self._give_back(session)
+            raise
+        try:
+            return await self._send_on(session, pooled, message, body)
+        except BaseException:
+            self.shared.give_back(taken)  # nothing was taken: no limit is used up
+            raise
+
+    async def _send_on(self, session: Session, pooled: bool, message: Outgoing,
+                       body: Body) -> list[Outcome]:
         """One transaction on a pooled session, or on a new one when the pooled one went
         stale (closed by the server while idle, or by a failure of the transaction before)."""
-        session, pooled = await self._session()
         if pooled:
             try:
                 return await self._transaction(session, message, body)

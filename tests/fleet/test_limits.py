@@ -38,7 +38,7 @@ async def fleets(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Fle
         settings = settings_for(
             tmp_path / node, system_account={"address": "notify@example.com",
                                              "server": SERVER},
-            servers={SERVER: {"host": "127.0.0.1", "port": 25, **server}},
+            servers={SERVER: {"host": "127.0.0.1", "port": 25, "timeout": 1, **server}},
             fleet={"url": url or redis_server.url, "node_name": node, "heartbeat": heartbeat,
                    "timeout": 0.5})
         fleet = Fleet(settings, Metrics(), lambda: {"queued": 0})
