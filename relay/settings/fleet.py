@@ -26,8 +26,6 @@ class FleetSettings(_Section):
     that several accounts or environments share one Redis."""
     node_name: str | None = None
     """This relay's name in the fleet; default the host name and a hash of state_dir."""
-    token_key_file: Path | None = None
-    """32 random bytes (or 64 hex digits): encrypts the shared OAuth tokens at rest."""
     heartbeat: Annotated[Duration, Field(ge=1, le=60)] = 5.0
     """Seconds between this relay's heartbeats; it counts as gone after three missed."""
     timeout: Annotated[Duration, Field(ge=0.1, le=30)] = 2.0
@@ -57,6 +55,4 @@ class FleetSettings(_Section):
             found.append(("fleet.ca_file", self.ca_file, "ca"))
         if self.password_file is not None:
             found.append(("fleet.password_file", self.password_file, "secret"))
-        if self.token_key_file is not None:
-            found.append(("fleet.token_key_file", self.token_key_file, "secret"))
         return found
