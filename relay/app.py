@@ -114,6 +114,7 @@ class Relay:
         if settings.fleet is not None:  # redis is imported only for a fleet
             from relay.fleet import Fleet
             self.fleet = Fleet(settings, self.metrics, self._counts)
+            self.fleet.account.on_account = self._fleet_account
         self.make_upstream: UpstreamFactory = upstreams or functools.partial(
             make_upstream, metrics=self.metrics, oauth=self.oauth, fleet=self.fleet)
         self.spool = Spool(settings.spool_dir)
@@ -231,6 +232,22 @@ class Relay:
         """The fleet as this relay sees it (`[fleet]`), None without one."""
         return self.fleet.status() if self.fleet is not None else None
 
+    def activate(self, active: bool) -> None:
+        """Activate / Deactivate chosen on the page (the reload that follows applies it
+        here); with [fleet], for every relay of the fleet."""
+        if self.fleet is not None:
+            self.fleet.account.chosen(active)
+
+    def _fleet_account(self, active: bool, by: str) -> None:
+        """Another relay of the fleet activated or deactivated the account."""
+        from relay.fleet.account import with_active
+        if active == self.settings.system_account.active or self.scheduler is None:
+            return
+        self.settings = with_active(self.settings, active)
+        self.scheduler.reconfigure(self.settings)
+        log.warning("system account %s on %s (fleet): %s", "activated" if active else
+                    "deactivated", by, "sending" if active else "mail is held")
+
     def _queued(self, env: Envelope) -> None:
         assert self.scheduler is not None
         self.scheduler.add(env)
@@ -275,6 +292,8 @@ class Relay:
             log.error("configuration reload refused, the running configuration stays: %s",
                       "; ".join(e.problems))
             return False
+        if self.fleet is not None:  # Activate / Deactivate here is for the whole fleet
+            new = self.fleet.account.reloaded(new)
         old_listen, old_admin = self.settings.listener, self.settings.admin
         old_loop, old_fleet = self.settings.event_loop, self.settings.fleet
         self.settings = new

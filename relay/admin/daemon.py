@@ -36,6 +36,10 @@ class Daemon(Protocol):
     def reload(self) -> bool:
         """Load the configuration again (as SIGHUP does); False when it was refused."""
 
+    def activate(self, active: bool) -> None:
+        """Activate / Deactivate chosen on the page, before the reload that applies it
+        (with [fleet]: for the whole fleet)."""
+
     def fleet_status(self) -> dict[str, Any] | None:
         """The fleet as this relay sees it (relay.fleet.node), None without `[fleet]`."""
 

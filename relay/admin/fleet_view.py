@@ -20,6 +20,10 @@ def fleet_lines(fleet: dict[str, Any] | None, now: float | None = None) -> list[
         lines.append(f"  Redis {fleet['url']}: NOT REACHABLE for {now - fleet['since']:.0f} s "
                      f"({fleet.get('last_error') or 'no answer'}); delivering with a local "
                      f"share of the limits (1/{fleet['size']}); mail is still accepted")
+    if account := fleet.get("account"):
+        state = "active" if account["active"] else "INACTIVE (mail is held on every relay)"
+        at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(float(account["at"])))
+        lines.append(f"  account {state}, as set on {account['by']} at {at}")
     for member in fleet["members"]:
         queue = member.get("queue") or {}
         counts = "  ".join(f"{k} {queue[k]}" for k in ("queued", "deferred", "held", "active")

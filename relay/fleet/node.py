@@ -5,7 +5,8 @@ queue counts, last seen) with a time to live of three heartbeats
 (relay.fleet.scripts.HEARTBEAT) and reads everyone else's: the live relays are the
 fleet, and their number is the divisor of the local share when Redis goes away. That
 number is also kept in state_dir (`fleet-size`), so a relay started while Redis is
-down still keeps to a share. The heartbeat renews this relay's connection leases.
+down still keeps to a share. The heartbeat renews this relay's connection leases,
+and reads and writes the account's shared state (relay.fleet.account).
 
 Redis unreachable: said once in the log (and again when it is back), in `status`,
 and as `relay_fleet_connected` 0; acceptance never asks Redis, delivery goes on with
@@ -26,6 +27,7 @@ from typing import Any
 from prometheus_client import Gauge
 
 from relay import __version__
+from relay.fleet.account import SharedAccount
 from relay.fleet.connect import UNREACHABLE, client, describe, key_prefix, node_name
 from relay.fleet.limits import FleetLimits
 from relay.fleet.scripts import HEARTBEAT
@@ -60,6 +62,8 @@ class Fleet:
         self.size = self._read_size()
         """How many relays the fleet had when Redis last answered (at least 1)."""
         self._limits: dict[str, FleetLimits] = {}
+        self.account = SharedAccount(self.redis, self.key("account"), self.node,
+                                     settings.system_account.active)
         self._heartbeat = self.redis.register_script(HEARTBEAT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._run: asyncio.Task[None] | None = None
@@ -134,6 +138,7 @@ class Fleet:
                                           args=[self.node, 3 * self.interval, record])
             for limits in self._limits.values():
                 await limits.renew()
+            await self.account.sync()
         except UNREACHABLE as e:
             self.lost(e)
             return
@@ -160,7 +165,8 @@ class Fleet:
         """For /status, `sysmail-relay status` and the page."""
         return {"node": self.node, "url": self.url, "connected": self.connected,
                 "since": self.since, "last_error": self.last_error or None,
-                "size": self.size, "members": self.members if self.connected else []}
+                "size": self.size, "members": self.members if self.connected else [],
+                "account": self.account.state}
 
     # --- the fleet's size, kept for a start without Redis -------------------------------
 
