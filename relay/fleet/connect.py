@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,18 @@ def node_name(settings: Settings) -> str:
         return fleet.node_name
     digest = hashlib.sha256(str(Path(settings.state_dir).resolve()).encode()).hexdigest()
     return f"{socket.gethostname()}-{digest[:6]}"
+
+
+def shown(url: str) -> str:
+    """`url` for logs, `status` and the page: a password written into it is left out."""
+    parts = urllib.parse.urlsplit(url)
+    query = "&".join("password=***" if item.startswith("password=") else item
+                     for item in parts.query.split("&")) if parts.query else ""
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        netloc = user + parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def describe(error: BaseException) -> str:

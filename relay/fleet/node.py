@@ -28,7 +28,7 @@ from prometheus_client import Gauge
 
 from relay import __version__
 from relay.fleet.account import SharedAccount
-from relay.fleet.connect import UNREACHABLE, client, describe, key_prefix, node_name
+from relay.fleet.connect import UNREACHABLE, client, describe, key_prefix, node_name, shown
 from relay.fleet.limits import FleetLimits
 from relay.fleet.scripts import HEARTBEAT
 from relay.metrics import Metrics
@@ -46,7 +46,8 @@ class Fleet:
         fleet = settings.fleet
         assert fleet is not None
         self.settings = settings
-        self.url = fleet.url
+        self.url = shown(fleet.url)
+        """Where Redis is, for people (without a password written into the url)."""
         self.interval = fleet.heartbeat
         self.lease_ttl = 3 * fleet.heartbeat + fleet.timeout
         """Seconds a connection lease outlives its relay's last heartbeat."""

@@ -80,3 +80,14 @@ def test_the_fleet_comes_from_the_environment_too(tmp_path: Path,
     monkeypatch.setenv("RELAY_FLEET__URL", "redis://redis:6379/2")
     settings = validate({"state_dir": str(tmp_path)}, "relay.toml")
     assert settings.fleet is not None and settings.fleet.url == "redis://redis:6379/2"
+
+
+@pytest.mark.parametrize(("url", "shown_as"), [
+    ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+    ("rediss://relay:s3cret@redis:6380/1", "rediss://relay:***@redis:6380/1"),
+    ("unix:///run/redis.sock?db=0&password=s3cret", "unix:///run/redis.sock?db=0&password=***"),
+    ("redis://redis:6379/0", "redis://redis:6379/0"),
+])
+def test_a_password_written_into_the_url_is_never_shown(url: str, shown_as: str) -> None:
+    from relay.fleet.connect import shown
+    assert shown(url) == shown_as
