@@ -115,6 +115,8 @@ class Relay:
             from relay.fleet import Fleet
             self.fleet = Fleet(settings, self.metrics, self._counts)
             self.fleet.account.on_account = self._fleet_account
+            self.fleet.share_tokens(self.oauth)  # with token_key_file: one token for all
+            self.fleet.on_token_granted = self._fleet_token_granted
         self.make_upstream: UpstreamFactory = upstreams or functools.partial(
             make_upstream, metrics=self.metrics, oauth=self.oauth, fleet=self.fleet)
         self.spool = Spool(settings.spool_dir)
@@ -237,6 +239,10 @@ class Relay:
         here); with [fleet], for every relay of the fleet."""
         if self.fleet is not None:
             self.fleet.account.chosen(active)
+
+    def _fleet_token_granted(self, client: str) -> None:
+        """Signed in on another relay of the fleet: held mail is due now."""
+        asyncio.get_running_loop().create_task(self._release_held())
 
     def _fleet_account(self, active: bool, by: str) -> None:
         """Another relay of the fleet activated or deactivated the account."""

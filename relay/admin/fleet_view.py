@@ -24,6 +24,8 @@ def fleet_lines(fleet: dict[str, Any] | None, now: float | None = None) -> list[
         state = "active" if account["active"] else "INACTIVE (mail is held on every relay)"
         at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(float(account["at"])))
         lines.append(f"  account {state}, as set on {account['by']} at {at}")
+    for client, holder in sorted((fleet.get("refresh_lock") or {}).items()):
+        lines.append(f"  OAuth client {client}: {holder} is refreshing the token")
     for member in fleet["members"]:
         queue = member.get("queue") or {}
         counts = "  ".join(f"{k} {queue[k]}" for k in ("queued", "deferred", "held", "active")

@@ -15,10 +15,12 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import redis as redis_sync
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry as SyncRetry
 
 from relay.settings import FleetSettings, Settings
 
@@ -39,6 +41,21 @@ def client(fleet: FleetSettings) -> redis.Redis:
     if fleet.ca_file is not None:
         options["ssl_ca_certs"] = str(fleet.ca_file)
     return redis.Redis.from_url(fleet.url, **options)
+
+
+def sync_client(fleet: FleetSettings) -> redis_sync.Redis:
+    """The same, blocking, for the token store (whose callers run it in a thread)."""
+    options: dict[str, Any] = {
+        "socket_timeout": fleet.timeout,
+        "socket_connect_timeout": fleet.timeout,
+        "retry": SyncRetry(NoBackoff(), 0),
+        "decode_responses": True,
+    }
+    if fleet.password is not None:
+        options["password"] = fleet.password.get_secret_value()
+    if fleet.ca_file is not None:
+        options["ssl_ca_certs"] = str(fleet.ca_file)
+    return redis_sync.Redis.from_url(fleet.url, **options)
 
 
 def key_prefix(settings: Settings) -> str:

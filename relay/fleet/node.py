@@ -27,12 +27,24 @@ from typing import Any
 from prometheus_client import Gauge
 
 from relay import __version__
+from relay.errors import TokenStoreError
 from relay.fleet.account import SharedAccount
-from relay.fleet.connect import UNREACHABLE, client, describe, key_prefix, node_name, shown
+from relay.fleet.connect import (
+    UNREACHABLE,
+    client,
+    describe,
+    key_prefix,
+    node_name,
+    shown,
+    sync_client,
+)
 from relay.fleet.limits import FleetLimits
 from relay.fleet.scripts import HEARTBEAT
+from relay.fleet.tokens import SharedTokens, refresh_lock
 from relay.metrics import Metrics
+from relay.oauth.manager import OAuth
 from relay.settings import ServerSettings, Settings
+from relay.settings.fleet import token_key
 from relay.spool import state
 
 log = logging.getLogger("relay.fleet")
@@ -63,6 +75,14 @@ class Fleet:
         self.size = self._read_size()
         """How many relays the fleet had when Redis last answered (at least 1)."""
         self._limits: dict[str, FleetLimits] = {}
+        self.tokens: SharedTokens | None = None
+        """The OAuth tokens shared by the fleet (with `token_key_file`)."""
+        self._oauth: OAuth | None = None
+        self._granted: dict[tuple[str, str], bool] = {}
+        self.refreshing: dict[str, str] = {}
+        """Per OAuth client, the relay that holds its refresh lock now."""
+        self.on_token_granted: Callable[[str], None] | None = None
+        """Called with an OAuth client signed in on another relay (held mail is due)."""
         self.account = SharedAccount(self.redis, self.key("account"), self.node,
                                      settings.system_account.active)
         self._heartbeat = self.redis.register_script(HEARTBEAT)
@@ -119,6 +139,45 @@ class Fleet:
     def key(self, what: str) -> str:
         return self.prefix + what
 
+    def share_tokens(self, oauth: OAuth) -> None:
+        """With `token_key_file`: `oauth` keeps its tokens in Redis and refreshes one relay
+        at a time (relay.fleet.tokens)."""
+        fleet = self.settings.fleet
+        if fleet is None or fleet.token_key_file is None:
+            return
+        tokens = SharedTokens(oauth.store.directory, sync_client(fleet), self.prefix,
+                              token_key(fleet.token_key_file))
+        oauth.store = self.tokens = tokens
+        oauth.refresh_guard = lambda client, account: refresh_lock(
+            self.redis, tokens.key(client, account) + ":refresh", self.node)
+        self._oauth = oauth
+
+    async def _watch_tokens(self) -> None:
+        """Each heartbeat: a sign-in on another relay releases the mail held here; who
+        holds each refresh lock."""
+        if self.tokens is None or self._oauth is None:
+            return
+        clients = {s.oauth.client for s in self.settings.servers.values() if s.oauth}
+        for name in sorted(clients):
+            account = self._oauth.account(name)
+            try:
+                token = await asyncio.to_thread(self.tokens.load, name, account)
+            except TokenStoreError as e:
+                log.warning("fleet: %s", e)
+                continue
+            granted = bool(token and not token.refused and (token.refresh_token
+                                                              or token.access_token))
+            was = self._granted.get((name, account))
+            self._granted[(name, account)] = granted
+            if was is False and granted and self.on_token_granted is not None:
+                log.info("fleet: %s was signed in on another relay", name)
+                self.on_token_granted(name)
+            holder = await self.redis.get(self.tokens.key(name, account) + ":refresh")
+            if holder:
+                self.refreshing[name] = str(holder)
+            else:
+                self.refreshing.pop(name, None)
+
     def background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
@@ -140,6 +199,7 @@ class Fleet:
             for limits in self._limits.values():
                 await limits.renew()
             await self.account.sync()
+            await self._watch_tokens()
         except UNREACHABLE as e:
             self.lost(e)
             return
@@ -167,7 +227,7 @@ class Fleet:
         return {"node": self.node, "url": self.url, "connected": self.connected,
                 "since": self.since, "last_error": self.last_error or None,
                 "size": self.size, "members": self.members if self.connected else [],
-                "account": self.account.state}
+                "account": self.account.state, "refresh_lock": self.refreshing}
 
     # --- the fleet's size, kept for a start without Redis -------------------------------
 

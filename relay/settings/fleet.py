@@ -26,6 +26,9 @@ class FleetSettings(_Section):
     that several accounts or environments share one Redis."""
     node_name: str | None = None
     """This relay's name in the fleet; default the host name and a hash of state_dir."""
+    token_key_file: Path | None = None
+    """32 random bytes as 64 hex digits (`openssl rand -hex 32`): with it, the OAuth tokens
+    are shared by the fleet, encrypted with it in Redis (AES-GCM)."""
     heartbeat: Annotated[Duration, Field(ge=1, le=60)] = 5.0
     """Seconds between this relay's heartbeats; it counts as gone after three missed."""
     timeout: Annotated[Duration, Field(ge=0.1, le=30)] = 2.0
@@ -44,6 +47,8 @@ class FleetSettings(_Section):
         if self.password_file is not None:
             secret = SecretStr(_read_key("password_file", self.password_file))
             object.__setattr__(self, "password", secret)
+        if self.token_key_file is not None:
+            token_key(self.token_key_file)
         if self.key_prefix is not None and not self.key_prefix.strip():
             raise ValueError("key_prefix must not be empty (leave it out for the default)")
         return self
@@ -55,4 +60,20 @@ class FleetSettings(_Section):
             found.append(("fleet.ca_file", self.ca_file, "ca"))
         if self.password_file is not None:
             found.append(("fleet.password_file", self.password_file, "secret"))
+        if self.token_key_file is not None:
+            found.append(("fleet.token_key_file", self.token_key_file, "secret"))
         return found
+
+
+def token_key(path: Path) -> bytes:
+    """The 32-byte key in `token_key_file`. ValueError names the file and the fix."""
+    text = _read_key("token_key_file", path).strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError(f"token_key_file: {path} must hold 64 hex digits (32 random bytes); "
+                         f"make one with `openssl rand -hex 32 > {path}` and chmod 600 it "
+                         "(the same file for every relay of the fleet)")
+    return key

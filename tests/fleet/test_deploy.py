@@ -58,10 +58,12 @@ def test_the_relays_find_the_fleets_redis_with_its_password(manifest: str,
     # and the whole configuration is valid, its secrets where the pod has them
     secrets = tmp_path / "secrets"
     for name in ("sysmail-relay/smtp_password", "sysmail-relay/admin_token",
-                 "sysmail-relay-fleet/redis_password"):
+                 "sysmail-relay-fleet/redis_password", "sysmail-relay-fleet/token_key"):
         (secrets / name).parent.mkdir(parents=True, exist_ok=True)
-        (secrets / name).write_text("x\n")
+        (secrets / name).write_text("ab" * 32 + "\n")
     raw = tomllib.loads(text.replace("/run/secrets/", f"{secrets}/"))
     settings = validate({**raw, "state_dir": str(tmp_path / "state")}, manifest)
     assert settings.fleet is not None and settings.active_server is not None
+    assert settings.fleet.token_key_file is not None
+    assert settings.fleet.token_key_file.name in [i["path"] for i in volume["secret"]["items"]]
     assert settings.active_server.rate_limit is not None

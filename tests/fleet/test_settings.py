@@ -91,3 +91,18 @@ def test_the_fleet_comes_from_the_environment_too(tmp_path: Path,
 def test_a_password_written_into_the_url_is_never_shown(url: str, shown_as: str) -> None:
     from relay.fleet.connect import shown
     assert shown(url) == shown_as
+
+
+def test_a_token_key_that_is_not_32_bytes_in_hex_is_refused_with_how_to_make_one(
+        tmp_path: Path) -> None:
+    key = tmp_path / "token_key"
+    key.write_text("not-a-key\n")
+    with pytest.raises(ConfigError) as e:
+        validate(fleet_config(tmp_path, url="redis://redis", token_key_file=str(key)),
+                 "relay.toml")
+    assert f"must hold 64 hex digits (32 random bytes); make one with `openssl rand -hex 32 " \
+           f"> {key}`" in str(e.value)
+    key.write_text("0f" * 32 + "\n")
+    settings = validate(fleet_config(tmp_path, url="redis://redis", token_key_file=str(key)),
+                        "relay.toml")
+    assert settings.fleet is not None and settings.fleet.token_key_file == key
