@@ -138,3 +138,20 @@ async def test_a_relay_with_another_token_key_says_what_to_fix(
     (c, _) = await relays("c", key_file(tmp_path / "other_key", "cd" * 32))
     with pytest.raises(TokenStoreError, match="same \\[fleet\\] token_key_file"):
         c.store.load("test", USER)
+
+
+async def test_status_names_the_relay_that_holds_the_refresh_lock(relays: RelayMaker) -> None:
+    (a, _), (_, fleet_b) = await relays("a"), await relays("b")
+    await sign_in(a)
+    async with a.refresh_guard("test", USER):
+        await fleet_b.beat()
+        assert fleet_b.status()["refresh_lock"] == {"test": "a"}
+        assert "  OAuth client test: a is refreshing the token" in \
+            status_lines(fleet_b.status())
+    await fleet_b.beat()
+    assert fleet_b.status()["refresh_lock"] == {}
+
+
+def status_lines(fleet: dict[str, object]) -> list[str]:
+    from relay.admin.fleet_view import fleet_lines
+    return fleet_lines(fleet)
