@@ -3,8 +3,9 @@
 `node` is this relay's membership (heartbeats, who is alive, whether Redis answers),
 `limits` a server's rate, daily quota and connections shared by the fleet (with a local
 share while Redis is unreachable), `scripts` the atomic steps they run in Redis,
-`connect` the client and key names. Imported only when `[fleet]` is configured: a single
-relay never loads redis.
+`account` the shared Active / Inactive state, `tokens` the shared, encrypted OAuth
+tokens and the refresh lock, `connect` the clients and key names. Imported only when
+`[fleet]` is configured: a single relay never loads redis.
 """
 
 from relay.fleet.limits import FleetLimits
