@@ -127,6 +127,8 @@ class Fleet:
                             pipe.zrem(limits.key("conn"), *limits.leases)
                     await pipe.execute()
         await self.redis.aclose()
+        if self.tokens is not None:
+            self.tokens.redis.close()
 
     def limits(self, name: str, server: ServerSettings) -> FleetLimits:
         """The shared limits of server `name` (one object per name; a reload updates it)."""
@@ -146,7 +148,7 @@ class Fleet:
         if fleet is None or fleet.token_key_file is None:
             return
         tokens = SharedTokens(oauth.store.directory, sync_client(fleet), self.prefix,
-                              token_key(fleet.token_key_file))
+                              token_key(fleet.token_key_file), lambda: self.connected)
         oauth.store = self.tokens = tokens
         oauth.refresh_guard = lambda client, account: refresh_lock(
             self.redis, tokens.key(client, account) + ":refresh", self.node)
@@ -199,7 +201,6 @@ class Fleet:
             for limits in self._limits.values():
                 await limits.renew()
             await self.account.sync()
-            await self._watch_tokens()
         except UNREACHABLE as e:
             self.lost(e)
             return
@@ -212,6 +213,10 @@ class Fleet:
         if size != self.size:
             self.size = size
             await asyncio.to_thread(self._write_size, size)
+        try:
+            await self._watch_tokens()  # once connected: the token store asks Redis too
+        except UNREACHABLE as e:
+            self.lost(e)
 
     def lost(self, error: BaseException) -> None:
         """Redis did not answer: from now on the local share, until a heartbeat succeeds."""

@@ -8,7 +8,8 @@ its page or by its CLI, a refresh with the rotated refresh token, the "Not grant
 left by an `invalid_grant`) goes to Redis and to its own file; what it loads is the
 newer of the two (the local file when a CLI sign-in wrote it, then written to Redis),
 so one sign-in grants every relay and one refusal holds every relay's mail. While
-Redis does not answer, each relay uses its own file.
+Redis does not answer, each relay uses its own file, and what it stored meanwhile
+goes to Redis when it answers again.
 
 `refresh_lock` lets one relay at a time refresh (SET NX with a lease, so a relay that
 dies while refreshing blocks the others for the lease at most); the others wait, then
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -55,9 +56,11 @@ def stamp(token: StoredToken) -> tuple[float, bool]:
 
 class SharedTokens(TokenStore):
     def __init__(self, directory: Path, client: redis_sync.Redis, prefix: str,
-                 key: bytes) -> None:
+                 key: bytes, reachable: Callable[[], bool] = lambda: True) -> None:
         super().__init__(directory)
         self.redis = client
+        self.reachable = reachable
+        """False while the fleet's heartbeat finds Redis away: no waiting for it here."""
         self.prefix = prefix
         self._aead = AESGCM(key)
         self._unreachable = False
@@ -67,6 +70,8 @@ class SharedTokens(TokenStore):
 
     def load(self, client: str, account: str, *, check_mode: bool = True) -> StoredToken | None:
         local = super().load(client, account, check_mode=check_mode)
+        if not self.reachable():
+            return local
         try:
             raw = self.redis.get(self.key(client, account))
         except UNREACHABLE as e:
@@ -92,6 +97,8 @@ class SharedTokens(TokenStore):
         return super().delete(client, account)
 
     def _share(self, token: StoredToken) -> None:
+        if not self.reachable():
+            return  # shared at the next load once Redis answers: this copy is newer
         key = self.key(token.client, token.account)
         nonce = os.urandom(12)
         sealed = self._aead.encrypt(nonce, json.dumps(asdict(token)).encode(), key.encode())

@@ -155,3 +155,22 @@ async def test_status_names_the_relay_that_holds_the_refresh_lock(relays: RelayM
 def status_lines(fleet: dict[str, object]) -> list[str]:
     from relay.admin.fleet_view import fleet_lines
     return fleet_lines(fleet)
+
+
+async def test_without_redis_each_relay_uses_its_copy_and_shares_what_it_stored_later(
+        relays: RelayMaker, redis_server: RedisServer) -> None:
+    (a, fleet_a), (b, fleet_b) = await relays("a"), await relays("b")
+    await sign_in(a)
+    first = await b.access_token("test")  # b's own copy now holds it too
+    redis_server.stop()
+    await fleet_a.beat()
+    await fleet_b.beat()
+    assert not fleet_a.connected and not fleet_b.connected
+    assert await b.access_token("test") == first  # from b's own file, Redis not asked
+    await sign_in(a)  # a new grant while Redis is away: stored on a only
+    signed_again = a.store.load("test", USER)
+    redis_server.start()
+    await fleet_a.beat()  # connected: a's newer copy goes to Redis
+    await fleet_b.beat()
+    assert signed_again is not None
+    assert await b.access_token("test") == signed_again.access_token
