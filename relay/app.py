@@ -158,8 +158,6 @@ class Relay:
             log.error("%s: moved to quarantine: %s", queue_id, reason)
         self.scheduler = Scheduler(self.spool, self.settings, self.metrics, self.make_upstream)
         self.scheduler.on_dead = self.notifier.dead_letter
-        if self.fleet is not None:
-            await self.fleet.start()  # Redis or not: the relay starts, the heartbeat retries
         self.notifier.recovered(recovery.crashed_out)
         if self.workers > 1:
             metrics_dir = self.settings.state_dir / "metrics"
@@ -177,6 +175,8 @@ class Relay:
         except OSError:
             self.listener.stop_accepting()
             raise
+        if self.fleet is not None:  # before sending: the fleet may hold the account
+            await self.fleet.start()  # Redis or not: the relay starts, the heartbeat retries
         # The queue's index is read while the listener already accepts: a large queue
         # delays sending, never receiving.
         self._load_task = asyncio.create_task(self.scheduler.load(), name="queue-index")
