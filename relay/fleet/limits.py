@@ -1,12 +1,13 @@
 """One server's limits shared by the fleet (implements relay.upstream.shared.SharedLimits).
 
 rate_limit and max_recipients_per_day are counted in Redis for every relay at once
-(relay.fleet.scripts.TAKE, one atomic step), and so are the server's connections
-(`pool_size` for the whole fleet, as leases that the heartbeat renews and that
-expire when a relay dies). While Redis cannot be reached, each relay keeps to a
-conservative local share: the limit divided by the number of relays it last saw
-(at least 1 message, 1 connection), and goes back to the shared count once the
-heartbeat reaches Redis again.
+(relay.fleet.scripts.TAKE, one atomic step; rate_limit also per sixth of its
+interval, so that one relay's burst does not use up a whole interval before the
+others ask), and so are the server's connections (`pool_size` for the whole fleet,
+as leases that the heartbeat renews and that expire when a relay dies). While Redis
+cannot be reached, each relay keeps to a conservative local share: the limit divided
+by the number of relays it last saw (at least 1 message, 1 connection), and goes
+back to the shared count once the heartbeat reaches Redis again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from relay.upstream.pacing import RateLimited
 log = logging.getLogger("relay.fleet")
 
 DAY = 86400
+SPREAD = 6
+"""rate_limit's interval is also counted in this many parts, each allowing that part of
+the limit (rounded up): "30/min" sends at most 5 in any 10 s, and 30 in any minute."""
 IDLE_SHARED = 2.0
 """Seconds an idle connection holds its lease before it is closed."""
 CONNECTION_WAIT = 0.2
@@ -57,7 +61,7 @@ class Member(Protocol):
 
 Limit = tuple[str, int, float, int, float]
 """(what, limit, seconds an entry counts, weight, seconds to wait when refused to share)."""
-_KINDS = {"rate": "window", "day": "quota", "conn": "lease"}
+_KINDS = {"rate": "window", "burst": "window", "day": "quota", "conn": "lease"}
 """How TAKE treats each: a sliding window, a quota (not shared fairly), a lease."""
 
 
@@ -87,8 +91,7 @@ class FleetLimits:
         self.waiting_for_connections = 0
         """Other relays that were refused a connection, as the last heartbeat saw."""
         self._local: dict[str, collections.deque[tuple[float, int, str]]] = {
-            "rate": collections.deque(), "day": collections.deque(),
-            "conn": collections.deque()}
+            what: collections.deque() for what in ("rate", "burst", "day", "conn")}
 
     def key(self, what: str) -> str:
         return f"{self.fleet.prefix}{what}:{self.name}"
@@ -103,6 +106,10 @@ class FleetLimits:
         found = []
         if (rate := self.server.rate_limit) is not None:
             found.append(("rate", rate.count, float(rate.seconds), 1,
+                          rate.seconds / rate.count))
+            # and a sixth of it per sixth of the interval: one relay cannot take a whole
+            # interval's messages at once before the others have asked
+            found.append(("burst", math.ceil(rate.count / SPREAD), rate.seconds / SPREAD, 1,
                           rate.seconds / rate.count))
         if (quota := self.server.max_recipients_per_day) is not None:
             found.append(("day", quota, float(DAY), recipients, 1.0))

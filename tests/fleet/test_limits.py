@@ -4,6 +4,7 @@ relay's expire, nobody is starved, and a relay without Redis keeps to its share.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def limits_of(fleet: Fleet) -> FleetLimits:
 
 
 async def test_the_rate_limit_holds_for_all_relays_together(fleets: FleetMaker) -> None:
-    a, b = [limits_of(await fleets(n, rate_limit="5/min")) for n in ("a", "b")]
+    """30/min: at most 5 in any 10 s (a sixth), whichever relay sends them."""
+    a, b = [limits_of(await fleets(n, rate_limit="30/min")) for n in ("a", "b")]
     for limits in (a, b, a, b, a):
         await limits.take(message())
     for limits in (a, b):
@@ -69,8 +71,19 @@ async def test_the_rate_limit_holds_for_all_relays_together(fleets: FleetMaker) 
         assert limits.not_before() == refused.value.retry_at
 
 
+async def test_one_relay_cannot_take_a_whole_interval_at_once(fleets: FleetMaker) -> None:
+    """Before the others have even asked: 30/min lets 5 go in 10 s, not 30 at once."""
+    (a,) = [limits_of(await fleets("a", rate_limit="30/min"))]
+    for _ in range(5):
+        await a.take(message())
+    with pytest.raises(RateLimited) as refused:
+        await a.take(message())
+    now = time.time()
+    assert refused.value.retry_at is not None and now < refused.value.retry_at <= now + 10
+
+
 async def test_an_attempt_given_back_uses_up_no_limit(fleets: FleetMaker) -> None:
-    a, b = [limits_of(await fleets(n, rate_limit="2/min")) for n in ("a", "b")]
+    a, b = [limits_of(await fleets(n, rate_limit="12/min")) for n in ("a", "b")]
     await a.take(message())
     taken = await a.take(message())
     a.give_back(taken)
@@ -97,14 +110,15 @@ async def test_the_daily_recipient_quota_counts_every_relays_recipients(
 
 
 async def test_a_busy_relay_does_not_starve_a_waiting_one(fleets: FleetMaker) -> None:
-    busy, other = [limits_of(await fleets(n, rate_limit="4/min")) for n in ("busy", "other")]
+    busy, other = [limits_of(await fleets(n, rate_limit="24/min"))
+                   for n in ("busy", "other")]
     taken = [await busy.take(message()) for _ in range(4)]
     with pytest.raises(RateLimited):
         await other.take(message())  # full: "other" now waits
     busy.give_back(taken.pop())
     busy.give_back(taken.pop())
     await fleets_settle(busy)
-    with pytest.raises(RateLimited):  # room for 2, but "busy" has its share (4 / 2)
+    with pytest.raises(RateLimited):  # room for 2, but "busy" has its share (4 / 2 per 10 s)
         await busy.take(message())
     await other.take(message())
 
@@ -152,7 +166,7 @@ async def test_without_redis_a_relay_keeps_to_its_share_of_the_limit(
         fleets: FleetMaker, redis_server: RedisServer, tmp_path: Path) -> None:
     (tmp_path / "alone").mkdir()
     (tmp_path / "alone" / "fleet-size").write_text("3\n")  # the fleet it saw last
-    fleet = await fleets("alone", url="redis://127.0.0.1:1/0", rate_limit="6/min")
+    fleet = await fleets("alone", url="redis://127.0.0.1:1/0", rate_limit="36/min")
     assert not fleet.connected and fleet.size == 3
     limits = limits_of(fleet)
     await limits.take(message())
