@@ -4,7 +4,9 @@
 # chromium for the admin page's browser test (Playwright drives it headless), and
 # prometheus for its promtool (the alert rules in deploy/ are tested with
 # `promtool test rules`; no Prometheus server is started), and fuse3 (libfuse3 and
-# fusermount3) for the power-cut tests' file system (tests/powerfs.py, over mfusepy).
+# fusermount3) for the power-cut tests' file system (tests/powerfs.py, over mfusepy),
+# and redis-server for the fleet's tests (tests/fleet/ start their own on a free port;
+# Debian's service is stopped and disabled).
 # Idempotent; run as root. The tests start private instances on 127.0.0.1.
 set -euo pipefail
 
@@ -29,6 +31,7 @@ PACKAGES=(
     chromium
     prometheus
     fuse3
+    redis-server
 )
 
 missing=()
@@ -80,13 +83,17 @@ stop_by_pidfile /var/spool/postfix/pid/master.pid
 stop_by_pidfile /run/dovecot/master.pid
 stop_by_pidfile /run/saslauthd/saslauthd.pid
 stop_by_pidfile /run/prometheus/prometheus.pid
+stop_by_pidfile /run/redis/redis-server.pid
 
 # Debian's prometheus package enables its server at boot (systemd and sysv links);
 # only promtool is wanted here, so no Prometheus listens on :9090 after a reboot either.
 deb-systemd-helper disable prometheus.service >/dev/null 2>&1 || true
 update-rc.d prometheus disable >/dev/null 2>&1 || true
+# Likewise redis-server: the fleet's tests run their own, no system Redis on :6379.
+deb-systemd-helper disable redis-server.service >/dev/null 2>&1 || true
+update-rc.d redis-server disable >/dev/null 2>&1 || true
 
-for bin in postfix postconf smtp-sink dovecot doveadm saslpasswd2 swaks chromium promtool; do
+for bin in postfix postconf smtp-sink dovecot doveadm saslpasswd2 swaks chromium promtool redis-server; do
     command -v "$bin" >/dev/null || { echo "install-peers.sh: $bin missing" >&2; exit 1; }
 done
 echo "install-peers.sh: peers installed: $(postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /'), dovecot $(dovecot --version)"

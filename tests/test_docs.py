@@ -14,6 +14,7 @@ from pydantic.fields import FieldInfo
 
 from relay.settings import (
     AuthSettings,
+    FleetSettings,
     OAuthClientSettings,
     PopBeforeSmtpSettings,
     ServerOAuthSettings,
@@ -30,6 +31,8 @@ _NAMED: dict[str, type[BaseModel]] = {"servers.NAME": ServerSettings,
 _NESTED: dict[str, type[BaseModel]] = {"auth": AuthSettings,
                                        "pop_before_smtp": PopBeforeSmtpSettings,
                                        "oauth": ServerOAuthSettings}
+# Optional sections (absent by default) whose keys the docs list one by one.
+_OPTIONAL: dict[str, type[BaseModel]] = {"fleet": FleetSettings}
 
 
 def documented() -> dict[str, str]:
@@ -51,6 +54,8 @@ def model_fields() -> dict[str, FieldInfo]:
                 walk(f"{path}.NAME.", _NAMED[f"{path}.NAME"])
             elif prefix and name in _NESTED:
                 walk(path + ".", _NESTED[name])
+            elif not prefix and name in _OPTIONAL:
+                walk(path + ".", _OPTIONAL[name])
             elif isinstance(info.default, BaseModel):
                 walk(path + ".", type(info.default))
             else:

@@ -10,6 +10,9 @@
 #    base image's Python and machine (`pip download --only-binary=:all:
 #    --python-version X.Y --platform manylinux...`), so the host's Python version
 #    does not matter. The base image is asked which Python it has, unless --python.
+#    pip evaluates environment markers with the host's Python, so what a dependency
+#    needs only below a patch release is named here too (redis-py: async-timeout
+#    before 3.11.3, e.g. Debian bookworm's 3.11.2).
 # 2. The image is built from the repository root; .dockerignore sends only the
 #    wheels and the health check script, and the Dockerfile installs them with
 #    `pip install --no-index`: no registry is contacted inside the build.
@@ -30,7 +33,7 @@ while (($#)); do
         --python) pyver=$2; shift 2 ;;
         --platform) platform=$2; shift 2 ;;
         --wheels-only) wheels_only=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build-image.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
 done
@@ -72,7 +75,7 @@ pip=("$out/tools/bin/pip" --disable-pip-version-check --quiet)
     --implementation cp --python-version "$pyver" --abi "$abi" \
     --platform "manylinux_2_28_$platform" --platform "manylinux_2_17_$platform" \
     --platform "manylinux2014_$platform" --platform "manylinux1_$platform" \
-    "$out"/wheels/sysmail_relay-*.whl
+    "$out"/wheels/sysmail_relay-*.whl "async-timeout>=4.0.3"
 echo "build-image.sh: $(find "$out/wheels" -name '*.whl' | wc -l) wheels for Python $pyver" \
      "on $platform in $out/wheels"
 if ((wheels_only)); then

@@ -127,6 +127,9 @@ async def change_save(request: web.Request) -> web.Response:
         except ConfigError as e:
             context = form_context(relay.settings, values, e.problems)
             return render(request, "change.html", context, 400)
+        active = values.get("active", "true") != "false"
+        if active != relay.settings.system_account.active:
+            relay.activate(active)
         if not relay.reload():
             await asyncio.to_thread(restore, relay.settings, previous)
             return message(request, "Not changed", "The relay refused the new configuration; "

@@ -7,7 +7,7 @@ the pages and the daemon's lifecycle can change apart.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from relay.delivery.scheduler import Scheduler
 from relay.metrics import Metrics
@@ -35,6 +35,13 @@ class Daemon(Protocol):
 
     def reload(self) -> bool:
         """Load the configuration again (as SIGHUP does); False when it was refused."""
+
+    def activate(self, active: bool) -> None:
+        """Activate / Deactivate chosen on the page, before the reload that applies it
+        (with [fleet]: for the whole fleet)."""
+
+    def fleet_status(self) -> dict[str, Any] | None:
+        """The fleet as this relay sees it (relay.fleet.node), None without `[fleet]`."""
 
     async def rescan(self) -> None:
         """Look at the queue on disk again (after the CLI or the page changed it)."""

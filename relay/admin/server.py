@@ -199,6 +199,8 @@ async def live_status(relay: Daemon) -> dict[str, Any]:
             report["queue"].update(counts, oldest_seconds=live["oldest_seconds"])
     if relay.listener_address is not None:
         live["listener"] = "{}:{}".format(*relay.listener_address)
+    if (fleet := relay.fleet_status()) is not None:
+        report["fleet"] = fleet
     report["live"] = live
     return report
 

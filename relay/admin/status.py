@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from relay.admin.fleet_view import fleet_lines
 from relay.delivery.health import INACTIVE, NOT_GRANTED, describe
 from relay.oauth.manager import authorization as oauth_authorization
 from relay.oauth.manager import describe as describe_oauth
@@ -184,6 +185,7 @@ def render(status: dict[str, Any]) -> str:
             lines.append(f"  {queue['damaged']} damaged entries (the daemon quarantines them)")
         if queue["oldest_seconds"]:
             lines.append(f"  oldest waiting message: {queue['oldest_seconds']:.0f} s")
+    lines.extend(fleet_lines(status.get("fleet")))
     for warning in status.get("warnings", []):
         lines.append(f"Warning: {warning}")
     daemon = status["daemon"]

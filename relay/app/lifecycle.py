@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from relay import logs
 from relay.admin import queue as queue_admin
@@ -40,6 +41,9 @@ from relay.spool.recovery import recover
 from relay.spool.store import Envelope, Spool
 from relay.upstream.choose import make_upstream
 from relay.upstream.outbox import LocalOutbox
+
+if TYPE_CHECKING:
+    from relay.fleet import Fleet
 
 log = logging.getLogger("relay.app")
 
@@ -61,8 +65,15 @@ class Relay:
         self.metrics.declare(settings.metric_series(), settings.oauth_clients)
         self.oauth = OAuth(settings, self.metrics)
         self.oauth.on_granted.append(self._oauth_granted)
+        self.fleet: Fleet | None = None
+        if settings.fleet is not None:  # redis is imported only for a fleet
+            from relay.fleet import Fleet
+            self.fleet = Fleet(settings, self.metrics, self._counts)
+            self.fleet.account.on_account = self._fleet_account
+            self.fleet.share_tokens(self.oauth)  # with token_key_file: one token for all
+            self.fleet.on_token_granted = self._fleet_token_granted
         self.make_upstream: UpstreamFactory = upstreams or functools.partial(
-            make_upstream, metrics=self.metrics, oauth=self.oauth)
+            make_upstream, metrics=self.metrics, oauth=self.oauth, fleet=self.fleet)
         self.spool = Spool(settings.spool_dir)
         self.lock = state.StateLock(settings.state_dir)
         self.scheduler: Scheduler | None = None
@@ -119,6 +130,8 @@ class Relay:
         except OSError:
             self.listener.stop_accepting()
             raise
+        if self.fleet is not None:  # before sending: the fleet may hold the account
+            await self.fleet.start()  # Redis or not: the relay starts, the heartbeat retries
         # The queue's index is read while the listener already accepts: a large queue
         # delays sending, never receiving.
         self._load_task = asyncio.create_task(self.scheduler.load(), name="queue-index")
@@ -169,6 +182,33 @@ class Relay:
                 self.pid_file.unlink()
             self.lock.release()
 
+    def _counts(self) -> dict[str, int]:
+        return self.scheduler.counts() if self.scheduler is not None else {}
+
+    def fleet_status(self) -> dict[str, Any] | None:
+        """The fleet as this relay sees it (`[fleet]`), None without one."""
+        return self.fleet.status() if self.fleet is not None else None
+
+    def activate(self, active: bool) -> None:
+        """Activate / Deactivate chosen on the page (the reload that follows applies it
+        here); with [fleet], for every relay of the fleet."""
+        if self.fleet is not None:
+            self.fleet.account.chosen(active)
+
+    def _fleet_token_granted(self, client: str) -> None:
+        """Signed in on another relay of the fleet: held mail is due now."""
+        asyncio.get_running_loop().create_task(self._release_held())
+
+    def _fleet_account(self, active: bool, by: str) -> None:
+        """Another relay of the fleet activated or deactivated the account."""
+        from relay.fleet.account import with_active
+        if active == self.settings.system_account.active or self.scheduler is None:
+            return
+        self.settings = with_active(self.settings, active)
+        self.scheduler.reconfigure(self.settings)
+        log.warning("system account %s on %s (fleet): %s", "activated" if active else
+                    "deactivated", by, "sending" if active else "mail is held")
+
     def _queued(self, env: Envelope) -> None:
         assert self.scheduler is not None
         self.scheduler.add(env)
@@ -192,6 +232,8 @@ class Relay:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.fleet is not None:
+            await self.fleet.stop()
         await self.notifier.close()
         await asyncio.to_thread(self.spool.close)  # writes of messages being received end
         if self.admin is not None:
@@ -211,8 +253,10 @@ class Relay:
             log.error("configuration reload refused, the running configuration stays: %s",
                       "; ".join(e.problems))
             return False
+        if self.fleet is not None:  # Activate / Deactivate here is for the whole fleet
+            new = self.fleet.account.reloaded(new)
         old_listen, old_admin = self.settings.listener, self.settings.admin
-        old_loop = self.settings.event_loop
+        old_loop, old_fleet = self.settings.event_loop, self.settings.fleet
         self.settings = new
         logs.configure(new.log)
         assert self.listener is not None and self.scheduler is not None
@@ -229,6 +273,9 @@ class Relay:
         if (old_admin.host, old_admin.port) != (new.admin.host, new.admin.port):
             log.warning("admin.host/port changed: restart the relay to serve the admin "
                         "listener on %s:%d", new.admin.host, new.admin.port)
+        if old_fleet != new.fleet:
+            log.warning("[fleet] changed: restart the relay to join or leave the fleet "
+                        "with the new settings")
         if old_loop != new.event_loop:
             log.warning("event_loop changed: restart the relay to run on %s", new.event_loop)
         self.oauth.reconfigure(new)

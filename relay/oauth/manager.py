@@ -9,7 +9,8 @@
   stored only after the provider has handed it over.
 - `access_token(client)`: a token valid for the refresh margin, refreshed before it
   expires by one request however many deliveries ask at once (single-flight); a
-  rotated refresh token is stored at once. `fresh_token()` replaces a token the SMTP
+  rotated refresh token is stored at once (in a fleet, `refresh_guard` makes that one
+  request for every relay). `fresh_token()` replaces a token the SMTP
   server refused. `token_generator()` is aiosmtplib's `oauth_token_generator`.
 - `keep_alive()`: the daemon calls it periodically so that an idle relay's refresh
   token is used every few days (Microsoft retires one unused for 90 days).
@@ -24,10 +25,12 @@ log line, a metric, `status` or an exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +75,11 @@ class _SignIn:
     expires: float
 
 
+@contextlib.asynccontextmanager
+async def _alone(client: str, account: str) -> AsyncIterator[None]:
+    yield
+
+
 class OAuth:
     """Authorization state and tokens for every [oauth_clients.NAME]."""
 
@@ -83,6 +91,9 @@ class OAuth:
         """Called after every new authorization (the daemon then retries held mail)."""
         self._sign_ins: dict[str, _SignIn] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.refresh_guard: Callable[[str, str], AbstractAsyncContextManager[None]] = _alone
+        """Held around a refresh: in a fleet, the lock that lets one relay refresh at a
+        time (relay.fleet.tokens); alone, nothing more than the lock above."""
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
@@ -244,7 +255,8 @@ class OAuth:
 
     async def _renew(self, client: str, account: str, rejected: str | None) -> str:
         lock = self._locks.setdefault((client, account), asyncio.Lock())
-        async with lock:  # one refresh; the others wait for it and take its token
+        # one refresh (in a fleet: one relay refreshes); the others wait and take its token
+        async with lock, self.refresh_guard(client, account):
             token = await asyncio.to_thread(self.store.load, client, account)
             if (token is not None and token.access_token is not None
                     and token.access_token != rejected

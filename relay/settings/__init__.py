@@ -17,6 +17,7 @@ from relay.settings.files import (
     file_warnings,
     named_files,
 )
+from relay.settings.fleet import FleetSettings
 from relay.settings.load import (
     OVERRIDES_FILE,
     admin_token,
@@ -72,6 +73,7 @@ __all__ = [
     "AuthSettings",
     "Duration",
     "Encryption",
+    "FleetSettings",
     "ListenerSettings",
     "LogSettings",
     "OAuthClientSettings",

@@ -40,6 +40,8 @@ def named_files(settings: Settings) -> list[tuple[str, Path, str]]:
                           "secret"))
     if settings.admin.token_file is not None:
         found.append(("admin.token_file", settings.admin.token_file, "secret"))
+    if settings.fleet is not None:
+        found += settings.fleet.files()
     return [(key, secret_path(path) if kind == "secret" else path, kind)
             for key, path, kind in found]
 

@@ -15,6 +15,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from relay.settings.fleet import FleetSettings
 from relay.settings.servers import (
     AuthSettings,
     PopBeforeSmtpSettings,
@@ -130,6 +131,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
+    fleet: FleetSettings | None = None  # several relays, one account (relay.fleet)
 
     @classmethod
     def settings_customise_sources(

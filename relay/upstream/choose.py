@@ -26,6 +26,7 @@ from relay.upstream.http_api import ApiUpstream
 from relay.upstream.http_client import Client
 from relay.upstream.outbox import LocalOutbox
 from relay.upstream.probe import probe, probe_api
+from relay.upstream.shared import LimitsSource
 from relay.upstream.smtp_pool import SmtpUpstream
 
 APIS: dict[str, type[Graph] | type[Gmail]] = {"graph": Graph, "gmail_api": Gmail}
@@ -33,8 +34,9 @@ APIS: dict[str, type[Graph] | type[Gmail]] = {"graph": Graph, "gmail_api": Gmail
 
 def make_upstream(settings: Settings, metrics: Metrics | None = None,
                   oauth: OAuth | None = None, name: str | None = None,
-                  fallback: bool = True) -> Upstream:
-    """The upstream of servers.NAME (default: the sending server)."""
+                  fallback: bool = True, fleet: LimitsSource | None = None) -> Upstream:
+    """The upstream of servers.NAME (default: the sending server); in a fleet, with the
+    limits its relays share."""
     name = name or settings.system_account.server
     server = settings.servers.get(name)
     if server is None:
@@ -42,13 +44,16 @@ def make_upstream(settings: Settings, metrics: Metrics | None = None,
     metrics = metrics or Metrics()
     if oauth is None and server.oauth is not None:
         oauth = OAuth(settings, metrics)
+    shared = fleet.limits(name, server) if fleet is not None else None
     if server.http:
         spare = None
         if fallback and server.fallback_server is not None:
             spare = make_upstream(settings, metrics, oauth, server.fallback_server,
-                                  fallback=False)
-        return ApiUpstream(name, server, APIS[server.protocol](), metrics, oauth, spare)
-    return SmtpUpstream(name, server, metrics, local_hostname(settings), oauth=oauth)
+                                  fallback=False, fleet=fleet)
+        return ApiUpstream(name, server, APIS[server.protocol](), metrics, oauth, spare,
+                           shared=shared)
+    return SmtpUpstream(name, server, metrics, local_hostname(settings), oauth=oauth,
+                        shared=shared)
 
 
 def local_hostname(settings: Settings) -> str:

@@ -34,6 +34,7 @@ from relay.upstream.http_client import Client, Request, retry_after, said
 from relay.upstream.message import Body
 from relay.upstream.pacing import Pacing
 from relay.upstream.recipients import address_for_api
+from relay.upstream.shared import SharedLimits
 
 if TYPE_CHECKING:
     from relay.oauth.manager import OAuth
@@ -80,7 +81,8 @@ class ApiUpstream:
     wants_data = True
 
     def __init__(self, name: str, server: ServerSettings, api: Api, metrics: Metrics,
-                 oauth: OAuth | None, fallback: Upstream | None = None) -> None:
+                 oauth: OAuth | None, fallback: Upstream | None = None,
+                 shared: SharedLimits | None = None) -> None:
         self.name = name
         self.server = server
         self.api = api
@@ -89,9 +91,14 @@ class ApiUpstream:
         self.client.on_refused = metrics.auth_failures.labels(name, "Bearer").inc
         self.fallback = fallback
         self.pacing = Pacing(name, server)
+        self.shared = shared
+        """In a fleet: rate_limit, max_recipients_per_day and pool_size (requests in
+        flight) shared with the other relays (relay.upstream.shared)."""
         self._slots = asyncio.Semaphore(server.pool_size)
 
     def not_before(self) -> float:
+        if self.shared is not None:
+            return max(self.pacing.not_before(), self.shared.not_before())
         return self.pacing.not_before()
 
     async def close(self) -> None:
@@ -110,7 +117,7 @@ class ApiUpstream:
             self.pacing.check(message)
             tried = self.pacing.count(message)
             try:
-                reply = await self._send(request)
+                reply = await self._shared_send(request, message)
             except BaseException:
                 self.pacing.uncount(tried)  # not taken: no limit is used up
                 raise
@@ -119,6 +126,22 @@ class ApiUpstream:
                      "recipients sent as Bcc: %s", message.envelope.id, self.name,
                      ", ".join(addressed.removed) or "none", ", ".join(addressed.bcc) or "none")
         return [Outcome(r.address, reply) for r in message.recipients]
+
+    async def _shared_send(self, request: Request, message: Outgoing) -> str:
+        """`_send`, in a fleet within the shared limits: a lease for the request in
+        flight and the message counted, given back when nothing was taken."""
+        if self.shared is None:
+            return await self._send(request)
+        lease = await self.shared.connect()
+        try:
+            taken = await self.shared.take(message)
+            try:
+                return await self._send(request)
+            except BaseException:
+                self.shared.give_back(taken)
+                raise
+        finally:
+            self.shared.disconnect(lease)
 
     async def _send(self, request: Request) -> str:
         response = await self.client.request(request, "send")

@@ -6,7 +6,10 @@ refused one), reconnects when the server closed an idle connection, closes one
 left unused for IDLE_CLOSE seconds, logs in by POP before SMTP when configured
 (once per `window`, shared by every session), and asks its `Pacing`
 (relay.upstream.pacing) before each message: rate limits, the pause after refused
-logins, the slow-down a server asks for.
+logins, the slow-down a server asks for. In a fleet it asks the limits shared with the
+other relays too (relay.upstream.shared): before each message, and for a lease on a
+connection before it opens one; an idle connection is kept only briefly, and closed at
+once when other relays wait for one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from relay.upstream.message import Body
 from relay.upstream.network import TlsContexts
 from relay.upstream.pacing import Pacing, RateLimited
 from relay.upstream.pop_before_smtp import pop_before_smtp
+from relay.upstream.shared import SharedLimits
 from relay.upstream.smtp import Session, answered
 
 if TYPE_CHECKING:
@@ -43,7 +47,8 @@ class SmtpUpstream:
     wants_data = True
 
     def __init__(self, name: str, server: ServerSettings, metrics: Metrics,
-                 hostname: str, oauth: OAuth | None = None) -> None:
+                 hostname: str, oauth: OAuth | None = None,
+                 shared: SharedLimits | None = None) -> None:
         self.name = name
         self.server = server
         self.metrics = metrics
@@ -51,6 +56,9 @@ class SmtpUpstream:
         self.oauth = oauth
         self.pacing = Pacing(name, server)
         self._contexts = TlsContexts(server, key=f"servers.{name}.ca_file")
+        self.shared = shared
+        self._leases: dict[Session, object] = {}
+        """The shared limits' lease of each open session (in a fleet)."""
         self._slots = asyncio.Semaphore(server.pool_size)
         """One per transaction sending: at most pool_size at once, one per session."""
         self._idle: list[Session] = []
@@ -63,6 +71,8 @@ class SmtpUpstream:
         self._pop_at = 0.0  # monotonic time of the last successful POP login
 
     def not_before(self) -> float:
+        if self.shared is not None:
+            return max(self.pacing.not_before(), self.shared.not_before())
         return self.pacing.not_before()
 
     # --- POP before SMTP ----------------------------------------------------------------
@@ -101,6 +111,7 @@ class SmtpUpstream:
                   else "XOAUTH2" if self.server.oauth else "none")
         self.pacing.check_paused()  # never log in while paused, even for a waiting delivery
         epoch = self.pacing.auth_epoch
+        lease = await self.shared.connect() if self.shared is not None else None
         self._opening += 1
         try:
             await session.open()
@@ -114,7 +125,11 @@ class SmtpUpstream:
         finally:
             self._opening -= 1
             self._changed.set()
+            if lease is not None and not session.connected:
+                self._disconnect(lease)  # not opened: the lease goes back
         self.pacing.auth_accepted()
+        if lease is not None:
+            self._leases[session] = lease
         self._sessions.add(session)
         self.metrics.upstream_sessions.labels(self.name).set(len(self._sessions))
         return session
@@ -150,8 +165,13 @@ class SmtpUpstream:
         if not session.connected:
             self._closed(session)
             return
+        idle = IDLE_CLOSE if self.shared is None else min(IDLE_CLOSE, self.shared.idle_for())
+        if idle <= 0:  # another relay waits for a connection: this one goes back now
+            asyncio.get_running_loop().call_soon(
+                lambda: asyncio.ensure_future(self._retire(session)))
+            return
         session.idle_handle = asyncio.get_running_loop().call_later(
-            IDLE_CLOSE, lambda: asyncio.ensure_future(self._expire(session)))
+            idle, lambda: asyncio.ensure_future(self._expire(session)))
         self._idle.append(session)
         self._changed.set()
 
@@ -161,8 +181,18 @@ class SmtpUpstream:
             await session.quit()
             self._closed(session)
 
+    async def _retire(self, session: Session) -> None:
+        await session.quit()
+        self._closed(session)
+
+    def _disconnect(self, lease: object) -> None:
+        assert self.shared is not None
+        self.shared.disconnect(lease)
+
     def _closed(self, session: Session) -> None:
         session.client.close()
+        if (lease := self._leases.pop(session, None)) is not None:
+            self._disconnect(lease)
         if session in self._sessions:
             self._sessions.discard(session)
             self.metrics.upstream_sessions.labels(self.name).set(len(self._sessions))
@@ -192,9 +222,26 @@ class SmtpUpstream:
         return outcomes
 
     async def _send(self, message: Outgoing, body: Body) -> list[Outcome]:
+        """In a fleet, the message is counted against the shared limits once it has its
+        session (so that it goes at once: the upstream sees the pace Redis counted)."""
+        session, pooled = await self._session()
+        if self.shared is None:
+            return await self._send_on(session, pooled, message, body)
+        try:
+            taken = await self.shared.take(message)
+        except BaseException:
+            self._give_back(session)
+            raise
+        try:
+            return await self._send_on(session, pooled, message, body)
+        except BaseException:
+            self.shared.give_back(taken)  # nothing was taken: no limit is used up
+            raise
+
+    async def _send_on(self, session: Session, pooled: bool, message: Outgoing,
+                       body: Body) -> list[Outcome]:
         """One transaction on a pooled session, or on a new one when the pooled one went
         stale (closed by the server while idle, or by a failure of the transaction before)."""
-        session, pooled = await self._session()
         if pooled:
             try:
                 return await self._transaction(session, message, body)

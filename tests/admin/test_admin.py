@@ -21,8 +21,9 @@ from relay import cli
 from relay.admin.change import dump_toml
 from relay.app import Relay
 from relay.errors import ConfigError
+from relay.fleet import Fleet
 from relay.metrics import Metrics
-from relay.settings import OVERRIDES_FILE, load_settings
+from relay.settings import OVERRIDES_FILE, Settings, load_settings
 from tests.support import (
     Daemon,
     RawSMTP,
@@ -696,7 +697,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def exported_names() -> dict[str, str]:
     """Every name the relay exposes (families and their series) -> the family's type."""
     names: dict[str, str] = {}
-    for family in Metrics().registry.collect():
+    metrics = Metrics()
+    # relay_fleet_*: registered only with [fleet] (a single relay has no such series)
+    Fleet(Settings(fleet={"url": "redis://127.0.0.1:1/0"}, state_dir=Path("/nonexistent")),
+          metrics, dict)
+    for family in metrics.registry.collect():
         suffixes = {"counter": ["_total"], "histogram": ["", "_bucket", "_sum", "_count"]}
         for suffix in suffixes.get(family.type, [""]):
             names[family.name + suffix] = family.type
