@@ -7,9 +7,9 @@ what is allowed. Every file the configuration names (CA files, secret files, the
 token store) is opened then too (`file_problems`), so a missing or unusable one is
 an invalid configuration for `check`, at start and at reload.
 
-`values` holds the value types, `model` the sections and keys, `load` where they
-come from, `files` the checks of the files they name; everything is imported from
-here. It may import only `relay.errors`.
+`values` holds the value types, `model` the sections and keys (`oauth` those of
+[oauth_clients.NAME]), `load` where they come from, `files` the checks of the files
+they name; everything is imported from here. It may import only `relay.errors`.
 """
 
 from relay.settings.files import (
@@ -34,7 +34,6 @@ from relay.settings.model import (
     AuthSettings,
     ListenerSettings,
     LogSettings,
-    OAuthClientSettings,
     PopBeforeSmtpSettings,
     QueueSettings,
     ServerOAuthSettings,
@@ -43,6 +42,7 @@ from relay.settings.model import (
     Settings,
     SystemAccountSettings,
 )
+from relay.settings.oauth import OAuthClientSettings
 from relay.settings.values import (
     DEFAULT_ADDRESS,
     DEFAULT_CONFIG_FILE,
