@@ -77,6 +77,9 @@ class Certificate:
     def thumbprint_sha1(self) -> str:
         return b64url(self.cert.fingerprint(hashes.SHA1()))
 
+    def key_pem(self) -> bytes:
+        return _key_pem(self.key)
+
     def write(self, directory: Path, name: str = "client", key_mode: int = 0o600,
               key: rsa.RSAPrivateKey | None = None) -> tuple[Path, Path]:
         """(certificate file, key file); `key` writes another key beside it."""
@@ -140,6 +143,7 @@ class Checks:
     users: set[str] = field(default_factory=set)
     seen: dict[str, float] = field(default_factory=dict)  # jti -> exp
     assertions: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)  # every assertion as sent
 
     def _verify(self, assertion: str, public: Any, alg: str) -> dict[str, Any]:
         key = (RSAKey if isinstance(public, rsa.RSAPublicKey) else ECKey).import_key(
@@ -168,6 +172,7 @@ class Checks:
         except ValueError:
             return client_id, "the client_assertion is not a JWT"
         self.assertions.append((header, unverified))
+        self.raw.append(assertion)
         client_id = client_id or str(unverified.get("iss", ""))
         return client_id, self._client(client_id, assertion, header, token_url)
 
@@ -216,6 +221,7 @@ class Checks:
         except ValueError:
             return {"error": "invalid_grant", "error_description": "Invalid JWT."}
         self.assertions.append((header, unverified))
+        self.raw.append(assertion)
         account = self.service_accounts.get(str(unverified.get("iss", "")))
         if account is None:
             return {"error": "invalid_grant", "error_description": "Invalid issuer."}
