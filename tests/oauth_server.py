@@ -17,7 +17,10 @@ Google or Microsoft. Endpoints:
   checks of both assertions: tests/oauth_jwt.py).
 - `POST /device` (RFC 8628) and `GET /device/verify?user_code=...` (the "browser"
   that approves a code).
-- `POST /introspect` (RFC 7662) for Dovecot, `POST /revoke` (RFC 7009).
+- `POST /introspect` (RFC 7662) for Dovecot, whose oauth2 passdb wants the scope
+  `smtp`: a token carrying what the real SMTP servers take (Exchange Online's
+  application permission `SMTP.SendAsApp`, Gmail's `https://mail.google.com/`) is
+  reported with `smtp` added. `POST /revoke` (RFC 7009).
 
 Lifetimes (`access_ttl`, `refresh_ttl`) and switches are attributes a test sets;
 `stop()` takes the server off the network and `start()` brings it back on the
@@ -51,6 +54,8 @@ DOVECOT_CLIENT_SECRET = "dovecot-introspection-secret"
 USER = "notify@example.com"
 SCOPE = "smtp offline_access"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+SMTP_SCOPES = {"SMTP.SendAsApp", "https://mail.google.com/"}
+"""What Exchange Online's and Gmail's SMTP take, reported to Dovecot as `smtp`."""
 
 
 @dataclass
@@ -112,6 +117,9 @@ class AuthServer:
         self.authorize_requests: list[dict[str, str]] = []
         self.introspections: list[bool] = []
         self.client_auth: list[str] = []  # how each token request authenticated its client
+        self.app_permissions: dict[str, set[str]] = {}
+        """Application permissions admin consent granted (SMTP.SendAsApp): a client
+        credentials token for ".../.default" carries them, as Entra ID's `roles`."""
         self.jwt = Checks(users={user})
         self.port = 0
         self._lock = threading.Lock()
@@ -188,6 +196,7 @@ class AuthServer:
             self.authorize_requests.clear()
             self.introspections.clear()
             self.client_auth.clear()
+            self.app_permissions.clear()
             self.jwt = Checks(users={USER})
             for table in (self._codes, self._refresh, self._access, self._devices):
                 table.clear()
@@ -369,7 +378,10 @@ class AuthServer:
         if self.clients.get(client_id) is None and client_id not in self.jwt.certificates:
             return {"error": "unauthorized_client",
                     "error_description": "client_credentials needs a confidential client"}
-        return self._issue(client_id, form.get("scope", ""), self.user, refresh=False)
+        scope = form.get("scope", "")
+        if scope.endswith("/.default"):
+            scope = " ".join(sorted(self.app_permissions.get(client_id, set())))
+        return self._issue(client_id, scope, self.user, refresh=False)
 
     def _issue(self, client_id: str, scope: str, user: str, *, refresh: bool,
                family: str | None = None) -> dict[str, object]:
@@ -427,8 +439,11 @@ class AuthServer:
             self.introspections.append(active)
         if not active or access is None:
             return web.json_response({"active": False})
+        scopes = access.scope.split()
+        if SMTP_SCOPES & set(scopes) and "smtp" not in scopes:
+            scopes.append("smtp")
         return web.json_response({
-            "active": True, "username": access.user, "scope": access.scope,
+            "active": True, "username": access.user, "scope": " ".join(scopes),
             "client_id": access.client_id, "exp": int(access.expires_at),
             "token_type": "Bearer"})
 
