@@ -3,13 +3,15 @@
 Loaded once at start-up (and again at SIGHUP), validated as a whole, and passed
 down. `load_settings()` is the only entry point; it raises `ConfigError` with one
 line per mistake, each naming the key path, the bad value (never a secret's) and
-what is allowed. Every file the configuration names (CA files, secret files, the
-token store) is opened then too (`file_problems`), so a missing or unusable one is
-an invalid configuration for `check`, at start and at reload.
+what is allowed. Every file the configuration names (CA files, secret files, OAuth
+clients' keys and certificates, the token store) is opened then too (`file_problems`),
+so a missing or unusable one is an invalid configuration for `check`, at start and at
+reload.
 
 `values` holds the value types, `model` the sections and keys (`oauth` those of
 [oauth_clients.NAME]), `load` where they come from, `files` the checks of the files
-they name; everything is imported from here. It may import only `relay.errors`.
+they name (`credentials` reads private keys and client certificates); everything is
+imported from here. It may import only `relay.errors`.
 """
 
 from relay.settings.files import (
