@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -254,3 +255,43 @@ async def test_client_secret_goes_in_the_body_for_microsoft(
     assert await oauth.access_token("app")
     assert provider.client_auth == ["client_secret_post"]
     assert oauth.authorization("app").scopes == [EXCHANGE_APP]
+
+
+# --- what the configuration refuses -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("client", "expected"), [
+    ({"provider": "microsoft", "client_id": APP_ID, "grant": "client_credentials",
+      "client_certificate_file": "{cert}"}, "client_certificate_file and client_key_file go "
+                                            "together"),
+    ({"provider": "microsoft", "client_id": APP_ID, "grant": "client_credentials",
+      "client_secret": "s", "client_certificate_file": "{cert}", "client_key_file": "{key}"},
+     "set either a client secret or client_certificate_file"),
+    ({"provider": "microsoft", "client_id": APP_ID, "client_certificate_file": "{cert}",
+      "client_key_file": "{key}"}, 'client_certificate_file needs grant = "client_credentials"'),
+    ({"provider": "google", "client_id": "x", "grant": "client_credentials",
+      "client_secret": "s"}, 'use grant = "service_account"'),
+    ({"provider": "microsoft", "grant": "service_account", "service_account_file": "{sa}"},
+     'microsoft has no service accounts: use grant = "client_credentials" with '
+     "client_certificate_file"),
+    ({"provider": "google", "grant": "service_account"}, "needs service_account_file"),
+    ({"provider": "google", "grant": "service_account", "service_account_file": "{other}"},
+     "has no client_email, client_id, private_key, token_uri: it is not a service "
+     "account's JSON key"),
+    ({"provider": "google", "grant": "service_account", "service_account_file": "{sa}",
+      "client_id": "42"}, "but service_account_file is the key of client ID"),
+    ({"provider": "microsoft", "grant": "client_credentials", "client_secret": "s"},
+     "client_id is required"),
+])
+def test_settings_refuse_credentials_that_do_not_go_together(
+        tmp_path: Path, client: dict[str, str], expected: str) -> None:
+    cert_file, key_file = Certificate.make().write(tmp_path)
+    account = ServiceAccount().write(tmp_path / "sa.json", "https://oauth2.googleapis.com/token")
+    other = tmp_path / "client.json"  # what "Download JSON" of an OAuth client gives
+    other.write_text(json.dumps({"installed": {"client_id": "x.apps.googleusercontent.com",
+                                               "client_secret": "s"}}))
+    other.chmod(0o600)
+    paths = {"{cert}": cert_file, "{key}": key_file, "{sa}": account, "{other}": other}
+    filled = {k: str(paths.get(v, v)) for k, v in client.items()}
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        settings(tmp_path, filled)
