@@ -14,8 +14,10 @@ secret, and what a refusal of one means.
 
 authlib signs (authlib.oauth2.rfc7523, with a joserfc key). The key files are read for
 every assertion (relay.settings.credentials: a key other users may read is refused), so
-a renewed certificate is used without a reload. A problem with them is CredentialError
-(mail is held). No key material ever leaves this module but inside a signed assertion.
+a renewed certificate is used without a reload. A problem with them, an expired
+certificate included (nothing is sent: the provider would refuse it), is
+CredentialError (mail is held). No key material ever leaves this module but inside a
+signed assertion.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ from joserfc.jwk import ECKey, RSAKey
 from relay.errors import CredentialError, ProviderRefused
 from relay.metrics import Metrics
 from relay.settings import OAuthClientSettings, Settings
-from relay.settings.credentials import ClientCertificate, client_certificate, read_certificate
+from relay.settings.credentials import (
+    ClientCertificate,
+    client_certificate,
+    expired,
+    read_certificate,
+)
 from relay.settings.oauth import service_account_info
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -53,7 +60,8 @@ def _b64(data: bytes) -> str:
 
 
 def certificate(name: str, cfg: OAuthClientSettings) -> ClientCertificate:
-    """The client certificate and key of oauth_clients.NAME, checked. CredentialError."""
+    """The client certificate and key of oauth_clients.NAME, checked to belong together
+    (expired or not). CredentialError."""
     if cfg.client_certificate_file is None or cfg.client_key_file is None:
         raise CredentialError(f"oauth_clients.{name} has no client_certificate_file")
     try:
@@ -66,6 +74,8 @@ def certificate(name: str, cfg: OAuthClientSettings) -> ClientCertificate:
 def client_assertion(name: str, cfg: OAuthClientSettings, token_url: str) -> dict[str, str]:
     """The `client_assertion` parameters (private_key_jwt) for one token request."""
     found = certificate(name, cfg)
+    if reason := expired(found):
+        raise CredentialError(f"oauth_clients.{name}: {reason}. Mail is held until then")
     key = (RSAKey if found.algorithm == "RS256" else ECKey).import_key(found.key_pem())
     header = {"typ": "JWT", "x5t#S256": _b64(found.thumbprint(hashes.SHA256())),
               "x5t": _b64(found.thumbprint(hashes.SHA1()))}  # Entra ID wants x5t too
@@ -130,7 +140,7 @@ def refusal(name: str, cfg: OAuthClientSettings, account: str, scope: str,
     if e.error == "invalid_client" and cfg.certificate:
         thumbprint = "?"
         with contextlib.suppress(CredentialError):
-            thumbprint = certificate(name, cfg).thumbprint(hashes.SHA1()).hex().upper()
+            thumbprint = certificate(name, cfg).shown_thumbprint
         return (f"the token endpoint refused the client certificate of oauth_clients.{name} "
                 f"({why}): upload oauth_clients.{name}.client_certificate_file (SHA-1 "
                 f"thumbprint {thumbprint}) to the app registration (Entra ID: Certificates & "

@@ -15,15 +15,15 @@
   token is used every few days (Microsoft retires one unused for 90 days).
 
 The app's own grants (client credentials with a secret or a certificate, a Google
-service account; relay.oauth.assertions signs their assertions) need no person: their
-token is fetched whenever one is needed. A refused refresh token (`invalid_grant`)
-makes the authorization "Not granted" (NotGranted: the mail is held) and says to run
-`sysmail-relay oauth authorize`; a refused app credential does too (CredentialError),
-saying what to change in the configuration or the provider's console, and it is
-offered again after APP_RECHECK seconds or a reload. A provider that does not answer
-is ProviderUnreachable (the mail is deferred).
-Tokens live only in the token store (relay.oauth.store) and in memory: never in a
-log line, a metric, `status` or an exception.
+service account; relay.oauth.assertions signs) need no person: a token is fetched when
+needed. A refused refresh token (`invalid_grant`) makes the authorization "Not granted"
+(NotGranted: mail held) and says to run `sysmail-relay oauth authorize`; a refused or
+unusable app credential (an expired certificate) does too (CredentialError), saying what
+to change. The provider is asked again after APP_RECHECK seconds or a reload; key files
+are read for every request, so a renewed certificate sends the held mail. Each new
+refusal is logged as an error. A provider that does not answer is
+ProviderUnreachable (deferred). Tokens live only in the token store (relay.oauth.store)
+and in memory: never in a log line, a metric, `status` or an exception.
 """
 
 from __future__ import annotations
@@ -66,8 +66,7 @@ IDLE_REFRESH = 3 * 86400
 KEEP_ALIVE_EVERY = 3600.0
 """How often the daemon looks for refresh tokens to keep alive."""
 APP_RECHECK = 60.0
-"""Seconds before a refused app credential (client credentials, service account) is
-offered to the provider again."""
+"""Seconds before an app credential the provider refused is offered to it again."""
 
 
 class OAuth:
@@ -77,8 +76,7 @@ class OAuth:
         self.settings = settings
         self.metrics = metrics
         self.store = TokenStore(settings.state_dir / "tokens")
-        self.on_granted: list[Callable[[Authorization], None]] = []
-        """Called after every new authorization (the daemon then retries held mail)."""
+        self.on_granted: list[Callable[[Authorization], None]] = []  # the daemon: held mail
         self._sign_ins = SignIns()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._recheck: dict[tuple[str, str], float] = {}  # refused app credentials
@@ -157,8 +155,7 @@ class OAuth:
         return await self._renew(client, account, None)
 
     async def fresh_token(self, client: str, rejected: str, account: str | None = None) -> str:
-        """A new token in place of one the server refused (unless another delivery has
-        already replaced it)."""
+        """A new token for one the server refused (unless another delivery replaced it)."""
         return await self._renew(client, account or self.account(client), rejected)
 
     async def obtain(self, client: str) -> Authorization:
@@ -185,18 +182,15 @@ class OAuth:
 
     async def keep_alive(self) -> None:
         """Use every refresh token not used for IDLE_REFRESH; fetch missing app tokens; log
-        what is not granted; export when client certificates expire (replaced without a
-        reload, too)."""
+        what is not granted; export when client certificates (replaced or not) expire."""
         await asyncio.to_thread(export_credential_expiry, self.settings, self.metrics)
         for client, account in sorted(self._in_use()):
             try:
                 token = await asyncio.to_thread(self.store.load, client, account)
-                cfg = client_settings(self.settings, client)
-                now = time.time()
-                if cfg.grant != "authorization_code":
+                if client_settings(self.settings, client).grant != "authorization_code":
                     await self.access_token(client, account)
                 elif (token is not None and token.refresh_token and not token.refused
-                      and now - token.refreshed_at > IDLE_REFRESH):
+                      and time.time() - token.refreshed_at > IDLE_REFRESH):
                     await self._renew(client, account, token.access_token or "")
                 auth = await asyncio.to_thread(self.authorization, client)
                 if not auth.granted:
@@ -209,8 +203,8 @@ class OAuth:
                  or "") for s in self.settings.servers.values() if s.oauth is not None}
 
     async def _renew(self, client: str, account: str, rejected: str | None) -> str:
-        lock = self._locks.setdefault((client, account), asyncio.Lock())
-        async with lock:  # one refresh; the others wait for it and take its token
+        # one refresh; the others wait for it and take its token
+        async with self._locks.setdefault((client, account), asyncio.Lock()):
             token = await asyncio.to_thread(self.store.load, client, account)
             if (token is not None and token.access_token is not None
                     and token.access_token != rejected
@@ -251,20 +245,23 @@ class OAuth:
 
     async def _app_token(self, client: str, account: str, provider: ProviderClient,
                          token: StoredToken | None) -> dict[str, Any]:
-        """The app's own token (client credentials, service account). A refused credential
-        makes the authorization Not granted (CredentialError: mail held) with the cause and
-        the fix, and is not offered again for APP_RECHECK seconds (nor before a reload)."""
+        """The app's own token. A credential refused or unusable: Not granted, with the cause
+        and the fix (CredentialError); the provider is asked again after APP_RECHECK."""
         cfg = provider.client
         if token is not None and token.refused and \
                 time.monotonic() < self._recheck.get((client, account), 0.0):
             raise CredentialError(token.refused)
         try:
             return await self._counted(client, provider.app_token(account))
+        except CredentialError as e:  # nothing was sent; the files are read again next time
+            reason = str(e)
         except ProviderRefused as e:
             if e.error not in REFUSED:
                 raise OAuthError(f"{e}: check oauth_clients.{client}") from None
             reason = refusal(client, cfg, account, " ".join(provider.endpoints.scopes), e)
-        self._recheck[(client, account)] = time.monotonic() + APP_RECHECK
+            self._recheck[(client, account)] = time.monotonic() + APP_RECHECK
+        if token is not None and token.refused == reason:
+            raise CredentialError(reason)  # known, stored and logged
         await self._not_granted(token or StoredToken(client, account, cfg.provider, cfg.grant),
                                 reason)
         raise CredentialError(reason)
@@ -287,6 +284,8 @@ class OAuth:
     async def _counted(self, client: str, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
         try:
             data = await call
+        except CredentialError:  # refused here: nothing was asked
+            raise
         except ProviderRefused as e:
             result = "invalid_grant" if e.error == "invalid_grant" else "error"
             self.metrics.oauth_refresh.labels(client, result).inc()

@@ -6,7 +6,8 @@ line per mistake, each naming the key path, the bad value (never a secret's) and
 what is allowed. Every file the configuration names (CA files, secret files, OAuth
 clients' keys and certificates, the token store) is opened then too (`file_problems`),
 so a missing or unusable one is an invalid configuration for `check`, at start and at
-reload.
+reload; `credential_errors()` is what `check` also reports as an error although the
+daemon runs with it (an expired client certificate: the mail is held).
 
 `values` holds the value types, `model` the sections and keys (`oauth` those of
 [oauth_clients.NAME]), `load` where they come from, `files` the checks of the files
@@ -15,6 +16,7 @@ imported from here. It may import only `relay.errors`.
 """
 
 from relay.settings.files import (
+    credential_errors,
     file_problems,
     file_warnings,
     named_files,
@@ -87,6 +89,7 @@ __all__ = [
     "Timeout",
     "admin_token",
     "config_path",
+    "credential_errors",
     "default_state_dir",
     "file_error",
     "file_problems",

@@ -4,11 +4,13 @@ key, a Google service-account JSON key) and client certificates.
 A private file is refused when group or others may read or write it, as a token file
 is (relay.oauth.store): the error names the file and the `chmod` that fixes it. A
 client certificate (PEM) is read with its key: `client_certificate` refuses one that
-is not PEM, has expired, or does not belong to the key, and gives its SHA-1 and
-SHA-256 thumbprints (what Entra ID shows and wants in `x5t` / `x5t#S256`) and its
-expiry (`check` warns EXPIRY_WARNING_DAYS before it; relay.metrics exports it).
-Used by `check`, at start and reload (relay.settings.files) and for every assertion
-(relay.oauth.assertions). Never puts key material into a message. `cryptography` is
+is not PEM or does not belong to the key (a configuration error: refused at start and
+reload), and gives its SHA-1 and SHA-256 thumbprints (what Entra ID shows and wants in
+`x5t` / `x5t#S256`) and its expiry. An expired certificate is not a configuration
+error: the daemon runs and holds the mail (`expired()` is the reason it shows), `check`
+reports it as an error and warns EXPIRY_WARNING_DAYS before; relay.metrics exports the
+date. Used by `check`, at start and reload (relay.settings.files) and for every
+assertion (relay.oauth.assertions). Never puts key material into a message. `cryptography` is
 imported only when a certificate is read, so that `sysmail-sendmail` starts light.
 """
 
@@ -52,6 +54,12 @@ class ClientCertificate:
     def thumbprint(self, algorithm: hashes.HashAlgorithm) -> bytes:
         return self.certificate.fingerprint(algorithm)
 
+    @property
+    def shown_thumbprint(self) -> str:
+        """The SHA-1 thumbprint in hex, as Entra ID lists certificates."""
+        from cryptography.hazmat.primitives import hashes
+        return self.thumbprint(hashes.SHA1()).hex().upper()
+
     def key_pem(self) -> bytes:
         from cryptography.hazmat.primitives import serialization
         return self.key.private_bytes(serialization.Encoding.PEM,
@@ -93,11 +101,10 @@ def read_certificate(key: str, path: Path) -> x509.Certificate:
                          "cert.cer -out cert.pem`") from None
 
 
-def client_certificate(prefix: str, certificate_file: Path, key_file: Path,
-                       now: float | None = None) -> ClientCertificate:
+def client_certificate(prefix: str, certificate_file: Path, key_file: Path) -> ClientCertificate:
     """The certificate and key of `prefix` (oauth_clients.NAME). ValueError when either
     cannot be used: unreadable, key readable by others, not PEM, encrypted, a key type
-    the providers do not take, not a pair, or expired."""
+    the providers do not take, or not a pair. An expired one is returned: see `expired`."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     cert = read_certificate(f"{prefix}.client_certificate_file", certificate_file)
@@ -123,13 +130,18 @@ def client_certificate(prefix: str, certificate_file: Path, key_file: Path,
         raise ValueError(f"{where} is not the key of {prefix}.client_certificate_file = "
                          f"{str(secret_path(certificate_file))!r}: put the certificate and "
                          "the private key made with it side by side")
-    found = ClientCertificate(cert, key)
-    if found.not_after <= (time.time() if now is None else now):
-        raise ValueError(f"{prefix}.client_certificate_file = "
-                         f"{str(secret_path(certificate_file))!r} expired on "
-                         f"{cert.not_valid_after_utc:%Y-%m-%d}: make a new certificate, "
-                         "upload it to the app registration and put it and its key here")
-    return found
+    return ClientCertificate(cert, key)
+
+
+def expired(found: ClientCertificate, now: float | None = None) -> str | None:
+    """Why the provider will refuse the certificate when it has expired (the reason mail
+    is held, shown by `status`); None while it is valid."""
+    if found.not_after > (time.time() if now is None else now):
+        return None
+    return (f"the client certificate {found.shown_thumbprint} expired on "
+            f"{found.certificate.not_valid_after_utc:%Y-%m-%d}: upload a new one in "
+            "Certificates & secrets and write it to client_certificate_file (and its key "
+            "to client_key_file)")
 
 
 def expiry_warning(prefix: str, certificate_file: Path, now: float | None = None) -> str | None:

@@ -1,8 +1,10 @@
 """Every file the configuration names (CA files, secret files, OAuth clients' private keys
 and certificates, the token store), opened at `check`, at start and at reload: missing,
-unreadable, wrong mode, not PEM, a client certificate that has expired or is not its key's
-is an invalid configuration, with the key, the path and the problem; one expiring within
-30 days is a warning (relay.settings.credentials)."""
+unreadable, wrong mode, not PEM, a client certificate that is not its key's is an
+invalid configuration, with the key, the path and the problem. A client certificate
+that has expired is not: the daemon runs and holds the mail until it is renewed, and
+`check` reports it as an error (`credential_errors`); one expiring within 30 days is a
+warning (relay.settings.credentials)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import ssl
 import stat
 from pathlib import Path
 
-from relay.settings.credentials import client_certificate, expiry_warning
+from relay.settings.credentials import client_certificate, expired, expiry_warning
 from relay.settings.model import Settings
 from relay.settings.values import file_error, secret_path
 
@@ -74,6 +76,27 @@ def file_problems(settings: Settings) -> list[str]:
     if any(server.oauth is not None for server in settings.servers.values()):
         problems += _token_store_problems(settings.state_dir / "tokens")
     return problems
+
+
+def credential_errors(settings: Settings) -> list[str]:
+    """What `check` reports as errors in a valid configuration: client certificates that
+    have expired (the daemon runs, but holds the mail until they are renewed)."""
+    found: list[str] = []
+    for name, client in settings.oauth_clients.items():
+        if client.client_certificate_file is None or client.client_key_file is None:
+            continue
+        try:
+            certificate = client_certificate(f"oauth_clients.{name}",
+                                             client.client_certificate_file,
+                                             client.client_key_file)
+        except ValueError as e:
+            found.append(str(e))  # replaced since it was validated
+            continue
+        if reason := expired(certificate):
+            path = secret_path(client.client_certificate_file)
+            found.append(f"oauth_clients.{name}.client_certificate_file = {str(path)!r}: "
+                         f"{reason}; until then the relay holds the mail")
+    return found
 
 
 def file_warnings(settings: Settings) -> list[str]:

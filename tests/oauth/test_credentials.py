@@ -148,16 +148,6 @@ async def test_replayed_client_assertion_is_refused_by_the_server(
     assert "already used" in again.json()["error_description"]
 
 
-async def test_expired_certificate_is_refused_before_anything_is_sent(
-        tmp_path: Path, provider: AuthServer) -> None:
-    cert = Certificate.make(days=-1, valid_since_days=30)
-    provider.jwt.certificates[APP_ID] = cert.cert
-    oauth = OAuth(settings(tmp_path, certificate_client(tmp_path, provider, cert)), Metrics())
-    with pytest.raises(CredentialError, match=r"expired on .*make a new certificate, upload it"):
-        await oauth.access_token("app")
-    assert provider.client_auth == []
-
-
 async def test_private_key_other_users_may_read_is_refused_with_the_chmod(
         tmp_path: Path, provider: AuthServer) -> None:
     cert = Certificate.make()

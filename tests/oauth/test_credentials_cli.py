@@ -1,7 +1,8 @@
 """The app's own credentials as an operator meets them, through the installed
-`sysmail-relay` with a TOML file: `check` (a client certificate about to expire, expired,
-not its key's; private files other users may read), `oauth authorize` / `oauth status`
-/ `status` (the credential, in the page's terms), and `serve`: mail held while Google
+`sysmail-relay` with a TOML file: `check` (a client certificate about to expire or not
+its key's, private files other users may read; an expired certificate is in
+test_expired_certificate.py), `oauth authorize` / `oauth status` / `status` (the
+credential, in the page's terms), and `serve`: mail held while Google
 refuses the domain-wide delegation, sent once it is allowed; the certificate's expiry
 as a metric. The token server is tests/oauth_server.py; the SMTP server takes XOAUTH2
 tokens the token server says are active. No real Microsoft or Google endpoint is used.
@@ -119,9 +120,7 @@ def test_check_warns_thirty_days_before_the_client_certificate_expires(
     assert "expires on" not in cli(later, "check").stdout
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("expired", r"client_certificate_file = '.*client\.crt' expired on \d{4}-\d\d-\d\d: make "
-                "a new certificate"),
+@pytest.mark.parametrize(("case", "expected"), [  # an expired one: test_expired_certificate
     ("another key", r"client_key_file = '.*client\.key' is not the key of "
                     r"oauth_clients\.app\.client_certificate_file"),
     ("key others may read", r"client_key_file = '.*client\.key' may be read by other users "
@@ -129,8 +128,7 @@ def test_check_warns_thirty_days_before_the_client_certificate_expires(
 ])
 def test_check_refuses_a_client_certificate_it_cannot_use(
         tmp_path: Path, provider: AuthServer, case: str, expected: str) -> None:
-    cert = Certificate.make(days=-1, valid_since_days=30) if case == "expired" \
-        else Certificate.make()
+    cert = Certificate.make()
     choices: dict[str, dict[str, Any]] = {"another key": {"key": Certificate.make().key},
                                           "key others may read": {"key_mode": 0o640}}
     files = choices.get(case, {})
