@@ -124,6 +124,11 @@ class SaslError(RelayError):
 class OAuthError(RelayError):
     """Signing in, refreshing a token or using the token store failed; says what to do."""
 
+    def __init__(self, message: str, *, logged: bool = False) -> None:
+        self.logged = logged
+        """True when the relay has logged it already (the keep-alive does not again)."""
+        super().__init__(message)
+
 
 class NotGranted(OAuthError):
     """There is no usable authorization (never signed in, refresh token refused): a person

@@ -21,7 +21,7 @@ needed. A refused refresh token (`invalid_grant`) makes the authorization "Not g
 unusable app credential (an expired certificate) does too (CredentialError), saying what
 to change. The provider is asked again after APP_RECHECK seconds or a reload; key files
 are read for every request, so a renewed certificate sends the held mail. Each new
-refusal is logged as an error. A provider that does not answer is
+refusal is logged once, as an error. A provider that does not answer is
 ProviderUnreachable (deferred). Tokens live only in the token store (relay.oauth.store)
 and in memory: never in a log line, a metric, `status` or an exception.
 """
@@ -196,7 +196,8 @@ class OAuth:
                 if not auth.granted:
                     log.warning("%s: OAuth authorization Not granted: %s", client, auth.reason)
             except OAuthError as e:
-                log.warning("%s: %s", client, e)
+                if not e.logged:
+                    log.warning("%s: %s", client, e)
 
     def _in_use(self) -> set[tuple[str, str]]:
         return {(s.oauth.client, s.oauth.username or self.settings.system_account.address
@@ -264,7 +265,7 @@ class OAuth:
             raise CredentialError(reason)  # known, stored and logged
         await self._not_granted(token or StoredToken(client, account, cfg.provider, cfg.grant),
                                 reason)
-        raise CredentialError(reason)
+        raise CredentialError(reason, logged=True)
 
     async def _refused(self, client: str, account: str, cfg: OAuthClientSettings,
                        token: StoredToken, e: ProviderRefused) -> StoredToken:
@@ -273,7 +274,7 @@ class OAuth:
             return await self._obtain(client, account, current)  # signed in again meanwhile
         reason = refused_reason(client, account, cfg, token, e)
         await self._not_granted(token, reason)
-        raise NotGranted(reason)
+        raise NotGranted(reason, logged=True)
 
     async def _not_granted(self, token: StoredToken, reason: str) -> None:
         """Keep why the provider refused (for `status`), and no secret."""

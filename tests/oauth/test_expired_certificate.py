@@ -4,6 +4,7 @@ grant, with the authorization "Not granted" and the reason (the thumbprint, the 
 where to upload a new one); the file is read for every token, so once it is renewed the
 next token request succeeds and the held mail goes. `check` still reports it as an error.
 A key that is not the certificate's stays a configuration error, at start and at reload.
+A refused app credential is logged once, as an error (not again by the keep-alive).
 
 Against tests/oauth_server.py (which checks the signed assertions) and an SMTP server
 taking the XOAUTH2 tokens it issued; `serve`, `check` and `status` are the installed
@@ -13,6 +14,7 @@ taking the XOAUTH2 tokens it issued; `serve`, `check` and `status` are the insta
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 from collections.abc import Iterator
@@ -70,6 +72,24 @@ async def test_expired_certificate_is_not_granted_until_the_file_is_renewed(
     assert provider.client_auth == ["private_key_jwt"]
 
 
+async def test_keep_alive_logs_the_first_refusal_of_an_app_credential_once(
+        tmp_path: Path, provider: AuthServer, caplog: pytest.LogCaptureFixture) -> None:
+    provider.jwt.certificates[APP_ID] = Certificate.make().cert  # another one was uploaded
+    cert = Certificate.make()
+    oauth = OAuth(settings(tmp_path, certificate_client(tmp_path, provider, cert)), Metrics())
+    with caplog.at_level(logging.INFO, logger="relay.oauth"):
+        await oauth.keep_alive()
+    refused = [r for r in caplog.records if "refused the client certificate" in r.getMessage()]
+    assert [r.levelname for r in refused] == ["ERROR"], caplog.text
+    caplog.clear()
+    oauth.reconfigure(oauth.settings)  # asked again: known already, so a warning only
+    with caplog.at_level(logging.INFO, logger="relay.oauth"):
+        await oauth.keep_alive()
+    refused = [r for r in caplog.records if "refused the client certificate" in r.getMessage()]
+    assert [r.levelname for r in refused] == ["WARNING"], caplog.text
+    assert provider.count("client_credentials invalid_client") == 2
+
+
 def test_check_reports_an_expired_certificate_as_an_error(
         tmp_path: Path, provider: AuthServer) -> None:
     cert = expired_certificate()
@@ -114,6 +134,9 @@ def test_serve_with_an_expired_certificate_accepts_and_holds_mail_until_it_is_re
         assert b"held-for-the-certificate" in upstream.script.messages[0].data
         assert provider.client_auth == ["private_key_jwt"]
         assert re.search(r"OAuth authorization\s+Granted", cli(config, "status").stdout)
+        said = [line.split(" ")[1] for line in daemon.log_text().splitlines()
+                if reason_for(old) in line and " relay.oauth: " in line]
+        assert said == ["error"], said  # once, however often a token was asked for
 
         expired_certificate().write(tmp_path / "pki")  # expires while the relay runs
         daemon.send_signal(signal.SIGHUP)
