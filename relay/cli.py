@@ -19,7 +19,7 @@ from pathlib import Path
 
 from relay.errors import ConfigError, RelayError
 from relay.listener import submit
-from relay.settings import Settings, config_path, load_settings, warnings
+from relay.settings import Settings, config_path, credential_errors, load_settings, warnings
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -58,14 +58,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     from relay.admin.server import Access
     settings, path = _settings(args)
     Access(settings.admin)  # what `serve` refuses, `check` refuses too (admin host, token)
-    print(f"configuration OK ({path or 'built-in default'})")
+    errors = credential_errors(settings)  # `serve` runs with them, holding the mail
+    print(f"configuration {'valid, but mail is held' if errors else 'OK'} "
+          f"({path or 'built-in default'})")
     print(status.render(status.collect(settings)).split("\nServers")[0])
     for warning in warnings(settings):
         print(f"warning: {warning}")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
     if args.connect:
         ok = app.check_connect(settings, print)
-        return OK if ok else FAILED
-    return OK
+        return OK if ok and not errors else FAILED
+    return FAILED if errors else OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:

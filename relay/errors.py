@@ -17,6 +17,8 @@
     ├── SaslError                           a SASL exchange went wrong on the client side
     ├── OAuthError                          sign-in, token refresh or the token store failed
     │   ├── NotGranted                      no usable authorization: `oauth authorize` (held)
+    │   │   └── CredentialError             the app's own key, certificate or secret is unusable
+    │   │                                   or refused: the configuration must change (held)
     │   ├── TokenStoreError                 a token file is unsafe or unreadable (held)
     │   ├── ProviderRefused                 the provider answered an OAuth error (access_denied ...)
     │   └── ProviderUnreachable (ConnectionError)   the provider did not answer (deferred)
@@ -122,10 +124,21 @@ class SaslError(RelayError):
 class OAuthError(RelayError):
     """Signing in, refreshing a token or using the token store failed; says what to do."""
 
+    def __init__(self, message: str, *, logged: bool = False) -> None:
+        self.logged = logged
+        """True when the relay has logged it already (the keep-alive does not again)."""
+        super().__init__(message)
+
 
 class NotGranted(OAuthError):
     """There is no usable authorization (never signed in, refresh token refused): a person
     must run `sysmail-relay oauth authorize`. Mail waits ("held") meanwhile."""
+
+
+class CredentialError(NotGranted):
+    """The app's own credential (client secret, client certificate and key, service-account
+    key) cannot be used or the provider refused it: no sign-in helps; the message names
+    the file, the provider's console setting or the permission to fix. Mail is held."""
 
 
 class TokenStoreError(OAuthError):

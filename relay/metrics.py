@@ -100,6 +100,9 @@ class Metrics:
         self.oauth_token_expiry = Gauge(
             p + "oauth_token_expiry_timestamp_seconds", "When the stored access token expires",
             ["client"], registry=r)
+        self.oauth_credential_expiry = Gauge(
+            p + "oauth_credential_expiry_timestamp_seconds",
+            "When the client certificate of an OAuth client expires", ["client"], registry=r)
         self.oauth_refresh = Counter(
             p + "oauth_refresh", "OAuth token refreshes by result", ["client", "result"],
             registry=r)

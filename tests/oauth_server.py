@@ -10,10 +10,17 @@ Google or Microsoft. Endpoints:
 - `POST /token`: `authorization_code` (single use: a replayed code is refused and
   the tokens it gave are revoked), `refresh_token` (rotated when `rotate`),
   the device grant, `client_credentials`; `invalid_grant` for anything revoked,
-  expired or replayed; `invalid_client` for a wrong client secret.
+  expired or replayed; `invalid_client` for a wrong client secret. Clients
+  authenticate with `client_secret_basic`, `client_secret_post` or, for those with a
+  certificate in `jwt.certificates`, `private_key_jwt` (`client_auth` records which);
+  the JWT bearer grant serves the service accounts in `jwt.service_accounts` (the
+  checks of both assertions: tests/oauth_jwt.py).
 - `POST /device` (RFC 8628) and `GET /device/verify?user_code=...` (the "browser"
   that approves a code).
-- `POST /introspect` (RFC 7662) for Dovecot, `POST /revoke` (RFC 7009).
+- `POST /introspect` (RFC 7662) for Dovecot, whose oauth2 passdb wants the scope
+  `smtp`: a token carrying what the real SMTP servers take (Exchange Online's
+  application permission `SMTP.SendAsApp`, Gmail's `https://mail.google.com/`) is
+  reported with `smtp` added. `POST /revoke` (RFC 7009).
 
 Lifetimes (`access_ttl`, `refresh_ttl`) and switches are attributes a test sets;
 `stop()` takes the server off the network and `start()` brings it back on the
@@ -37,6 +44,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from aiohttp import web
 
+from tests.oauth_jwt import CLIENT_ASSERTION_TYPE, JWT_BEARER, Checks
+
 CLIENT_ID = "relay-test-client"
 CLIENT_SECRET = "relay-test-client-secret"
 PUBLIC_CLIENT_ID = "relay-public-client"  # no secret: PKCE only
@@ -45,6 +54,8 @@ DOVECOT_CLIENT_SECRET = "dovecot-introspection-secret"
 USER = "notify@example.com"
 SCOPE = "smtp offline_access"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+SMTP_SCOPES = {"SMTP.SendAsApp", "https://mail.google.com/"}
+"""What Exchange Online's and Gmail's SMTP take, reported to Dovecot as `smtp`."""
 
 
 @dataclass
@@ -105,6 +116,11 @@ class AuthServer:
         self.events: list[str] = []
         self.authorize_requests: list[dict[str, str]] = []
         self.introspections: list[bool] = []
+        self.client_auth: list[str] = []  # how each token request authenticated its client
+        self.app_permissions: dict[str, set[str]] = {}
+        """Application permissions admin consent granted (SMTP.SendAsApp): a client
+        credentials token for ".../.default" carries them, as Entra ID's `roles`."""
+        self.jwt = Checks(users={user})
         self.port = 0
         self._lock = threading.Lock()
         self._codes: dict[str, _Code] = {}
@@ -179,6 +195,9 @@ class AuthServer:
             self.events.clear()
             self.authorize_requests.clear()
             self.introspections.clear()
+            self.client_auth.clear()
+            self.app_permissions.clear()
+            self.jwt = Checks(users={USER})
             for table in (self._codes, self._refresh, self._access, self._devices):
                 table.clear()
         self.start()
@@ -249,12 +268,14 @@ class AuthServer:
         return _redirect(redirect, code=code, **state)
 
     async def _token(self, request: web.Request) -> web.Response:
-        form = dict(await request.post())
-        client_id = _client(request, form, self.clients)
-        grant = str(form.get("grant_type", ""))
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        grant = form.get("grant_type", "")
+        if grant == JWT_BEARER:  # a service account: its signed assertion is all it sends
+            return self._bearer_grant(form)
+        client_id, problem = self._authenticate(request, form)
         if client_id is None:
             self._event(grant, "invalid_client")
-            return _error("invalid_client", "client authentication failed", 401)
+            return _error("invalid_client", problem or "client authentication failed", 401)
         handlers = {"authorization_code": self._code_grant, "refresh_token": self._refresh_grant,
                     DEVICE_GRANT: self._device_grant,
                     "client_credentials": self._client_credentials}
@@ -264,6 +285,35 @@ class AuthServer:
         with self._lock:
             result = handler(client_id, {k: str(v) for k, v in form.items()})
         self._event(grant, str(result.get("error", "ok")))
+        if "error" in result:
+            return _error(str(result["error"]), str(result.get("error_description", "")))
+        return web.json_response(result, headers={"Cache-Control": "no-store"})
+
+    def _authenticate(self, request: web.Request,
+                      form: dict[str, str]) -> tuple[str | None, str | None]:
+        """(the client, authenticated by its secret or its certificate's assertion, or
+        None; why not)."""
+        if "client_assertion_type" not in form:
+            method = "client_secret_basic" if "Authorization" in request.headers else \
+                "client_secret_post" if "client_secret" in form else "none"
+            with self._lock:
+                self.client_auth.append(method)
+            return _client(request, form, self.clients), None
+        with self._lock:
+            self.client_auth.append("private_key_jwt")
+            if form["client_assertion_type"] != CLIENT_ASSERTION_TYPE:
+                return None, "unknown client_assertion_type"
+            client_id, problem = self.jwt.client(form.get("client_id", ""),
+                                                 form.get("client_assertion", ""),
+                                                 f"{self.url}/token")
+        return (None, problem) if problem else (client_id, None)
+
+    def _bearer_grant(self, form: dict[str, str]) -> web.Response:
+        with self._lock:
+            found = self.jwt.bearer(form.get("assertion", ""), f"{self.url}/token")
+            result = found if isinstance(found, dict) else self._issue(
+                found[0], found[2], found[1], refresh=False)
+        self._event(JWT_BEARER, str(result.get("error", "ok")))
         if "error" in result:
             return _error(str(result["error"]), str(result.get("error_description", "")))
         return web.json_response(result, headers={"Cache-Control": "no-store"})
@@ -325,10 +375,13 @@ class AuthServer:
         return self._issue(client_id, device.scope, self.user, refresh=True)
 
     def _client_credentials(self, client_id: str, form: dict[str, str]) -> dict[str, object]:
-        if self.clients.get(client_id) is None:
+        if self.clients.get(client_id) is None and client_id not in self.jwt.certificates:
             return {"error": "unauthorized_client",
                     "error_description": "client_credentials needs a confidential client"}
-        return self._issue(client_id, form.get("scope", ""), self.user, refresh=False)
+        scope = form.get("scope", "")
+        if scope.endswith("/.default"):
+            scope = " ".join(sorted(self.app_permissions.get(client_id, set())))
+        return self._issue(client_id, scope, self.user, refresh=False)
 
     def _issue(self, client_id: str, scope: str, user: str, *, refresh: bool,
                family: str | None = None) -> dict[str, object]:
@@ -386,8 +439,11 @@ class AuthServer:
             self.introspections.append(active)
         if not active or access is None:
             return web.json_response({"active": False})
+        scopes = access.scope.split()
+        if SMTP_SCOPES & set(scopes) and "smtp" not in scopes:
+            scopes.append("smtp")
         return web.json_response({
-            "active": True, "username": access.user, "scope": access.scope,
+            "active": True, "username": access.user, "scope": " ".join(scopes),
             "client_id": access.client_id, "exp": int(access.expires_at),
             "token_type": "Bearer"})
 

@@ -7,7 +7,7 @@ import sys
 
 HEAVY = ("aiohttp", "authlib", "httpx", "aiosmtpd", "aiosmtplib", "jinja2",
          "prometheus_client", "relay.app", "relay.admin", "relay.oauth", "relay.upstream",
-         "relay.delivery")
+         "relay.delivery", "cryptography", "joserfc")
 
 
 def loaded_after(statement: str) -> list[str]:

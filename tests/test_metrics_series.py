@@ -3,7 +3,8 @@
 A real relay (the installed `sysmail-relay serve`, a TOML file with a password server,
 a POP-before-SMTP server and an OAuth one) is scraped at start and after a SIGHUP that
 adds a server: every labelled counter series the configuration makes possible is there
-at 0, so that `increase()` alerts fire on the first event. deploy/prometheus-alerts.yml
+at 0, so that `increase()` alerts fire on the first event; a client certificate's
+expiry is there as soon as the configuration names it. deploy/prometheus-alerts.yml
 is checked and unit-tested with Debian's `promtool` (.ci/install-peers.sh installs it),
 and every series those unit tests feed in is one that relay really exports.
 """
@@ -24,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.metrics import DELIVERY_RESULTS, OAUTH_RESULTS, POP_RESULTS, REJECT_REASONS
+from tests.oauth_jwt import Certificate
 from tests.support import Daemon, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,6 +176,24 @@ def test_a_server_added_by_a_reload_is_exported_at_zero_at_once(relay: Relay) ->
         time.sleep(0.05)
     wanted = expected_at_start("backup", "CRAM-MD5")
     assert {s: scraped.get(s) for s in wanted} == dict.fromkeys(wanted, 0.0)
+
+
+def test_a_client_certificate_added_by_a_reload_exports_when_it_expires(
+        relay: Relay, tmp_path: Path) -> None:
+    cert = Certificate.make(days=90)
+    cert_file, key_file = cert.write(tmp_path / "pki")
+    gauge = series("relay_oauth_credential_expiry_timestamp_seconds", client="exchange")
+    assert gauge not in relay.scrape()  # no certificate, no series (a secret has no expiry)
+    relay.write(f'[oauth_clients.exchange]\nprovider = "microsoft"\nclient_id = "app-id"\n'
+                f'grant = "client_credentials"\nclient_certificate_file = "{cert_file}"\n'
+                f'client_key_file = "{key_file}"\n')
+    relay.daemon.send_signal(signal.SIGHUP)
+    reloaded = series("relay_config_reloads_total", result="ok")
+    deadline = time.monotonic() + 20
+    while (scraped := relay.scrape()).get(reloaded) != 1.0:
+        assert time.monotonic() < deadline, relay.daemon.log_text()
+        time.sleep(0.05)
+    assert scraped[gauge] == cert.cert.not_valid_after_utc.timestamp()
 
 
 def test_promtool_accepts_the_alert_rules() -> None:

@@ -3,15 +3,18 @@
 `sysmail-relay serve` runs as an operator runs it, at log level debug, with every
 kind of secret configured at once: an SMTP AUTH password, a POP-before-SMTP
 password, an OAuth client secret with access and refresh tokens (signed in with
-`sysmail-relay oauth authorize --device` against tests/oauth_server.py), and an
-admin token. The sending server is switched between the three (SIGHUP), and each
-is driven through a refusal (wrong password, refused token) and then a success.
+`sysmail-relay oauth authorize --device` against tests/oauth_server.py), a client
+certificate's private key and a Google service account's JSON key (the signed
+assertions made with them), and an admin token. The sending server is switched
+between them (SIGHUP), and each is driven through a refusal (wrong password, refused
+token, unknown certificate, missing delegation) and then a success.
 At every step everything an operator can see is collected: the daemon's log,
 `status` and `status --json`, `queue list` and `queue show`, `check --connect`,
 `oauth status`, `/status`, `/metrics`, `/readyz`, the admin page, refused admin
 requests, and `check`'s errors on broken copies of the configuration. Each secret
 is then looked for as it is, in base64 (alone, and as the SASL PLAIN and XOAUTH2
-strings that carry it on the wire) and URL-encoded.
+strings that carry it on the wire) and URL-encoded; each line of a private key's PEM
+on its own.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import httpx
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult
 
+from relay.oauth.scopes import GOOGLE_MAIL
+from tests.oauth_jwt import Certificate, ServiceAccount
 from tests.oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer
 from tests.support import Daemon, free_port, relay_command
 from tests.upstream.test_pop3 import Pop3Stub
@@ -42,6 +47,9 @@ from tests.upstream_servers import Script, Servers
 SMTP_PASSWORD = "smtp-pw-" + secrets.token_hex(8)
 POP_PASSWORD = "pop-pw-" + secrets.token_hex(8)
 ADMIN_TOKEN = "admin-tok-" + secrets.token_hex(12)
+APP_ID = "app-" + secrets.token_hex(8)
+CERTIFICATE = Certificate.make()
+ACCOUNT = ServiceAccount()
 
 
 class OAuthScript(Script):
@@ -125,6 +133,9 @@ def write_config(tmp_path: Path, port: int, peers: Peers, provider: AuthServer,
     for name, value in (("smtp", SMTP_PASSWORD), ("pop", POP_PASSWORD), ("admin", ADMIN_TOKEN),
                         ("client", CLIENT_SECRET)):
         (secrets_dir / name).write_text(value + "\n")
+    cert_file, key_file = CERTIFICATE.write(secrets_dir)
+    account_file = ACCOUNT.write(secrets_dir / "sa.json", f"{provider.url}/token")
+    provider.jwt.service_accounts[ACCOUNT.client_email] = ACCOUNT  # not delegated yet
     config = tmp_path / "relay.toml"
     config.write_text(f"""\
 state_dir = "{tmp_path / 'state'}"
@@ -175,6 +186,35 @@ encryption = "none"
 timeout = 3
 [servers.oauth.oauth]
 client = "test"
+
+[servers.certapp]
+host = "127.0.0.1"
+port = {peers.smtp_oauth_port}
+encryption = "none"
+timeout = 3
+[servers.certapp.oauth]
+client = "cert"
+
+[servers.svc]
+host = "127.0.0.1"
+port = {peers.smtp_oauth_port}
+encryption = "none"
+timeout = 3
+[servers.svc.oauth]
+client = "sa"
+
+[oauth_clients.cert]
+provider = "microsoft"
+client_id = "{APP_ID}"
+grant = "client_credentials"
+token_url = "{provider.url}/token"
+client_certificate_file = "{cert_file}"
+client_key_file = "{key_file}"
+
+[oauth_clients.sa]
+provider = "google"
+grant = "service_account"
+service_account_file = "{account_file}"
 
 [oauth_clients.test]
 provider = "generic"
@@ -281,7 +321,7 @@ class Operator:
 
 def sign_in(operator: Operator, provider: AuthServer) -> None:
     """`sysmail-relay oauth authorize --device`, the code approved as from another device."""
-    proc = subprocess.Popen([relay_command(), "oauth", "authorize", "--device", "--config",
+    proc = subprocess.Popen([relay_command(), "oauth", "authorize", "test", "--device", "--config",
                              str(operator.config)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -301,7 +341,8 @@ def sign_in(operator: Operator, provider: AuthServer) -> None:
 
 
 def through_failure_then_success(operator: Operator, peers: Peers, server: str,
-                                 refuse: Callable[[], None], accept: Callable[[], None]) -> None:
+                                 refuse: Callable[[], object],
+                                 accept: Callable[[], object]) -> None:
     operator.switch_to(server)
     refuse()
     queue_id = operator.send(f"via-{server}")
@@ -318,6 +359,7 @@ def through_failure_then_success(operator: Operator, peers: Peers, server: str,
 def broken_copies(operator: Operator) -> None:
     """`check` on configurations with secrets written inline and mistakes beside them."""
     base = operator.config.read_text()
+    keys = operator.tmp / "secrets"
     inline = (base.replace(f'password_file = "{operator.tmp / "secrets" / "smtp"}"',
                            f'password = "{SMTP_PASSWORD}"')
                   .replace(f'password_file = "{operator.tmp / "secrets" / "pop"}"',
@@ -343,6 +385,10 @@ def broken_copies(operator: Operator) -> None:
             f'token = "{ADMIN_TOKEN}"', f'tokn = "{ADMIN_TOKEN}"'),
         "not TOML at all": inline.replace(f'password = "{SMTP_PASSWORD}"',
                                           f'password = {SMTP_PASSWORD}'),
+        "a PEM key where the service-account JSON key belongs": inline.replace(
+            str(keys / "sa.json"), str(keys / "client.key")),
+        "the service-account JSON key where the PEM key belongs": inline.replace(
+            str(keys / "client.key"), str(keys / "sa.json")),
     }
     for name, text in variants.items():
         broken = operator.tmp / f"broken-{len(operator.seen)}.toml"
@@ -364,7 +410,7 @@ def forms(secret: str, user: str | None = None) -> dict[str, str]:
     return found
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)  # about 3 minutes on an idle machine
 def test_no_secret_in_logs_status_metrics_admin_pages_or_errors(
         tmp_path: Path, peers: Peers, provider: AuthServer) -> None:
     port = free_port()
@@ -392,6 +438,12 @@ def test_no_secret_in_logs_status_metrics_admin_pages_or_errors(
         through_failure_then_success(operator, peers, "oauth",
                                      lambda: setattr(peers.oauth, "accept", False),
                                      lambda: setattr(peers.oauth, "accept", True))
+        through_failure_then_success(  # Entra ID does not know the certificate, then does
+            operator, peers, "certapp", lambda: provider.jwt.certificates.pop(APP_ID, None),
+            lambda: provider.jwt.certificates.update({APP_ID: CERTIFICATE.cert}))
+        through_failure_then_success(  # Google: no domain-wide delegation, then the scope
+            operator, peers, "svc", ACCOUNT.delegated.clear,
+            lambda: ACCOUNT.delegated.add(GOOGLE_MAIL))
         # the provider revokes everything: Not granted (held), then a new sign-in
         provider.revoke_user()
         provider.expire_access_tokens()
@@ -415,7 +467,11 @@ def test_no_secret_in_logs_status_metrics_admin_pages_or_errors(
     assert any(b"PASS " + POP_PASSWORD.encode() in line for line in peers.pop.received)
     assert len(peers.oauth.tokens) >= 3
     assert sorted(peers.delivered()) == sorted(
-        ["via-smtp", "via-login", "via-pop", "via-oauth", "after-revoke"])
+        ["via-smtp", "via-login", "via-pop", "via-oauth", "via-certapp", "via-svc",
+         "after-revoke"])
+    assert provider.count("client_credentials invalid_client") >= 1  # refused, then
+    assert provider.count("client_credentials ok") >= 1  # accepted
+    assert "Domain-wide delegation" in daemon.log_text()
     log = daemon.log_text()
     for evidence in ("535", "Authentication failed", "Not granted", "status=sent"):
         assert evidence in log, evidence
@@ -428,6 +484,15 @@ def test_no_secret_in_logs_status_metrics_admin_pages_or_errors(
     }
     for n, token in enumerate([*provider.issued(), *peers.oauth.tokens]):
         known[f"OAuth token or code #{n}"] = forms(token, USER)
+    keys = {"client certificate key": CERTIFICATE.key_pem().decode(),
+            "service account key": ACCOUNT.json_key("")["private_key"]}
+    for name, pem in keys.items():
+        for n, line in enumerate(pem.splitlines()[1:-1]):
+            known[f"{name} line {n}"] = {"as is": line}
+    assert len(provider.jwt.raw) >= 4
+    for n, assertion in enumerate(provider.jwt.raw):
+        known[f"signed assertion #{n}"] = {**forms(assertion),
+                                           "signature": assertion.rsplit(".", 1)[1]}
     assert len(known) > 6
     leaks = [f"{name} ({form}) in {where}"
              for where, text in operator.seen

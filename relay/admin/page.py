@@ -3,16 +3,18 @@
 Server-rendered, no JavaScript: the account in the terms operators know (Active /
 Inactive, system e-mail address, outgoing server, encryption, time-out (for a Graph
 or Gmail API server: its protocol and API address), authentication, POP before
-SMTP, OAuth authorization Granted / Not granted with its "Sign in with ..." button),
-the configuration's warnings (a password sent in clear, a certificate not checked),
-the upstream's health (per server: ok, failing, paused until, not granted, inactive;
-the last error with its time, the next attempt, the last success), queue counts, the
-latest results with the server's reply, and the waiting and dead messages with Retry
-and Delete buttons (POST, CSRF protected). With `Accept: application/json` the
-buttons, and /queue/retry-all, answer JSON: that is how `sysmail-relay queue
-retry|delete` changes the spool while the daemon holds it. "Send test message"
-submits through the listener, as an application does, and shows the listener's and
-the upstream's answers. Never shows a secret.
+SMTP, the OAuth credential (a person's sign-in, an app's client secret or
+certificate, a service account) and the OAuth authorization Granted / Not granted
+with its "Sign in with ..." button), the configuration's warnings (a password sent
+in clear, a certificate not checked), the upstream's health (per server: ok,
+failing, paused until, not granted, inactive; the last error with its time, the next
+attempt, the last success), queue counts, the latest results with the server's
+reply, and the waiting and dead messages with Retry and Delete buttons (POST, CSRF
+protected). With `Accept: application/json` the buttons, and /queue/retry-all,
+answer JSON: that is how `sysmail-relay queue retry|delete` changes the spool while
+the daemon holds it. "Send test message" submits through the listener, as an
+application does, and shows the listener's and the upstream's answers. Never shows a
+secret.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def oauth_state(relay: Daemon) -> dict[str, Any] | None:
         sign_in = _SIGN_IN.get(client.provider, f"Sign in with {name}")
     return {"client": name, "provider": client.provider, "granted": found.granted,
             "account": found.account, "expires_at": found.expires_at, "reason": found.reason,
-            "sign_in": sign_in}
+            "sign_in": sign_in, "credential": client.credential}
 
 
 def latest(relay: Daemon) -> list[Result]:

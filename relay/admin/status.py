@@ -117,7 +117,9 @@ def collect(settings: Settings) -> dict[str, Any]:
         if server.oauth is not None:  # "OAuth authorization": Granted / Not granted
             auth = oauth_authorization(settings, server.oauth.client)
             details.update(oauth_authorization=auth.label, oauth=asdict(auth),
-                           oauth_details=describe_oauth(auth))
+                           oauth_details=describe_oauth(auth),
+                           oauth_credential=settings.oauth_clients[server.oauth.client]
+                           .credential)
     pid = daemon_pid(settings)
     spool = Spool(settings.spool_dir)
     held = held_reason(settings)
@@ -145,6 +147,7 @@ _LABELS = [
     ("encryption", "Encryption"),
     ("timeout", "Time-out Period"),
     ("authentication", "Authentication"),
+    ("oauth_credential", "OAuth credential"),
     ("oauth_details", "OAuth authorization"),
     ("from_header", "From: header"),
 ]

@@ -15,11 +15,16 @@
 - `keep_alive()`: the daemon calls it periodically so that an idle relay's refresh
   token is used every few days (Microsoft retires one unused for 90 days).
 
-A refused refresh token (`invalid_grant`) makes the authorization "Not granted"
-(NotGranted: the mail is held) and says to run `sysmail-relay oauth authorize`; a
-provider that does not answer is ProviderUnreachable (the mail is deferred).
-Tokens live only in the token store (relay.oauth.store) and in memory: never in a
-log line, a metric, `status` or an exception.
+The app's own grants (client credentials with a secret or a certificate, a Google
+service account; relay.oauth.assertions signs) need no person: a token is fetched when
+needed. A refused refresh token (`invalid_grant`) makes the authorization "Not granted"
+(NotGranted: mail held) and says to run `sysmail-relay oauth authorize`; a refused or
+unusable app credential (an expired certificate) does too (CredentialError), saying what
+to change. The provider is asked again after APP_RECHECK seconds or a reload; key files
+are read for every request, so a renewed certificate sends the held mail. Each new
+refusal is logged once, as an error. A provider that does not answer is
+ProviderUnreachable (deferred). Tokens live only in the token store (relay.oauth.store)
+and in memory: never in a log line, a metric, `status` or an exception.
 """
 
 from __future__ import annotations
@@ -27,16 +32,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Any
 
-from relay.errors import NotGranted, OAuthError, ProviderRefused
+from relay.errors import CredentialError, NotGranted, OAuthError, ProviderRefused
 from relay.metrics import Metrics
-from relay.oauth.providers import ProviderClient, provider_text
+from relay.oauth.assertions import REFUSED, export_credential_expiry, refusal
+from relay.oauth.providers import ProviderClient
+from relay.oauth.sign_in import SIGN_IN_TTL, SignIns
 from relay.oauth.state import (
     Authorization,
     account_for,
@@ -44,14 +49,16 @@ from relay.oauth.state import (
     client_settings,
     clock,
     describe,
+    provider_for,
+    refused_reason,
     signed_in_as,
     token_from_answer,
 )
 from relay.oauth.store import StoredToken, TokenStore
 from relay.settings import OAuthClientSettings, Settings
 
-__all__ = ["Authorization", "OAuth", "account_for", "authorization", "client_settings",
-           "clock", "describe"]
+__all__ = ["SIGN_IN_TTL", "Authorization", "OAuth", "account_for", "authorization",
+           "client_settings", "clock", "describe"]
 
 log = logging.getLogger("relay.oauth")
 
@@ -61,18 +68,8 @@ IDLE_REFRESH = 3 * 86400
 """Use the refresh token at least this often, mail or not."""
 KEEP_ALIVE_EVERY = 3600.0
 """How often the daemon looks for refresh tokens to keep alive."""
-SIGN_IN_TTL = 600
-"""Seconds a started sign-in (its state and PKCE verifier) waits for the provider's answer."""
-GOOGLE_TESTING_DAYS = 7
-
-
-@dataclass(frozen=True)
-class _SignIn:
-    client: str
-    account: str
-    verifier: str
-    redirect_uri: str
-    expires: float
+APP_RECHECK = 60.0
+"""Seconds before an app credential the provider refused is offered to it again."""
 
 
 @contextlib.asynccontextmanager
@@ -87,16 +84,19 @@ class OAuth:
         self.settings = settings
         self.metrics = metrics
         self.store = TokenStore(settings.state_dir / "tokens")
-        self.on_granted: list[Callable[[Authorization], None]] = []
-        """Called after every new authorization (the daemon then retries held mail)."""
-        self._sign_ins: dict[str, _SignIn] = {}
+        self.on_granted: list[Callable[[Authorization], None]] = []  # the daemon: held mail
+        self._sign_ins = SignIns()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.refresh_guard: Callable[[str, str], AbstractAsyncContextManager[None]] = _alone
         """Held around a refresh: in a fleet, the lock that lets one relay refresh at a
         time (relay.fleet.tokens); alone, nothing more than the lock above."""
+        self._recheck: dict[tuple[str, str], float] = {}  # refused app credentials
+        export_credential_expiry(settings, metrics)
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
+        self._recheck.clear()  # a changed credential is tried at once
+        export_credential_expiry(settings, self.metrics)
 
     def account(self, client: str) -> str:
         return account_for(self.settings, client)
@@ -116,53 +116,15 @@ class OAuth:
 
     def start_authorization(self, client: str, redirect_uri: str) -> str:
         """The provider's sign-in address for the browser; its answer goes to redirect_uri."""
-        cfg = client_settings(self.settings, client)
-        if cfg.grant == "client_credentials":
-            raise OAuthError(f"oauth_clients.{client} uses grant = \"client_credentials\": "
-                             f"nobody signs in; `sysmail-relay oauth authorize {client}` "
-                             "fetches a token")
-        now = time.monotonic()
-        self._sign_ins = {k: v for k, v in self._sign_ins.items() if v.expires > now}
-        state = secrets.token_urlsafe(32)
-        verifier = secrets.token_urlsafe(64)
-        account = self.account(client)
-        url = ProviderClient(client, cfg).authorization_url(redirect_uri, state, verifier,
-                                                            login_hint=account or None)
-        self._sign_ins[state] = _SignIn(client, account, verifier, redirect_uri,
-                                        now + SIGN_IN_TTL)
-        return url
+        return self._sign_ins.start(self.settings, client, self.account(client), redirect_uri)
 
     async def finish_authorization(self, state: str, code: str | None, error: str | None,
                                    description: str | None = None) -> Authorization:
         """Take the provider's answer (the redirect's query); store the token. Raises
         OAuthError, and then nothing is stored."""
-        sign_in = self._sign_ins.pop(state, None) if state else None
-        if sign_in is None:
-            raise OAuthError("this answer does not belong to a sign-in started here (unknown "
-                             "or already used state); nothing was stored: start the sign-in "
-                             "again")
-        if sign_in.expires < time.monotonic():
-            raise OAuthError(f"the sign-in took longer than {SIGN_IN_TTL // 60} minutes; "
-                             "nothing was stored: start it again")
-        cfg = client_settings(self.settings, sign_in.client)
-        if error:
-            error, description = provider_text(error, description, (state,))
-            why = f"{error}: {description}" if description else error
-            raise OAuthError(f"the sign-in at {cfg.provider} was refused or cancelled ({why});"
-                             f" nothing was stored. Sign in again as {sign_in.account} and "
-                             "allow access")
-        if not code:
-            raise OAuthError("the provider's answer has neither a code nor an error; nothing "
-                             "was stored: start the sign-in again")
-        provider = ProviderClient(sign_in.client, cfg)
-        try:
-            data = await provider.exchange_code(code, sign_in.redirect_uri, sign_in.verifier)
-        except ProviderRefused as e:
-            hint = (" (the code was already used or has expired)"
-                    if e.error == "invalid_grant" else "")
-            raise OAuthError(f"{e}{hint}; nothing was stored: start the sign-in "
-                             "again") from None
-        return await self.store_grant(sign_in.client, sign_in.account, data)
+        client, account, data = await self._sign_ins.finish(self.settings, state, code, error,
+                                                            description)
+        return await self.store_grant(client, account, data)
 
     async def store_grant(self, client: str, account: str,
                           data: dict[str, Any]) -> Authorization:
@@ -204,8 +166,7 @@ class OAuth:
         return await self._renew(client, account, None)
 
     async def fresh_token(self, client: str, rejected: str, account: str | None = None) -> str:
-        """A new token in place of one the server refused (unless another delivery has
-        already replaced it)."""
+        """A new token for one the server refused (unless another delivery replaced it)."""
         return await self._renew(client, account or self.account(client), rejected)
 
     async def obtain(self, client: str) -> Authorization:
@@ -232,22 +193,22 @@ class OAuth:
 
     async def keep_alive(self) -> None:
         """Use every refresh token not used for IDLE_REFRESH; fetch missing app tokens; log
-        what is not granted."""
+        what is not granted; export when client certificates (replaced or not) expire."""
+        await asyncio.to_thread(export_credential_expiry, self.settings, self.metrics)
         for client, account in sorted(self._in_use()):
             try:
                 token = await asyncio.to_thread(self.store.load, client, account)
-                cfg = client_settings(self.settings, client)
-                now = time.time()
-                if cfg.grant == "client_credentials":
+                if client_settings(self.settings, client).grant != "authorization_code":
                     await self.access_token(client, account)
                 elif (token is not None and token.refresh_token and not token.refused
-                      and now - token.refreshed_at > IDLE_REFRESH):
+                      and time.time() - token.refreshed_at > IDLE_REFRESH):
                     await self._renew(client, account, token.access_token or "")
                 auth = await asyncio.to_thread(self.authorization, client)
                 if not auth.granted:
                     log.warning("%s: OAuth authorization Not granted: %s", client, auth.reason)
             except OAuthError as e:
-                log.warning("%s: %s", client, e)
+                if not e.logged:
+                    log.warning("%s: %s", client, e)
 
     def _in_use(self) -> set[tuple[str, str]]:
         return {(s.oauth.client, s.oauth.username or self.settings.system_account.address
@@ -269,9 +230,9 @@ class OAuth:
     async def _obtain(self, client: str, account: str,
                       token: StoredToken | None) -> StoredToken:
         cfg = client_settings(self.settings, client)
-        provider = ProviderClient(client, cfg)
-        if cfg.grant == "client_credentials":
-            data = await self._counted(client, provider.client_credentials())
+        provider = provider_for(self.settings, client)
+        if cfg.grant != "authorization_code":
+            data = await self._app_token(client, account, provider, token)
             new = token_from_answer(client, account, cfg, data, token, granted=token is None)
         else:
             if token is None or token.refused or not token.refresh_token:
@@ -295,29 +256,49 @@ class OAuth:
                  clock(new.expires_at) if new.expires_at else "it is refused")
         return new
 
+    async def _app_token(self, client: str, account: str, provider: ProviderClient,
+                         token: StoredToken | None) -> dict[str, Any]:
+        """The app's own token. A credential refused or unusable: Not granted, with the cause
+        and the fix (CredentialError); the provider is asked again after APP_RECHECK."""
+        cfg = provider.client
+        if token is not None and token.refused and \
+                time.monotonic() < self._recheck.get((client, account), 0.0):
+            raise CredentialError(token.refused)
+        try:
+            return await self._counted(client, provider.app_token(account))
+        except CredentialError as e:  # nothing was sent; the files are read again next time
+            reason = str(e)
+        except ProviderRefused as e:
+            if e.error not in REFUSED:
+                raise OAuthError(f"{e}: check oauth_clients.{client}") from None
+            reason = refusal(client, cfg, account, " ".join(provider.endpoints.scopes), e)
+            self._recheck[(client, account)] = time.monotonic() + APP_RECHECK
+        if token is not None and token.refused == reason:
+            raise CredentialError(reason)  # known, stored and logged
+        await self._not_granted(token or StoredToken(client, account, cfg.provider, cfg.grant),
+                                reason)
+        raise CredentialError(reason, logged=True)
+
     async def _refused(self, client: str, account: str, cfg: OAuthClientSettings,
                        token: StoredToken, e: ProviderRefused) -> StoredToken:
         current = await asyncio.to_thread(self.store.load, client, account)
         if current and current.refresh_token and current.refresh_token != token.refresh_token:
             return await self._obtain(client, account, current)  # signed in again meanwhile
-        why = f"{e.error}: {e.description}" if e.description else e.error
-        reason = (f"the provider refused the refresh token for {account} ({why}): it was "
-                  "revoked or has expired, or the password changed. Mail is held until "
-                  f"someone runs `sysmail-relay oauth authorize {client}`")
-        age = (time.time() - token.granted_at) / 86400
-        if cfg.provider == "google" and age <= GOOGLE_TESTING_DAYS + 1:
-            reason += (f". It was issued {age:.1f} days ago: the likely cause is that the "
-                       "OAuth app is still in \"Testing\" publishing status, whose refresh "
-                       f"tokens die after {GOOGLE_TESTING_DAYS} days; publish it (Google Cloud "
-                       "console, OAuth consent screen, \"Publish app\") and sign in again")
+        reason = refused_reason(client, account, cfg, token, e)
+        await self._not_granted(token, reason)
+        raise NotGranted(reason, logged=True)
+
+    async def _not_granted(self, token: StoredToken, reason: str) -> None:
+        """Keep why the provider refused (for `status`), and no secret."""
         await asyncio.to_thread(self.store.save, token.refused_now(reason))
-        self.metrics.oauth_token_expiry.labels(client).set(0)
-        log.error("%s: OAuth authorization is now Not granted: %s", client, reason)
-        raise NotGranted(reason)
+        self.metrics.oauth_token_expiry.labels(token.client).set(0)
+        log.error("%s: OAuth authorization is now Not granted: %s", token.client, reason)
 
     async def _counted(self, client: str, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
         try:
             data = await call
+        except CredentialError:  # refused here: nothing was asked
+            raise
         except ProviderRefused as e:
             result = "invalid_grant" if e.error == "invalid_grant" else "error"
             self.metrics.oauth_refresh.labels(client, result).inc()

@@ -2,12 +2,14 @@
 
 `endpoints()` knows Google, Microsoft (per tenant) and a generic provider (URLs from
 the configuration, which can also override Google's and Microsoft's, e.g. for a
-national cloud). `ProviderClient` does one exchange at a time with one client's
-credentials: authlib builds and checks the OAuth messages (authorization URL with
-PKCE S256, token requests, client authentication, revocation), httpx carries them,
-and every way it can go wrong leaves this module as ProviderRefused (the provider
-said no, with its error code), ProviderUnreachable (no answer, 5xx) or OAuthError.
-No message here contains a token, a code or a secret: a provider's error code and
+national cloud), and the scopes each needs for SMTP, Graph or the Gmail API.
+`ProviderClient` does one exchange at a time with one client's credentials: authlib
+builds and checks the OAuth messages (authorization URL with PKCE S256, token
+requests, client authentication by secret or by a signed assertion from
+relay.oauth.assertions, revocation), httpx carries them, and every way it can go
+wrong leaves this module as ProviderRefused (the provider said no, with its error
+code), ProviderUnreachable (no answer, 5xx) or OAuthError. No message here contains
+a token, a code, a secret or an assertion: a provider's error code and
 `error_description` are shown only through `provider_text`, which takes out anything
 the request carried (a provider may echo it), control characters and all but the
 first DESCRIPTION_MAX characters.
@@ -34,6 +36,8 @@ from authlib.oauth2.rfc7009 import prepare_revoke_token_request  # type: ignore[
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 
 from relay.errors import OAuthError, ProviderRefused, ProviderUnreachable
+from relay.oauth.assertions import bearer_grant, client_assertion
+from relay.oauth.scopes import default_scopes
 from relay.settings import OAuthClientSettings
 
 HTTP_TIMEOUT = 15.0
@@ -48,11 +52,6 @@ GOOGLE = {"authorize": "https://accounts.google.com/o/oauth2/v2/auth",
           "token": "https://oauth2.googleapis.com/token",
           "revoke": "https://oauth2.googleapis.com/revoke"}
 MICROSOFT = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/{endpoint}"
-GOOGLE_SCOPES = ["https://mail.google.com/", "openid", "email"]
-MICROSOFT_SCOPES = ["https://outlook.office.com/SMTP.Send", "offline_access"]
-MICROSOFT_APP_SCOPES = ["https://outlook.office365.com/.default"]
-
-
 @dataclass(frozen=True)
 class Endpoints:
     provider: str
@@ -65,12 +64,14 @@ class Endpoints:
     no_device: str | None = None  # why the device flow is not offered
 
 
-def endpoints(name: str, client: OAuthClientSettings) -> Endpoints:
-    """The provider's endpoints and scopes, with the configuration's overrides."""
+def endpoints(name: str, client: OAuthClientSettings, protocol: str = "smtp") -> Endpoints:
+    """The provider's endpoints and scopes, with the configuration's overrides. (A service
+    account's token URL is its JSON key's token_uri, unless token_url is set.)"""
+    scopes = default_scopes(client.provider, client.grant, protocol)
     if client.provider == "google":
         base = Endpoints(
             "google", GOOGLE["authorize"], GOOGLE["token"], None, GOOGLE["revoke"],
-            GOOGLE_SCOPES, {"access_type": "offline", "prompt": "consent"},
+            scopes, {"access_type": "offline", "prompt": "consent"},
             no_device="Google does not allow the Gmail scope (https://mail.google.com/) in "
                       f"its device flow: run `sysmail-relay oauth authorize {name}` without "
                       "--device (it prints an address to open in any browser, and takes the "
@@ -80,9 +81,8 @@ def endpoints(name: str, client: OAuthClientSettings) -> Endpoints:
         def url(endpoint: str) -> str:
             return MICROSOFT.format(tenant=client.tenant, endpoint=endpoint)
 
-        app = client.grant == "client_credentials"
         base = Endpoints("microsoft", url("authorize"), url("token"), url("devicecode"), None,
-                         MICROSOFT_APP_SCOPES if app else MICROSOFT_SCOPES)
+                         scopes)
     else:
         base = Endpoints("generic", client.authorize_url, client.token_url or "",
                          client.device_url, client.revocation_url, [],
@@ -114,16 +114,19 @@ class ProviderClient:
     """The HTTP exchanges of one [oauth_clients.NAME] with its provider."""
 
     def __init__(self, name: str, client: OAuthClientSettings,
-                 timeout: float = HTTP_TIMEOUT) -> None:
+                 timeout: float = HTTP_TIMEOUT, protocol: str = "smtp") -> None:
         self.name = name
         self.client = client
-        self.endpoints = endpoints(name, client)
+        self.endpoints = endpoints(name, client, protocol)
         self.timeout = timeout
         secret = client.client_secret.get_secret_value() if client.client_secret else None
+        # a certificate: private_key_jwt, its assertion added per request (client_id too)
         method = ("none" if secret is None else
                   "client_secret_basic" if client.provider == "generic" else
                   "client_secret_post")
-        self._auth = ClientAuth(client.client_id, secret, method)
+        self._auth: ClientAuth | None = ClientAuth(client.client_id, secret, method)
+        if client.grant == "service_account":
+            self._auth = None  # its signed assertion is the only proof: no client_id sent
 
     def authorization_url(self, redirect_uri: str, state: str, verifier: str,
                           login_hint: str | None) -> str:
@@ -151,7 +154,16 @@ class ProviderClient:
         scope = {"scope": self._scope()} if self.endpoints.provider == "microsoft" else {}
         return await self._token("refresh_token", refresh_token=refresh_token, **scope)
 
-    async def client_credentials(self) -> dict[str, Any]:
+    async def app_token(self, account: str) -> dict[str, Any]:
+        """A token for the app itself: client credentials (with a client secret or a
+        certificate's signed assertion), or a service account's JWT bearer grant acting
+        for `account`. Raises CredentialError when a key file cannot be used."""
+        if self.client.grant == "service_account":
+            url, params = bearer_grant(self.name, self.client, account, self._scope())
+            return await self._post(url, urlencode(params), "the token endpoint")
+        if self.client.certificate:
+            assertion = client_assertion(self.name, self.client, self.endpoints.token_url)
+            return await self._token("client_credentials", scope=self._scope(), **assertion)
         return await self._token("client_credentials", scope=self._scope())
 
     async def start_device(self) -> DeviceGrant:
@@ -211,11 +223,12 @@ class ProviderClient:
                     tolerate: set[str] | None = None) -> dict[str, Any]:
         headers = {"Accept": "application/json",
                    "Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
-        url, headers, body = self._auth.prepare("POST", url, headers, body)
+        if self._auth is not None:
+            url, headers, body = self._auth.prepare("POST", url, headers, body)
         async with _http(url, what, self.timeout) as http:
             response = await http.post(url, content=body, headers=headers)
         sent = [value for _, value in parse_qsl(body)]
-        sent += [headers.get("Authorization", "").partition(" ")[2], self.client.client_id]
+        sent += [headers.get("Authorization", "").partition(" ")[2], self.client.client_id or ""]
         if self.client.client_secret is not None:
             sent.append(self.client.client_secret.get_secret_value())
         return _answer(response, url, what, tolerate or set(), sent)

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.errors import OAuthError, TokenStoreError
+from relay.errors import OAuthError, ProviderRefused, TokenStoreError
 from relay.oauth.providers import ProviderClient
 from relay.oauth.store import StoredToken, TokenStore
 from relay.settings import OAuthClientSettings, Settings
+
+GOOGLE_TESTING_DAYS = 7
+"""Google's refresh tokens of an app in "Testing" publishing status die after a week."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def authorization(settings: Settings, client: str, store: TokenStore | None = No
     cfg = client_settings(settings, client)
     account = account_for(settings, client)
     store = store or TokenStore(settings.state_dir / "tokens")
-    scopes = ProviderClient(client, cfg).endpoints.scopes
+    scopes = provider_for(settings, client).endpoints.scopes
 
     def no(reason: str, token: StoredToken | None = None) -> Authorization:
         return Authorization(client, cfg.provider, False, account,
@@ -73,20 +76,52 @@ def authorization(settings: Settings, client: str, store: TokenStore | None = No
     except TokenStoreError as e:
         return no(str(e))
     run = f"run `sysmail-relay oauth authorize {client}`"
-    if token is None and cfg.grant == "client_credentials":
-        return no(f"no token yet: the relay fetches one itself (client_credentials) when it "
-                  f"sends; {run} to fetch one now")
+    if token is None and cfg.grant != "authorization_code":
+        return no(f"no token yet: the relay fetches one itself ({cfg.grant}) when it sends; "
+                  f"{run} to fetch one now")
     if token is None:
         return no(f"not signed in yet for {account}: {run} (or use the admin page's sign-in "
                   "button)")
     if token.refused:
         return no(token.refused, token)
     expired = token.expires_at is not None and token.expires_at <= time.time()
-    if expired and not token.refresh_token and cfg.grant != "client_credentials":
+    if expired and not token.refresh_token and cfg.grant == "authorization_code":
         return no(f"the access token expired and the provider gave no refresh token: {run}",
                   token)
     return Authorization(client, cfg.provider, True, account, token.scopes,
                          token.expires_at, None)
+
+
+def protocol_for(settings: Settings, client: str) -> str:
+    """What the client's tokens are for: the `protocol` of the servers that use it ("smtp",
+    "graph", "gmail_api"; issue 21), which decides the default scopes."""
+    for server in settings.servers.values():
+        if server.oauth is not None and server.oauth.client == client:
+            return str(getattr(server, "protocol", "smtp"))
+    return "smtp"
+
+
+def provider_for(settings: Settings, client: str) -> ProviderClient:
+    """The client's exchanges with its provider, with the scopes its servers need."""
+    return ProviderClient(client, client_settings(settings, client),
+                          protocol=protocol_for(settings, client))
+
+
+def refused_reason(client: str, account: str, cfg: OAuthClientSettings, token: StoredToken,
+                   e: ProviderRefused) -> str:
+    """Why a refresh token the provider refused (invalid_grant) no longer works, and what to
+    do; for Google within a week of the sign-in, the likely cause: the Testing status."""
+    why = f"{e.error}: {e.description}" if e.description else e.error
+    reason = (f"the provider refused the refresh token for {account} ({why}): it was "
+              "revoked or has expired, or the password changed. Mail is held until "
+              f"someone runs `sysmail-relay oauth authorize {client}`")
+    age = (time.time() - token.granted_at) / 86400
+    if cfg.provider == "google" and age <= GOOGLE_TESTING_DAYS + 1:
+        reason += (f". It was issued {age:.1f} days ago: the likely cause is that the "
+                   "OAuth app is still in \"Testing\" publishing status, whose refresh "
+                   f"tokens die after {GOOGLE_TESTING_DAYS} days; publish it (Google Cloud "
+                   "console, OAuth consent screen, \"Publish app\") and sign in again")
+    return reason
 
 
 def describe(auth: Authorization) -> str:

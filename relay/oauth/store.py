@@ -32,7 +32,7 @@ class StoredToken:
     client: str
     account: str
     provider: str
-    grant: str  # authorization_code | client_credentials
+    grant: str  # authorization_code | client_credentials | service_account
     access_token: str | None = field(default=None, repr=False)
     refresh_token: str | None = field(default=None, repr=False)
     expires_at: float | None = None  # of the access token (epoch)

@@ -6,8 +6,9 @@ the provider's answer. It prints the sign-in address and opens a browser when th
 session has a display; when the browser runs on another machine, the address it
 ends up at (which does not load there) can be pasted into the terminal instead.
 `--device` uses the device authorization grant (RFC 8628) where the provider has
-one; a client with `grant = "client_credentials"` just fetches a token. After a new
-authorization, held mail is made due now and the running daemon told.
+one; a client with `grant = "client_credentials"` or `"service_account"` just fetches
+a token. After a new authorization, held mail is made due now and the running daemon
+told.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def authorize(settings: Settings, client: str | None, *, device: bool, browser: 
     name = client or default_client(settings)
     oauth = OAuth(settings, Metrics())
     cfg = client_settings(settings, name)
-    if cfg.grant == "client_credentials":
+    if cfg.grant != "authorization_code":
         auth = asyncio.run(oauth.obtain(name))
     elif device:
         auth = asyncio.run(_device(oauth, name, emit))

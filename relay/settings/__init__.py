@@ -3,16 +3,21 @@
 Loaded once at start-up (and again at SIGHUP), validated as a whole, and passed
 down. `load_settings()` is the only entry point; it raises `ConfigError` with one
 line per mistake, each naming the key path, the bad value (never a secret's) and
-what is allowed. Every file the configuration names (CA files, secret files, the
-token store) is opened then too (`file_problems`), so a missing or unusable one is
-an invalid configuration for `check`, at start and at reload.
+what is allowed. Every file the configuration names (CA files, secret files, OAuth
+clients' keys and certificates, the token store) is opened then too (`file_problems`),
+so a missing or unusable one is an invalid configuration for `check`, at start and at
+reload; `credential_errors()` is what `check` also reports as an error although the
+daemon runs with it (an expired client certificate: the mail is held).
 
 `values` holds the value types, `model` the sections and keys (`servers` those of
-[servers.NAME]), `load` where they come from, `files` the checks of the files they
-name; everything is imported from here. It may import only `relay.errors`.
+[servers.NAME], `oauth` those of [oauth_clients.NAME], `fleet` those of [fleet]),
+`load` where they come from, `files` the checks of the files they name
+(`credentials` reads private keys and client certificates); everything is imported
+from here. It may import only `relay.errors`.
 """
 
 from relay.settings.files import (
+    credential_errors,
     file_problems,
     file_warnings,
     named_files,
@@ -34,12 +39,12 @@ from relay.settings.model import (
     AdminSettings,
     ListenerSettings,
     LogSettings,
-    OAuthClientSettings,
     QueueSettings,
     ServerSeries,
     Settings,
     SystemAccountSettings,
 )
+from relay.settings.oauth import OAuthClientSettings
 from relay.settings.servers import (
     AuthSettings,
     PopBeforeSmtpSettings,
@@ -89,6 +94,7 @@ __all__ = [
     "Timeout",
     "admin_token",
     "config_path",
+    "credential_errors",
     "default_state_dir",
     "file_error",
     "file_problems",

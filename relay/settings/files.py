@@ -1,6 +1,10 @@
-"""Every file the configuration names (CA files, client certificates, secret files, the
-token store), opened at `check`, at start and at reload: missing, unreadable, wrong mode
-or not PEM is an invalid configuration, with the key, the path and the problem."""
+"""Every file the configuration names (CA files, secret files, OAuth clients' private keys
+and certificates, the token store), opened at `check`, at start and at reload: missing,
+unreadable, wrong mode, not PEM, a client certificate that is not its key's is an
+invalid configuration, with the key, the path and the problem. A client certificate
+that has expired is not: the daemon runs and holds the mail until it is renewed, and
+`check` reports it as an error (`credential_errors`); one expiring within 30 days is a
+warning (relay.settings.credentials)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import ssl
 import stat
 from pathlib import Path
 
+from relay.settings.credentials import client_certificate, expired, expiry_warning
 from relay.settings.model import Settings
 from relay.settings.values import file_error, secret_path
 
@@ -21,7 +26,8 @@ _READABLE_BY_OTHERS = 0o004
 
 
 def named_files(settings: Settings) -> list[tuple[str, Path, str]]:
-    """(key, path, kind) for every file the configuration names; kind "ca" or "secret"."""
+    """(key, path, kind) for every file the configuration names; kind "ca", "secret",
+    "private" (a private key: mode 0600 enforced) or "certificate"."""
     found: list[tuple[str, Path, str]] = []
     for name, server in settings.servers.items():
         key = f"servers.{name}"
@@ -38,11 +44,15 @@ def named_files(settings: Settings) -> list[tuple[str, Path, str]]:
         if client.client_secret_file is not None:
             found.append((f"oauth_clients.{name}.client_secret_file", client.client_secret_file,
                           "secret"))
+        for key, kind in (("client_certificate_file", "certificate"),
+                          ("client_key_file", "private"), ("service_account_file", "private")):
+            if (path := getattr(client, key)) is not None:
+                found.append((f"oauth_clients.{name}.{key}", path, kind))
     if settings.admin.token_file is not None:
         found.append(("admin.token_file", settings.admin.token_file, "secret"))
     if settings.fleet is not None:
         found += settings.fleet.files()
-    return [(key, secret_path(path) if kind == "secret" else path, kind)
+    return [(key, path if kind == "ca" else secret_path(path), kind)
             for key, path, kind in found]
 
 
@@ -52,17 +62,53 @@ def file_problems(settings: Settings) -> list[str]:
     path, the problem and the fix. Checked by `check`, at start and at reload."""
     problems: list[str] = []
     for key, path, kind in named_files(settings):
+        if kind in ("private", "certificate"):
+            continue  # below, with what they belong to
         problem = _ca_problem(path) if kind == "ca" else _secret_problem(path)
         if problem:
             problems.append(f"{key} = {str(path)!r}: {problem}")
+    for name, client in settings.oauth_clients.items():
+        if client.client_certificate_file is None or client.client_key_file is None:
+            continue  # a service_account_file is read, and checked, at validation
+        try:
+            client_certificate(f"oauth_clients.{name}", client.client_certificate_file,
+                               client.client_key_file)
+        except ValueError as e:
+            problems.append(str(e))
     if any(server.oauth is not None for server in settings.servers.values()):
         problems += _token_store_problems(settings.state_dir / "tokens")
     return problems
 
 
-def file_warnings(settings: Settings) -> list[str]:
-    """Secret files that other users may read (valid, but the secret may have leaked)."""
+def credential_errors(settings: Settings) -> list[str]:
+    """What `check` reports as errors in a valid configuration: client certificates that
+    have expired (the daemon runs, but holds the mail until they are renewed)."""
     found: list[str] = []
+    for name, client in settings.oauth_clients.items():
+        if client.client_certificate_file is None or client.client_key_file is None:
+            continue
+        try:
+            certificate = client_certificate(f"oauth_clients.{name}",
+                                             client.client_certificate_file,
+                                             client.client_key_file)
+        except ValueError as e:
+            found.append(str(e))  # replaced since it was validated
+            continue
+        if reason := expired(certificate):
+            path = secret_path(client.client_certificate_file)
+            found.append(f"oauth_clients.{name}.client_certificate_file = {str(path)!r}: "
+                         f"{reason}; until then the relay holds the mail")
+    return found
+
+
+def file_warnings(settings: Settings) -> list[str]:
+    """Secret files that other users may read (valid, but the secret may have leaked), and
+    client certificates that expire within 30 days."""
+    found: list[str] = []
+    for name, client in settings.oauth_clients.items():
+        if client.client_certificate_file is not None:
+            warning = expiry_warning(f"oauth_clients.{name}", client.client_certificate_file)
+            found += [warning] if warning else []
     for key, path, kind in named_files(settings):
         with contextlib.suppress(OSError):
             mode = stat.S_IMODE(path.stat().st_mode)

@@ -22,6 +22,7 @@ import aiosmtplib
 
 from relay.errors import (
     AuthenticationFailure,
+    CredentialError,
     DeliveryFailure,
     Held,
     NotGranted,
@@ -153,7 +154,8 @@ class Login(Steps):
         try:
             token = await action
         except (NotGranted, TokenStoreError) as e:
-            fix = "" if "oauth authorize" in str(e) or isinstance(e, TokenStoreError) else (
+            done = "oauth authorize" in str(e) or isinstance(e, TokenStoreError | CredentialError)
+            fix = "" if done else (
                 f"; sign in: `sysmail-relay oauth authorize {client}` (or the admin page's "
                 "sign-in button)")
             self._report(stage, started, f"FAILED: Not granted: {e}{fix}")

@@ -382,6 +382,7 @@ async def test_oauth_shows_not_granted_with_the_provider_sign_in_button(
     _, page, _ = await admin.get("/")
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
     assert "OAuth client google (google)" in text and "Use OAuth to send e-mails Yes" in text
+    assert "OAuth credential a person signs in once (Sign in with Google)" in text
     assert "OAuth authorization Not granted" in text and SECRET not in page
     assert '<a class="button sign-in" href="/oauth/start?client=google">Sign in with Google</a>' \
         in page

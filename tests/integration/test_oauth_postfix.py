@@ -24,6 +24,7 @@ import pytest
 from relay.metrics import Metrics
 from relay.oauth.manager import OAuth
 from relay.settings import load_settings
+from tests.oauth_jwt import Certificate, ServiceAccount
 from tests.oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer, redirect_query
 from tests.peers.peers import MailPeers
 from tests.peers.postfix_listeners import OAUTH_IDLE_TIMEOUT
@@ -41,11 +42,13 @@ def peers(clean_peers: MailPeers) -> Iterator[MailPeers]:
     clean_peers.oauth_server.start()  # back up for the next test, whatever happened
 
 
-def relay_with_oauth(relays: list[Relay], tmp_path: Path, peers: MailPeers) -> Relay:
+def relay_with_oauth(relays: list[Relay], tmp_path: Path, peers: MailPeers,
+                     client: dict[str, str | list[str]] | None = None) -> Relay:
     url = peers.oauth_server.url
-    client = {"provider": "generic", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
-              "authorize_url": f"{url}/authorize", "token_url": f"{url}/token",
-              "revocation_url": f"{url}/revoke", "scopes": ["smtp", "offline_access"]}
+    client = client or {
+        "provider": "generic", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+        "authorize_url": f"{url}/authorize", "token_url": f"{url}/token",
+        "revocation_url": f"{url}/revoke", "scopes": ["smtp", "offline_access"]}
     server = (f'host = "127.0.0.1"\nport = {peers.oauth_port}\nencryption = "starttls"\n'
               f'ca_file = "{peers.ca_file}"\n[servers.up.oauth]\nclient = "test"\n')
     extra = "[oauth_clients.test]\n" + "".join(f"{k} = {json.dumps(v)}\n"
@@ -153,3 +156,52 @@ def test_provider_down_defers_and_the_message_goes_when_it_is_back(
     assert "Granted" in relay.cli("status").stdout  # nothing to sign in again for
     peers.oauth_server.start()
     assert_relayed(peers, "oauth-provider-down", sender=USER)
+
+
+APP_ID = "11111111-2222-3333-4444-555555555555"
+
+
+def test_app_only_smtp_with_a_client_certificate_sends_as_the_system_address(
+        peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    """App-only SMTP as Exchange Online takes it (SMTP.SendAsApp): client credentials
+    authenticated by a certificate (private_key_jwt), the scope
+    https://outlook.office365.com/.default, AUTH XOAUTH2 with the system address as the
+    user; Dovecot's oauth2 passdb accepts the token by introspection, as it carries the
+    application permission."""
+    cert = Certificate.make()
+    peers.oauth_server.jwt.certificates[APP_ID] = cert.cert
+    peers.oauth_server.app_permissions[APP_ID] = {"SMTP.SendAsApp"}  # with admin consent
+    cert_file, key_file = cert.write(tmp_path / "pki")
+    relay = relay_with_oauth(relays, tmp_path, peers, {
+        "provider": "microsoft", "tenant": "contoso.example", "client_id": APP_ID,
+        "grant": "client_credentials", "token_url": f"{peers.oauth_server.url}/token",
+        "client_certificate_file": str(cert_file), "client_key_file": str(key_file)})
+    sent_and_delivered(relay, peers, "oauth-app-certificate")  # nobody signed in
+    login = peers.sasl_login_of("<oauth-app-certificate@apps.example.com>")
+    assert login is not None and login.username == USER
+    assert peers.oauth_server.client_auth == ["private_key_jwt"]
+    assert peers.oauth_server.count("client_credentials ok") == 1
+    assert peers.oauth_server.introspections == [True]
+    assert stored(relay)["scopes"] == ["SMTP.SendAsApp"]  # what .default gave
+
+
+def test_service_account_sends_for_the_system_address_once_delegation_is_allowed(
+        peers: MailPeers, tmp_path: Path, relays: list[Relay]) -> None:
+    """A Google service account (JWT bearer grant, sub = the system address): held while
+    the Workspace administrator has not delegated the scope, sent once it is."""
+    account = ServiceAccount()
+    peers.oauth_server.jwt.service_accounts[account.client_email] = account
+    path = account.write(tmp_path / "sa.json", f"{peers.oauth_server.url}/token")
+    relay = relay_with_oauth(relays, tmp_path, peers, {
+        "provider": "google", "grant": "service_account", "service_account_file": str(path)})
+    queue_id = relay.send(message("oauth-service-account"))
+    env = relay.wait_envelope(queue_id, "queue", "domain-wide delegation is missing")
+    assert env["attempts"] == 0  # held, not an attempt
+    assert f"add client ID {account.client_id} with the scope https://mail.google.com/" in \
+        env["last_reply"]
+    account.delegated.add("https://mail.google.com/")
+    result = relay.cli("oauth", "authorize")
+    assert result.returncode == 0 and "Granted" in result.stdout, result.stdout + result.stderr
+    assert_relayed(peers, "oauth-service-account", sender=USER)
+    login = peers.sasl_login_of("<oauth-service-account@apps.example.com>")
+    assert login is not None and login.username == USER
