@@ -49,7 +49,10 @@ from aiohttp import web
 
 GRAPH_LIMIT = 4 * 1024 * 1024
 GMAIL_LIMIT = 35 * 1024 * 1024
-GRAPH_SCOPES = {"https://graph.microsoft.com/.default", "https://graph.microsoft.com/Mail.Send"}
+GRAPH_SCOPES = {"Mail.Send", "https://graph.microsoft.com/Mail.Send"}
+"""What lets a token send: the Mail.Send application permission an admin consented to
+(a `.default` token carries it, as Entra ID's `roles`: tests/oauth_server.py's
+`app_permissions`), or a person's delegated Mail.Send."""
 GMAIL_SCOPES = {"https://www.googleapis.com/auth/gmail.send", "https://mail.google.com/"}
 
 

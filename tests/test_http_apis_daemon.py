@@ -47,6 +47,7 @@ def apis(authority: AuthServer) -> Iterator[dict[str, GraphServer | GmailServer]
 @pytest.fixture
 def provider(authority: AuthServer) -> AuthServer:
     authority.reset()
+    authority.app_permissions[CLIENT_ID] = {"Mail.Send"}  # admin consent for Graph
     return authority
 
 
@@ -165,7 +166,7 @@ def test_check_connect_shows_the_token_and_the_mailbox_and_sends_nothing(
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert f"from {provider.url}/token" in out
-    assert "scopes https://graph.microsoft.com/.default" in out and "valid until" in out
+    assert "scopes Mail.Send" in out and "valid until" in out  # the consented role
     assert f"GET /v1.0/users/{USER}?$select=id,mail" in out and "mailbox found" in out
     assert "not tried: `check --connect` sends nothing" in out
     assert graph.delivered() == [] and graph.answers == [200]

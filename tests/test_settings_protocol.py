@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from relay.errors import ConfigError
+from relay.oauth.providers import endpoints
+from relay.oauth.state import protocol_for
 from relay.settings import RateLimit, Settings, validate
 from tests.support import relay_command
 
@@ -25,6 +27,11 @@ def settings(server: dict[str, Any], **servers: dict[str, Any]) -> Settings:
         "oauth_clients": {"ms": MICROSOFT, "google": GOOGLE}}, "test")
 
 
+def asked_scopes(found: Settings, client: str) -> list[str]:
+    """The scopes the relay asks the provider for, for what the client's server is."""
+    return endpoints(client, found.oauth_clients[client], protocol_for(found, client)).scopes
+
+
 def problems(server: dict[str, Any], **servers: dict[str, Any]) -> str:
     with pytest.raises(ConfigError) as caught:
         settings(server, **servers)
@@ -37,7 +44,7 @@ def test_graph_server_gets_graphs_url_scope_and_exchange_limits_by_default() -> 
     assert server.api_url == "https://graph.microsoft.com"
     assert server.rate_limit == RateLimit(count=30, seconds=60)
     assert server.max_recipients_per_day == 10_000
-    assert found.oauth_clients["ms"].scopes == ["https://graph.microsoft.com/.default"]
+    assert asked_scopes(found, "ms") == ["https://graph.microsoft.com/.default"]
     assert server.host is None and server.login_method == "Bearer"
 
 
@@ -47,7 +54,7 @@ def test_gmail_api_server_gets_the_send_scope_and_the_workspace_limit() -> None:
     server = found.servers["api"]
     assert server.api_url == "https://gmail.googleapis.com" and server.rate_limit is None
     assert server.max_recipients_per_day == 500  # what is written wins over the preset
-    assert found.oauth_clients["google"].scopes[0] == \
+    assert asked_scopes(found, "google")[0] == \
         "https://www.googleapis.com/auth/gmail.send"
 
 

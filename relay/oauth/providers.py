@@ -85,7 +85,7 @@ def endpoints(name: str, client: OAuthClientSettings, protocol: str = "smtp") ->
                          scopes)
     else:
         base = Endpoints("generic", client.authorize_url, client.token_url or "",
-                         client.device_url, client.revocation_url, [],
+                         client.device_url, client.revocation_url, scopes,
                          no_device=f"oauth_clients.{name} has no device_url: set it to the "
                                    "provider's device authorization endpoint (RFC 8628), or "
                                    "sign in without --device")

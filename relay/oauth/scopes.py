@@ -15,11 +15,12 @@ GRAPH_APP_SCOPES = ["https://graph.microsoft.com/.default"]  # Mail.Send (applic
 def default_scopes(provider: str, grant: str, protocol: str = "smtp") -> list[str]:
     """What the relay asks for when `scopes` is not set, by provider, grant and what the
     token is for: "smtp" (XOAUTH2), "graph" or "gmail_api" (servers.NAME.protocol)."""
-    if provider == "google":
+    # a generic provider (another authorization server) gets the API's scopes too
+    if provider == "google" or (provider == "generic" and protocol == "gmail_api"):
         mail = GMAIL_SEND if protocol == "gmail_api" else GOOGLE_MAIL
         # a person's sign-in also asks who signed in, to refuse the wrong account
-        return [mail] if grant == "service_account" else [mail, "openid", "email"]
-    if provider == "microsoft":
+        return [mail, "openid", "email"] if grant == "authorization_code" else [mail]
+    if provider == "microsoft" or (provider == "generic" and protocol == "graph"):
         if grant == "client_credentials":
             return list(GRAPH_APP_SCOPES if protocol == "graph" else MICROSOFT_APP_SCOPES)
         return list(GRAPH_SCOPES if protocol == "graph" else MICROSOFT_SCOPES)

@@ -5,8 +5,9 @@ encryption and one of auth, pop_before_smtp or oauth), "graph" (Microsoft Graph
 `sendMail` at `graph_url`) or "gmail_api" (the Gmail API's `messages.send` at
 `gmail_url`). An HTTP server needs [servers.NAME.oauth] and refuses the keys that
 only SMTP has. `check_servers` does what needs the whole configuration: the OAuth
-client each server names, the provider's SMTP host, the API's token scopes and
-`fallback_server`.
+client each server names, the provider's SMTP host, one client per API and
+`fallback_server`. (The scopes a client asks for by default, by protocol, are
+relay.oauth.scopes'.)
 """
 
 from __future__ import annotations
@@ -66,16 +67,6 @@ _PRESETS: dict[str, dict[str, object]] = {
     "graph": {"rate_limit": RateLimit(count=30, seconds=60), "max_recipients_per_day": 10_000},
     "gmail_api": {"max_recipients_per_day": 2_000},
 }
-_API_SCOPES: dict[tuple[str, str], list[str]] = {
-    ("graph", "client_credentials"): ["https://graph.microsoft.com/.default"],
-    ("graph", "authorization_code"): ["https://graph.microsoft.com/Mail.Send", "offline_access"],
-    ("gmail_api", "authorization_code"): ["https://www.googleapis.com/auth/gmail.send",
-                                          "openid", "email"],
-    ("gmail_api", ""): ["https://www.googleapis.com/auth/gmail.send"],
-    ("graph", ""): ["https://graph.microsoft.com/.default"],
-}
-
-
 class ServerSettings(_Section):
     protocol: Protocol_ = "smtp"
     graph_url: str = GRAPH_URL
@@ -204,8 +195,7 @@ class _Client(Protocol):
 def check_servers(servers: Mapping[str, ServerSettings], clients: Mapping[str, _Client]) -> None:
     """The checks of each server that need the rest of the configuration: its OAuth client
     exists; an SMTP server gets the provider's host and encryption; an HTTP server's
-    client gets the API's scopes unless it names its own (so one client cannot serve an
-    SMTP and an API server: a token is for one audience); `fallback_server` names
+    client serves that API only (a token is for one audience); `fallback_server` names
     another server. Raises ValueError."""
     api_clients: dict[str, str] = {}
     for name, server in servers.items():
@@ -246,13 +236,9 @@ def check_servers(servers: Mapping[str, ServerSettings], clients: Mapping[str, _
 
 def _api_client(name: str, server: ServerSettings, key: str, client: _Client,
                 seen: dict[str, str]) -> None:
-    """An HTTP server's OAuth client: the right provider, and the API's scopes."""
+    """An HTTP server's OAuth client: the right provider, for this API only."""
     seen.setdefault(key, name)
     if (client.provider, server.protocol) in (("google", "graph"), ("microsoft", "gmail_api")):
         raise ValueError(f"servers.{name}: protocol = \"{server.protocol}\" cannot use "
                          f"oauth_clients.{key} (provider = \"{client.provider}\"): Graph takes "
                          "Microsoft tokens, the Gmail API Google ones")
-    if client.scopes is None:
-        scopes = (_API_SCOPES.get((server.protocol, client.grant))
-                  or _API_SCOPES.get((server.protocol, "")) or [])
-        object.__setattr__(client, "scopes", list(scopes))

@@ -12,7 +12,7 @@ import pytest
 from relay.app import Relay
 from tests.api_servers import GraphServer
 from tests.fleet.redis_server import RedisServer
-from tests.oauth_server import USER, AuthServer
+from tests.oauth_server import CLIENT_ID, USER, AuthServer
 from tests.support import settings_for, wait_until
 from tests.upstream.test_http_apis import api_sections, message, submit
 
@@ -20,6 +20,7 @@ from tests.upstream.test_http_apis import api_sections, message, submit
 @pytest.fixture
 def authority() -> Iterator[AuthServer]:
     server = AuthServer().start()
+    server.app_permissions[CLIENT_ID] = {"Mail.Send"}  # admin consent for Graph
     yield server
     server.close()
 

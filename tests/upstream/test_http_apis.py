@@ -61,6 +61,7 @@ def gmail_server(authority: AuthServer) -> Iterator[GmailServer]:
 @pytest.fixture
 def provider(authority: AuthServer) -> AuthServer:
     authority.reset()
+    authority.app_permissions[CLIENT_ID] = {"Mail.Send"}  # admin consent for Graph
     return authority
 
 
