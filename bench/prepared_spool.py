@@ -7,7 +7,8 @@ from pathlib import Path
 
 from bench import load
 from bench.relay_instance import SYSTEM_ADDRESS
-from relay.spool.store import ENVELOPE, MESSAGE, Envelope, Recipient, Spool, new_queue_id
+from relay.spool import Envelope, Recipient, Spool, new_queue_id
+from relay.spool.files import ENVELOPE, MESSAGE
 from tests.peers.netutil import HOST
 
 LINKS_PER_BODY = 10_000  # spooled message files per body copy (ext4 allows 65,000 links)
