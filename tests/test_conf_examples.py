@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from relay.settings import load_settings
+from tests.oauth_jwt import ServiceAccount
 
 CONF = Path(__file__).parent.parent / "conf"
 
@@ -17,7 +18,11 @@ def test_example_configuration_is_valid(example: Path, tmp_path: Path) -> None:
     text = example.read_text()
     for secret in set(re.findall(r'"(/run/secrets/[^"]+)"', text)):  # stand-ins for the secrets
         stand_in = tmp_path / Path(secret).name
-        stand_in.write_text("example-secret\n")
+        if stand_in.suffix == ".json":  # a service account's key: a real one, made here
+            ServiceAccount().write(stand_in, "https://oauth2.googleapis.com/token")
+        else:
+            stand_in.write_text("example-secret\n")
+            stand_in.chmod(0o600)
         text = text.replace(secret, str(stand_in))
     copy = tmp_path / example.name
     copy.write_text(text)
