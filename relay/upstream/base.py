@@ -85,6 +85,10 @@ _HINTS: list[tuple[str, str]] = [
                 "(SmtpClientAuthenticationDisabled); enable it or use OAuth"),
     ("SendAsDenied", "the account may not send as this address: system_account.address must "
                      "be the authenticated account's own address (or one it may send as)"),
+    ("SubmissionQuotaExceeded", "Exchange Online: this mailbox's sending quota (30 messages "
+                                "a minute, 10,000 recipients a day) is used up; the message "
+                                "stays queued and goes later. Set servers.NAME.rate_limit and "
+                                "max_recipients_per_day to stay under it"),
     ("5.7.57", "the server wants authentication before accepting mail: configure "
                "servers.NAME.auth"),
     ("Must issue a STARTTLS", "the server requires encryption: set encryption = \"starttls\""),
@@ -95,7 +99,12 @@ _HINTS: list[tuple[str, str]] = [
     ("5.7.1 Client does not have permissions",
      "the account may not send as this address: check system_account.address"),
 ]
-_TOO_MANY = ("too many", "4.5.3", "4.7.28", "rate limit", "4.7.500", "try again later, closing")
+_TOO_MANY = ("too many", "4.5.3", "4.7.28", "rate limit", "4.7.500", "try again later, closing",
+             "4.3.2 storedrv")
+_QUOTA = ("submissionquotaexceeded",)
+"""A 5xx that is the sender's quota, not a verdict on the message (Exchange Online's
+"554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException"): deferred,
+and the server is given time, as for a 4xx that says "too many"."""
 
 
 def explain(reply: str) -> str:
@@ -107,9 +116,17 @@ def explain(reply: str) -> str:
 
 
 def slow_down_requested(reply: str) -> bool:
-    """A 4xx that asks the client to send less (rate limits, too many connections)."""
+    """A 4xx that asks the client to send less (rate limits, too many connections), or a
+    5xx that is a sending quota (`over_quota`)."""
     text = reply.lower()
-    return reply.startswith("4") and any(marker in text for marker in _TOO_MANY)
+    return (reply.startswith("4") and any(marker in text for marker in _TOO_MANY)
+            or over_quota(reply))
+
+
+def over_quota(reply: str) -> bool:
+    """A 5xx that refuses the sender for now (its quota), not the message: deferred."""
+    text = reply.lower()
+    return any(marker in text for marker in _QUOTA)
 
 
 def classify(error: BaseException, *, server: str, stage: str, timeout: float,
@@ -142,7 +159,8 @@ def classify(error: BaseException, *, server: str, stage: str, timeout: float,
                 f"{text} -- the server does not let this account send (5.7.x before DATA): "
                 f"check {section}.auth or pop_before_smtp; the message stays "
                 "queued", code=error.code, stage=stage)
-        kind = PermanentFailure if 500 <= error.code < 600 else TemporaryFailure
+        permanent = 500 <= error.code < 600 and not over_quota(reply)
+        kind = PermanentFailure if permanent else TemporaryFailure
         return kind(text, code=error.code, stage=stage)
     if isinstance(error, aiosmtplib.SMTPConnectTimeoutError):
         if isinstance(error.__cause__, aiosmtplib.SMTPTimeoutError):

@@ -148,7 +148,7 @@ class Pacing:
 
     def answered(self, code: int | None, reply: str) -> None:
         """What the server answered a message (or a recipient): slow down when asked."""
-        if code is not None and code // 100 == 4 and slow_down_requested(f"{code} {reply}"):
+        if code is not None and code // 100 in (4, 5) and slow_down_requested(f"{code} {reply}"):
             self._slowdown = min(900.0, max(30.0, self._slowdown * 2))
             self._pause(self._slowdown, f"the server asked to slow down: {explain(reply)}")
         elif code is not None and code // 100 == 2:

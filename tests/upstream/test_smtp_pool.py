@@ -1093,8 +1093,29 @@ def test_classify_passes_our_own_failures_through() -> None:
     ("421 4.7.0 Too many connections", True),
     ("450 4.7.0 too many messages, slow down", True),
     ("451 4.7.500 Server busy. Please try again later", True),
+    ("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", True),
+    ("554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException", True),
     ("450 4.2.0 Mailbox busy", False),
     ("550 5.7.0 too many recipients", False),
 ])
-def test_slow_down_requested_only_for_4xx_too_many(reply: str, slow: bool) -> None:
+def test_slow_down_requested_only_for_4xx_too_many_or_a_quota(reply: str, slow: bool) -> None:
     assert slow_down_requested(reply) is slow
+
+
+QUOTA = ("554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed "
+         "to process message due to a permanent exception")
+
+
+async def test_exchange_quota_after_data_defers_the_message_and_pauses_the_server(
+        servers: Servers, client: Client) -> None:
+    """Exchange Online's sending quota answers 554 after the final dot: the mailbox may not
+    send now, the message is fine. It waits in the queue (not a dead letter) and nothing
+    more is tried until the pause ends."""
+    script = Script(data_replies=[QUOTA])
+    upstream = client.upstream(await servers.smtp(script))
+    with pytest.raises(TemporaryFailure) as caught:
+        await upstream.deliver(client.message())
+    assert caught.value.code == 554 and "sending quota" in caught.value.reply
+    assert upstream.not_before() > time.time() + 20
+    with pytest.raises(RateLimited):
+        await upstream.deliver(client.message())
