@@ -1,5 +1,6 @@
 """One token for three installed `sysmail-relay serve` processes (issue 22): a sign-in
-with `sysmail-relay oauth authorize` on one relay lets all three send; a refresh token
+with `sysmail-relay oauth authorize` on one relay lets all three send; when the access
+token expires, one refresh serves all three (the provider counts them); a refresh token
 revoked at the provider turns all three to "Not granted" and they hold their mail;
 a sign-in on another relay releases it everywhere. The provider is the test OAuth
 server; the upstream accepts XOAUTH2 with a token the provider says is active."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from tests.test_no_secrets import OAuthScript
 from tests.upstream_servers import Servers
 
 RELAYS = 3
+FRESH = 20
+"""Seconds the first access token is fresh for: the relays' first messages go within
+them, then all three need a new one at the same moment."""
 
 
 @pytest.fixture
@@ -68,11 +73,24 @@ async def test_one_sign_in_for_the_fleet_a_revocation_holds_all_another_sign_in_
         def delivered() -> int:
             return len(upstream.messages)
 
+        # an access token fresh for FRESH seconds (the relay renews a short-lived one when
+        # half its lifetime is left)
+        provider.access_ttl = 2 * FRESH
         await asyncio.to_thread(sign_in, fleet.configs[0], provider)
+        signed_in = time.monotonic()  # the token was issued a moment before
         for i, daemon in enumerate(fleet.daemons):
             await asyncio.to_thread(submit, daemon.port, [f"r{i}-first@example.com"])
         await wait_for(lambda: delivered() == RELAYS, 30, "every relay sends, one sign-in")
         assert provider.count("refresh_token ok") == 0
+        assert time.monotonic() - signed_in < FRESH - 5, "too slow to see one expiry"
+
+        # the token expires: each relay needs a new one for its next login, at once
+        await asyncio.sleep(FRESH + 1 - (time.monotonic() - signed_in))
+        upstream.hang_up_all()
+        for i, daemon in enumerate(fleet.daemons):
+            await asyncio.to_thread(submit, daemon.port, [f"r{i}-renewed@example.com"])
+        await wait_for(lambda: delivered() == 2 * RELAYS, 30, "every relay sends, renewed")
+        assert provider.count("refresh_token ok") == 1  # one refresh for the whole fleet
 
         provider.revoke_user()  # the access tokens too: the next login is refused
         upstream.hang_up_all()  # (a session logged in before stays logged in)
@@ -85,10 +103,10 @@ async def test_one_sign_in_for_the_fleet_a_revocation_holds_all_another_sign_in_
         assert provider.count("refresh_token invalid_grant") == 1  # found once, for all
 
         await asyncio.to_thread(sign_in, fleet.configs[2], provider)  # on another relay
-        await wait_for(lambda: delivered() == 2 * RELAYS, 40, "every relay sends again")
+        await wait_for(lambda: delivered() == 3 * RELAYS, 40, "every relay sends again")
     finally:
         await asyncio.to_thread(fleet.stop)
         await servers.close()
     assert sorted(r for m in upstream.messages for r in m.rcpt_tos) == sorted(
-        [f"r{i}-first@example.com" for i in range(RELAYS)]
-        + [f"r{i}-held@example.com" for i in range(RELAYS)])
+        [f"r{i}-{phase}@example.com" for i in range(RELAYS)
+         for phase in ("first", "renewed", "held")])
