@@ -119,7 +119,7 @@ def slow_down_requested(reply: str) -> bool:
     """A 4xx that asks the client to send less (rate limits, too many connections), or a
     5xx that is a sending quota (`over_quota`)."""
     text = reply.lower()
-    return (reply.startswith("4") and any(marker in text for marker in _TOO_MANY)
+    return ((reply.startswith("4") and any(marker in text for marker in _TOO_MANY))
             or over_quota(reply))
 
 
