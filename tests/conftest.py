@@ -15,6 +15,7 @@ from relay import logs
 from relay.app import Relay
 from relay.delivery.scheduler import UpstreamFactory
 from relay.settings import LogSettings
+from tests.oauth_server import AuthServer
 from tests.support import RelayFactory, settings_for
 
 pytest_plugins = ["tests.peers.fixtures"]
@@ -89,3 +90,18 @@ def pytest_asyncio_loop_factories(
     if chosen in loops:
         return {chosen: loops[chosen]}
     return loops if item.path.name in BOTH_LOOPS else {"asyncio": loops["asyncio"]}
+
+
+@pytest.fixture(scope="module")
+def authority() -> Iterator[AuthServer]:
+    """The test OAuth server (tests/oauth_server.py), one per test module."""
+    server = AuthServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def provider(authority: AuthServer) -> AuthServer:
+    """`authority` back to its defaults for each test (a module may define its own)."""
+    authority.reset()
+    return authority

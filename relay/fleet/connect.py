@@ -30,32 +30,28 @@ UNREACHABLE = (RedisError, OSError, TimeoutError)
 
 def client(fleet: FleetSettings) -> redis.Redis:
     """A client for `fleet.url`; nothing is connected before the first command."""
-    options: dict[str, Any] = {
-        "socket_timeout": fleet.timeout,
-        "socket_connect_timeout": fleet.timeout,
-        "retry": Retry(NoBackoff(), 0),
-        "decode_responses": True,
-    }
-    if fleet.password is not None:
-        options["password"] = fleet.password.get_secret_value()
-    if fleet.ca_file is not None:
-        options["ssl_ca_certs"] = str(fleet.ca_file)
-    return redis.Redis.from_url(fleet.url, **options)
+    return redis.Redis.from_url(fleet.url, **_options(fleet, Retry(NoBackoff(), 0)))
 
 
 def sync_client(fleet: FleetSettings) -> redis_sync.Redis:
     """The same, blocking, for the token store (whose callers run it in a thread)."""
+    return redis_sync.Redis.from_url(fleet.url, **_options(fleet, SyncRetry(NoBackoff(), 0)))
+
+
+def _options(fleet: FleetSettings, retry: object) -> dict[str, Any]:
+    """What both clients are given: the timeouts, no retries (a relay without Redis goes
+    on at once), the password and the CA."""
     options: dict[str, Any] = {
         "socket_timeout": fleet.timeout,
         "socket_connect_timeout": fleet.timeout,
-        "retry": SyncRetry(NoBackoff(), 0),
+        "retry": retry,
         "decode_responses": True,
     }
     if fleet.password is not None:
         options["password"] = fleet.password.get_secret_value()
     if fleet.ca_file is not None:
         options["ssl_ca_certs"] = str(fleet.ca_file)
-    return redis_sync.Redis.from_url(fleet.url, **options)
+    return options
 
 
 def key_prefix(settings: Settings) -> str:

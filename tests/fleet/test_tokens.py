@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -24,19 +24,6 @@ from tests.support import settings_for
 
 Relay = tuple[OAuth, Fleet]
 RelayMaker = Callable[..., Awaitable[Relay]]
-
-
-@pytest.fixture(scope="module")
-def authority() -> Iterator[AuthServer]:
-    server = AuthServer().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def provider(authority: AuthServer) -> AuthServer:
-    authority.reset()
-    return authority
 
 
 def key_file(path: Path, hexdigits: str) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +37,6 @@ from tests.support import settings_for
 
 APP_ID = "11111111-2222-3333-4444-555555555555"
 EXCHANGE_APP = "https://outlook.office365.com/.default"
-
-
-@pytest.fixture(scope="module")
-def authority() -> Iterator[AuthServer]:
-    server = AuthServer().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def provider(authority: AuthServer) -> AuthServer:
-    authority.reset()
-    return authority
 
 
 def settings(tmp_path: Path, client: dict[str, Any], port: int = 2) -> Settings:

@@ -19,7 +19,7 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -51,19 +51,6 @@ from tests.oauth_server import CLIENT_ID, CLIENT_SECRET, USER, AuthServer, redir
 from tests.support import relay_command, settings_for
 
 REDIRECT = "http://127.0.0.1:9/"  # the provider's answer is read from its Location header
-
-
-@pytest.fixture(scope="module")
-def authority() -> Iterator[AuthServer]:
-    server = AuthServer().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def provider(authority: AuthServer) -> AuthServer:
-    authority.reset()
-    return authority
 
 
 def client_config(server: AuthServer, **extra: Any) -> dict[str, Any]:
