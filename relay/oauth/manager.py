@@ -91,12 +91,16 @@ class OAuth:
         """Held around a refresh: in a fleet, the lock that lets one relay refresh at a
         time (relay.fleet.tokens); alone, nothing more than the lock above."""
         self._recheck: dict[tuple[str, str], float] = {}  # refused app credentials
+        self._wake = asyncio.Event()
         export_credential_expiry(settings, metrics)
+        for client in {client for client, _ in self._in_use()}:
+            self.authorization(client)  # each token's expiry from the first scrape on
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
         self._recheck.clear()  # a changed credential is tried at once
         export_credential_expiry(settings, self.metrics)
+        self._wake.set()  # keep_alive() now: an added client's token and its expiry
 
     def account(self, client: str) -> str:
         return account_for(self.settings, client)
@@ -182,14 +186,17 @@ class OAuth:
         return auth
 
     async def run(self) -> None:
-        """The daemon's task: keep_alive() at start and every KEEP_ALIVE_EVERY seconds."""
+        """The daemon's task: keep_alive() at start, after a reload and every
+        KEEP_ALIVE_EVERY seconds."""
         while True:
             try:
                 await self.keep_alive()
             except Exception:  # a bug here must not stop the keep-alive for good
                 log.exception("OAuth keep-alive failed; trying again in %.0f s",
                               KEEP_ALIVE_EVERY)
-            await asyncio.sleep(KEEP_ALIVE_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), KEEP_ALIVE_EVERY)
+            self._wake.clear()
 
     async def keep_alive(self) -> None:
         """Use every refresh token not used for IDLE_REFRESH; fetch missing app tokens; log
