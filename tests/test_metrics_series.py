@@ -6,7 +6,8 @@ adds a server: every labelled counter series the configuration makes possible is
 at 0, so that `increase()` alerts fire on the first event; a client certificate's
 expiry is there as soon as the configuration names it. deploy/prometheus-alerts.yml
 is checked and unit-tested with Debian's `promtool` (.ci/install-peers.sh installs it),
-and every series those unit tests feed in is one that relay really exports.
+and every series those unit tests feed in is one that relay really exports (a fleet's
+series: one a relay in a fleet exports, in tests/fleet/test_fleet_admin.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -114,10 +115,14 @@ class Relay:
         """Every sample of /metrics but the `_created` timestamps."""
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(f"http://127.0.0.1:{self.admin}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for family in text_string_to_metric_families(text)
-                for s in family.samples if not s.name.endswith("_created")}
+            return exported_series(r.read().decode())
+
+
+def exported_series(text: str) -> dict[Series, float]:
+    """Every sample of a /metrics text but the `_created` timestamps."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples if not s.name.endswith("_created")}
 
 
 @pytest.fixture
@@ -180,21 +185,33 @@ def test_a_server_added_by_a_reload_is_exported_at_zero_at_once(relay: Relay) ->
     assert {s: scraped.get(s) for s in wanted} == dict.fromkeys(wanted, 0.0)
 
 
-def test_a_client_certificate_added_by_a_reload_exports_when_it_expires(
-        relay: Relay, tmp_path: Path) -> None:
-    cert = Certificate.make(days=90)
-    cert_file, key_file = cert.write(tmp_path / "pki")
-    gauge = series("relay_oauth_credential_expiry_timestamp_seconds", client="exchange")
-    assert gauge not in relay.scrape()  # no certificate, no series (a secret has no expiry)
-    relay.write(f'[oauth_clients.exchange]\nprovider = "microsoft"\nclient_id = "app-id"\n'
-                f'grant = "client_credentials"\nclient_certificate_file = "{cert_file}"\n'
-                f'client_key_file = "{key_file}"\n')
+def reload_with(relay: Relay, extra: str) -> dict[Series, float]:
+    """Write extra into the config, SIGHUP, and scrape once the reload is counted."""
+    relay.write(extra)
     relay.daemon.send_signal(signal.SIGHUP)
     reloaded = series("relay_config_reloads_total", result="ok")
     deadline = time.monotonic() + 20
     while (scraped := relay.scrape()).get(reloaded) != 1.0:
         assert time.monotonic() < deadline, relay.daemon.log_text()
         time.sleep(0.05)
+    return scraped
+
+
+def certificate_client(tmp_path: Path) -> tuple[Certificate, str]:
+    """A certificate and the [oauth_clients.exchange] that signs in with it."""
+    cert = Certificate.make(days=90)
+    cert_file, key_file = cert.write(tmp_path / "pki")
+    return cert, (f'[oauth_clients.exchange]\nprovider = "microsoft"\nclient_id = "app-id"\n'
+                  f'grant = "client_credentials"\nclient_certificate_file = "{cert_file}"\n'
+                  f'client_key_file = "{key_file}"\n')
+
+
+def test_a_client_certificate_added_by_a_reload_exports_when_it_expires(
+        relay: Relay, tmp_path: Path) -> None:
+    cert, client = certificate_client(tmp_path)
+    gauge = series("relay_oauth_credential_expiry_timestamp_seconds", client="exchange")
+    assert gauge not in relay.scrape()  # no certificate, no series (a secret has no expiry)
+    scraped = reload_with(relay, client)
     assert scraped[gauge] == cert.cert.not_valid_after_utc.timestamp()
 
 
@@ -222,20 +239,33 @@ def test_every_alert_has_a_unit_test_in_which_it_fires() -> None:
     assert quiet == alerts  # ... and is silent before its condition holds
 
 
-def test_the_alert_tests_feed_only_series_the_relay_exports(relay: Relay) -> None:
-    exported = set(relay.scrape())
+def alert_test_series() -> set[Series]:
+    """What the promtool unit tests feed in, without the labels the scrape adds and with
+    every OAuth client called "*" (the tests' clients stand for any [oauth_clients])."""
     fed: set[Series] = set()
     for name, labels in re.findall(r"- series: '(\w+)\{([^}]*)\}'", RULE_TESTS.read_text()):
         pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         assert set(pairs) >= SCRAPE_LABELS, (name, pairs)
-        if name == "up":
-            continue  # Prometheus's own series for the scrape
-        fed.add(series(name, **{k: v for k, v in pairs.items() if k not in SCRAPE_LABELS}))
+        if name != "up":  # Prometheus's own series for the scrape
+            fed.add(series(name, **{k: v for k, v in pairs.items() if k not in SCRAPE_LABELS}))
+    return any_client(fed)
+
+
+def any_client(found: Iterable[Series]) -> set[Series]:
+    return {(name, frozenset((k, "*" if k == "client" else v) for k, v in labels))
+            for name, labels in found}
+
+
+FLEET_ONLY = "relay_fleet_"
+"""Series of a relay in a fleet: tests/fleet/test_fleet_admin.py checks those."""
+
+
+def test_the_alert_tests_feed_only_series_the_relay_exports(relay: Relay,
+                                                             tmp_path: Path) -> None:
+    fed = alert_test_series()
     assert len(fed) > 15
-    # clients "microsoft" and "exchange" stand for other [oauth_clients]: same series
-    renamed = {(n, frozenset((k, "google" if k == "client" else v) for k, v in labels))
-               for n, labels in fed}
-    assert renamed - exported == set()
+    exported = any_client(reload_with(relay, certificate_client(tmp_path)[1]))
+    assert {s for s in fed if not s[0].startswith(FLEET_ONLY)} - exported == set()
 
 
 def test_reasons_and_results_in_the_code_and_the_docs_are_the_ones_declared() -> None:

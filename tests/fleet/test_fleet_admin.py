@@ -15,6 +15,12 @@ from tests.admin.test_admin import Admin, form_from
 from tests.fleet.redis_server import RedisServer
 from tests.fleet.relays import submit
 from tests.support import RelayFactory, listener_port, outbox_files, wait_until
+from tests.test_metrics_series import (
+    FLEET_ONLY,
+    alert_test_series,
+    any_client,
+    exported_series,
+)
 
 
 def get(relay: Relay, path: str) -> str:
@@ -39,6 +45,10 @@ async def test_the_page_and_metrics_show_the_fleet(relay_factory: RelayFactory,
     assert "<code>pod-a</code>" in page and "connected" in page
     assert "relay_fleet_connected 1.0" in metrics
     assert "relay_fleet_members 1.0" in metrics
+    # what the alert rules' unit tests feed in is what a relay in a fleet exports
+    fed = {s for s in alert_test_series() if s[0].startswith(FLEET_ONLY)}
+    assert fed
+    assert fed <= any_client(exported_series(metrics))
 
 
 async def test_without_redis_the_relay_starts_accepts_and_says_so(
