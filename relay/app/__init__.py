@@ -3,7 +3,8 @@
 `check --connect`, are relay.upstream.choose.
 """
 
-from relay.app.lifecycle import PID_FILE, SHUTDOWN_GRACE, Relay, loop_name
+from relay.app.lifecycle import PID_FILE, SHUTDOWN_GRACE, Relay
+from relay.app.notes import loop_name
 from relay.app.serve import run, serve
 from relay.listener.worker import loop_factory
 from relay.upstream.choose import check_connect, local_hostname, make_upstream

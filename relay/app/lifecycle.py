@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.metadata
 import logging
 import os
 import socket
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from relay import logs
 from relay.admin import queue as queue_admin
 from relay.admin.server import AdminServer
+from relay.app.notes import loop_name, restart_needed, status_line
 from relay.delivery.notices import Notifier
 from relay.delivery.retry import backoff
 from relay.delivery.scheduler import Scheduler, UpstreamFactory
@@ -255,29 +255,15 @@ class Relay:
             return False
         if self.fleet is not None:  # Activate / Deactivate here is for the whole fleet
             new = self.fleet.account.reloaded(new)
-        old_listen, old_admin = self.settings.listener, self.settings.admin
-        old_loop, old_fleet = self.settings.event_loop, self.settings.fleet
-        self.settings = new
+        old, self.settings = self.settings, new
         logs.configure(new.log)
         assert self.listener is not None and self.scheduler is not None
         if isinstance(self.listener, Workers):
             self.listener.reconfigure(new)  # each worker, for its sessions from now on
         else:
             self.listener.settings = new
-        if worker_count(new.listener.workers) != self.workers:
-            log.warning("listener.workers changed: restart the relay to run %s intake "
-                        "processes", new.listener.workers)
-        if (old_listen.host, old_listen.port) != (new.listener.host, new.listener.port):
-            log.warning("listener.host/port changed: restart the relay to listen on %s:%d",
-                        new.listener.host, new.listener.port)
-        if (old_admin.host, old_admin.port) != (new.admin.host, new.admin.port):
-            log.warning("admin.host/port changed: restart the relay to serve the admin "
-                        "listener on %s:%d", new.admin.host, new.admin.port)
-        if old_fleet != new.fleet:
-            log.warning("[fleet] changed: restart the relay to join or leave the fleet "
-                        "with the new settings")
-        if old_loop != new.event_loop:
-            log.warning("event_loop changed: restart the relay to run on %s", new.event_loop)
+        for warning in restart_needed(old, new, self.workers):
+            log.warning("%s", warning)
         self.oauth.reconfigure(new)
         self.scheduler.reconfigure(new)
         self.metrics.config_reloads.labels("ok").inc()
@@ -298,10 +284,7 @@ class Relay:
         """Queue counts in one line, for systemd's STATUS=."""
         if self.scheduler is None:
             return "starting"
-        c = self.scheduler.counts()
-        state = "" if self.settings.system_account.active else "account inactive, "
-        return (f"{state}{c['queued']} queued, {c['deferred']} deferred, {c['held']} held, "
-                f"{c['active']} sending, {c['dead']} dead")
+        return status_line(self.scheduler.counts(), self.settings.system_account.active)
 
     def _oauth_granted(self, auth: Authorization) -> None:
         """A new authorization (the admin page's sign-in): held mail is due now."""
@@ -317,10 +300,3 @@ class Relay:
             return
         log.info("OAuth authorization granted: %d waiting messages are due now", count)
 
-
-def loop_name() -> str:
-    """The running event loop, for the start-up line: "uvloop 0.23.0" or "asyncio"."""
-    module = type(asyncio.get_running_loop()).__module__.partition(".")[0]
-    if module == "uvloop":
-        return f"uvloop {importlib.metadata.version('uvloop')}"
-    return module
