@@ -149,9 +149,12 @@ class OAuth:
         self.metrics.oauth_token_expiry.labels(client).set(auth.expires_at or 0)
         log.info("%s: OAuth authorization granted for %s (scopes %s)", client, account,
                  " ".join(token.scopes) or "-")
+        self._granted(auth)
+        return auth
+
+    def _granted(self, auth: Authorization) -> None:
         for callback in self.on_granted:
             callback(auth)
-        return auth
 
     # --- tokens for sending ------------------------------------------------------------------
 
@@ -180,9 +183,8 @@ class OAuth:
             token = await asyncio.to_thread(self.store.load, client, account)
             new = await self._obtain(client, account, token)
         auth = authorization(self.settings, client, self.store, new)
-        if token is None or token.refused:
-            for callback in self.on_granted:
-                callback(auth)
+        if token is None:  # a refused one is told by _obtain
+            self._granted(auth)
         return auth
 
     async def run(self) -> None:
@@ -261,6 +263,8 @@ class OAuth:
         self.metrics.oauth_token_expiry.labels(client).set(new.expires_at or 0)
         log.info("%s: new access token for %s, valid until %s", client, account,
                  clock(new.expires_at) if new.expires_at else "it is refused")
+        if token is not None and token.refused:  # a renewed app credential: held mail goes
+            self._granted(authorization(self.settings, client, self.store, new))
         return new
 
     async def _app_token(self, client: str, account: str, provider: ProviderClient,
