@@ -12,7 +12,8 @@ secret, and what a refusal of one means.
 - `refusal()`: the provider refused such a credential: the cause and the fix, in words.
 - `export_credential_expiry()`: when each client certificate expires, for the metric.
 
-authlib signs (authlib.oauth2.rfc7523, with a joserfc key). The key files are read for
+authlib signs (authlib.oauth2.rfc7523, with a joserfc key; both imported by the first
+assertion, so a relay without one does not load them). The key files are read for
 every assertion (relay.settings.credentials: a key other users may read is refused), so
 a renewed certificate is used without a reload. A problem with them, an expired
 certificate included (nothing is sent: the provider would refuse it), is
@@ -24,14 +25,6 @@ from __future__ import annotations
 
 import contextlib
 from base64 import urlsafe_b64encode
-
-from authlib.oauth2.rfc7523 import private_key_jwt_sign  # type: ignore[import-untyped]
-from authlib.oauth2.rfc7523.assertion import (  # type: ignore[import-untyped]
-    sign_jwt_bearer_assertion,
-)
-from cryptography.hazmat.primitives import hashes
-from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, RSAKey
 
 from relay.errors import CredentialError, ProviderRefused
 from relay.metrics import Metrics
@@ -73,6 +66,9 @@ def certificate(name: str, cfg: OAuthClientSettings) -> ClientCertificate:
 
 def client_assertion(name: str, cfg: OAuthClientSettings, token_url: str) -> dict[str, str]:
     """The `client_assertion` parameters (private_key_jwt) for one token request."""
+    from authlib.oauth2.rfc7523 import private_key_jwt_sign  # type: ignore[import-untyped]
+    from cryptography.hazmat.primitives import hashes
+    from joserfc.jwk import ECKey, RSAKey
     found = certificate(name, cfg)
     if reason := expired(found):
         raise CredentialError(f"oauth_clients.{name}: {reason}. Mail is held until then")
@@ -88,6 +84,11 @@ def bearer_grant(name: str, cfg: OAuthClientSettings, subject: str,
                  scope: str) -> tuple[str, dict[str, str]]:
     """The token URL and the parameters of a service account's JWT bearer grant for the
     mailbox `subject`."""
+    from authlib.oauth2.rfc7523.assertion import (  # type: ignore[import-untyped]
+        sign_jwt_bearer_assertion,
+    )
+    from joserfc.errors import JoseError
+    from joserfc.jwk import RSAKey
     assert cfg.service_account_file is not None
     key_name = f"oauth_clients.{name}.service_account_file"
     try:

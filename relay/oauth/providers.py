@@ -12,7 +12,8 @@ code), ProviderUnreachable (no answer, 5xx) or OAuthError. No message here conta
 a token, a code, a secret or an assertion: a provider's error code and
 `error_description` are shown only through `provider_text`, which takes out anything
 the request carried (a provider may echo it), control characters and all but the
-first DESCRIPTION_MAX characters.
+first DESCRIPTION_MAX characters. authlib (and with it joserfc and cryptography) is
+imported when a client is first used: a relay without OAuth does not load it.
 """
 
 from __future__ import annotations
@@ -27,13 +28,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
-from authlib.oauth2.auth import ClientAuth  # type: ignore[import-untyped]
-from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
-    prepare_grant_uri,
-    prepare_token_request,
-)
-from authlib.oauth2.rfc7009 import prepare_revoke_token_request  # type: ignore[import-untyped]
-from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 
 from relay.errors import OAuthError, ProviderRefused, ProviderUnreachable
 from relay.oauth.assertions import bearer_grant, client_assertion
@@ -124,6 +118,7 @@ class ProviderClient:
         method = ("none" if secret is None else
                   "client_secret_basic" if client.provider == "generic" else
                   "client_secret_post")
+        from authlib.oauth2.auth import ClientAuth  # type: ignore[import-untyped]
         self._auth: ClientAuth | None = ClientAuth(client.client_id, secret, method)
         if client.grant == "service_account":
             self._auth = None  # its signed assertion is the only proof: no client_id sent
@@ -137,6 +132,12 @@ class ProviderClient:
         extra = dict(self.endpoints.extra)
         if login_hint:
             extra["login_hint"] = login_hint
+        from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
+            prepare_grant_uri,
+        )
+        from authlib.oauth2.rfc7636 import (  # type: ignore[import-untyped]
+            create_s256_code_challenge,
+        )
         uri: str = prepare_grant_uri(
             url, self.client.client_id, "code", redirect_uri=redirect_uri,
             scope=self.endpoints.scopes, state=state,
@@ -204,6 +205,9 @@ class ProviderClient:
         url = self.endpoints.revocation_url
         if not url:
             return False
+        from authlib.oauth2.rfc7009 import (  # type: ignore[import-untyped]
+            prepare_revoke_token_request,
+        )
         body, headers = prepare_revoke_token_request(token, hint, "", None)
         await self._post(url, body, "the revocation endpoint", headers=headers,
                          tolerate={"invalid_token"})
@@ -215,6 +219,7 @@ class ProviderClient:
     async def _token(self, grant: str, **params: str) -> dict[str, Any]:
         if not self.endpoints.token_url:
             raise OAuthError(f"oauth_clients.{self.name} has no token_url")
+        from authlib.oauth2.rfc6749.parameters import prepare_token_request
         body = prepare_token_request(grant, "", **params)
         return await self._post(self.endpoints.token_url, body, "the token endpoint")
 
