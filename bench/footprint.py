@@ -1,6 +1,7 @@
 """Scenario M: the relay's memory and start-up (issue 10), one measurement of each.
 
     idle     RSS of an idle relay, then with N connections that said EHLO and wait
+    idle1    the same with `listener.workers = 1` (one process: the least memory)
     growth   RSS after a first pass of messages into smtp-sink, and after the rest
              (the same process): does it grow with the messages it has relayed?
     big      peak RSS growth while one large message is received and relayed
@@ -9,7 +10,7 @@
 
 Each starts a fresh relay (and smtp-sink where mail flows) and stops it before
 returning, also on errors and Ctrl-C. RSS is VmRSS of the relay's process plus
-its spool writer's, the peak their VmHWM (/proc/PID/status), summed.
+its intake workers', the peak their VmHWM (/proc/PID/status), summed.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ QUICK = FootprintPlan(connections=1000, growth_first=1000, growth_total=10_000,
 
 def parts(plan: FootprintPlan) -> list[tuple[str, int, int]]:
     """(part, message size, messages) of each measurement, in the order they run."""
-    return [("idle", 0, plan.connections), ("growth", KIB, plan.growth_total),
+    return [("idle", 0, plan.connections), ("idle1", 0, plan.connections),
+            ("growth", KIB, plan.growth_total),
             ("big", plan.big_size, 1), ("startup", plan.spooled_size, plan.spooled)]
 
 
@@ -82,7 +84,8 @@ def describe(plan: FootprintPlan) -> str:
 
 def measure(part: str, workdir: Path, plan: FootprintPlan) -> Measurement:
     run: dict[str, Callable[[Path, FootprintPlan], Measurement]] = {
-        "idle": idle_connections, "growth": growth, "big": big_message, "startup": startup}
+        "idle": idle_connections, "idle1": one_process_idle, "growth": growth,
+        "big": big_message, "startup": startup}
     return run[part](workdir, plan)
 
 
@@ -115,11 +118,13 @@ def allow_open_files(count: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (count, max(hard, count)))
 
 
-def idle_connections(workdir: Path, plan: FootprintPlan) -> Measurement:
+def idle_connections(workdir: Path, plan: FootprintPlan, part: str = "idle",
+                     workers: int | None = None) -> Measurement:
     n = plan.connections
-    result = _part("idle", plan)
+    result = _part(part, plan)
     allow_open_files(n + 256)  # the harness and the relay each hold n sockets
-    relay = start_relay(workdir / "relay", options=RelayOptions(max_connections=n))
+    relay = start_relay(workdir / "relay",
+                        options=RelayOptions(max_connections=n, workers=workers))
     result.extra["relay_code"] = relay.code
     with measuring(result, relay):
         _ready(relay)
@@ -137,6 +142,10 @@ def idle_connections(workdir: Path, plan: FootprintPlan) -> Measurement:
         result.extra.update(connections=n, greeted=held.greeted, errors=held.errors[:5],
                             seconds_to_open=held.seconds_to_open)
     return result
+
+
+def one_process_idle(workdir: Path, plan: FootprintPlan) -> Measurement:
+    return idle_connections(workdir, plan, "idle1", workers=1)
 
 
 # --- growth -------------------------------------------------------------------------------
@@ -250,6 +259,9 @@ FIGURES = (
            80),
     Figure("idle", "not_greeted", "  of them without 220 and 250 to EHLO", "", 0),
     Figure("idle", "kib_per_connection", "  RSS per connection", "KiB"),
+    Figure("idle1", "rss_idle_mib", "RSS, idle relay, listener.workers = 1", "MiB"),
+    Figure("idle1", "rss_connections_mib", "  with {connections:,} idle connections", "MiB",
+           80),
     Figure("growth", "rss_first_mib", "RSS after {first:,} messages into smtp-sink", "MiB"),
     Figure("growth", "rss_total_mib", "RSS after {total:,} (the same process)", "MiB"),
     Figure("growth", "growth_pct", "  growth", "%", 10),
