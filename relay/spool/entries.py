@@ -13,11 +13,17 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from relay.errors import DamagedEntry
 from relay.spool import files
 from relay.spool.envelope import Envelope
 from relay.spool.files import ENVELOPE, MESSAGE
+
+_HEADER_ROOM = files.RESERVED
+"""A file up to the message's inline size and this much more is read in one go: its
+header (an envelope, or the room kept before a message written out as it came) is
+smaller in all but rare cases, which read the rest as before."""
 
 
 @dataclass(frozen=True)
@@ -32,8 +38,8 @@ class Claimed:
     data: bytes | None = None
 
 
-def read_entry(entry: Path, saved: Path, system_errors: bool = False,
-               inline: int = -1) -> Claimed:
+def read_entry(entry: Path | str, saved: Path | str, system_errors: bool = False,
+               inline: int = -1, mode: int | None = None) -> Claimed:
     """The envelope of an entry, read from one open file whatever moves meanwhile.
 
     The entry (a file, or a directory of the earlier layout) is opened once (a symlink
@@ -43,15 +49,19 @@ def read_entry(entry: Path, saved: Path, system_errors: bool = False,
     read whole, or not found; never taken for damaged. FileNotFoundError: no entry
     there (any more); DamagedEntry: the entry that is there cannot be read back. With
     `system_errors`, an error that says nothing about the entry (_SYSTEM_ERRORS) is
-    raised as it is instead. With `inline` >= 0, a message up to that size is read."""
-    queue_id = entry.name
-    try:
-        mode = os.lstat(entry).st_mode
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        files.system_error(e, system_errors)
-        raise DamagedEntry(f"{entry}: {e.strerror}") from None
+    raised as it is instead. With `inline` >= 0, a message up to that size is read, with
+    the header in one read when the file is small. `mode`: the entry's lstat mode when
+    the caller has it (`refuse_link`'s). Paths may be strings (the delivery's hot path
+    makes no Path objects)."""
+    queue_id = os.path.basename(entry)
+    if mode is None:
+        try:
+            mode = os.lstat(entry).st_mode
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            files.system_error(e, system_errors)
+            raise DamagedEntry(f"{entry}: {e.strerror}") from None
     if stat.S_ISLNK(mode):
         raise DamagedEntry(f"{entry}: a symbolic link, not an entry (not followed)")
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # never opened (a FIFO blocks)
@@ -66,15 +76,19 @@ def read_entry(entry: Path, saved: Path, system_errors: bool = False,
                 else e.strerror)
         raise DamagedEntry(f"{entry}: {what}") from None
     try:
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
+        mode = info.st_mode
         found: Envelope | str
+        whole = b""
         if stat.S_ISDIR(mode):
             found = files.read_old(fd, queue_id, system_errors)
-            path, start = entry / MESSAGE, 0
+            path, start = os.path.join(entry, MESSAGE), 0
         elif stat.S_ISREG(mode):
-            read = files.read_file(fd, queue_id, system_errors)
+            if inline >= 0 and info.st_size <= inline + _HEADER_ROOM:
+                whole = files.read_small(fd, info.st_size)  # header and message at once
+            read = files.read_file(fd, queue_id, system_errors, whole)
             found, start = read if isinstance(read, tuple) else (read, 0)
-            path = entry
+            path = os.fspath(entry)
         else:
             found = ": not a spool entry (neither a file nor a directory)"
         if isinstance(found, Envelope):
@@ -86,8 +100,9 @@ def read_entry(entry: Path, saved: Path, system_errors: bool = False,
                 env = found if latest is None else latest
                 data = None
                 if 0 <= env.size <= inline:
-                    data = files.read_message(fd, start, mode, system_errors, entry)
-                return Claimed(env, path, start, data)
+                    data = whole[start:] if whole else files.read_message(
+                        fd, start, mode, system_errors, entry)
+                return Claimed(env, Path(path), start, data)
             found = f": its saved envelope {latest}"
         if not files.still_at(fd, entry):  # delivered, or moved on
             raise FileNotFoundError(errno.ENOENT, "moved on while it was read", str(entry))
@@ -96,22 +111,28 @@ def read_entry(entry: Path, saved: Path, system_errors: bool = False,
         os.close(fd)
 
 
-def refuse_link(entry: Path, saved: Path) -> None:
+def refuse_link(entry: Path | str, saved: Path | str) -> int:
     """Raise DamagedEntry when the entry, its saved envelope or (earlier layout) its
-    files is a symbolic link: such an entry is quarantined, never followed."""
-    paths = [entry, saved]
-    if os.path.isdir(entry) and not os.path.islink(entry):
-        paths += [entry / MESSAGE, entry / ENVELOPE]
+    files is a symbolic link: such an entry is quarantined, never followed. Returns the
+    entry's lstat mode (for `read_entry`)."""
+    mode = os.lstat(entry).st_mode  # FileNotFoundError: no entry
+    if stat.S_ISLNK(mode):
+        _linked(entry)
+    paths = [saved]
+    if stat.S_ISDIR(mode):
+        paths += [os.path.join(entry, MESSAGE), os.path.join(entry, ENVELOPE)]
     for path in paths:
         try:
-            linked = stat.S_ISLNK(os.lstat(path).st_mode)
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                _linked(path)
         except FileNotFoundError:
-            if path is entry:
-                raise
             continue  # `read` says what is missing
-        if linked:
-            raise DamagedEntry(f"{path}: is a symbolic link (not followed; its target "
-                               f"{os.readlink(path)} is left untouched)")
+    return mode
+
+
+def _linked(path: Path | str) -> NoReturn:
+    raise DamagedEntry(f"{path}: is a symbolic link (not followed; its target "
+                       f"{os.readlink(path)} is left untouched)")
 
 
 def message_path(entry: Path) -> Path:

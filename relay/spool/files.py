@@ -65,10 +65,11 @@ class BadHeader(ValueError):
     """The file is not an entry of this layout (or its header is cut short)."""
 
 
-def read_header(fd: int) -> tuple[bytes, int]:
+def read_header(fd: int, first: bytes = b"") -> tuple[bytes, int]:
     """The envelope's JSON in the entry file `fd` and where the message starts.
-    BadHeader when the file is not an entry; OSError when it cannot be read."""
-    preamble = os.pread(fd, PREAMBLE, 0)
+    BadHeader when the file is not an entry; OSError when it cannot be read. `first`:
+    the file's first bytes when the caller read them already (`read_small`)."""
+    preamble = first[:PREAMBLE] if len(first) >= PREAMBLE else os.pread(fd, PREAMBLE, 0)
     if len(preamble) < PREAMBLE or not preamble.startswith(MAGIC) or preamble[-1:] != b"\n":
         raise BadHeader("it does not begin with the spool's header (RELAYQ1)")
     try:
@@ -77,7 +78,8 @@ def read_header(fd: int) -> tuple[bytes, int]:
         raise BadHeader("its header's length is not a number") from None
     if length <= PREAMBLE + 1:
         raise BadHeader("its header's length is too small")
-    raw = os.pread(fd, length - PREAMBLE, PREAMBLE)
+    raw = first[PREAMBLE:length] if len(first) >= length else os.pread(
+        fd, length - PREAMBLE, PREAMBLE)
     if len(raw) < length - PREAMBLE or not raw.endswith(b"\n"):
         raise BadHeader(f"it is cut short in its header ({PREAMBLE + len(raw)} of {length} "
                         "bytes)")
@@ -124,6 +126,17 @@ def read_fd(fd: int, offset: int = 0) -> bytes:
         parts.append(part)
         offset += len(part)
     return b"".join(parts)
+
+
+def read_small(fd: int, size: int) -> bytes:
+    """The whole file `fd` of `size` bytes (its fstat) in one read; b"" when it is not
+    exactly that size now or cannot be read (the caller then reads it piece by piece,
+    and says what is wrong)."""
+    try:
+        data = os.pread(fd, size + 1, 0)
+    except OSError:
+        return b""
+    return data if len(data) == size else b""
 
 
 def read_regular(path: Path | str, dir_fd: int | None = None, offset: int = 0) -> bytes:
@@ -189,12 +202,12 @@ def read_old(fd: int, queue_id: str, system_errors: bool = False) -> Envelope | 
     return env
 
 
-def read_file(fd: int, queue_id: str, system_errors: bool = False
-               ) -> tuple[Envelope, int] | str:
+def read_file(fd: int, queue_id: str, system_errors: bool = False, first: bytes = b""
+              ) -> tuple[Envelope, int] | str:
     """The envelope in the header of the entry file `fd` and where its message starts,
-    or what is wrong with it."""
+    or what is wrong with it (`first`: as for `read_header`)."""
     try:
-        raw, start = read_header(fd)
+        raw, start = read_header(fd, first)
         env = Envelope.from_json(raw)
     except BadHeader as e:
         return f": not a spool entry: {e}"
@@ -208,7 +221,7 @@ def read_file(fd: int, queue_id: str, system_errors: bool = False
     return env, start
 
 
-def read_latest(path: Path, queue_id: str, system_errors: bool) -> Envelope | str | None:
+def read_latest(path: Path | str, queue_id: str, system_errors: bool) -> Envelope | str | None:
     """The envelope saved since the commit (ENVELOPES/ID), None when there is none, or
     what is wrong with it."""
     try:
@@ -225,7 +238,8 @@ def read_latest(path: Path, queue_id: str, system_errors: bool) -> Envelope | st
     return env
 
 
-def read_message(fd: int, start: int, mode: int, system_errors: bool, entry: Path) -> bytes:
+def read_message(fd: int, start: int, mode: int, system_errors: bool, entry: Path | str
+                 ) -> bytes:
     """The message of the entry open as `fd` (a file, or a directory of the earlier layout)."""
     try:
         if stat.S_ISDIR(mode):
@@ -236,7 +250,7 @@ def read_message(fd: int, start: int, mode: int, system_errors: bool, entry: Pat
         raise DamagedEntry(f"{entry}: the message cannot be read: {e.strerror}") from None
 
 
-def still_at(fd: int, entry: Path) -> bool:
+def still_at(fd: int, entry: Path | str) -> bool:
     """Whether the entry open as `fd` is still the one at `entry`."""
     try:
         there = os.stat(entry, follow_symlinks=False)

@@ -24,7 +24,7 @@ from relay.spool.files import ENVELOPE, MESSAGE, fsync_dir
 
 log = logging.getLogger("relay.spool")
 
-Removal = tuple[Callable[[], None], Path | None]
+Removal = tuple[Callable[[], None], Path | str | None]
 """A removal for the `Remover`, and the place to sync before it (None: none)."""
 
 
@@ -43,15 +43,15 @@ class Remover(Worker[Removal]):
             job()
 
 
-def remove_entry(entry: Path, marks: list[Path]) -> None:
+def remove_entry(entry: Path | str, marks: list[Path] | list[str]) -> None:
     """Remove a finished entry (a file, or a directory of the earlier layout), then the
     envelope saved beside it and its marks (`marks`: those files, which may not exist)."""
     try:
         os.unlink(entry)
     except IsADirectoryError:
         try:  # the files an entry of the earlier layout has; anything else: the slow way
-            os.unlink(entry / MESSAGE)
-            os.unlink(entry / ENVELOPE)
+            os.unlink(os.path.join(entry, MESSAGE))
+            os.unlink(os.path.join(entry, ENVELOPE))
             os.rmdir(entry)
         except OSError:
             shutil.rmtree(entry, ignore_errors=True)
