@@ -94,7 +94,8 @@ class OAuth:
         self._wake = asyncio.Event()
         export_credential_expiry(settings, metrics)
         for client in {client for client, _ in self._in_use()}:
-            self.authorization(client)  # each token's expiry from the first scrape on
+            with contextlib.suppress(OAuthError):  # keep_alive() logs what is wrong
+                self.authorization(client)  # each token's expiry from the first scrape on
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
