@@ -12,7 +12,8 @@ daemon runs with it (an expired client certificate: the mail is held).
 `values` holds the value types, `model` the sections and keys (`servers` those of
 [servers.NAME], `oauth` those of [oauth_clients.NAME], `fleet` those of [fleet]),
 `load` where they come from, `files` the checks of the files they name
-(`credentials` reads private keys and client certificates); everything is imported
+(`credentials` reads private keys and client certificates), `disk` whether
+state_dir's file system keeps the spool across a power cut; everything is imported
 from here. It may import only `relay.errors`.
 """
 

@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from relay.errors import ConfigError
+from relay.settings.disk import durability_warning
 from relay.settings.files import file_problems, file_warnings
 from relay.settings.model import AdminSettings, Settings
 from relay.settings.values import DEFAULT_CONFIG_FILE, default_state_dir, read_secret_file
@@ -141,7 +142,8 @@ def _is_type_tag(part: object) -> bool:
 
 
 def warnings(settings: Settings) -> list[str]:
-    """What is valid but unwise; printed by `check` and logged at start."""
+    """What is valid but unwise; printed by `check`, logged at start, shown by `status` and
+    the page."""
     found: list[str] = []
     for name, server in settings.servers.items():
         if not server.tls_verify:
@@ -156,7 +158,8 @@ def warnings(settings: Settings) -> list[str]:
             found.append(f"servers.{name}.pop_before_smtp: the POP password is sent without "
                          "encryption (encryption = \"none\", apop = false): choose "
                          "encryption = \"tls\" or \"starttls\", or apop = true")
-    return found + file_warnings(settings)
+    durability = durability_warning(settings.state_dir)
+    return found + file_warnings(settings) + ([durability] if durability else [])
 
 
 def admin_token(admin: AdminSettings) -> str | None:
