@@ -1,13 +1,16 @@
-"""A private redis-server for every fleet test (never a mock)."""
+"""A private redis-server for every fleet test (never a mock), and the upstream the
+relays of a fleet send to."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fleet.redis_server import RedisServer
+from tests.fleet.relays import Arrivals
+from tests.upstream_servers import Servers
 
 
 @pytest.fixture
@@ -17,3 +20,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Arrivals, int]]:
+    """An SMTP server that notes each message's arrival, and its port."""
+    servers = Servers()
+    script = Arrivals()
+    port = await servers.smtp(script)
+    yield script, port
+    await servers.close()

@@ -9,6 +9,7 @@ import json
 import smtplib
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,12 @@ async def submit_to_all(fleet: Fleet, per_relay: int) -> list[str]:
     await asyncio.gather(*(asyncio.to_thread(submit, d.port, batch)
                            for d, batch in zip(fleet.daemons, batches, strict=True)))
     return [rcpt for batch in batches for rcpt in batch]
+
+
+async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
+    """Until `predicate` holds (run in a thread: it may run a command), `within` s at most."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await asyncio.to_thread(predicate):
+        assert loop.time() < deadline, f"not within {within:.0f} s: {what}"
+        await asyncio.sleep(0.1)

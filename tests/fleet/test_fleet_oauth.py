@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.fleet.redis_server import RedisServer
-from tests.fleet.relays import Fleet, submit
+from tests.fleet.relays import Fleet, submit, wait_for
 from tests.oauth.test_oauth import client_config, line_with, run_authorize
 from tests.oauth_server import USER, AuthServer
 from tests.test_no_secrets import OAuthScript
@@ -34,14 +34,6 @@ def provider() -> AsyncIterator[AuthServer]:
     server = AuthServer().start()
     yield server  # type: ignore[misc]
     server.close()
-
-
-async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await asyncio.to_thread(predicate):
-        assert loop.time() < deadline, f"not within {within:.0f} s: {what}"
-        await asyncio.sleep(0.2)
 
 
 def sign_in(config: Path, provider: AuthServer) -> None:

@@ -7,33 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import pytest
-
 from tests.fleet.redis_server import RedisServer
-from tests.fleet.relays import Arrivals, Fleet, submit_to_all
-from tests.upstream_servers import Servers
+from tests.fleet.relays import Arrivals, Fleet, submit_to_all, wait_for
 
 RELAYS = 3
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[tuple[Arrivals, int]]:
-    servers = Servers()
-    script = Arrivals()
-    port = await servers.smtp(script)
-    yield script, port
-    await servers.close()
-
-
-async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        assert loop.time() < deadline, f"not within {within:.0f} s: {what}"
-        await asyncio.sleep(0.05)
 
 
 def most_within(times: list[float], span: float) -> int:
