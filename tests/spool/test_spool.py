@@ -6,7 +6,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,6 @@ def old_layout(spool: Spool, queue_id: str, place: str = "queue") -> Path:
     (entry / "envelope.json").write_bytes(data[16:start].strip())
     (entry / "message").write_bytes(data[start:])
     return entry
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool")
-    s.open()
-    yield s
-    s.close()
 
 
 def test_stored_message_is_in_the_queue_with_its_envelope(spool: Spool) -> None:

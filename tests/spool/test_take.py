@@ -6,8 +6,6 @@ room, the envelope saved since the commit, the layout of earlier versions."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -23,14 +21,6 @@ def envelope(recipients: int = 1) -> Envelope:
                     recipients=[Recipient(f"{'r' * 60}{i}@example.com")
                                 for i in range(recipients)],
                     mail_from="notify@example.com", size=0)
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool")
-    s.open()
-    yield s
-    s.close()
 
 
 async def committed(spool: Spool, env: Envelope, pieces: list[bytes]) -> bytes:
