@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import footprint, machine, report, scaling, tls, tls_scaling
+from bench import footprint, library, machine, report, scaling, tls, tls_scaling
 from bench.footprint import FootprintPlan
 from bench.load import smtp_source_command
 from bench.procstat import process_tree, processes_mentioning
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KIB = 1024
 SIZES = (1 * KIB, 100 * KIB)
 BUSY_MACHINE = 0.25  # cores of background load above which the run is flagged
-SCENARIOS = ("A", "B", "M", "S", "T", "X", "TS")
+SCENARIOS = ("A", "B", "L", "M", "S", "T", "X", "TS")
 ISSUE_10 = ("A", "B", "M", "S")
 """What --all runs."""
 DEFAULT_SCENARIOS = ("A", "B")
@@ -107,7 +107,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     "B) end to end into smtp-sink, side by side with a Postfix null client; "
                     "on request M) memory and start-up, S) scaling by client sessions and "
                     "upstream pool_size, T) end to end through STARTTLS and AUTH PLAIN beside "
-                    "the null client, X) the same with XOAUTH2, TS) T's scaling.")
+                    "the null client, X) the same with XOAUTH2, TS) T's scaling, L) the "
+                    "upstream SMTP library alone (beside B's Postfix).")
     p.add_argument("--quick", action="store_true",
                    help="1 round with fewer messages (under a minute)")
     p.add_argument("--rounds", type=int, default=None,
@@ -171,6 +172,8 @@ class Runner:
                 if "B" in plan.scenarios:
                     jobs += [Job("B", system, size, round_, plan.relay_messages[size], variant)
                              for system, variant in _order(round_)]
+                if "L" in plan.scenarios:
+                    jobs.append(Job("L", RELAY, size, round_, plan.relay_messages[size]))
             if "S" in plan.scenarios:
                 cells = list(scaling.CELLS) if round_ % 2 else list(reversed(scaling.CELLS))
                 jobs += [Job("S", RELAY, KIB, round_, plan.scaling_messages, name)
@@ -206,6 +209,9 @@ class Runner:
                               job.round)
         if job.scenario == "M":
             return footprint.measure(job.variant, directory, self.plan.footprint)
+        if job.scenario == "L":
+            return library.measure(directory, job.size, job.messages, job.round,
+                                   library.default_pool_size(), self.plan.sessions)
         if job.system == RELAY and self.relay_unavailable is not None:
             return job.placeholder("not available", self.relay_unavailable)
         if job.scenario == "S":
@@ -270,6 +276,7 @@ def describe_load(plan: Plan) -> list[str]:
              f"until its queue is empty; then latency on the same instance: {lat} messages. "
              "sysmail-relay: its default (listener.workers = \"auto\"); workers=1: one "
              "process",
+        "L": library.describe(plan.relay_messages),
         "S": scaling.describe(plan.scaling_messages),
         "M": footprint.describe(plan.footprint),
         **tls.describe(plan.scenarios, plan.tls_messages),

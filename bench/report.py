@@ -18,6 +18,10 @@ class Figure:
     key: str
     label: str
     better: Better
+    postfix_from: str = ""
+    """The scenario whose Postfix figure this one is compared with (default: its own)."""
+    postfix_key: str = ""
+    """Postfix's figure it is compared with (default: the same key)."""
 
 
 _HOP_FIGURES: tuple[tuple[str, str, Better], ...] = (
@@ -47,6 +51,13 @@ FIGURES = (
     Figure("B", "latency_p99_ms", "'.' to 250, p99 ms", "lower"),
     *(Figure(scenario, key, label, better) for scenario in ("T", "X")
       for key, label, better in _HOP_FIGURES),
+    Figure("L", "end_to_end_per_s", "aiosmtplib alone msg/s (B end to end)", "higher", "B"),
+    Figure("L", "cpu_ms_per_msg", "aiosmtplib alone CPU ms/msg (B)", "lower", "B"),
+    Figure("L", "accepted_per_s", "aiosmtpd alone msg/s (B client)", "higher", "B"),
+    Figure("L", "intake_cpu_ms_per_msg", "aiosmtpd alone CPU ms/msg (B)", "lower", "B",
+           "cpu_ms_per_msg"),
+    Figure("L", "libraries_cpu_ms_per_msg", "both libraries CPU ms/msg (B)", "lower", "B",
+           "cpu_ms_per_msg"),
 )
 
 
@@ -99,12 +110,17 @@ def number(value: float) -> str:
 
 def summarize(measurements: list[Measurement], sizes: list[int]) -> list[Row]:
     rows: list[Row] = []
+    measured = {m.scenario for m in measurements}
     for figure in FIGURES:
+        if figure.scenario not in measured:
+            continue
         for size in sizes:
             relay = _cell(measurements, figure, size, RELAY)
-            postfix = _cell(measurements, figure, size, POSTFIX)
+            postfix = _cell(measurements, figure, size, POSTFIX, postfix=True)
             single = _cell(measurements, figure, size, RELAY, SINGLE)
-            if relay.count or postfix.count or relay.text != "-" or postfix.text != "-":
+            own = relay.count or relay.text != "-"
+            borrowed = figure.postfix_from  # another scenario's Postfix: not a row alone
+            if own or (not borrowed and (postfix.count or postfix.text != "-")):
                 rows.append(Row(figure, size, relay, postfix, _ratio(relay, postfix),
                                 single, _ratio(single, postfix)))
     return rows
@@ -116,10 +132,12 @@ def _ratio(relay: Cell, postfix: Cell) -> float | None:
 
 
 def _cell(measurements: list[Measurement], figure: Figure, size: int, system: System,
-          variant: str = "") -> Cell:
-    runs = [m for m in measurements if m.scenario == figure.scenario and m.size == size
+          variant: str = "", postfix: bool = False) -> Cell:
+    scenario = figure.postfix_from if postfix and figure.postfix_from else figure.scenario
+    key = figure.postfix_key if postfix and figure.postfix_key else figure.key
+    runs = [m for m in measurements if m.scenario == scenario and m.size == size
             and m.system == system and m.variant == variant]
-    return cell(runs, figure.key)
+    return cell(runs, key)
 
 
 def cell(runs: list[Measurement], key: str) -> Cell:
