@@ -6,7 +6,10 @@ process does only that: `pool_size` sessions of aiosmtplib (the relay's default
 number of upstream connections) into a fresh smtp-sink, each sending its share of N
 messages of the size asked for, one transaction after another, with no spool, no
 rewrite and no scheduler. What it reaches, in messages per second and CPU per message
-of that one process, bounds what the relay's delivery can reach.
+of that one process, bounds what the relay's delivery can reach. The same again
+through the hop of scenario T: a fresh upstream Postfix (bench/upstream.py) that
+wants STARTTLS and AUTH PLAIN, each session encrypted and logged in before the clock
+starts, as the relay keeps its sessions.
 
 Intake, at 1 KiB only: aiosmtpd as it comes, in one process, with a handler that
 answers 250 to DATA at once (nothing written), under B's smtp-source load. Its CPU
@@ -14,15 +17,17 @@ per message is what aiosmtpd's connection, session and command handling cost bef
 the relay does anything. (At 100 KiB aiosmtpd's own DATA loop, line by line, costs
 more than the relay's listener, which reads DATA in chunks: not a bound there.)
 
-The table sets each beside Postfix's figures from scenario B of the same run:
-delivery's rate against Postfix's end to end, intake's against the rate at which
-smtp-source finished, and the two libraries' CPU together against Postfix's whole CPU
-per message.
+The table sets each beside Postfix's figures of the same run: delivery's rate
+against Postfix's end to end in B (through the T hop: in T), intake's against the
+rate at which smtp-source finished in B, and the CPU per message against Postfix's
+whole CPU per message (the two libraries' together, for B).
 
-Run as a module, it is the child: `python -m bench.library send PORT SIZE MESSAGES
-SESSIONS` or `python -m bench.library receive SIZE MESSAGES SESSIONS` print one JSON
-object with `seconds` and `cpu_seconds` (send: from the first MAIL to the last reply,
-the sessions connected and greeted before; receive: while smtp-source runs).
+Run as a module, it is the child: `python -m bench.library` reads its job as JSON on
+its standard input (`part` "send" or "receive", `size`, `messages`, `sessions`; for
+send `port` and, through T's hop, `tls` with the CA file and the login) and prints one
+JSON object with `seconds` and `cpu_seconds` (send: from the first MAIL to the last
+reply, the sessions connected, encrypted and logged in before; receive: while
+smtp-source runs).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import ssl
 import subprocess
 import sys
 import time
@@ -37,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import RECIPIENT, smtp_source_command
-from bench.scenarios import RELAY, Measurement, MeasurementError, time_limit
+from bench.scenarios import RELAY, Measurement, MeasurementError, Upstream, time_limit, wait_for
 from bench.sink import CountingSink
+from bench.upstream import ACCOUNT, TlsUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 SENDER = "relay@bench.example.com"
@@ -67,26 +74,35 @@ def describe(counts: dict[int, int]) -> str:
     amounts = ", ".join(f"{n} at {size // 1024} KiB" for size, n in counts.items())
     return (f"L  the libraries alone, {amounts} messages: aiosmtplib (mail, rcpt, data from "
             f"one process, {default_pool_size()} sessions, the relay's pool_size) -> "
-            "smtp-sink, msg/s from the first MAIL to the last reply; at 1 KiB aiosmtpd as it "
-            "comes (250 to DATA at once, nothing written) <- smtp-source; CPU = that "
-            "process; ratios against Postfix's B figures of this run: the most the relay "
-            "could carry")
+            "smtp-sink, and -> T's upstream (STARTTLS, AUTH PLAIN); msg/s from the first "
+            "MAIL to the last reply; at 1 KiB aiosmtpd as it comes (250 to DATA at once, "
+            "nothing written) <- smtp-source; CPU = that process; ratios against Postfix's "
+            "figures of this run (B, or T for the STARTTLS rows): the most the relay could "
+            "carry")
 
 
 def measure(workdir: Path, size: int, messages: int, round_: int, pool_size: int,
             sessions: int) -> Measurement:
-    """Delivery: *messages* through *pool_size* aiosmtplib sessions into smtp-sink; at
-    1 KiB also intake: *messages* from smtp-source's *sessions* into aiosmtpd alone."""
+    """Delivery: *messages* through *pool_size* aiosmtplib sessions into smtp-sink, then
+    through STARTTLS and AUTH PLAIN into T's upstream; at 1 KiB also intake: *messages*
+    from smtp-source's *sessions* into aiosmtpd alone."""
     result = Measurement("L", RELAY, size, round_, messages)
+    job = {"size": size, "messages": messages, "sessions": pool_size}
     with CountingSink(workdir / "sink.log") as sink:
-        sent = _child("send", sink.port, size, messages, pool_size)
-        if sink.received() != messages:
-            raise MeasurementError(f"the sink counted {sink.received()} of {messages}")
+        sent = _child({"part": "send", "port": sink.port, **job})
+        _wait_for(sink, messages)
     result.figures["end_to_end_per_s"] = messages / sent["seconds"]
     result.figures["cpu_ms_per_msg"] = sent["cpu_seconds"] * 1000 / messages
+    with TlsUpstream(workdir / "upstream") as upstream:
+        login = {"ca_file": str(upstream.ca_file), "username": ACCOUNT.username,
+                 "password": ACCOUNT.password}
+        hop = _child({"part": "send", "port": upstream.port, "tls": login, **job})
+        _wait_for(upstream, messages)
+    result.figures["tls_per_s"] = messages / hop["seconds"]
+    result.figures["tls_cpu_ms_per_msg"] = hop["cpu_seconds"] * 1000 / messages
     result.extra.update(pool_size=pool_size, aiosmtplib=sent["version"])
     if size == INTAKE_SIZE:
-        received = _child("receive", size, messages, sessions)
+        received = _child({"part": "receive", "sessions": sessions, **job})
         result.figures["accepted_per_s"] = messages / received["seconds"]
         result.figures["intake_cpu_ms_per_msg"] = received["cpu_seconds"] * 1000 / messages
         result.figures["libraries_cpu_ms_per_msg"] = \
@@ -95,15 +111,22 @@ def measure(workdir: Path, size: int, messages: int, round_: int, pool_size: int
     return result
 
 
-def _child(*args: object) -> dict[str, Any]:
-    command = [sys.executable, "-m", "bench.library", *map(str, args)]
-    child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                           timeout=time_limit(int(str(args[-2]))))
+def _child(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one part in a child process (the job on its standard input: the upstream's
+    password stays off its command line); what it measured."""
+    command = [sys.executable, "-m", "bench.library"]
+    child = subprocess.run(command, cwd=ROOT, input=json.dumps(job), capture_output=True,
+                           text=True, timeout=time_limit(job["messages"]))
     if child.returncode != 0:
-        raise MeasurementError(f"{' '.join(command[2:])} exited with {child.returncode}: "
+        raise MeasurementError(f"bench.library {job['part']} exited with {child.returncode}: "
                                f"{child.stderr.strip()[-500:]}")
     figures: dict[str, Any] = json.loads(child.stdout)
     return figures
+
+
+def _wait_for(upstream: Upstream, messages: int) -> None:
+    wait_for(lambda: upstream.received() >= messages, time_limit(messages),
+             f"{upstream.name} counting {messages} messages")
 
 
 def _usage() -> float:
@@ -111,14 +134,19 @@ def _usage() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _send(port: int, size: int, messages: int, sessions: int) -> dict[str, Any]:
+async def _send(job: dict[str, Any]) -> dict[str, Any]:
     import aiosmtplib
 
+    tls = job.get("tls")
+
     async def session() -> aiosmtplib.SMTP:
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
+        context = None if tls is None else ssl.create_default_context(cafile=tls["ca_file"])
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=job["port"],
+                                 start_tls=tls is not None, tls_context=context,
                                  local_hostname="bench.example.com")
-        await client.connect()
-        await client.ehlo()
+        await client.connect()  # with STARTTLS (and EHLO again) when asked
+        if tls is not None:
+            await client.auth_plain(tls["username"], tls["password"])
         return client
 
     async def send(client: aiosmtplib.SMTP) -> None:
@@ -128,8 +156,8 @@ async def _send(port: int, size: int, messages: int, sessions: int) -> dict[str,
             await client.rcpt(RECIPIENT)
             await client.data(data)
 
-    data, todo = message(size), list(range(messages))
-    clients = await asyncio.gather(*(session() for _ in range(sessions)))
+    data, todo = message(job["size"]), list(range(job["messages"]))
+    clients = await asyncio.gather(*(session() for _ in range(job["sessions"])))
     cpu, started = _usage(), time.perf_counter()
     await asyncio.gather(*(send(client) for client in clients))
     seconds, cpu = time.perf_counter() - started, _usage() - cpu
@@ -137,7 +165,7 @@ async def _send(port: int, size: int, messages: int, sessions: int) -> dict[str,
     return {"seconds": seconds, "cpu_seconds": cpu, "version": aiosmtplib.__version__}
 
 
-async def _receive(size: int, messages: int, sessions: int) -> dict[str, Any]:
+async def _receive(job: dict[str, Any]) -> dict[str, Any]:
     import aiosmtpd
     from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -147,11 +175,11 @@ async def _receive(size: int, messages: int, sessions: int) -> dict[str, Any]:
 
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SMTP(Answer(), hostname="bench.example.com"),
-                                      "127.0.0.1", 0, backlog=sessions * 10)
+                                      "127.0.0.1", 0, backlog=job["sessions"] * 10)
     port = server.sockets[0].getsockname()[1]
     cpu, started = _usage(), time.perf_counter()
     source = await asyncio.create_subprocess_exec(
-        *smtp_source_command(port, messages, size, sessions),
+        *smtp_source_command(port, job["messages"], job["size"], job["sessions"]),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     if await source.wait() != 0:
         raise SystemExit(f"smtp-source exited with {source.returncode}")
@@ -161,6 +189,5 @@ async def _receive(size: int, messages: int, sessions: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    part, numbers = sys.argv[1], [int(x) for x in sys.argv[2:]]
-    run = _send(*numbers) if part == "send" else _receive(*numbers)
-    print(json.dumps(asyncio.run(run)))
+    job = json.load(sys.stdin)
+    print(json.dumps(asyncio.run(_send(job) if job["part"] == "send" else _receive(job))))

@@ -58,6 +58,10 @@ FIGURES = (
            "cpu_ms_per_msg"),
     Figure("L", "libraries_cpu_ms_per_msg", "both libraries CPU ms/msg (B)", "lower", "B",
            "cpu_ms_per_msg"),
+    Figure("L", "tls_per_s", "aiosmtplib STARTTLS+AUTH msg/s (T end to end)", "higher", "T",
+           "end_to_end_per_s"),
+    Figure("L", "tls_cpu_ms_per_msg", "aiosmtplib STARTTLS+AUTH CPU ms/msg (T)", "lower", "T",
+           "cpu_ms_per_msg"),
 )
 
 
