@@ -5,10 +5,20 @@ the child's time moves into the parent's `cutime + cstime`. Summing all four
 over a root and its live descendants therefore gives a total that only grows,
 even while Postfix's master starts and retires smtpd, cleanup and smtp processes
 during a run. Zombies still carry their own times and are counted until reaped.
+
+`utime + stime` are counted from the timer's ticks, and on this kind of machine they
+miss much of the time of a process that runs in short bursts between waits: for
+Postfix's null client relaying 1,000 messages of 100 KiB, its processes' ticks gave
+2.0 s where the scheduler's own count (`/proc/PID/task/TID/schedstat`, in
+nanoseconds) gave 2.75 s, and the machine's busy time (`/proc/stat`) agreed with the
+latter; for the relay's few busy processes the two agree. The scheduler's count
+covers only the threads alive now (a thread that ended is missing), the ticks cover
+all of them: each is a lower bound, so a live process counts with the larger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +77,22 @@ def process_tree(root: int) -> list[ProcStat]:
 
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds used so far by *root*, its live descendants and every reaped child."""
-    ticks = sum(st.ticks_self + st.ticks_children for st in process_tree(root))
-    return ticks / _TICKS_PER_SECOND
+    return sum(max(st.ticks_self / _TICKS_PER_SECOND, runtime_seconds(st.pid))
+               + st.ticks_children / _TICKS_PER_SECOND for st in process_tree(root))
+
+
+def runtime_seconds(pid: int) -> float:
+    """The time the live threads of *pid* have run, as the scheduler counts it (the first
+    field of each `/proc/PID/task/TID/schedstat`, nanoseconds); 0.0 when it is gone or
+    the kernel does not say."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return total / 1e9
 
 
 def tree_names(root: int) -> dict[str, int]:
