@@ -1,5 +1,5 @@
-"""`bench/run.py`: run scenarios A, B, S, T, X and TS interleaved, then M; print the tables,
-save them."""
+"""`bench/run.py`: run scenarios A, B, L, S, T, X and TS interleaved, then M; print the
+tables, save them."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     "on request M) memory and start-up, S) scaling by client sessions and "
                     "upstream pool_size, T) end to end through STARTTLS and AUTH PLAIN beside "
                     "the null client, X) the same with XOAUTH2, TS) T's scaling, L) the "
-                    "upstream SMTP library alone (beside B's Postfix).")
+                    "relay's SMTP libraries alone (beside B's and T's Postfix).")
     p.add_argument("--quick", action="store_true",
                    help="1 round with fewer messages (under a minute)")
     p.add_argument("--rounds", type=int, default=None,
