@@ -15,6 +15,7 @@ import pytest
 from relay.errors import DamagedEntry, SpoolError
 from relay.spool.recovery import recover
 from relay.spool.store import Envelope, Incoming, Recipient, Spool, new_queue_id, read_regular
+from tests.support import to_old_layout
 
 
 def envelope(*rcpts: str) -> Envelope:
@@ -24,16 +25,8 @@ def envelope(*rcpts: str) -> Envelope:
 
 
 def old_layout(spool: Spool, queue_id: str, place: str = "queue") -> Path:
-    """Turn an entry into the layout of earlier versions: a directory with `message`
-    and `envelope.json` (what an upgrade finds on disk)."""
-    entry = spool.root / place / queue_id
-    data = entry.read_bytes()
-    start = int(data[8:15], 16)
-    entry.unlink()
-    entry.mkdir(mode=0o700)
-    (entry / "envelope.json").write_bytes(data[16:start].strip())
-    (entry / "message").write_bytes(data[start:])
-    return entry
+    """Turn an entry into the layout of earlier versions (tests.support.to_old_layout)."""
+    return to_old_layout(spool.root / place / queue_id)
 
 
 def test_stored_message_is_in_the_queue_with_its_envelope(spool: Spool) -> None:

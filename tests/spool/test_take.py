@@ -12,6 +12,7 @@ import pytest
 from relay.errors import DamagedEntry
 from relay.spool import files as spool_file
 from relay.spool.store import Envelope, Incoming, Recipient, Spool, new_queue_id
+from tests.support import to_old_layout
 
 INLINE = 1 << 20
 
@@ -91,13 +92,7 @@ async def test_the_envelope_saved_since_the_commit_is_the_one_taken(spool: Spool
 async def test_an_entry_of_the_earlier_layout_comes_with_its_message(spool: Spool) -> None:
     env = envelope()
     data = await committed(spool, env, [b"Subject: old\r\n\r\nbody\r\n"])
-    entry = spool.root / "queue" / env.id
-    raw = entry.read_bytes()
-    start = int(raw[8:15], 16)
-    entry.unlink()
-    entry.mkdir(mode=0o700)
-    (entry / "envelope.json").write_bytes(raw[16:start].strip())
-    (entry / "message").write_bytes(raw[start:])
+    to_old_layout(spool.root / "queue" / env.id)
     claimed = spool.take(env.id, INLINE)
     assert claimed is not None
     assert (claimed.path, claimed.start, claimed.data) == (
