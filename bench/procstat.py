@@ -10,10 +10,11 @@ during a run. Zombies still carry their own times and are counted until reaped.
 miss much of the time of a process that runs in short bursts between waits: for
 Postfix's null client relaying 1,000 messages of 100 KiB, its processes' ticks gave
 2.0 s where the scheduler's own count (`/proc/PID/task/TID/schedstat`, in
-nanoseconds) gave 2.75 s, and the machine's busy time (`/proc/stat`) agreed with the
-latter; for the relay's few busy processes the two agree. The scheduler's count
-covers only the threads alive now (a thread that ended is missing), the ticks cover
-all of them: each is a lower bound, so a live process counts with the larger.
+nanoseconds) gave 2.75 s, and the machine's busy time (`/proc/stat`, itself counted
+in ticks) was nearer the latter; for the relay's few busy processes the two agree.
+The scheduler's count covers only the threads alive now (a thread that ended is
+missing), the ticks cover all of them: each is a lower bound, so a live process counts
+with the larger.
 """
 
 from __future__ import annotations
